@@ -1,0 +1,45 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// The agent (quiesced) goes into every guest: it depends on swift-log and libsystemd only,
+// and never on Foundation. The host tool (quiescectl) may use swift-argument-parser.
+let package = Package(
+    name: "Quiesce",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "quiesced", targets: ["quiesced"]),
+        .executable(name: "quiescectl", targets: ["quiescectl"]),
+        .library(name: "QuiesceProtocol", targets: ["QuiesceProtocol"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+    ],
+    targets: [
+        // Pure wire protocol: messages, JSON, framing. No Glibc, no sockets.
+        .target(name: "QuiesceProtocol"),
+        // C constants and structs Swift cannot see (linux/fs.h, linux/vm_sockets.h, linux/loop.h).
+        .target(name: "CQuiesceShims"),
+        // libsystemd: sd-daemon (notify, socket activation) and sd-journal.
+        .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
+        // The only place that calls the kernel.
+        .target(name: "QuiesceLinux", dependencies: ["CQuiesceShims"]),
+        // Guest side: discovery, freeze plan, engine, daemon state machine, listeners.
+        .target(name: "QuiesceAgent", dependencies: [
+            "QuiesceProtocol", "QuiesceLinux", "CSystemd",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Host side: transports, agent client, checkpoint bracket.
+        .target(name: "QuiesceHost", dependencies: ["QuiesceProtocol", "QuiesceLinux"]),
+        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent"]),
+        .executableTarget(name: "quiescectl", dependencies: [
+            "QuiesceHost",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "QuiesceProtocolTests", dependencies: ["QuiesceProtocol"],
+                    resources: []),
+        .testTarget(name: "QuiesceAgentTests", dependencies: ["QuiesceAgent", "QuiesceLinux"]),
+        .testTarget(name: "QuiesceHostTests", dependencies: ["QuiesceHost", "quiesced", "quiescectl"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

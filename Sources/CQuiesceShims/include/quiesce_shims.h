@@ -1,0 +1,67 @@
+// Linux constants and helpers that Swift's Glibc import does not expose cleanly.
+#ifndef QUIESCE_SHIMS_H
+#define QUIESCE_SHIMS_H
+
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/ioctl.h>
+#include <sys/un.h>
+#include <linux/fs.h>
+#include <linux/loop.h>
+#include <linux/vm_sockets.h>
+
+static const unsigned long QS_FIFREEZE = FIFREEZE;
+static const unsigned long QS_FITHAW = FITHAW;
+static const unsigned long QS_IOCTL_VM_SOCKETS_GET_LOCAL_CID = IOCTL_VM_SOCKETS_GET_LOCAL_CID;
+static const unsigned int QS_VMADDR_CID_ANY = VMADDR_CID_ANY;
+static const unsigned int QS_VMADDR_CID_HOST = VMADDR_CID_HOST;
+static const int QS_AF_VSOCK = AF_VSOCK;
+
+/// FIFREEZE / FITHAW on an open fd. Returns 0 or -1 with errno set.
+static inline int qs_fifreeze(int fd) { return ioctl(fd, FIFREEZE, 0); }
+static inline int qs_fithaw(int fd) { return ioctl(fd, FITHAW, 0); }
+
+/// The device and inode of a loop device's backing file (LOOP_GET_STATUS64).
+static inline int qs_loop_backing(int fd, uint64_t *device, uint64_t *inode) {
+    struct loop_info64 info;
+    int rc = ioctl(fd, LOOP_GET_STATUS64, &info);
+    if (rc == 0) { *device = info.lo_device; *inode = info.lo_inode; }
+    return rc;
+}
+
+/// The local CID of this machine from an fd of /dev/vsock.
+static inline int qs_vsock_local_cid(int fd, unsigned int *cid) {
+    return ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, cid);
+}
+
+static inline socklen_t qs_sockaddr_vm_make(struct sockaddr_vm *addr, unsigned int cid, unsigned int port) {
+    __builtin_memset(addr, 0, sizeof(*addr));
+    addr->svm_family = AF_VSOCK;
+    addr->svm_cid = cid;
+    addr->svm_port = port;
+    return sizeof(*addr);
+}
+
+/// Fills a sockaddr_un; returns its length, or 0 when the path does not fit.
+static inline socklen_t qs_sockaddr_un_make(struct sockaddr_un *addr, const char *path, size_t len) {
+    if (len >= sizeof(addr->sun_path)) return 0;
+    __builtin_memset(addr, 0, sizeof(*addr));
+    addr->sun_family = AF_UNIX;
+    __builtin_memcpy(addr->sun_path, path, len);
+    return (socklen_t)(__builtin_offsetof(struct sockaddr_un, sun_path) + len + 1);
+}
+
+/// Peer credentials of a connected Unix socket (SO_PEERCRED).
+static inline int qs_peercred(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
+    struct { pid_t pid; uid_t uid; gid_t gid; } cred;
+    socklen_t len = sizeof(cred);
+    int rc = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len);
+    if (rc == 0) { *pid = cred.pid; *uid = cred.uid; *gid = cred.gid; }
+    return rc;
+}
+
+/// ioctl with an int argument (variadic ioctl cannot be called from Swift).
+static inline int qs_ioctl_int(int fd, unsigned long request, int arg) { return ioctl(fd, request, arg); }
+
+#endif

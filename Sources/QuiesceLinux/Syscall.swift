@@ -1,0 +1,133 @@
+// The one gate to libc: EINTR retries and errno turned into typed errors.
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// An errno value with its symbolic name ("EBUSY") and libc's message.
+public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: Int32
+    public init(_ rawValue: Int32) { self.rawValue = rawValue }
+
+    public static var current: Errno { Errno(errno) }
+
+    public static let EPERM = Errno(Glibc.EPERM)
+    public static let ENOENT = Errno(Glibc.ENOENT)
+    public static let EINTR = Errno(Glibc.EINTR)
+    public static let EBUSY = Errno(Glibc.EBUSY)
+    public static let EINVAL = Errno(Glibc.EINVAL)
+    public static let EAGAIN = Errno(Glibc.EAGAIN)
+    public static let EACCES = Errno(Glibc.EACCES)
+    public static let EOPNOTSUPP = Errno(Glibc.EOPNOTSUPP)
+    public static let ENOTTY = Errno(Glibc.ENOTTY)
+    public static let ETIMEDOUT = Errno(Glibc.ETIMEDOUT)
+    public static let ECONNREFUSED = Errno(Glibc.ECONNREFUSED)
+    public static let ENODEV = Errno(Glibc.ENODEV)
+
+    /// The symbolic name, e.g. "EBUSY" (falls back to "errno N").
+    public var name: String {
+        switch rawValue {
+        case Glibc.EPERM: "EPERM"
+        case Glibc.ENOENT: "ENOENT"
+        case Glibc.ESRCH: "ESRCH"
+        case Glibc.EINTR: "EINTR"
+        case Glibc.EIO: "EIO"
+        case Glibc.ENXIO: "ENXIO"
+        case Glibc.EBADF: "EBADF"
+        case Glibc.EAGAIN: "EAGAIN"
+        case Glibc.ENOMEM: "ENOMEM"
+        case Glibc.EACCES: "EACCES"
+        case Glibc.EFAULT: "EFAULT"
+        case Glibc.EBUSY: "EBUSY"
+        case Glibc.EEXIST: "EEXIST"
+        case Glibc.ENODEV: "ENODEV"
+        case Glibc.ENOTDIR: "ENOTDIR"
+        case Glibc.EISDIR: "EISDIR"
+        case Glibc.EINVAL: "EINVAL"
+        case Glibc.ENOTTY: "ENOTTY"
+        case Glibc.ENOSPC: "ENOSPC"
+        case Glibc.EROFS: "EROFS"
+        case Glibc.EPIPE: "EPIPE"
+        case Glibc.ENAMETOOLONG: "ENAMETOOLONG"
+        case Glibc.ENOSYS: "ENOSYS"
+        case Glibc.ELOOP: "ELOOP"
+        case Glibc.EOPNOTSUPP: "EOPNOTSUPP"
+        case Glibc.EADDRINUSE: "EADDRINUSE"
+        case Glibc.EADDRNOTAVAIL: "EADDRNOTAVAIL"
+        case Glibc.ENETUNREACH: "ENETUNREACH"
+        case Glibc.ECONNRESET: "ECONNRESET"
+        case Glibc.ENOTCONN: "ENOTCONN"
+        case Glibc.ETIMEDOUT: "ETIMEDOUT"
+        case Glibc.ECONNREFUSED: "ECONNREFUSED"
+        case Glibc.EHOSTUNREACH: "EHOSTUNREACH"
+        case Glibc.EAFNOSUPPORT: "EAFNOSUPPORT"
+        case Glibc.ENOTSOCK: "ENOTSOCK"
+        case Glibc.ESTALE: "ESTALE"
+        default: "errno \(rawValue)"
+        }
+    }
+
+    /// libc's message, e.g. "Device or resource busy".
+    public var message: String { String(cString: strerror(rawValue)) }
+
+    public var description: String { "\(message) (\(name))" }
+}
+
+/// An error that says what was attempted, on what, and the errno it met:
+/// "freeze /var: Device or resource busy (EBUSY)".
+public struct SystemError: Error, Sendable, CustomStringConvertible {
+    public let operation: String
+    public let subject: String
+    public let errno: Errno
+
+    public init(_ operation: String, _ subject: String, _ errno: Errno) {
+        self.operation = operation
+        self.subject = subject
+        self.errno = errno
+    }
+
+    public var description: String {
+        subject.isEmpty ? "\(operation): \(errno)" : "\(operation) \(subject): \(errno)"
+    }
+}
+
+/// Runs a libc call that returns -1 and sets errno on failure, retrying EINTR.
+@inline(__always)
+public func retryingEINTR<T: BinaryInteger>(
+    _ operation: String, _ subject: String = "", _ call: () -> T
+) throws(SystemError) -> T {
+    while true {
+        let rc = call()
+        if rc >= 0 { return rc }
+        let e = Errno.current
+        if e == .EINTR { continue }
+        throw SystemError(operation, subject, e)
+    }
+}
+
+/// Like `retryingEINTR` but gives back the errno instead of throwing, for callers that branch on it.
+@inline(__always)
+public func syscallResult<T: BinaryInteger>(_ call: () -> T) -> Result<T, Errno> {
+    while true {
+        let rc = call()
+        if rc >= 0 { return .success(rc) }
+        let e = Errno.current
+        if e == .EINTR { continue }
+        return .failure(e)
+    }
+}
+
+/// Monotonic time in nanoseconds (CLOCK_MONOTONIC).
+public func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+/// Wall-clock time in milliseconds since the epoch (CLOCK_REALTIME).
+public func wallClockMillis() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+}
