@@ -1,1 +1,207 @@
-print("quiesced")
+// quiesced: the guest agent. Parses flags and config, recovers from a crash, serves until SIGTERM.
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import QuiesceAgent
+import QuiesceLinux
+import QuiesceProtocol
+
+let usage = """
+USAGE: quiesced [--listen ADDR]... [--config FILE] [--state-dir DIR] [--include GLOB]... [--exclude GLOB]...
+                [--max-freeze DURATION] [--hooks-dir DIR] [--hook-timeout DURATION] [options]
+       quiesced --recover [--state-dir DIR]
+       quiesced --check-config [--config FILE] [options]
+
+The Quiesce guest agent. On request from the host it syncs and freezes this machine's
+filesystems (FIFREEZE), runs application hooks around the freeze, reports what it froze and
+how long it took, and thaws them again. It never leaves the guest frozen: every freeze has a
+deadline, a freeze bound to a connection thaws when the connection closes, SIGTERM thaws
+before exiting, and a restarted agent thaws what a crashed one left frozen.
+
+ADDR is unix:PATH, vsock:PORT (any CID), vsock:CID:PORT or serial:DEVICE (a virtio-serial
+port such as /dev/virtio-ports/org.quiesce.agent.0). Without --listen, the config file's
+listen lines, socket activation, or unix:/run/quiesce/quiesced.sock are used.
+DURATION is 500ms, 30s, 5m, 1h or plain seconds.
+
+OPTIONS:
+  --config FILE           settings file (default /etc/quiesce/quiesced.conf; flags override it)
+\(AgentConfig.keys.map { "  --\($0.key) \($0.value)".padding(26) + $0.help }.joined(separator: "\n"))
+  --recover               thaw what a crashed agent left frozen (from the state dir) and exit
+  --check-config          validate the configuration and exit
+  --version               print the version
+  -h, --help              show this help
+
+Every setting can also be written in the config file as `key = value` (one per line, # comments).
+"""
+
+extension String {
+    func padding(_ width: Int) -> String { count >= width ? self + " " : self + String(repeating: " ", count: width - count) }
+}
+
+func fail(_ message: String, code: Int32 = 2) -> Never {
+    let line = "quiesced: \(message)\n"
+    _ = line.withCString { write(2, $0, strlen($0)) }
+    exit(code)
+}
+
+// MARK: - Flags and config
+
+var flags: [(key: String, value: String)] = []
+var configPath = AgentConfig.defaultConfigPath
+var configExplicit = false
+var recoverOnly = false
+var checkOnly = false
+let valued = Set(AgentConfig.keys.map(\.key))
+var args = CommandLine.arguments.dropFirst()
+while let arg = args.popFirst() {
+    switch arg {
+    case "-h", "--help": print(usage); exit(0)
+    case "--version": print("quiesced \(agentVersion) (protocol \(ProtocolVersion.current))"); exit(0)
+    case "--recover": recoverOnly = true
+    case "--check-config": checkOnly = true
+    default:
+        guard arg.hasPrefix("--") else { fail("unexpected argument \"\(arg)\" (see --help)") }
+        var key = String(arg.dropFirst(2))
+        var value: String
+        if let eq = key.firstIndex(of: "=") {
+            value = String(key[key.index(after: eq)...])
+            key = String(key[..<eq])
+        } else {
+            guard let next = args.popFirst() else { fail("--\(key) needs a value") }
+            value = next
+        }
+        if key == "config" {
+            configPath = value
+            configExplicit = true
+        } else if valued.contains(key) {
+            flags.append((key, value))
+        } else {
+            fail("unknown option --\(key) (see --help)")
+        }
+    }
+}
+
+var config = AgentConfig()
+do {
+    if access(configPath, F_OK) == 0 || configExplicit {
+        let fd = open(configPath, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { fail("cannot read config file \(configPath): \(Errno.current)") }
+        var bytes: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fd, &buf, buf.count)
+            if n <= 0 { break }
+            bytes += buf[0..<n]
+        }
+        close(fd)
+        guard let text = String(validating: bytes, as: UTF8.self) else { fail("\(configPath): not UTF-8 text") }
+        try config.load(file: configPath, text: text)
+    }
+    var replacing = Set<String>()
+    for (k, v) in flags { try config.apply(key: k, value: v, replacing: &replacing) }
+} catch {
+    fail("\(error)")
+}
+if checkOnly {
+    print("configuration OK: listen \(config.listen.map(\.description).joined(separator: " ")); max-freeze \(formatDurationMs(config.maxFreezeMs))")
+    exit(0)
+}
+
+// MARK: - Logging, signals, crash recovery
+
+LoggingSystem.bootstrap { AgentLogHandler(label: $0) }
+var logger = Logger(label: "quiesced")
+
+// Signals are taken synchronously by this thread (sigwait), so block them before any thread starts.
+var stopSignals = sigset_t()
+sigemptyset(&stopSignals)
+for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&stopSignals, s) }
+pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
+signal(SIGPIPE, SIG_IGN)
+
+let record = FreezeRecord(stateDir: config.stateDir)
+if let recovered = record.recover() {
+    logger.warning("found a freeze record left by an earlier run (op \(recovered.opID)); thawed: \(recovered.lines.joined(separator: "; "))",
+                   metadata: ["op_id": "\(recovered.opID)"])
+}
+if recoverOnly { exit(0) }
+if geteuid() != 0 { logger.warning("not running as root: freezing needs CAP_SYS_ADMIN") }
+_ = mkdir(config.stateDir, 0o700)
+
+// MARK: - Listeners
+
+let server = Server(config: config, logger: logger)
+let state = AgentState(config: config, logger: logger,
+                       broadcast: { [server] event in server.broadcast(event) },
+                       reportStatus: { Systemd.notify("STATUS=\($0)") })
+server.state = state
+
+var unixPaths: [String] = []
+let activated = Systemd.listenFDs()
+for (fd, name) in activated {
+    var st = stat()
+    fstat(fd, &st)
+    if (st.st_mode & S_IFMT) == S_IFCHR {
+        logger.info("socket activation: serving character device fd \(fd) (\(name)) as a serial port")
+        server.serve(serialDevice: "/proc/self/fd/\(fd)")
+    } else {
+        logger.info("socket activation: listening on fd \(fd) (\(name))")
+        server.serve(listener: fd, name: name)
+    }
+}
+if config.listen.isEmpty && activated.isEmpty {
+    config.listen = [.unix(path: config.stateDir + "/quiesced.sock")]
+}
+for address in config.listen {
+    do {
+        switch address {
+        case .unix(let path):
+            server.serve(listener: try Socket.listenUnix(path: path, mode: 0o600), name: address.description)
+            unixPaths.append(path)
+        case .vsock(let cid, let port):
+            server.serve(listener: try Socket.listenVsock(cid: cid ?? UInt32.max, port: port), name: address.description)
+        case .serial(let device):
+            server.serve(serialDevice: device)
+        }
+        logger.info("listening on \(address)")
+    } catch {
+        fail("cannot listen on \(address): \(error)", code: 1)
+    }
+}
+
+Systemd.notify("READY=1\nSTATUS=thawed")
+
+if let usec = Systemd.watchdogMicroseconds() {
+    // The watchdog proves the state actor answers, not merely that the process exists.
+    Task.detached {
+        while true {
+            _ = await state.status()
+            Systemd.notify("WATCHDOG=1")
+            try? await Task.sleep(nanoseconds: usec * 1000 / 2)
+        }
+    }
+}
+
+// MARK: - Wait for a stop signal
+
+var stopping = false
+while true {
+    var sig: Int32 = 0
+    guard sigwait(&stopSignals, &sig) == 0 else { continue }
+    if sig == SIGHUP {
+        logger.notice("SIGHUP: configuration is read at start; restart the service to apply changes")
+        continue
+    }
+    if stopping { continue }
+    stopping = true
+    logger.info("stopping on signal \(sig)")
+    Systemd.notify("STOPPING=1")
+    let paths = unixPaths
+    Task.detached {
+        await state.shutdown()
+        for p in paths { unlink(p) }
+        LogGate.shared.release()
+        exit(0)
+    }
+}

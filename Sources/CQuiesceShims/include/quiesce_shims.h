@@ -61,6 +61,12 @@ static inline int qs_peercred(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
     return rc;
 }
 
+/// accept4(SOCK_CLOEXEC) without needing _GNU_SOURCE in Swift.
+int qs_accept_cloexec(int fd);
+
+/// syncfs(2), declared only under _GNU_SOURCE.
+int qs_syncfs(int fd);
+
 /// ioctl with an int argument (variadic ioctl cannot be called from Swift).
 static inline int qs_ioctl_int(int fd, unsigned long request, int arg) { return ioctl(fd, request, arg); }
 

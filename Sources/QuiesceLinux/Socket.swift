@@ -1,0 +1,235 @@
+// File descriptors and sockets (Unix, vsock): the blocking primitives both executables build on.
+#if canImport(Glibc)
+import Glibc
+#endif
+import CQuiesceShims
+
+/// Who is on the other end of a connection.
+public enum Peer: Sendable, Equatable, CustomStringConvertible {
+    case unix(pid: Int32, uid: UInt32, gid: UInt32)
+    case vsock(cid: UInt32, port: UInt32)
+    case serial(path: String)
+    case unknown
+
+    public var description: String {
+        switch self {
+        case .unix(let pid, let uid, _): "unix uid=\(uid) pid=\(pid)"
+        case .vsock(let cid, let port): "vsock cid=\(cid) port=\(port)"
+        case .serial(let path): "serial \(path)"
+        case .unknown: "unknown peer"
+        }
+    }
+}
+
+/// Thin, explicit operations on a raw file descriptor. Ownership is the caller's: nothing closes
+/// implicitly, so a descriptor can move between threads without surprises.
+public enum FD {
+    public static func close(_ fd: Int32) {
+        // close() must not be retried on EINTR on Linux: the fd is gone either way.
+        _ = Glibc.close(fd)
+    }
+
+    /// Reads up to `count` bytes. Returns 0 at end of file.
+    public static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int {
+        try retryingEINTR("read", "fd \(fd)") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+    }
+
+    /// Writes every byte, waiting for writability on a non-blocking descriptor.
+    /// `timeoutMs` bounds each wait for a peer that stopped reading (nil waits forever).
+    public static func writeAll(_ fd: Int32, _ bytes: [UInt8], timeoutMs: Int32? = nil) throws(SystemError) {
+        var offset = 0
+        while offset < bytes.count {
+            let r = bytes.withUnsafeBytes { buf in
+                syscallResult { Glibc.write(fd, buf.baseAddress! + offset, buf.count - offset) }
+            }
+            switch r {
+            case .success(let n): offset += n
+            case .failure(let e) where e == .EAGAIN:
+                let ready = try poll(fd, events: Int16(POLLOUT), timeoutMs: timeoutMs ?? -1)
+                if ready == 0 { throw SystemError("write", "fd \(fd)", .ETIMEDOUT) }
+            case .failure(let e): throw SystemError("write", "fd \(fd)", e)
+            }
+        }
+    }
+
+    /// Waits until `events` are ready or `timeoutMs` passes (-1: forever). Returns revents (0 on timeout).
+    public static func poll(_ fd: Int32, events: Int16, timeoutMs: Int32) throws(SystemError) -> Int16 {
+        var p = pollfd(fd: fd, events: events, revents: 0)
+        let deadline = timeoutMs < 0 ? nil : monotonicNanos() + UInt64(timeoutMs) * 1_000_000
+        while true {
+            var wait = timeoutMs
+            if let deadline {
+                let now = monotonicNanos()
+                wait = now >= deadline ? 0 : Int32((deadline - now + 999_999) / 1_000_000)
+            }
+            let rc = Glibc.poll(&p, 1, wait)
+            if rc > 0 { return p.revents }
+            if rc == 0 { return 0 }
+            if errno != Glibc.EINTR { throw SystemError("poll", "fd \(fd)", .current) }
+        }
+    }
+
+    public static func setNonBlocking(_ fd: Int32, _ on: Bool) {
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK)
+    }
+
+    /// Opens a path, retrying EINTR.
+    public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0) throws(SystemError) -> Int32 {
+        try retryingEINTR("open", path) { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    }
+}
+
+/// Stream sockets: listen, accept and connect for Unix and vsock addresses.
+public enum Socket {
+    public static let unixPathMax = 107
+
+    /// Listens on a Unix socket path with the given permission bits. A stale socket file left by
+    /// an earlier run is replaced; any other kind of file at the path is an error.
+    public static func listenUnix(path: String, mode: mode_t = 0o600, backlog: Int32 = 16) throws(SystemError) -> Int32 {
+        var st = stat()
+        if lstat(path, &st) == 0 {
+            guard (st.st_mode & S_IFMT) == S_IFSOCK else {
+                throw SystemError("listen", "\(path) (exists and is not a socket)", .EEXIST)
+            }
+            _ = unlink(path)
+        }
+        let fd = try retryingEINTR("socket", "unix") { Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        do throws(SystemError) {
+            // Create with the right mode from the start: no window in which others may connect.
+            let old = umask(~mode & 0o777)
+            defer { umask(old) }
+            var addr = sockaddr_un()
+            let len = path.withCString { qs_sockaddr_un_make(&addr, $0, strlen($0)) }
+            guard len > 0 else { throw SystemError("listen", "\(path) (path too long)", .EINVAL) }
+            _ = try withUnsafePointer(to: &addr) { (p) throws(SystemError) -> Int32 in
+                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sp) throws(SystemError) -> Int32 in
+                    try retryingEINTR("bind", path) { Glibc.bind(fd, sp, len) }
+                }
+            }
+            _ = chmod(path, mode)
+            _ = try retryingEINTR("listen", path) { Glibc.listen(fd, backlog) }
+            return fd
+        } catch {
+            FD.close(fd)
+            throw error
+        }
+    }
+
+    /// Listens on vsock `cid:port` (cid VMADDR_CID_ANY for any).
+    public static func listenVsock(cid: UInt32 = QS_VMADDR_CID_ANY, port: UInt32, backlog: Int32 = 16) throws(SystemError) -> Int32 {
+        let subject = "vsock \(cid == QS_VMADDR_CID_ANY ? "any" : String(cid)):\(port)"
+        let fd = try retryingEINTR("socket", subject) { Glibc.socket(QS_AF_VSOCK, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        do throws(SystemError) {
+            var addr = sockaddr_vm()
+            let len = qs_sockaddr_vm_make(&addr, cid, port)
+            _ = try withUnsafePointer(to: &addr) { (p) throws(SystemError) -> Int32 in
+                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sp) throws(SystemError) -> Int32 in
+                    try retryingEINTR("bind", subject) { Glibc.bind(fd, sp, len) }
+                }
+            }
+            _ = try retryingEINTR("listen", subject) { Glibc.listen(fd, backlog) }
+            return fd
+        } catch {
+            FD.close(fd)
+            throw error
+        }
+    }
+
+    /// Accepts one connection (blocking) and says who the peer is.
+    public static func accept(_ listener: Int32) throws(SystemError) -> (fd: Int32, peer: Peer) {
+        let fd = try retryingEINTR("accept", "fd \(listener)") { qs_accept_cloexec(listener) }
+        return (fd, peer(of: fd))
+    }
+
+    /// The peer of a connected socket: Unix credentials (SO_PEERCRED) or the vsock CID and port.
+    public static func peer(of fd: Int32) -> Peer {
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        guard rc == 0 else { return .unknown }
+        switch Int32(storage.ss_family) {
+        case AF_UNIX:
+            var pid: pid_t = 0, uid: uid_t = 0, gid: gid_t = 0
+            guard qs_peercred(fd, &pid, &uid, &gid) == 0 else { return .unknown }
+            return .unix(pid: pid, uid: uid, gid: gid)
+        case QS_AF_VSOCK:
+            var addr = sockaddr_vm()
+            var alen = socklen_t(MemoryLayout<sockaddr_vm>.size)
+            let prc = withUnsafeMutablePointer(to: &addr) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &alen) }
+            }
+            guard prc == 0 else { return .unknown }
+            return .vsock(cid: addr.svm_cid, port: addr.svm_port)
+        default:
+            return .unknown
+        }
+    }
+
+    /// Connects to a Unix socket, giving up after `timeoutMs`.
+    public static func connectUnix(path: String, timeoutMs: Int32) throws(SystemError) -> Int32 {
+        var addr = sockaddr_un()
+        let len = path.withCString { qs_sockaddr_un_make(&addr, $0, strlen($0)) }
+        guard len > 0 else { throw SystemError("connect", "unix \(path) (path too long)", .EINVAL) }
+        return try connect(family: AF_UNIX, subject: "unix \(path)", timeoutMs: timeoutMs) { fd in
+            withUnsafePointer(to: &addr) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, len) }
+            }
+        }
+    }
+
+    /// Connects to vsock `cid:port`, giving up after `timeoutMs`.
+    public static func connectVsock(cid: UInt32, port: UInt32, timeoutMs: Int32) throws(SystemError) -> Int32 {
+        var addr = sockaddr_vm()
+        let len = qs_sockaddr_vm_make(&addr, cid, port)
+        return try connect(family: QS_AF_VSOCK, subject: "vsock \(cid):\(port)", timeoutMs: timeoutMs) { fd in
+            withUnsafePointer(to: &addr) { p in
+                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, len) }
+            }
+        }
+    }
+
+    private static func connect(family: Int32, subject: String, timeoutMs: Int32, _ call: (Int32) -> Int32) throws(SystemError) -> Int32 {
+        let fd = try retryingEINTR("socket", subject) {
+            Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+        }
+        do throws(SystemError) {
+            if call(fd) != 0 {
+                let e = Errno.current
+                guard e == Errno(EINPROGRESS) || e == .EAGAIN || e == .EINTR else { throw SystemError("connect", subject, e) }
+                let ready = try FD.poll(fd, events: Int16(POLLOUT), timeoutMs: timeoutMs)
+                if ready == 0 { throw SystemError("connect", subject, .ETIMEDOUT) }
+                var err: Int32 = 0
+                var len = socklen_t(MemoryLayout<Int32>.size)
+                getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
+                if err != 0 { throw SystemError("connect", subject, Errno(err)) }
+            }
+            FD.setNonBlocking(fd, false)
+            return fd
+        } catch {
+            FD.close(fd)
+            throw error
+        }
+    }
+
+    /// Bounds how long a blocking write may wait for a peer that stopped reading.
+    public static func setSendTimeout(_ fd: Int32, milliseconds: Int) {
+        var tv = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Shuts down both directions, waking any thread blocked reading the socket.
+    public static func shutdown(_ fd: Int32) {
+        _ = Glibc.shutdown(fd, Int32(SHUT_RDWR))
+    }
+
+    /// This machine's vsock CID, or nil without /dev/vsock.
+    public static func localVsockCID() -> UInt32? {
+        guard let fd = try? FD.open("/dev/vsock", O_RDONLY) else { return nil }
+        defer { FD.close(fd) }
+        var cid: UInt32 = 0
+        return qs_vsock_local_cid(fd, &cid) == 0 ? cid : nil
+    }
+}

@@ -1,0 +1,462 @@
+// Typed results of each operation. The agent encodes them, the coordinator decodes them.
+
+/// A value with a JSON object form. Decoding is lenient about unknown fields (they are ignored)
+/// and strict about the types of known ones.
+public protocol WireObject: Sendable {
+    var json: JSONObject { get }
+    init(json: JSONObject) throws(ProtocolError)
+}
+
+extension Fields {
+    func required<T>(_ key: String, _ value: T?) throws(ProtocolError) -> T {
+        guard let value else { throw ProtocolError(.badRequest, "missing \"\(key)\"") }
+        return value
+    }
+
+    func objects<T: WireObject>(_ key: String, as: T.Type) throws(ProtocolError) -> [T] {
+        guard let v = object[key], !v.isNull else { return [] }
+        guard let items = v.arrayValue else { throw ProtocolError(.badRequest, "\"\(key)\" must be an array") }
+        var out: [T] = []
+        for item in items {
+            guard let o = item.objectValue else { throw ProtocolError(.badRequest, "\"\(key)\" must hold objects") }
+            out.append(try T(json: o))
+        }
+        return out
+    }
+}
+
+extension JSONObject {
+    mutating func set(_ key: String, _ value: String?) { if let value { self[key] = .string(value) } }
+    mutating func set(_ key: String, _ value: Int64?) { if let value { self[key] = .int(value) } }
+    mutating func set(_ key: String, _ value: [String]) { self[key] = .array(value.map(JSON.string)) }
+    mutating func set<T: WireObject>(_ key: String, _ value: [T]) { self[key] = .array(value.map { .object($0.json) }) }
+}
+
+/// One filesystem (one superblock) in a plan, a freeze, a thaw or a sync, with the timings of
+/// whatever was done to it. Durations are microseconds.
+public struct FilesystemReport: WireObject, Equatable {
+    public var mountPoint: String
+    public var type: String
+    /// The block device, "major:minor".
+    public var device: String
+    public var source: String
+    /// Other mountpoints of the same superblock (bind mounts, btrfs subvolumes).
+    public var otherMounts: [String]
+    /// The dependency wave: wave 0 freezes first, thaw runs the waves backwards.
+    public var wave: Int64?
+    /// Mountpoints of filesystems this one is stacked on (frozen after it, thawed before it).
+    public var dependsOn: [String]
+    public var presyncUs: Int64?
+    public var freezeUs: Int64?
+    /// When this filesystem was frozen, counted from the start of the freeze phase.
+    public var frozenAtUs: Int64?
+    public var thawUs: Int64?
+    public var syncUs: Int64?
+    /// What went wrong with this filesystem, e.g. "EIO: Input/output error".
+    public var error: String?
+
+    public init(mountPoint: String, type: String, device: String, source: String, otherMounts: [String] = [],
+                wave: Int64? = nil, dependsOn: [String] = []) {
+        self.mountPoint = mountPoint
+        self.type = type
+        self.device = device
+        self.source = source
+        self.otherMounts = otherMounts
+        self.wave = wave
+        self.dependsOn = dependsOn
+    }
+
+    public var json: JSONObject {
+        var o = JSONObject()
+        o.set("mountpoint", mountPoint)
+        o.set("type", type)
+        o.set("device", device)
+        o.set("source", source)
+        if !otherMounts.isEmpty { o.set("mounts", otherMounts) }
+        o.set("wave", wave)
+        if !dependsOn.isEmpty { o.set("depends_on", dependsOn) }
+        o.set("presync_us", presyncUs)
+        o.set("freeze_us", freezeUs)
+        o.set("frozen_at_us", frozenAtUs)
+        o.set("thaw_us", thawUs)
+        o.set("sync_us", syncUs)
+        o.set("error", error)
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        mountPoint = try f.required("mountpoint", try f.string("mountpoint"))
+        type = try f.string("type") ?? ""
+        device = try f.string("device") ?? ""
+        source = try f.string("source") ?? ""
+        otherMounts = try f.strings("mounts") ?? []
+        wave = try f.int("wave")
+        dependsOn = try f.strings("depends_on") ?? []
+        presyncUs = try f.int("presync_us")
+        freezeUs = try f.int("freeze_us")
+        frozenAtUs = try f.int("frozen_at_us")
+        thawUs = try f.int("thaw_us")
+        syncUs = try f.int("sync_us")
+        error = try f.string("error")
+    }
+}
+
+/// A mount that was passed over, and why ("pseudo", "network", "read-only", "excluded",
+/// "not-included", "no-device", "shadowed", "unsupported").
+public struct SkippedReport: WireObject, Equatable {
+    public var mountPoint: String
+    public var type: String
+    public var reason: String
+    public var detail: String
+
+    public init(mountPoint: String, type: String, reason: String, detail: String = "") {
+        self.mountPoint = mountPoint
+        self.type = type
+        self.reason = reason
+        self.detail = detail
+    }
+
+    public var json: JSONObject {
+        var o: JSONObject = ["mountpoint": .string(mountPoint), "type": .string(type), "reason": .string(reason)]
+        if !detail.isEmpty { o["detail"] = .string(detail) }
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        mountPoint = try f.required("mountpoint", try f.string("mountpoint"))
+        type = try f.string("type") ?? ""
+        reason = try f.string("reason") ?? ""
+        detail = try f.string("detail") ?? ""
+    }
+}
+
+/// One hook run around a freeze.
+public struct HookReport: WireObject, Equatable {
+    public var name: String
+    /// "freeze" or "thaw".
+    public var phase: String
+    public var exitCode: Int64?
+    public var durationUs: Int64
+    public var error: String?
+
+    public init(name: String, phase: String, exitCode: Int64?, durationUs: Int64, error: String? = nil) {
+        self.name = name
+        self.phase = phase
+        self.exitCode = exitCode
+        self.durationUs = durationUs
+        self.error = error
+    }
+
+    public var json: JSONObject {
+        var o: JSONObject = ["name": .string(name), "phase": .string(phase), "duration_us": .int(durationUs)]
+        o.set("exit_code", exitCode)
+        o.set("error", error)
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        name = try f.required("name", try f.string("name"))
+        phase = try f.string("phase") ?? ""
+        exitCode = try f.int("exit_code", min: Int64.min)
+        durationUs = try f.int("duration_us") ?? 0
+        error = try f.string("error")
+    }
+}
+
+/// `hello`'s result: who the agent is and what it can do.
+public struct HelloResult: WireObject, Equatable {
+    public var version: Int64
+    public var agent: String
+    public var agentVersion: String
+    public var capabilities: [String]
+    public var maxFrame: Int64
+    public var maxFreezeMs: Int64
+
+    public init(version: Int64, agent: String, agentVersion: String, capabilities: [String], maxFrame: Int64, maxFreezeMs: Int64) {
+        self.version = version
+        self.agent = agent
+        self.agentVersion = agentVersion
+        self.capabilities = capabilities
+        self.maxFrame = maxFrame
+        self.maxFreezeMs = maxFreezeMs
+    }
+
+    public var json: JSONObject {
+        var o = JSONObject()
+        o.set("version", version)
+        o.set("agent", agent)
+        o.set("agent_version", agentVersion)
+        o.set("capabilities", capabilities)
+        o.set("max_frame", maxFrame)
+        o.set("max_freeze_ms", maxFreezeMs)
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        version = try f.required("version", try f.int("version"))
+        agent = try f.string("agent") ?? ""
+        agentVersion = try f.string("agent_version") ?? ""
+        capabilities = try f.strings("capabilities") ?? []
+        maxFrame = try f.int("max_frame") ?? Int64(ProtocolLimits.maxFrameBytes)
+        maxFreezeMs = try f.int("max_freeze_ms") ?? 0
+    }
+}
+
+/// `filesystems`' result: what a freeze would touch, in freeze order, and what it passes over.
+public struct FilesystemsResult: WireObject, Equatable {
+    public var filesystems: [FilesystemReport]
+    public var skipped: [SkippedReport]
+
+    public init(filesystems: [FilesystemReport], skipped: [SkippedReport]) {
+        self.filesystems = filesystems
+        self.skipped = skipped
+    }
+
+    public var json: JSONObject {
+        var o = JSONObject()
+        o.set("filesystems", filesystems)
+        o.set("skipped", skipped)
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        skipped = try f.objects("skipped", as: SkippedReport.self)
+    }
+}
+
+/// `freeze`'s result. `stallUs` is the writer-stall window: from the moment the first
+/// filesystem began to freeze (its writers start to block) until the last one was frozen.
+public struct FreezeResult: WireObject, Equatable {
+    public var opID: String
+    public var mode: FreezeMode
+    /// In freeze order.
+    public var filesystems: [FilesystemReport]
+    public var skipped: [SkippedReport]
+    public var hooks: [HookReport]
+    public var presyncUs: Int64
+    public var freezeUs: Int64
+    public var stallUs: Int64
+    public var totalUs: Int64
+    public var timeoutMs: Int64
+    /// Wall-clock time (ms since the epoch) at which the agent thaws by itself.
+    public var deadlineMs: Int64
+    /// True when this reply repeats the result of an earlier request with the same op_id.
+    public var replayed: Bool
+
+    public init(opID: String, mode: FreezeMode, filesystems: [FilesystemReport], skipped: [SkippedReport],
+                hooks: [HookReport], presyncUs: Int64, freezeUs: Int64, stallUs: Int64, totalUs: Int64,
+                timeoutMs: Int64, deadlineMs: Int64, replayed: Bool = false) {
+        self.opID = opID
+        self.mode = mode
+        self.filesystems = filesystems
+        self.skipped = skipped
+        self.hooks = hooks
+        self.presyncUs = presyncUs
+        self.freezeUs = freezeUs
+        self.stallUs = stallUs
+        self.totalUs = totalUs
+        self.timeoutMs = timeoutMs
+        self.deadlineMs = deadlineMs
+        self.replayed = replayed
+    }
+
+    public var json: JSONObject {
+        var o = JSONObject()
+        o.set("op_id", opID)
+        o.set("mode", mode.rawValue)
+        o.set("filesystems", filesystems)
+        o.set("skipped", skipped)
+        o.set("hooks", hooks)
+        o.set("presync_us", presyncUs)
+        o.set("freeze_us", freezeUs)
+        o.set("stall_us", stallUs)
+        o.set("total_us", totalUs)
+        o.set("timeout_ms", timeoutMs)
+        o.set("deadline_ms", deadlineMs)
+        o["replayed"] = .bool(replayed)
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        opID = try f.required("op_id", try f.string("op_id"))
+        mode = FreezeMode(rawValue: try f.string("mode") ?? "") ?? .bound
+        filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        skipped = try f.objects("skipped", as: SkippedReport.self)
+        hooks = try f.objects("hooks", as: HookReport.self)
+        presyncUs = try f.int("presync_us") ?? 0
+        freezeUs = try f.int("freeze_us") ?? 0
+        stallUs = try f.int("stall_us") ?? 0
+        totalUs = try f.int("total_us") ?? 0
+        timeoutMs = try f.int("timeout_ms") ?? 0
+        deadlineMs = try f.int("deadline_ms") ?? 0
+        replayed = try f.bool("replayed") ?? false
+    }
+}
+
+/// `thaw`'s result. Thaw is idempotent: thawing a thawed agent succeeds with `wasFrozen` false.
+public struct ThawResult: WireObject, Equatable {
+    public var opID: String?
+    public var wasFrozen: Bool
+    public var filesystems: [FilesystemReport]
+    public var hooks: [HookReport]
+    public var totalUs: Int64
+    /// How long the filesystems were frozen.
+    public var frozenUs: Int64?
+
+    public init(opID: String?, wasFrozen: Bool, filesystems: [FilesystemReport], hooks: [HookReport] = [],
+                totalUs: Int64, frozenUs: Int64?) {
+        self.opID = opID
+        self.wasFrozen = wasFrozen
+        self.filesystems = filesystems
+        self.hooks = hooks
+        self.totalUs = totalUs
+        self.frozenUs = frozenUs
+    }
+
+    public var json: JSONObject {
+        var o = JSONObject()
+        o.set("op_id", opID)
+        o["was_frozen"] = .bool(wasFrozen)
+        o.set("filesystems", filesystems)
+        if !hooks.isEmpty { o.set("hooks", hooks) }
+        o.set("total_us", totalUs)
+        o.set("frozen_us", frozenUs)
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        opID = try f.string("op_id")
+        wasFrozen = try f.bool("was_frozen") ?? false
+        filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        hooks = try f.objects("hooks", as: HookReport.self)
+        totalUs = try f.int("total_us") ?? 0
+        frozenUs = try f.int("frozen_us")
+    }
+}
+
+/// `sync`'s result.
+public struct SyncResult: WireObject, Equatable {
+    public var filesystems: [FilesystemReport]
+    public var totalUs: Int64
+
+    public init(filesystems: [FilesystemReport], totalUs: Int64) {
+        self.filesystems = filesystems
+        self.totalUs = totalUs
+    }
+
+    public var json: JSONObject {
+        var o = JSONObject()
+        o.set("filesystems", filesystems)
+        o.set("total_us", totalUs)
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        totalUs = try f.int("total_us") ?? 0
+    }
+}
+
+/// The agent's state as `status` reports it.
+public enum AgentStateName: String, Sendable, CaseIterable {
+    case thawed, freezing, frozen, thawing
+}
+
+/// The last time the agent thawed on its own (deadline, disconnect, signal, restart).
+public struct AutoThawReport: WireObject, Equatable {
+    public var reason: String
+    public var opID: String
+    public var atMs: Int64
+    public var filesystems: [String]
+
+    public init(reason: String, opID: String, atMs: Int64, filesystems: [String]) {
+        self.reason = reason
+        self.opID = opID
+        self.atMs = atMs
+        self.filesystems = filesystems
+    }
+
+    public var json: JSONObject {
+        var o = JSONObject()
+        o.set("reason", reason)
+        o.set("op_id", opID)
+        o.set("at_ms", atMs)
+        o.set("filesystems", filesystems)
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        reason = try f.string("reason") ?? ""
+        opID = try f.string("op_id") ?? ""
+        atMs = try f.int("at_ms") ?? 0
+        filesystems = try f.strings("filesystems") ?? []
+    }
+}
+
+/// `status`'s result.
+public struct StatusResult: WireObject, Equatable {
+    public var state: AgentStateName
+    public var opID: String?
+    public var mode: FreezeMode?
+    /// Mountpoints frozen (or being frozen / thawed), in freeze order.
+    public var filesystems: [String]
+    public var sinceMs: Int64?
+    public var deadlineMs: Int64?
+    public var remainingMs: Int64?
+    /// The peer that asked for the current freeze, e.g. "unix uid=0 pid=812" or "vsock cid=2".
+    public var requestedBy: String?
+    public var lastAutoThaw: AutoThawReport?
+
+    public init(state: AgentStateName, opID: String? = nil, mode: FreezeMode? = nil, filesystems: [String] = [],
+                sinceMs: Int64? = nil, deadlineMs: Int64? = nil, remainingMs: Int64? = nil,
+                requestedBy: String? = nil, lastAutoThaw: AutoThawReport? = nil) {
+        self.state = state
+        self.opID = opID
+        self.mode = mode
+        self.filesystems = filesystems
+        self.sinceMs = sinceMs
+        self.deadlineMs = deadlineMs
+        self.remainingMs = remainingMs
+        self.requestedBy = requestedBy
+        self.lastAutoThaw = lastAutoThaw
+    }
+
+    public var json: JSONObject {
+        var o = JSONObject()
+        o.set("state", state.rawValue)
+        o.set("op_id", opID)
+        o.set("mode", mode?.rawValue)
+        o.set("filesystems", filesystems)
+        o.set("since_ms", sinceMs)
+        o.set("deadline_ms", deadlineMs)
+        o.set("remaining_ms", remainingMs)
+        o.set("requested_by", requestedBy)
+        if let lastAutoThaw { o["last_auto_thaw"] = .object(lastAutoThaw.json) }
+        return o
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        let s = try f.required("state", try f.string("state"))
+        guard let state = AgentStateName(rawValue: s) else { throw ProtocolError(.badRequest, "unknown state \"\(s)\"") }
+        self.state = state
+        opID = try f.string("op_id")
+        mode = (try f.string("mode")).flatMap(FreezeMode.init(rawValue:))
+        filesystems = try f.strings("filesystems") ?? []
+        sinceMs = try f.int("since_ms")
+        deadlineMs = try f.int("deadline_ms")
+        remainingMs = try f.int("remaining_ms", min: Int64.min)
+        requestedBy = try f.string("requested_by")
+        if let o = json["last_auto_thaw"]?.objectValue { lastAutoThaw = try AutoThawReport(json: o) }
+    }
+}
