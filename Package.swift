@@ -36,10 +36,12 @@ let package = Package(
             "QuiesceHost",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "QuiesceProtocolTests", dependencies: ["QuiesceProtocol"],
-                    resources: []),
-        .testTarget(name: "QuiesceAgentTests", dependencies: ["QuiesceAgent", "QuiesceLinux"]),
-        .testTarget(name: "QuiesceHostTests", dependencies: ["QuiesceHost", "quiesced", "quiescectl"]),
+        // Loop-filesystem labs, agent processes and a blocking client, shared by the test targets.
+        .target(name: "QuiesceTestSupport", dependencies: ["QuiesceProtocol", "QuiesceLinux"],
+                path: "Tests/QuiesceTestSupport"),
+        .testTarget(name: "QuiesceProtocolTests", dependencies: ["QuiesceProtocol"]),
+        .testTarget(name: "QuiesceAgentTests", dependencies: ["QuiesceAgent", "QuiesceLinux", "QuiesceTestSupport", "quiesced"]),
+        .testTarget(name: "QuiesceHostTests", dependencies: ["QuiesceHost", "QuiesceTestSupport", "quiesced", "quiescectl"]),
     ],
     swiftLanguageModes: [.v6]
 )

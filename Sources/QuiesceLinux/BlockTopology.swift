@@ -1,0 +1,204 @@
+// What a block device is built on, read from sysfs: device-mapper and md slaves,
+// a partition's whole disk, and the filesystem holding a loop device's backing file.
+// The freeze plan needs this to freeze a stacked filesystem before the one under it.
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CQuiesceShims
+
+/// The stacking of block devices: which devices each one rests on.
+///
+/// Only what could be read is present: a device with nothing below it (a plain disk),
+/// or whose sysfs entries could not be read, has no key in `lower`.
+public struct BlockTopology: Sendable, Equatable {
+    /// Block device -> the block devices it is built on: device-mapper / md slaves
+    /// (`/sys/dev/block/M:m/slaves/*/dev`) and, for a partition, its whole disk.
+    public var lower: [DeviceNumber: [DeviceNumber]]
+    /// Loop block device -> `st_dev` of the filesystem that holds its backing file.
+    /// That is a filesystem's device, not a block device: match it against mountinfo's `major:minor`.
+    public var loopBacking: [DeviceNumber: DeviceNumber]
+    /// Loop block device -> mount ID (mountinfo's first column) of the mount through which its
+    /// backing file's path is reached, when that path (from sysfs) still names the very file
+    /// the loop device uses.
+    ///
+    /// Needed for btrfs: every subvolume has its own anonymous `st_dev` (the top-level one
+    /// too), and mountinfo shows none of them, only one `major:minor` per filesystem. So a
+    /// backing file on btrfs has an `st_dev` found in no mountinfo line; its mount ID finds
+    /// the filesystem all the same.
+    public var loopBackingMount: [DeviceNumber: Int]
+
+    public init(
+        lower: [DeviceNumber: [DeviceNumber]] = [:], loopBacking: [DeviceNumber: DeviceNumber] = [:],
+        loopBackingMount: [DeviceNumber: Int] = [:]
+    ) {
+        self.lower = lower
+        self.loopBacking = loopBacking
+        self.loopBackingMount = loopBackingMount
+    }
+
+    /// Walks sysfs from each of `devices`, recursively through slaves, partition parents
+    /// and loop backing devices, and records what each device rests on.
+    ///
+    /// Pass the real block device of every mounted filesystem (for btrfs the device of its
+    /// source, see `blockDevice(ofSource:)`); devices with major 0 have no sysfs entry and
+    /// are ignored. For a loop device the backing file's `st_dev` comes from
+    /// `LOOP_GET_STATUS64` on `devRoot/block/M:m` or `devRoot/DEVNAME` (exact, whatever mount
+    /// namespace the loop was set up in, and still right after the backing filesystem was
+    /// moved or lazily unmounted), else from `stat` of the path in `loop/backing_file`.
+    /// Nothing here throws: what cannot be read is simply absent.
+    ///
+    /// - Parameters:
+    ///   - sysfsRoot: where sysfs is mounted; tests point it at a fake tree.
+    ///   - devRoot: where devtmpfs is mounted; tests point it at a directory without device nodes.
+    public static func read(
+        startingFrom devices: [DeviceNumber], sysfsRoot: String = "/sys", devRoot: String = "/dev"
+    ) -> BlockTopology {
+        var topology = BlockTopology()
+        var pending = devices
+        var visited = Set<DeviceNumber>()
+        while let device = pending.popLast() {
+            guard device.major != 0, visited.insert(device).inserted else { continue }
+            let directory = "\(sysfsRoot)/dev/block/\(device)"
+
+            var below: [DeviceNumber] = []
+            for name in directoryEntries("\(directory)/slaves").sorted() {
+                if let slave = readDeviceFile("\(directory)/slaves/\(name)/dev"), !below.contains(slave) {
+                    below.append(slave)
+                }
+            }
+            if exists("\(directory)/partition"), let real = realPath(directory),
+               let disk = readDeviceFile("\(parentDirectory(real))/dev"), disk != device, !below.contains(disk) {
+                below.append(disk)
+            }
+            if !below.isEmpty {
+                topology.lower[device] = below
+                pending.append(contentsOf: below)
+            }
+
+            if exists("\(directory)/loop") {
+                let (backing, mountID) = loopBackingFile(device, directory: directory, devRoot: devRoot)
+                if let backing {
+                    topology.loopBacking[device] = backing
+                    // The backing filesystem's own block device (when it is one) may rest on more.
+                    pending.append(backing)
+                }
+                if let mountID { topology.loopBackingMount[device] = mountID }
+            }
+        }
+        return topology
+    }
+
+    /// The block device at `source` (`st_rdev`), or nil when `source` is not an absolute path
+    /// to a block device node.
+    ///
+    /// btrfs reports an anonymous per-subvolume `major:minor` (0:N) in mountinfo; its source
+    /// ("/dev/vda2") names the real device, which is what the filesystem rests on.
+    public static func blockDevice(ofSource source: String) -> DeviceNumber? {
+        guard source.hasPrefix("/") else { return nil }
+        var st = stat()
+        guard stat(source, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK else { return nil }
+        return DeviceNumber(UInt64(st.st_rdev))
+    }
+
+    // MARK: - sysfs helpers
+
+    /// The `st_dev` of a loop device's backing file, and the mount ID its sysfs path leads to.
+    private static func loopBackingFile(
+        _ device: DeviceNumber, directory: String, devRoot: String
+    ) -> (device: DeviceNumber?, mountID: Int?) {
+        // Exact: ask the loop driver (dev and inode of the file it really uses).
+        // The node is /dev/block/M:m where udev runs, else /dev/DEVNAME (devtmpfs's name, from uevent).
+        var fromDriver: (device: UInt64, inode: UInt64)?
+        var nodes = ["\(devRoot)/block/\(device)"]
+        if let name = deviceName(directory) { nodes.append("\(devRoot)/\(name)") }
+        for node in nodes where fromDriver == nil {
+            guard case .success(let fd) = syscallResult({ open(node, O_RDONLY | O_CLOEXEC) }) else { continue }
+            defer { close(fd) }
+            // The node must really be this loop device: a stale or foreign /dev must not answer.
+            var st = stat()
+            guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK, DeviceNumber(UInt64(st.st_rdev)) == device else {
+                continue
+            }
+            var backingDevice: UInt64 = 0
+            var backingInode: UInt64 = 0
+            if case .success = syscallResult({ qs_loop_backing(fd, &backingDevice, &backingInode) }) {
+                fromDriver = (backingDevice, backingInode)
+            }
+        }
+
+        // The path sysfs shows, as seen by whoever set the loop up: it may be stale, deleted or
+        // in another mount namespace, so it only counts when it is the same file.
+        var fromPath: (device: DeviceNumber, mountID: Int?)?
+        if let bytes = try? MountInfo.readWholeFile(atPath: "\(directory)/loop/backing_file") {
+            var path = String(decoding: bytes, as: UTF8.self)
+            if path.hasSuffix("\n") { path.removeLast() }
+            if path.hasPrefix("/"),
+               case .success(let fd) = syscallResult({ open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC) }) {
+                defer { close(fd) }
+                var st = stat()
+                if fstat(fd, &st) == 0,
+                   fromDriver.map({ DeviceNumber($0.device) == DeviceNumber(UInt64(st.st_dev)) && $0.inode == UInt64(st.st_ino) }) ?? true {
+                    fromPath = (DeviceNumber(UInt64(st.st_dev)), mountID(ofDescriptor: fd))
+                }
+            }
+        }
+        return (fromDriver.map { DeviceNumber($0.device) } ?? fromPath?.device, fromPath?.mountID)
+    }
+
+    /// The mount ID of an open fd, from the "mnt_id:" line of /proc/self/fdinfo/FD (Linux 3.15+).
+    private static func mountID(ofDescriptor fd: Int32) -> Int? {
+        guard let bytes = try? MountInfo.readWholeFile(atPath: "/proc/self/fdinfo/\(fd)") else { return nil }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("mnt_id:") {
+            return Int(line.dropFirst("mnt_id:".count).trimmingPrefix(while: { $0 == " " || $0 == "\t" }))
+        }
+        return nil
+    }
+
+    /// The kernel's name for the device node under /dev ("loop0", "dm-0"), from the `DEVNAME=`
+    /// line of its sysfs `uevent` file.
+    private static func deviceName(_ directory: String) -> String? {
+        guard let bytes = try? MountInfo.readWholeFile(atPath: "\(directory)/uevent") else { return nil }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("DEVNAME=") {
+            let name = line.dropFirst("DEVNAME=".count)
+            return name.isEmpty || name.contains("..") ? nil : String(name)
+        }
+        return nil
+    }
+
+    /// Reads a sysfs `dev` file ("8:1\n").
+    private static func readDeviceFile(_ path: String) -> DeviceNumber? {
+        guard let bytes = try? MountInfo.readWholeFile(atPath: path) else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
+        return DeviceNumber(parsing: text.split(whereSeparator: { $0 == "\n" || $0 == " " }).first ?? "")
+    }
+
+    private static func directoryEntries(_ path: String) -> [String] {
+        guard let dir = opendir(path) else { return [] }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    private static func exists(_ path: String) -> Bool {
+        access(path, F_OK) == 0
+    }
+
+    private static func realPath(_ path: String) -> String? {
+        guard let resolved = realpath(path, nil) else { return nil }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+
+    private static func parentDirectory(_ path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+}
