@@ -1,0 +1,417 @@
+// The one actor that owns the agent's state. Every connection's requests pass through it.
+import QuiesceLinux
+import QuiesceProtocol
+import Logging
+
+/// Identifies a connection (a serial port gets a new one each time the host reconnects).
+public typealias ConnectionID = UInt64
+
+/// Who sent a request.
+public struct RequestContext: Sendable {
+    public var connection: ConnectionID
+    public var peer: Peer
+    public init(connection: ConnectionID, peer: Peer) {
+        self.connection = connection
+        self.peer = peer
+    }
+}
+
+/// The agent's state machine: thawed → freezing → frozen → thawing → thawed.
+///
+/// The actor never blocks: kernel work runs on dedicated threads and hooks in child processes,
+/// awaited outside the actor's critical sections, so `status` is answered at once in every state.
+public actor AgentState {
+    struct Freeze: Sendable {
+        var opID: String
+        var mode: FreezeMode
+        var owner: ConnectionID
+        var requestedBy: String
+        var held: HeldFreeze
+        var result: FreezeResult
+        var hooksRan: [String]
+        var sinceMs: Int64
+        var timeoutMs: Int64
+        var deadline: UInt64  // monotonic ns
+    }
+
+    struct Pending: Sendable {
+        var opID: String
+        var mode: FreezeMode
+        var owner: ConnectionID
+        var requestedBy: String
+        var mountPoints: [String]
+        var sinceMs: Int64
+        var ownerGone = false
+        var waiters: [CheckedContinuation<Reply, Never>] = []
+    }
+
+    enum Phase: Sendable {
+        case thawed
+        case freezing(Pending)
+        case frozen(Freeze)
+        case thawing(Freeze)
+    }
+
+    private var phase: Phase = .thawed
+    private var endedOps: [(opID: String, reason: ThawReason)] = []
+    private var lastAutoThaw: AutoThawReport?
+    private var opCounter: UInt64 = 0
+    private var shuttingDown = false
+
+    let config: AgentConfig
+    let discovery: Discovery
+    let engine: FreezeEngine
+    let record: FreezeRecord
+    let hooks: Hooks?
+    let logger: Logger
+    /// Pushes an event to every connection that said hello.
+    let broadcast: @Sendable (Event) -> Void
+    /// Reports a one-line state to the service manager (STATUS=).
+    let reportStatus: @Sendable (String) -> Void
+
+    public init(config: AgentConfig, logger: Logger,
+                broadcast: @escaping @Sendable (Event) -> Void = { _ in },
+                reportStatus: @escaping @Sendable (String) -> Void = { _ in }) {
+        self.config = config
+        self.discovery = Discovery(scope: config.scope)
+        self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere)
+        self.record = FreezeRecord(stateDir: config.stateDir)
+        self.hooks = config.hooksDir.map { Hooks(directory: $0, timeoutMs: config.hookTimeoutMs) }
+        self.logger = logger
+        self.broadcast = broadcast
+        self.reportStatus = reportStatus
+    }
+
+    /// Answers one request. `hello` and `ping` are answered by the connection itself.
+    public func handle(_ request: Request, context: RequestContext) async -> Reply {
+        let id = request.id
+        func reply(_ r: Result<JSONObject, ProtocolError>) -> Reply {
+            switch r {
+            case .success(let o): Reply(id: id, result: o)
+            case .failure(let e): Reply(id: id, error: e)
+            }
+        }
+        switch request.operation {
+        case .hello, .ping:
+            return Reply(id: id, result: [:])
+        case .status:
+            return Reply(id: id, result: status().json)
+        case .filesystems(let mounts):
+            do {
+                let plan = try discovery.plan(explicitMounts: mounts)
+                return Reply(id: id, result: FilesystemsResult(filesystems: plan.targets.map(\.report), skipped: plan.skipped).json)
+            } catch {
+                return Reply(id: id, error: error)
+            }
+        case .freeze(let r):
+            return await freeze(r, context: context, id: id)
+        case .thaw(let opID):
+            return reply(await thaw(opID: opID, reason: .request).map(\.json))
+        case .sync(let mounts):
+            return reply(await sync(mounts: mounts).map(\.json))
+        case .keepalive(let opID, let timeoutMs):
+            return reply(keepalive(opID: opID, timeoutMs: timeoutMs))
+        }
+    }
+
+    // MARK: - Status
+
+    public func status() -> StatusResult {
+        switch phase {
+        case .thawed:
+            return StatusResult(state: .thawed, lastAutoThaw: lastAutoThaw)
+        case .freezing(let p):
+            return StatusResult(state: .freezing, opID: p.opID, mode: p.mode, filesystems: p.mountPoints,
+                                sinceMs: p.sinceMs, requestedBy: p.requestedBy, lastAutoThaw: lastAutoThaw)
+        case .frozen(let f), .thawing(let f):
+            let remainingMs = Int64((Int64(bitPattern: f.deadline) - Int64(bitPattern: monotonicNanos())) / 1_000_000)
+            return StatusResult(state: isThawing ? .thawing : .frozen, opID: f.opID, mode: f.mode,
+                                filesystems: f.held.mountPoints, sinceMs: f.sinceMs, deadlineMs: f.result.deadlineMs,
+                                remainingMs: max(0, remainingMs), requestedBy: f.requestedBy, lastAutoThaw: lastAutoThaw)
+        }
+    }
+
+    private var isThawing: Bool { if case .thawing = phase { return true }; return false }
+
+    /// A one-line summary for systemd's STATUS=.
+    private func statusLine() -> String {
+        switch phase {
+        case .thawed:
+            if let a = lastAutoThaw { return "thawed (last auto-thaw: \(a.reason))" }
+            return "thawed"
+        case .freezing(let p): return "freezing: \(p.mountPoints.count) filesystems"
+        case .frozen(let f):
+            let s = max(0, (Int64(bitPattern: f.deadline) - Int64(bitPattern: monotonicNanos())) / 1_000_000_000)
+            return "frozen: \(f.held.entries.count) filesystems, auto-thaw in \(s) s"
+        case .thawing(let f): return "thawing: \(f.held.entries.count) filesystems"
+        }
+    }
+
+    // MARK: - Freeze
+
+    private func freeze(_ r: FreezeRequest, context: RequestContext, id: JSON?) async -> Reply {
+        if shuttingDown { return Reply(id: id, error: ProtocolError(.shuttingDown, "the agent is stopping")) }
+        switch phase {
+        case .frozen(let f):
+            if r.opID == f.opID {
+                var replay = f.result
+                replay.replayed = true
+                return Reply(id: id, result: replay.json)
+            }
+            return Reply(id: id, error: ProtocolError(.alreadyFrozen, "already frozen by operation \(f.opID) (\(f.requestedBy))",
+                                                      details: ["op_id": .string(f.opID)]))
+        case .freezing(var p):
+            guard r.opID == p.opID else {
+                return Reply(id: id, error: ProtocolError(.busy, "a freeze (\(p.opID)) is in progress"))
+            }
+            // The same operation asked again while it is being taken: answer when it is done.
+            let reply = await withCheckedContinuation { (c: CheckedContinuation<Reply, Never>) in
+                p.waiters.append(c)
+                phase = .freezing(p)
+            }
+            var out = reply
+            out.id = id
+            return out
+        case .thawing:
+            return Reply(id: id, error: ProtocolError(.busy, "a thaw is in progress"))
+        case .thawed:
+            break
+        }
+        if let opID = r.opID, let ended = endedOps.first(where: { $0.opID == opID }) {
+            return Reply(id: id, error: ProtocolError(.badRequest, "operation \(opID) already ended (thawed: \(ended.reason.rawValue)); use a new op_id"))
+        }
+
+        let plan: (targets: [FreezeTarget], skipped: [SkippedReport])
+        do {
+            plan = try discovery.plan(explicitMounts: r.mounts)
+        } catch {
+            return Reply(id: id, error: error)
+        }
+        guard !plan.targets.isEmpty else {
+            return Reply(id: id, error: ProtocolError(.freezeFailed, "no eligible filesystem in scope (\(plan.skipped.count) skipped)"))
+        }
+        opCounter += 1
+        let opID = r.opID ?? "op-\(wallClockMillis())-\(opCounter)"
+        let timeoutMs = min(r.timeoutMs ?? config.maxFreezeMs, config.maxFreezeMs)
+        let start = monotonicNanos()
+        let sinceMs = wallClockMillis()
+        let mountPoints = plan.targets.map(\.mountPoint)
+        phase = .freezing(Pending(opID: opID, mode: r.mode, owner: context.connection, requestedBy: context.peer.description,
+                                  mountPoints: mountPoints, sinceMs: sinceMs))
+        reportStatus(statusLine())
+        var log = logger
+        log[metadataKey: "op_id"] = "\(opID)"
+        log.info("freeze requested", metadata: ["peer": "\(context.peer)", "filesystems": "\(mountPoints.joined(separator: ","))",
+                                                "timeout_ms": "\(timeoutMs)", "mode": "\(r.mode.rawValue)"])
+
+        // Crash safety: what is about to be frozen is on record before anything freezes.
+        do {
+            try record.write(opID: opID, targets: plan.targets)
+        } catch {
+            return finishFailedFreeze(ProtocolError(.internal, "cannot write the freeze record: \(error)"), id: id, log: log)
+        }
+
+        // Freeze hooks run before any filesystem freezes (applications flush and pause).
+        var hookReports: [HookReport] = []
+        var hooksRan: [String] = []
+        if let hooks {
+            let outcome = await hooks.runFreeze(opID: opID)
+            hookReports = outcome.reports
+            hooksRan = outcome.ran
+            if let failure = outcome.failure {
+                let undo = await hooks.runThaw(opID: opID, names: hooksRan)
+                hookReports += undo
+                record.remove()
+                return finishFailedFreeze(ProtocolError(.hookFailed, failure, details: ["hooks": .array(hookReports.map { .object($0.json) })]),
+                                          id: id, log: log)
+            }
+        }
+
+        LogGate.shared.hold()
+        let outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil)
+        switch outcome {
+        case .failure(let failure):
+            LogGate.shared.release()
+            if let hooks { hookReports += await hooks.runThaw(opID: opID, names: hooksRan) }
+            record.remove()
+            var error = failure.error
+            if !hookReports.isEmpty {
+                var d = error.details ?? [:]
+                d["hooks"] = .array(hookReports.map { .object($0.json) })
+                error.details = d
+            }
+            return finishFailedFreeze(error, id: id, log: log)
+        case .success(let done):
+            let deadline = monotonicNanos() + UInt64(timeoutMs) * 1_000_000
+            let result = FreezeResult(
+                opID: opID, mode: r.mode, filesystems: done.filesystems, skipped: plan.skipped + done.skipped,
+                hooks: hookReports, presyncUs: done.presyncUs, freezeUs: done.freezeUs, stallUs: done.stallUs,
+                totalUs: micros(since: start), timeoutMs: timeoutMs, deadlineMs: wallClockMillis() + timeoutMs)
+            guard case .freezing(let pending) = phase else { preconditionFailure("phase changed during freeze") }
+            let freeze = Freeze(opID: opID, mode: r.mode, owner: context.connection, requestedBy: context.peer.description,
+                                held: done.held, result: result, hooksRan: hooksRan, sinceMs: sinceMs,
+                                timeoutMs: timeoutMs, deadline: deadline)
+            phase = .frozen(freeze)
+            log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
+                                          "presync_us": "\(done.presyncUs)", "total_us": "\(result.totalUs)"])
+            reportStatus(statusLine())
+            var replay = result
+            replay.replayed = true
+            for w in pending.waiters { w.resume(returning: Reply(id: nil, result: replay.json)) }
+            Task { await self.enforceDeadline(opID: opID) }
+            if shuttingDown {
+                _ = await thaw(opID: opID, reason: .signal)
+            } else if pending.ownerGone && r.mode == .bound && config.thawOnDisconnect {
+                _ = await thaw(opID: opID, reason: .disconnect)
+            }
+            return Reply(id: id, result: result.json)
+        }
+    }
+
+    private func finishFailedFreeze(_ error: ProtocolError, id: JSON?, log: Logger) -> Reply {
+        if case .freezing(let p) = phase {
+            for w in p.waiters { w.resume(returning: Reply(id: nil, error: error)) }
+        }
+        phase = .thawed
+        log.warning("freeze failed", metadata: ["code": "\(error.code)", "error": "\(error.message)"])
+        reportStatus(statusLine())
+        return Reply(id: id, error: error)
+    }
+
+    // MARK: - Deadline, keepalive, disconnect
+
+    /// Sleeps until the freeze's deadline (which keepalives may push) and thaws it there.
+    private func enforceDeadline(opID: String) async {
+        while case .frozen(let f) = phase, f.opID == opID {
+            let now = monotonicNanos()
+            if now >= f.deadline {
+                _ = await thaw(opID: opID, reason: .deadline)
+                return
+            }
+            try? await Task.sleep(nanoseconds: min(f.deadline - now, 1_000_000_000))
+        }
+    }
+
+    private func keepalive(opID: String?, timeoutMs: Int64?) -> Result<JSONObject, ProtocolError> {
+        guard case .frozen(var f) = phase else {
+            if case .thawed = phase { return .failure(ProtocolError(.notFrozen, "nothing is frozen")) }
+            return .failure(ProtocolError(.busy, "a freeze or thaw is in progress"))
+        }
+        if let opID, opID != f.opID {
+            return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(f.opID) does)"))
+        }
+        let ms = min(timeoutMs ?? f.timeoutMs, config.maxFreezeMs)
+        f.deadline = monotonicNanos() + UInt64(ms) * 1_000_000
+        f.result.deadlineMs = wallClockMillis() + ms
+        phase = .frozen(f)
+        reportStatus(statusLine())
+        return .success(["op_id": .string(f.opID), "deadline_ms": .int(f.result.deadlineMs), "remaining_ms": .int(ms)])
+    }
+
+    /// A connection closed: a freeze bound to it thaws (unless configured otherwise).
+    public func connectionClosed(_ connection: ConnectionID) async {
+        guard config.thawOnDisconnect else { return }
+        switch phase {
+        case .freezing(var p) where p.owner == connection && p.mode == .bound:
+            p.ownerGone = true
+            phase = .freezing(p)
+        case .frozen(let f) where f.owner == connection && f.mode == .bound:
+            _ = await thaw(opID: f.opID, reason: .disconnect)
+        default:
+            break
+        }
+    }
+
+    // MARK: - Thaw
+
+    /// Thaws the current freeze. Idempotent: thawing when thawed succeeds with `wasFrozen` false.
+    public func thaw(opID: String?, reason: ThawReason) async -> Result<ThawResult, ProtocolError> {
+        let f: Freeze
+        switch phase {
+        case .thawed:
+            if let opID, !endedOps.contains(where: { $0.opID == opID }) {
+                return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold a freeze"))
+            }
+            return .success(ThawResult(opID: opID, wasFrozen: false, filesystems: [], totalUs: 0, frozenUs: nil))
+        case .freezing, .thawing:
+            return .failure(ProtocolError(.busy, "a freeze or thaw is in progress; try again"))
+        case .frozen(let current):
+            if let opID, opID != current.opID {
+                return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(current.opID) does)"))
+            }
+            f = current
+        }
+        phase = .thawing(f)
+        let outcome = await engine.thaw(f.held)
+        LogGate.shared.release()
+        var log = logger
+        log[metadataKey: "op_id"] = "\(f.opID)"
+        var hookReports: [HookReport] = []
+        if let hooks, !f.hooksRan.isEmpty { hookReports = await hooks.runThaw(opID: f.opID, names: f.hooksRan) }
+        let frozenUs = (wallClockMillis() - f.sinceMs) * 1000
+        let result = ThawResult(opID: f.opID, wasFrozen: true, filesystems: outcome.filesystems, hooks: hookReports,
+                                totalUs: outcome.totalUs, frozenUs: frozenUs)
+        if !outcome.remaining.isEmpty {
+            // Keep holding what did not thaw; the deadline loop retries.
+            var still = f
+            still.held = outcome.remaining
+            still.deadline = min(still.deadline, monotonicNanos() + 1_000_000_000)
+            phase = .frozen(still)
+            Task { await self.enforceDeadline(opID: f.opID) }
+            log.error("thaw failed", metadata: ["errors": "\(outcome.errors.joined(separator: "; "))"])
+            reportStatus(statusLine())
+            return .failure(ProtocolError(.thawFailed, "could not thaw: \(outcome.errors.joined(separator: "; "))",
+                                          details: ["result": .object(result.json)]))
+        }
+        phase = .thawed
+        record.remove()
+        endedOps.append((f.opID, reason))
+        if endedOps.count > 64 { endedOps.removeFirst() }
+        log.info("thawed", metadata: ["reason": "\(reason.rawValue)", "frozen_us": "\(frozenUs)", "thaw_us": "\(outcome.totalUs)"])
+        if reason != .request {
+            let at = wallClockMillis()
+            lastAutoThaw = AutoThawReport(reason: reason.rawValue, opID: f.opID, atMs: at, filesystems: f.held.mountPoints)
+            broadcast(.thawed(opID: f.opID, reason: reason, atMs: at, filesystems: f.held.mountPoints, errors: outcome.errors))
+        }
+        reportStatus(statusLine())
+        return .success(result)
+    }
+
+    // MARK: - Sync
+
+    private func sync(mounts: [String]?) async -> Result<SyncResult, ProtocolError> {
+        guard case .thawed = phase else {
+            return .failure(ProtocolError(.busy, "sync is not allowed while frozen or during a freeze or thaw"))
+        }
+        let targets: [FreezeTarget]
+        do {
+            targets = try discovery.plan(explicitMounts: mounts).targets
+        } catch {
+            return .failure(error)
+        }
+        let done = await engine.sync(targets)
+        let result = SyncResult(filesystems: done.filesystems, totalUs: done.totalUs)
+        let errors = done.filesystems.compactMap { fs in fs.error.map { "\(fs.mountPoint): \($0)" } }
+        if !errors.isEmpty {
+            return .failure(ProtocolError(.syncFailed, errors.joined(separator: "; "), details: ["result": .object(result.json)]))
+        }
+        return .success(result)
+    }
+
+    // MARK: - Shutdown
+
+    /// Stops taking freezes and thaws whatever is frozen (SIGTERM, SIGINT). Returns when thawed.
+    public func shutdown() async {
+        shuttingDown = true
+        for _ in 0..<3000 {
+            switch phase {
+            case .thawed: return
+            case .frozen(let f): _ = await thaw(opID: f.opID, reason: .signal)
+            case .freezing, .thawing: try? await Task.sleep(nanoseconds: 10_000_000)
+            }
+        }
+    }
+
+    /// True when nothing is frozen (for tests and the watchdog).
+    public var isThawed: Bool { if case .thawed = phase { return true }; return false }
+}

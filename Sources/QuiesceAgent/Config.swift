@@ -1,0 +1,206 @@
+// The agent's settings: built-in defaults, then the config file, then command-line flags.
+import QuiesceLinux
+import QuiesceProtocol
+
+/// Where the agent listens.
+public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
+    case unix(path: String)
+    /// cid nil means any (VMADDR_CID_ANY).
+    case vsock(cid: UInt32?, port: UInt32)
+    case serial(device: String)
+
+    /// Parses `unix:PATH`, `vsock:PORT`, `vsock:CID:PORT`, `serial:DEVICE`.
+    public init(parsing text: String) throws(ConfigError) {
+        func bad(_ why: String) -> ConfigError { ConfigError("listen address \"\(text)\": \(why)") }
+        guard let colon = text.firstIndex(of: ":") else {
+            throw bad("expected unix:PATH, vsock:PORT, vsock:CID:PORT or serial:DEVICE")
+        }
+        let kind = text[..<colon]
+        let rest = String(text[text.index(after: colon)...])
+        switch kind {
+        case "unix":
+            guard rest.hasPrefix("/") else { throw bad("the socket path must be absolute") }
+            guard rest.utf8.count <= Socket.unixPathMax else { throw bad("the socket path is longer than \(Socket.unixPathMax) bytes") }
+            self = .unix(path: rest)
+        case "vsock":
+            let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
+            func number(_ s: Substring, _ what: String) throws(ConfigError) -> UInt32 {
+                guard let n = UInt32(s) else { throw bad("\(what) \"\(s)\" is not a number") }
+                return n
+            }
+            switch parts.count {
+            case 1: self = .vsock(cid: nil, port: try number(parts[0], "port"))
+            case 2: self = .vsock(cid: try number(parts[0], "CID"), port: try number(parts[1], "port"))
+            default: throw bad("expected vsock:PORT or vsock:CID:PORT")
+            }
+        case "serial":
+            guard rest.hasPrefix("/") else { throw bad("the device path must be absolute") }
+            self = .serial(device: rest)
+        default:
+            throw bad("unknown kind \"\(kind)\" (expected unix, vsock or serial)")
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .unix(let path): "unix:\(path)"
+        case .vsock(nil, let port): "vsock:\(port)"
+        case .vsock(let cid?, let port): "vsock:\(cid):\(port)"
+        case .serial(let device): "serial:\(device)"
+        }
+    }
+}
+
+/// A configuration problem, with the file and line when it comes from a file.
+public struct ConfigError: Error, Sendable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Everything the agent can be told. Every key of the config file is also a flag.
+public struct AgentConfig: Sendable {
+    public static let defaultConfigPath = "/etc/quiesce/quiesced.conf"
+    public static let defaultStateDir = "/run/quiesce"
+
+    public var listen: [ListenAddress] = []
+    public var stateDir = AgentConfig.defaultStateDir
+    public var scope = FreezeScope()
+    /// The longest a freeze may last without a keepalive; every requested timeout is capped by it.
+    public var maxFreezeMs: Int64 = 600_000
+    public var hooksDir: String? = nil
+    public var hookTimeoutMs: Int64 = 30_000
+    /// Whether a freeze bound to a connection thaws when that connection closes.
+    public var thawOnDisconnect = true
+    /// vsock peers allowed to connect (default: the host, CID 2).
+    public var allowedVsockCIDs: Set<UInt32> = [2]
+    /// Unix socket peers allowed to connect, by uid (default: root).
+    public var allowedUIDs: Set<UInt32> = [0]
+    public var onFrozenElsewhere: FrozenElsewherePolicy = .fail
+    public var maxConnections = 32
+    /// Requests per second a connection may sustain, and its burst.
+    public var rateLimit = 50
+    public var rateBurst = 100
+
+    public init() {}
+
+    /// The settings a key accepts, for `--help` and the sample config.
+    public static let keys: [(key: String, value: String, help: String)] = [
+        ("listen", "ADDR", "listen on unix:PATH, vsock:PORT, vsock:CID:PORT or serial:DEVICE (repeatable)"),
+        ("state-dir", "DIR", "where the crash-safety record lives (default /run/quiesce, a tmpfs)"),
+        ("include", "GLOB", "only mountpoints matching a glob are eligible (repeatable)"),
+        ("exclude", "GLOB", "mountpoints matching a glob are never frozen (repeatable)"),
+        ("include-type", "TYPE", "only these filesystem types are eligible (repeatable)"),
+        ("exclude-type", "TYPE", "these filesystem types are never frozen (repeatable)"),
+        ("max-freeze", "DURATION", "longest freeze without a keepalive; caps every timeout (default 10m)"),
+        ("hooks-dir", "DIR", "run the executables in DIR around each freeze (freeze / thaw)"),
+        ("hook-timeout", "DURATION", "how long one hook may run (default 30s)"),
+        ("thaw-on-disconnect", "yes|no", "thaw a bound freeze when its connection closes (default yes)"),
+        ("allow-vsock-cid", "CID", "vsock peers allowed to connect (repeatable; default 2, the host)"),
+        ("allow-uid", "UID", "Unix socket peers allowed to connect, by uid (repeatable; default 0)"),
+        ("on-frozen-elsewhere", "fail|skip", "what to do when a filesystem is already frozen by someone else (default fail)"),
+        ("max-connections", "N", "concurrent connections (default 32)"),
+    ]
+
+    /// Applies one `key = value` setting. List keys given for the first time by a source replace
+    /// the lists of earlier sources (so flags replace the file's `listen` lines, not add to them).
+    public mutating func apply(key: String, value: String, replacing: inout Set<String>) throws(ConfigError) {
+        func fresh(_ k: String) -> Bool { replacing.insert(k).inserted }
+        func duration(_ v: String) throws(ConfigError) -> Int64 {
+            guard let ms = parseDurationMs(v), ms > 0 else {
+                throw ConfigError("\(key): \"\(v)\" is not a duration (write 500ms, 30s, 5m or plain seconds)")
+            }
+            return ms
+        }
+        func number(_ v: String) throws(ConfigError) -> UInt32 {
+            guard let n = UInt32(v) else { throw ConfigError("\(key): \"\(v)\" is not a non-negative integer") }
+            return n
+        }
+        func nonEmpty(_ v: String) throws(ConfigError) -> String {
+            guard !v.isEmpty else { throw ConfigError("\(key): needs a value") }
+            return v
+        }
+        switch key {
+        case "listen":
+            if fresh(key) { listen = [] }
+            listen.append(try ListenAddress(parsing: value))
+        case "state-dir":
+            guard value.hasPrefix("/") else { throw ConfigError("state-dir: \"\(value)\" must be an absolute path") }
+            stateDir = value
+        case "include":
+            if fresh(key) { scope.include = [] }
+            scope.include.append(try nonEmpty(value))
+        case "exclude":
+            if fresh(key) { scope.exclude = [] }
+            scope.exclude.append(try nonEmpty(value))
+        case "include-type":
+            if fresh(key) { scope.includeTypes = [] }
+            scope.includeTypes.append(try nonEmpty(value))
+        case "exclude-type":
+            if fresh(key) { scope.excludeTypes = [] }
+            scope.excludeTypes.append(try nonEmpty(value))
+        case "max-freeze":
+            maxFreezeMs = try duration(value)
+            guard maxFreezeMs <= Request.maxTimeoutMs else { throw ConfigError("max-freeze: at most 24h") }
+        case "hooks-dir":
+            guard value.hasPrefix("/") else { throw ConfigError("hooks-dir: \"\(value)\" must be an absolute path") }
+            hooksDir = value
+        case "hook-timeout": hookTimeoutMs = try duration(value)
+        case "thaw-on-disconnect":
+            switch value.lowercased() {
+            case "yes", "true", "on", "1": thawOnDisconnect = true
+            case "no", "false", "off", "0": thawOnDisconnect = false
+            default: throw ConfigError("thaw-on-disconnect: \"\(value)\" is not yes or no")
+            }
+        case "allow-vsock-cid":
+            if fresh(key) { allowedVsockCIDs = [] }
+            allowedVsockCIDs.insert(try number(value))
+        case "allow-uid":
+            if fresh(key) { allowedUIDs = [] }
+            allowedUIDs.insert(try number(value))
+        case "on-frozen-elsewhere":
+            guard let p = FrozenElsewherePolicy(rawValue: value) else {
+                throw ConfigError("on-frozen-elsewhere: \"\(value)\" is not fail or skip")
+            }
+            onFrozenElsewhere = p
+        case "max-connections":
+            let n = try number(value)
+            guard (1...1024).contains(n) else { throw ConfigError("max-connections: must be 1 to 1024") }
+            maxConnections = Int(n)
+        default:
+            throw ConfigError("unknown setting \"\(key)\"")
+        }
+    }
+
+    /// Reads a config file: `key = value` lines, `#` comments, blank lines. Errors name file and line.
+    public mutating func load(file path: String, text: String) throws(ConfigError) {
+        var replacing = Set<String>()
+        var lineNumber = 0
+        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            lineNumber += 1
+            var line = Substring(rawLine)
+            if let hash = line.firstIndex(of: "#") { line = line[..<hash] }
+            let trimmed = line.trimmingWhitespace()
+            if trimmed.isEmpty { continue }
+            guard let eq = trimmed.firstIndex(of: "=") else {
+                throw ConfigError("\(path):\(lineNumber): expected \"key = value\", got \"\(trimmed)\"")
+            }
+            let key = String(trimmed[..<eq]).trimmingWhitespace()
+            let value = String(trimmed[trimmed.index(after: eq)...]).trimmingWhitespace()
+            do {
+                try apply(key: key, value: value, replacing: &replacing)
+            } catch {
+                throw ConfigError("\(path):\(lineNumber): \(error.message)")
+            }
+        }
+    }
+}
+
+extension StringProtocol {
+    func trimmingWhitespace() -> String {
+        var s = Substring(self)
+        while let f = s.first, f.isWhitespace { s.removeFirst() }
+        while let l = s.last, l.isWhitespace { s.removeLast() }
+        return String(s)
+    }
+}

@@ -1,0 +1,75 @@
+// From the live system (mountinfo, sysfs) to an ordered list of freeze targets.
+#if canImport(Glibc)
+import Glibc
+#endif
+import QuiesceLinux
+import QuiesceProtocol
+
+/// st_dev of a path, as the kernel reports it to stat().
+func statDevice(_ path: String) -> DeviceNumber? {
+    var st = stat()
+    return stat(path, &st) == 0 ? DeviceNumber(UInt64(st.st_dev)) : nil
+}
+
+/// Reads what is mounted and how block devices stack, and plans a freeze within a scope.
+public struct Discovery: Sendable {
+    public var scope: FreezeScope
+    public var mountInfoPath: String
+
+    public init(scope: FreezeScope, mountInfoPath: String = "/proc/self/mountinfo") {
+        self.scope = scope
+        self.mountInfoPath = mountInfoPath
+    }
+
+    /// The plan as engine targets in freeze order, plus what was passed over.
+    /// `explicitMounts` asks for exactly those mountpoints (the scope does not apply then).
+    public func plan(explicitMounts: [String]? = nil) throws(ProtocolError) -> (targets: [FreezeTarget], skipped: [SkippedReport]) {
+        let mounts: [MountEntry]
+        do {
+            mounts = try MountInfo.read(path: mountInfoPath)
+        } catch {
+            throw ProtocolError(.internal, "cannot read \(mountInfoPath): \(error)")
+        }
+        let resolve: (MountEntry) -> DeviceNumber? = { BlockTopology.blockDevice(ofSource: $0.source) }
+        var devices: Set<DeviceNumber> = []
+        for m in mounts {
+            if m.device.major != 0 {
+                devices.insert(m.device)
+            } else if m.source.hasPrefix("/dev/"), let d = resolve(m) {
+                devices.insert(d)
+            }
+        }
+        let topology = BlockTopology.read(startingFrom: devices.sorted())
+        let plan: FreezePlan
+        do {
+            plan = try FreezePlan.make(mounts: mounts, topology: topology, scope: scope,
+                                       explicitMounts: explicitMounts, resolveDevice: resolve)
+        } catch {
+            switch error.kind {
+            case .unknownMount:
+                throw ProtocolError(.unknownMount, error.message, details: ["mountpoint": .string(error.mountPoint)])
+            case .ineligibleMount:
+                throw ProtocolError(.ineligibleMount, error.message, details: ["mountpoint": .string(error.mountPoint)])
+            case .cycle:
+                throw ProtocolError(.internal, error.message)
+            }
+        }
+        let targets = plan.freezeOrder.map { fs in
+            var report = FilesystemReport(mountPoint: fs.mountPoint, type: fs.fsType, device: fs.device.description,
+                                          source: fs.source, otherMounts: fs.otherMountPoints, wave: Int64(fs.wave),
+                                          dependsOn: fs.dependsOn)
+            report.error = nil
+            // stat() of a btrfs mount gives a per-subvolume anonymous device that mountinfo does
+            // not show: accept both as this superblock's identity.
+            var identity = fs.mountDevices
+            for mp in [fs.mountPoint] + fs.otherMountPoints {
+                if let d = statDevice(mp) { identity.insert(d) }
+            }
+            return FreezeTarget(report: report, devices: identity, wave: fs.wave)
+        }
+        let skipped = plan.skipped.map {
+            SkippedReport(mountPoint: $0.mountPoint, type: $0.fsType, reason: $0.reason.rawValue, detail: $0.detail)
+        }
+        return (targets, skipped)
+    }
+}

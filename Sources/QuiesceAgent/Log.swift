@@ -1,0 +1,116 @@
+// Logging: swift-log front end; the journal (structured fields) under systemd, stderr otherwise.
+// While filesystems are frozen, log lines are held in memory and written after the thaw.
+#if canImport(Glibc)
+import Glibc
+#endif
+import CSystemd
+import Logging
+import Synchronization
+
+/// Holds log output while a freeze is in place: the journal or a console could sit on a frozen
+/// filesystem, and the agent must never block on, or write to, a frozen filesystem.
+public final class LogGate: Sendable {
+    public static let shared = LogGate()
+    static let capacity = 2000
+
+    private struct State {
+        var holding = false
+        var held: [@Sendable () -> Void] = []
+        var dropped = 0
+    }
+    private let state = Mutex(State())
+
+    /// Starts holding output.
+    public func hold() { state.withLock { $0.holding = true } }
+
+    /// Emits (in order) whatever was held and stops holding.
+    public func release() {
+        let (lines, dropped) = state.withLock { s -> ([@Sendable () -> Void], Int) in
+            s.holding = false
+            defer { s.held = []; s.dropped = 0 }
+            return (s.held, s.dropped)
+        }
+        for emit in lines { emit() }
+        if dropped > 0 {
+            AgentLogHandler.write(level: .warning, message: "\(dropped) log lines dropped while frozen", metadata: [:], label: "quiesced")
+        }
+    }
+
+    /// Runs `emit` now, or later if output is held.
+    func submit(_ emit: @escaping @Sendable () -> Void) {
+        let now = state.withLock { s -> Bool in
+            guard s.holding else { return true }
+            if s.held.count < LogGate.capacity { s.held.append(emit) } else { s.dropped += 1 }
+            return false
+        }
+        if now { emit() }
+    }
+}
+
+/// A swift-log handler writing to the systemd journal with structured fields
+/// (QUIESCE_OP_ID, QUIESCE_PEER, …) when the journal is our stderr, else plain lines to stderr.
+public struct AgentLogHandler: LogHandler {
+    public var metadata: Logger.Metadata = [:]
+    public var logLevel: Logger.Level = .info
+    let label: String
+
+    public init(label: String) { self.label = label }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    /// systemd sets JOURNAL_STREAM when stderr is connected to the journal.
+    static let useJournal: Bool = getenv("JOURNAL_STREAM") != nil
+
+    public func log(event: LogEvent) {
+        var merged = metadata
+        if let extra = event.metadata { merged.merge(extra) { $1 } }
+        let message = "\(event.message)"
+        let level = event.level
+        let flat = merged.mapValues { "\($0)" }
+        let label = self.label
+        LogGate.shared.submit { AgentLogHandler.write(level: level, message: message, metadata: flat, label: label) }
+    }
+
+    static func write(level: Logger.Level, message: String, metadata: [String: String], label: String) {
+        if useJournal {
+            var fields = ["MESSAGE=\(message)", "PRIORITY=\(priority(level))", "SYSLOG_IDENTIFIER=quiesced"]
+            for (k, v) in metadata.sorted(by: { $0.key < $1.key }) {
+                fields.append("QUIESCE_\(k.uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" }.reduce("") { $0 + String($1) })=\(v)")
+            }
+            journalSend(fields)
+        } else {
+            let meta = metadata.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            let line = "quiesced: \(level): \(message)\(meta.isEmpty ? "" : " " + meta)\n"
+            _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
+        }
+    }
+
+    static func priority(_ level: Logger.Level) -> Int {
+        switch level {
+        case .trace, .debug: 7
+        case .info: 6
+        case .notice: 5
+        case .warning: 4
+        case .error: 3
+        case .critical: 2
+        }
+    }
+
+    /// sd_journal_sendv with an iovec per field (sd_journal_send is variadic: Swift cannot call it).
+    static func journalSend(_ fields: [String]) {
+        var bytes: [UInt8] = []
+        var ranges: [Range<Int>] = []
+        for f in fields {
+            let start = bytes.count
+            bytes.append(contentsOf: f.utf8)
+            ranges.append(start..<bytes.count)
+        }
+        bytes.withUnsafeMutableBytes { p in
+            let iovecs = ranges.map { iovec(iov_base: p.baseAddress! + $0.lowerBound, iov_len: $0.count) }
+            _ = sd_journal_sendv(iovecs, Int32(iovecs.count))
+        }
+    }
+}

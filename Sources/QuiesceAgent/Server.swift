@@ -1,0 +1,358 @@
+// Listeners and connections: bytes in, frames through the decoder, requests to the state actor, replies out.
+#if canImport(Glibc)
+import Glibc
+#endif
+import QuiesceLinux
+import QuiesceProtocol
+import Logging
+import Synchronization
+
+/// The agent's version, reported by `hello`.
+public let agentVersion = "0.1.0"
+
+/// Accepts connections on every listener, enforces limits and peer rules, and routes requests.
+///
+/// Each connection has a thread that reads and decodes; `hello`, `ping`, `status` and
+/// `filesystems` are answered at once, while freeze, thaw, sync and keepalive run in order per
+/// connection. Replies and events are written under a per-connection lock with a send timeout,
+/// so a peer that stops reading cannot stall the agent.
+public final class Server: Sendable {
+    let config: AgentConfig
+    let logger: Logger
+    private let connections = Mutex<[ConnectionID: Connection]>([:])
+    private let nextID = Atomic<UInt64>(1)
+    private let stateBox = Mutex<AgentState?>(nil)
+
+    public init(config: AgentConfig, logger: Logger) {
+        self.config = config
+        self.logger = logger
+    }
+
+    /// The state actor; set once before listening.
+    public var state: AgentState {
+        get { stateBox.withLock { $0! } }
+        set { stateBox.withLock { $0 = newValue } }
+    }
+
+    /// Sends an event to every connection that completed `hello`.
+    public func broadcast(_ event: Event) {
+        let targets = connections.withLock { Array($0.values) }
+        for c in targets where c.helloDone { c.send(event.frame) }
+    }
+
+    public var connectionCount: Int { connections.withLock { $0.count } }
+
+    // MARK: - Listeners
+
+    /// Serves a listening stream socket (Unix or vsock) on a thread of its own.
+    public func serve(listener fd: Int32, name: String) {
+        Threads.detach { [self] in
+            var failures = 0
+            while true {
+                let accepted: (fd: Int32, peer: Peer)
+                do {
+                    accepted = try Socket.accept(fd)
+                    failures = 0
+                } catch {
+                    failures += 1
+                    if failures == 1 || failures % 100 == 0 { logger.warning("accept on \(name): \(error)") }
+                    usleep(50_000)  // EMFILE and friends: back off instead of spinning
+                    continue
+                }
+                admit(fd: accepted.fd, peer: accepted.peer, listener: name)
+            }
+        }
+    }
+
+    private func admit(fd: Int32, peer: Peer, listener: String) {
+        Socket.setSendTimeout(fd, milliseconds: 5000)
+        if let refusal = refusal(for: peer) {
+            logger.warning("refused connection", metadata: ["peer": "\(peer)", "listener": "\(listener)", "reason": "\(refusal)"])
+            try? FD.writeAll(fd, Reply(id: nil, error: ProtocolError(.permissionDenied, refusal)).frame)
+            FD.close(fd)
+            return
+        }
+        let id = nextID.add(1, ordering: .relaxed).oldValue
+        let conn = Connection(id: id, fd: fd, peer: peer, server: self, isStream: true)
+        let admitted = connections.withLock { table -> Bool in
+            guard table.count < config.maxConnections else { return false }
+            table[id] = conn
+            return true
+        }
+        guard admitted else {
+            try? FD.writeAll(fd, Reply(id: nil, error: ProtocolError(.busy, "too many connections (\(config.maxConnections))")).frame)
+            FD.close(fd)
+            return
+        }
+        Threads.detach { conn.runStream() }
+    }
+
+    /// Why a peer may not connect, or nil when it may.
+    func refusal(for peer: Peer) -> String? {
+        switch peer {
+        case .unix(_, let uid, _):
+            return config.allowedUIDs.contains(uid) ? nil : "uid \(uid) is not allowed (allow-uid)"
+        case .vsock(let cid, _):
+            return config.allowedVsockCIDs.contains(cid) ? nil : "vsock CID \(cid) is not allowed (allow-vsock-cid)"
+        case .serial:
+            return nil
+        case .unknown:
+            return "unknown peer"
+        }
+    }
+
+    /// Serves a virtio-serial port: one byte stream with no connection boundaries. The host
+    /// "connects" when poll stops reporting POLLHUP; each such session is a connection of its own
+    /// (a freeze bound to it thaws when the host goes away). The device may appear later and go away.
+    public func serve(serialDevice path: String) {
+        Threads.detach { [self] in
+            var announcedMissing = false
+            while true {
+                let fd: Int32
+                do {
+                    fd = try FD.open(path, O_RDWR | O_NOCTTY | O_NONBLOCK)
+                    announcedMissing = false
+                } catch {
+                    if !announcedMissing { logger.warning("serial port \(path): \(error); waiting for it") }
+                    announcedMissing = true
+                    usleep(1_000_000)
+                    continue
+                }
+                logger.info("serial port \(path) open")
+                serveSerialSessions(fd: fd, path: path)
+                FD.close(fd)
+                logger.warning("serial port \(path) went away; reopening")
+                usleep(500_000)
+            }
+        }
+    }
+
+    private func serveSerialSessions(fd: Int32, path: String) {
+        while true {
+            // Wait for the host: POLLHUP means nobody is connected to the chardev right now.
+            var hupBackoffUs: UInt32 = 20_000
+            while true {
+                guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) else { return }
+                if ev & Int16(POLLNVAL | POLLERR) != 0 { return }
+                if ev & Int16(POLLIN) != 0 && ev & Int16(POLLHUP) == 0 { break }
+                if ev & Int16(POLLIN) != 0 { break }
+                usleep(hupBackoffUs)
+                hupBackoffUs = min(hupBackoffUs * 2, 250_000)
+            }
+            let id = nextID.add(1, ordering: .relaxed).oldValue
+            let conn = Connection(id: id, fd: fd, peer: .serial(path: path), server: self, isStream: false)
+            connections.withLock { $0[id] = conn }
+            let deviceGone = conn.runSerialSession()
+            if deviceGone { return }
+        }
+    }
+
+    // MARK: - Requests
+
+    func remove(_ conn: Connection) {
+        connections.withLock { _ = $0.removeValue(forKey: conn.id) }
+        let state = self.state
+        Task { await state.connectionClosed(conn.id) }
+    }
+
+    func helloResult(clientVersion: Int64) -> Result<HelloResult, ProtocolError> {
+        guard clientVersion >= ProtocolVersion.oldestSupported else {
+            return .failure(ProtocolError(.unsupportedVersion,
+                "protocol version \(clientVersion) is not supported (this agent speaks \(ProtocolVersion.oldestSupported) to \(ProtocolVersion.current))"))
+        }
+        return .success(HelloResult(version: min(clientVersion, ProtocolVersion.current), agent: "quiesced",
+                                    agentVersion: agentVersion, capabilities: Server.capabilities,
+                                    maxFrame: Int64(ProtocolLimits.maxFrameBytes), maxFreezeMs: config.maxFreezeMs))
+    }
+
+    static let capabilities = ["events", "freeze-list", "bound-freeze", "detached-freeze", "keepalive", "sync",
+                               "op-id-replay", "parallel-freeze", "stacking-order", "hooks"]
+}
+
+/// One peer session: a socket connection, or one host session on a serial port.
+final class Connection: Sendable {
+    let id: ConnectionID
+    let fd: Int32
+    let peer: Peer
+    let isStream: Bool
+    unowned let server: Server
+    private let writeLock = Mutex(false)  // true once the peer is known dead
+    private let hello = Atomic<Bool>(false)
+    private let queue: AsyncStream<Request>.Continuation
+    private let stream: AsyncStream<Request>
+    /// Queued freeze/thaw/sync/keepalive requests (bounded per connection).
+    private let inFlight = Atomic<Int>(0)
+    /// Every request not yet answered, fast or queued.
+    private let outstanding = Atomic<Int>(0)
+    static let maxInFlight = 16
+
+    init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool) {
+        self.id = id
+        self.fd = fd
+        self.peer = peer
+        self.server = server
+        self.isStream = isStream
+        (stream, queue) = AsyncStream.makeStream(of: Request.self)
+    }
+
+    var helloDone: Bool { hello.load(ordering: .relaxed) }
+
+    /// Writes one frame; a peer that cannot take it within the send timeout is cut off.
+    func send(_ frame: [UInt8]) {
+        writeLock.withLock { dead in
+            guard !dead else { return }
+            do {
+                try FD.writeAll(fd, frame, timeoutMs: 5000)
+            } catch {
+                dead = true
+                if isStream { Socket.shutdown(fd) }
+            }
+        }
+    }
+
+    private func startWorker() {
+        let state = server.state
+        let context = RequestContext(connection: id, peer: peer)
+        let stream = self.stream
+        Task { [self] in
+            for await request in stream {
+                let reply = await state.handle(request, context: context)
+                send(reply.frame)
+                inFlight.subtract(1, ordering: .relaxed)
+                outstanding.subtract(1, ordering: .relaxed)
+            }
+        }
+    }
+
+    /// Reads and serves a socket until the peer closes it or breaks the framing.
+    func runStream() {
+        startWorker()
+        var decoder = FrameDecoder()
+        var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        reading: while true {
+            let r = buffer.withUnsafeMutableBytes { p in syscallResult { Glibc.read(fd, p.baseAddress, p.count) } }
+            guard case .success(let n) = r, n > 0 else { break }
+            decoder.feed(buffer[0..<n])
+            while let event = decoder.next() {
+                if !handle(event, limiter: &limiter) { break reading }
+            }
+        }
+        // The peer may only have closed its sending side (`echo … | socat`): answer what it
+        // asked before closing. A peer that is really gone fails the write and is cut off.
+        queue.finish()
+        while outstanding.load(ordering: .relaxed) > 0 && !writeLock.withLock({ $0 }) { usleep(2000) }
+        finish()
+        Socket.shutdown(fd)
+        writeLock.withLock { dead in dead = true }
+        FD.close(fd)
+    }
+
+    /// Serves one host session on a serial port. Returns true when the device itself failed.
+    func runSerialSession() -> Bool {
+        startWorker()
+        var decoder = FrameDecoder()
+        var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        var deviceGone = false
+        session: while true {
+            guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) else { deviceGone = true; break }
+            if ev & Int16(POLLNVAL | POLLERR) != 0 { deviceGone = true; break }
+            if ev & Int16(POLLIN) == 0 && ev & Int16(POLLHUP) != 0 { break }  // host went away
+            let r = buffer.withUnsafeMutableBytes { p in syscallResult { Glibc.read(fd, p.baseAddress, p.count) } }
+            switch r {
+            case .success(0): break session  // host disconnected (virtio-serial reads 0 then)
+            case .success(let n):
+                decoder.feed(buffer[0..<n])
+                while let event = decoder.next() { _ = handle(event, limiter: &limiter) }
+            case .failure(let e) where e == .EAGAIN: continue
+            case .failure: deviceGone = true; break session
+            }
+        }
+        finish()
+        return deviceGone
+    }
+
+    private func finish() {
+        queue.finish()
+        server.remove(self)
+    }
+
+    /// Handles one decoder event. Returns false when the connection must close.
+    private func handle(_ event: FrameEvent, limiter: inout RateLimiter) -> Bool {
+        switch event {
+        case .reset:
+            return true
+        case .tooLarge:
+            send(Reply(id: nil, error: ProtocolError(.frameTooLarge,
+                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next line")")).frame)
+            return !isStream
+        case .frame(let bytes):
+            guard limiter.allow(now: monotonicNanos()) else {
+                send(Reply(id: nil, error: ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second")).frame)
+                return true
+            }
+            switch Request.decode(frame: bytes) {
+            case .failure(let e):
+                send(Reply(id: e.id, error: e.error).frame)
+            case .success(let request):
+                dispatch(request)
+            }
+            return true
+        }
+    }
+
+    private func dispatch(_ request: Request) {
+        switch request.operation {
+        case .hello(let version, _, _):
+            switch server.helloResult(clientVersion: version) {
+            case .success(let r):
+                hello.store(true, ordering: .relaxed)
+                send(Reply(id: request.id, result: r.json).frame)
+            case .failure(let e):
+                send(Reply(id: request.id, error: e).frame)
+            }
+        case .ping:
+            send(Reply(id: request.id, result: [:]).frame)
+        case .status, .filesystems:
+            // Answered at once, never queued behind a freeze on this connection.
+            let state = server.state
+            let context = RequestContext(connection: id, peer: peer)
+            outstanding.add(1, ordering: .relaxed)
+            Task { [self] in
+                send(await state.handle(request, context: context).frame)
+                outstanding.subtract(1, ordering: .relaxed)
+            }
+        case .freeze, .thaw, .sync, .keepalive:
+            guard inFlight.add(1, ordering: .relaxed).newValue <= Connection.maxInFlight else {
+                inFlight.subtract(1, ordering: .relaxed)
+                send(Reply(id: request.id, error: ProtocolError(.busy, "too many requests in flight on this connection")).frame)
+                return
+            }
+            outstanding.add(1, ordering: .relaxed)
+            queue.yield(request)
+        }
+    }
+}
+
+/// A token bucket: `rate` requests per second sustained, `burst` at once.
+struct RateLimiter {
+    let rate: Double
+    let burst: Double
+    var tokens: Double
+    var last: UInt64 = 0
+
+    init(rate: Int, burst: Int) {
+        self.rate = Double(rate)
+        self.burst = Double(burst)
+        tokens = Double(burst)
+    }
+
+    mutating func allow(now: UInt64) -> Bool {
+        if last != 0 { tokens = min(burst, tokens + Double(now - last) / 1e9 * rate) }
+        last = now
+        guard tokens >= 1 else { return false }
+        tokens -= 1
+        return true
+    }
+}

@@ -1,0 +1,157 @@
+// The freeze engine through a real quiesced, on real loop filesystems this test creates.
+import Foundation
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+@Suite("Freezing a lab of real filesystems", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct FreezeLabTests {
+    @Test("an include scope freezes exactly the lab's superblocks, once each, and thaw leaves none frozen")
+    func scopeFreezesExactlyTheRightSuperblocks() async throws {
+        try await LoopLab.with { lab in
+            let e = try lab.filesystem("ext4", type: "ext4")
+            let x = try lab.filesystem("xfs", type: "xfs")
+            let b = try lab.filesystem("btrfs", type: "btrfs")
+            try sh("btrfs subvolume create '\(b)/sub' >/dev/null")
+            let loopOfB = try sh("findmnt -n -o SOURCE '\(b)'").trimmingCharacters(in: .whitespacesAndNewlines)
+            let bsub = try lab.mount("btrfs-sub", "-o subvol=sub '\(loopOfB)'")
+            try sh("mkdir -p '\(e)/dir'")
+            let ebind = try lab.mount("ext4-bind", "--bind '\(e)/dir'")
+            let ro = try lab.filesystem("readonly", type: "ext4", options: "ro")
+            let tmp = try lab.mount("tmpfs", "-t tmpfs tmpfs")
+            try lab.dirty(e, mb: 4)
+            try lab.dirty(x, mb: 4)
+
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let client = try TestClient(path: agent.socketPath)
+
+            let plan = try client.result(["op": "filesystems"])
+            #expect(Set(plan.mountPoints) == [e, x, b], "one entry per superblock: \(plan)")
+            let planned = plan["filesystems"]!.arrayValue!
+            let others = Dictionary(uniqueKeysWithValues: planned.map {
+                ($0["mountpoint"]!.stringValue!, Set(($0["mounts"]?.arrayValue ?? []).compactMap(\.stringValue)))
+            })
+            #expect(others[b] == [bsub], "the btrfs subvolume mount shares the btrfs superblock")
+            #expect(others[e] == [ebind], "the bind mount shares the ext4 superblock")
+            let skipped = Dictionary(uniqueKeysWithValues: (plan["skipped"]?.arrayValue ?? []).map {
+                ($0["mountpoint"]!.stringValue!, $0["reason"]!.stringValue!)
+            })
+            #expect(skipped[ro] == "read-only")
+            #expect(skipped[tmp] == "pseudo")
+
+            let frozen = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
+            #expect(Set(frozen.mountPoints) == [e, x, b])
+            for mp in [e, x, b, bsub, ebind] { #expect(try isFrozen(mp), "\(mp) should be frozen") }
+            #expect(try !isFrozen(ro))
+            #expect(try !writeCompletes(e, withinMs: 300), "a writer blocks while frozen")
+            #expect((frozen["stall_us"]?.intValue ?? -1) >= 0)
+            for fs in frozen["filesystems"]!.arrayValue! {
+                #expect(fs["freeze_us"]?.intValue != nil && fs["presync_us"]?.intValue != nil, "per-filesystem timings: \(fs)")
+            }
+
+            let thawed = try client.result(["op": "thaw"])
+            #expect(thawed["was_frozen"] == true)
+            for mp in [e, x, b] { #expect(try !isFrozen(mp), "\(mp) should be thawed") }
+            #expect(try writeCompletes(e, withinMs: 5000))
+            agent.stop()
+        }
+    }
+
+    @Test("an explicit mount list freezes exactly those mounts; an unknown one freezes nothing")
+    func explicitListFreezesExactlyThose() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b")
+            let c = try lab.filesystem("c")
+            let tmp = try lab.mount("tmp", "-t tmpfs tmpfs")
+            // No include scope at all: explicit mode must not depend on it.
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/nothing-matches-*"])
+            let client = try TestClient(path: agent.socketPath)
+
+            let r = try client.result(["op": "freeze", "mounts": [.string(a), .string(b + "/")], "mode": "detached"])
+            #expect(Set(r.mountPoints) == [a, b])
+            #expect(try isFrozen(a) && isFrozen(b))
+            #expect(try !isFrozen(c))
+            _ = try client.result(["op": "thaw"])
+
+            for (bad, code) in [("\(lab.root)/not-a-mount", "unknown-mount"), (tmp, "ineligible-mount")] {
+                let reply = try client.call(["op": "freeze", "mounts": [.string(a), .string(bad)]])
+                guard case .failure(let err) = reply.outcome else { Issue.record("\(bad) was accepted"); continue }
+                #expect(err.code.rawValue == code)
+                #expect(try !isFrozen(a), "nothing is frozen when one named mount is bad")
+            }
+            agent.stop()
+        }
+    }
+
+    @Test("a loop-stacked filesystem freezes before its backing filesystem whatever the mount order, without deadlock")
+    func loopStackNeverDeadlocks() async throws {
+        try await LoopLab.with { lab in
+            let back = try lab.filesystem("back", sizeMB: 256)
+            let stacked = try lab.filesystem("stacked", sizeMB: 64, imageDir: back)
+            // Make the backing filesystem's only mount entry come after the stacked one.
+            let back2 = try lab.mount("back2", "--bind '\(back)'")
+            try lab.lazyUnmount(back)
+            let order = try sh("grep -n '\(lab.root)/' /proc/self/mountinfo | cut -d: -f1,2 | tr '\\n' ' '")
+            let lines = try sh("cat /proc/self/mountinfo").split(separator: "\n")
+            let iStacked = lines.firstIndex { $0.contains(" \(stacked) ") }!
+            let iBack2 = lines.firstIndex { $0.contains(" \(back2) ") }!
+            #expect(iStacked < iBack2, "mountinfo must list the stacked filesystem first: \(order)")
+            try lab.dirty(stacked, mb: 8)
+            try lab.dirty(back2, mb: 8)
+
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let client = try TestClient(path: agent.socketPath)
+            let plan = try client.result(["op": "filesystems"])
+            #expect(plan.mountPoints == [stacked, back2], "stacked first, then what it rests on")
+            let r = try client.result(["op": "freeze", "mode": "detached"], timeoutMs: 20_000)
+            let waves = Dictionary(uniqueKeysWithValues: r["filesystems"]!.arrayValue!.map {
+                ($0["mountpoint"]!.stringValue!, $0["wave"]!.intValue!)
+            })
+            #expect(waves[stacked]! < waves[back2]!)
+            #expect(try isFrozen(stacked) && isFrozen(back2))
+            let t = try client.result(["op": "thaw"], timeoutMs: 20_000)
+            #expect(t.mountPoints == [back2, stacked], "thaw runs the waves backwards")
+            #expect(try !isFrozen(stacked) && !isFrozen(back2))
+            agent.stop()
+        }
+    }
+
+    @Test("sync flushes the chosen filesystems without freezing them")
+    func syncWithoutFreezing() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            try lab.dirty(a, mb: 4)
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let client = try TestClient(path: agent.socketPath)
+            let r = try client.result(["op": "sync", "mounts": [.string(a)]])
+            #expect(r.mountPoints == [a])
+            #expect(r["filesystems"]?.arrayValue?.first?["sync_us"]?.intValue != nil)
+            #expect(try !isFrozen(a))
+            let dirty = try sh("awk '/^Dirty:/ {print $2}' /proc/meminfo")
+            #expect(!dirty.isEmpty)
+            agent.stop()
+        }
+    }
+
+    @Test("a filesystem frozen by someone else fails the freeze distinctly and nothing stays frozen by us")
+    func frozenElsewhereIsReportedAndRolledBack() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b")
+            try sh("fsfreeze -f '\(b)'")
+            defer { _ = try? sh("fsfreeze -u '\(b)'", allowFailure: true) }
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let client = try TestClient(path: agent.socketPath)
+            let reply = try client.call(["op": "freeze", "mode": "detached"])
+            guard case .failure(let err) = reply.outcome else { Issue.record("freeze succeeded"); return }
+            #expect(err.code == .frozenElsewhere)
+            #expect(err.details?["errno"] == "EBUSY")
+            #expect(try !isFrozen(a), "what this operation froze is rolled back")
+            #expect(try isFrozen(b), "the other party's freeze is left alone")
+            let status = try client.result(["op": "status"])
+            #expect(status["state"] == "thawed")
+            agent.stop()
+        }
+    }
+}

@@ -1,0 +1,164 @@
+// Real quiesced processes and a minimal blocking protocol client for tests.
+import Foundation
+import QuiesceLinux
+import QuiesceProtocol
+
+/// The directory holding the built executables (next to the test bundle).
+public let buildProductsDir: String = {
+    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+    // The test binary may live inside a .xctest bundle directory.
+    while dir.path != "/" && !FileManager.default.fileExists(atPath: dir.appendingPathComponent("quiesced").path) {
+        dir = dir.deletingLastPathComponent()
+    }
+    return dir.path
+}()
+
+/// A quiesced process serving a lab, with its socket and state directory inside the lab.
+public final class AgentProcess: @unchecked Sendable {
+    public let process = Process()
+    public let socketPath: String
+    public let stateDir: String
+    public let logPath: String
+
+    /// Starts quiesced with `--listen unix:<dir>/agent.sock --state-dir <dir>/state` plus `arguments`
+    /// (tests always add an include scope or explicit mounts), and waits until it answers.
+    public init(in dir: String, name: String = "agent", arguments: [String], environment: [String: String]? = nil,
+                stateDir: String? = nil) throws {
+        socketPath = "\(dir)/\(name).sock"
+        self.stateDir = stateDir ?? "\(dir)/\(name)-state"
+        logPath = "\(dir)/\(name).log"
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        process.executableURL = URL(fileURLWithPath: "\(buildProductsDir)/quiesced")
+        process.arguments = ["--config", "/dev/null", "--listen", "unix:\(socketPath)", "--state-dir", self.stateDir] + arguments
+        if let environment { process.environment = environment }
+        let log = FileHandle(forWritingAtPath: logPath)!
+        process.standardError = log
+        process.standardOutput = log
+        try process.run()
+        try waitUntilAnswering()
+    }
+
+    public func waitUntilAnswering(timeoutMs: Int = 10_000) throws {
+        let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
+        while Date() < deadline {
+            if let c = try? TestClient(path: socketPath), (try? c.call(["op": "ping"])) != nil { return }
+            if !process.isRunning { throw LabError("quiesced exited: \(log)") }
+            usleep(20_000)
+        }
+        throw LabError("quiesced did not answer within \(timeoutMs) ms: \(log)")
+    }
+
+    public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+    public var pid: Int32 { process.processIdentifier }
+
+    public func signal(_ sig: Int32) { kill(process.processIdentifier, sig) }
+
+    /// Waits for exit; returns the status, or nil on timeout.
+    public func waitForExit(timeoutMs: Int = 10_000) -> Int32? {
+        let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        return process.isRunning ? nil : process.terminationStatus
+    }
+
+    public func stop() {
+        if process.isRunning {
+            process.terminate()
+            if waitForExit(timeoutMs: 5000) == nil { signal(SIGKILL); _ = waitForExit() }
+        }
+    }
+
+    deinit { stop() }
+}
+
+/// A blocking line-protocol client: send a request, read frames until the reply with its id.
+public final class TestClient: @unchecked Sendable {
+    public let fd: Int32
+    private var decoder = FrameDecoder(maxFrameBytes: 1 << 20)
+    private var nextID: Int64 = 1
+    public private(set) var events: [Event] = []
+
+    public init(path: String, timeoutMs: Int32 = 2000) throws {
+        fd = try Socket.connectUnix(path: path, timeoutMs: timeoutMs)
+    }
+
+    deinit { FD.close(fd) }
+
+    public func close() { Socket.shutdown(fd) }
+
+    public func sendRaw(_ bytes: [UInt8]) throws { try FD.writeAll(fd, bytes, timeoutMs: 5000) }
+
+    /// Sends `request` (an object without id; one is added) and returns the matching reply.
+    public func call(_ request: JSON, timeoutMs: Int32 = 30_000) throws -> Reply {
+        guard case .object(var o) = request else { throw LabError("request must be an object") }
+        let id = nextID
+        nextID += 1
+        o["id"] = .int(id)
+        var frame = JSON.object(o).encoded()
+        frame.append(0x0A)
+        try sendRaw(frame)
+        while true {
+            switch try readMessage(timeoutMs: timeoutMs) {
+            case .reply(let r) where r.id == .int(id) || r.id == nil: return r
+            case .reply: continue
+            case .event(let e): events.append(e)
+            }
+        }
+    }
+
+    /// The result object of a successful call, or a thrown error naming the agent's error.
+    public func result(_ request: JSON, timeoutMs: Int32 = 30_000) throws -> JSONObject {
+        let r = try call(request, timeoutMs: timeoutMs)
+        switch r.outcome {
+        case .success(let o): return o
+        case .failure(let e): throw LabError("agent error \(e.code): \(e.message)")
+        }
+    }
+
+    /// Reads the next message (reply or event).
+    public func readMessage(timeoutMs: Int32) throws -> AgentMessage {
+        while true {
+            if let ev = decoder.next() {
+                guard case .frame(let bytes) = ev else { continue }
+                return try AgentMessage.decode(frame: bytes)
+            }
+            let ready = try FD.poll(fd, events: Int16(POLLIN), timeoutMs: timeoutMs)
+            if ready == 0 { throw LabError("no message within \(timeoutMs) ms") }
+            var buf = [UInt8](repeating: 0, count: 65536)
+            let n = try buf.withUnsafeMutableBytes { try FD.read(fd, into: $0) }
+            if n == 0 { throw LabError("connection closed by the agent") }
+            decoder.feed(buf[0..<n])
+        }
+    }
+
+    /// Waits for an event with the given name (events seen during calls count too).
+    public func waitForEvent(_ name: String, timeoutMs: Int32) throws -> Event {
+        if let i = events.firstIndex(where: { $0.name == name }) { return events.remove(at: i) }
+        let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
+        while Date() < deadline {
+            let left = Int32(max(1, deadline.timeIntervalSinceNow * 1000))
+            if case .event(let e) = try readMessage(timeoutMs: left), e.name == name { return e }
+        }
+        throw LabError("no \(name) event within \(timeoutMs) ms")
+    }
+
+    /// True when the agent closed the connection (EOF) within `timeoutMs`.
+    public func isClosedByPeer(timeoutMs: Int32) -> Bool {
+        let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while Date() < deadline {
+            guard let ready = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: 100) else { return true }
+            if ready == 0 { continue }
+            guard let n = try? buf.withUnsafeMutableBytes({ try FD.read(fd, into: $0) }) else { return true }
+            if n == 0 { return true }
+        }
+        return false
+    }
+}
+
+extension JSONObject {
+    /// Mountpoints of the "filesystems" array of a result.
+    public var mountPoints: [String] {
+        (self["filesystems"]?.arrayValue ?? []).compactMap { $0["mountpoint"]?.stringValue ?? $0.stringValue }
+    }
+}
