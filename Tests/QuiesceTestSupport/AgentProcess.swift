@@ -71,6 +71,9 @@ public final class AgentProcess: @unchecked Sendable {
     deinit { stop() }
 }
 
+/// Writes to a socket the agent closed must fail with EPIPE, not kill the test process.
+let ignoreSIGPIPE: Void = { signal(SIGPIPE, SIG_IGN) }()
+
 /// A blocking line-protocol client: send a request, read frames until the reply with its id.
 public final class TestClient: @unchecked Sendable {
     public let fd: Int32
@@ -79,6 +82,7 @@ public final class TestClient: @unchecked Sendable {
     public private(set) var events: [Event] = []
 
     public init(path: String, timeoutMs: Int32 = 2000) throws {
+        _ = ignoreSIGPIPE
         fd = try Socket.connectUnix(path: path, timeoutMs: timeoutMs)
     }
 

@@ -1,0 +1,500 @@
+// quiesced as a daemon: deadlines, disconnects, crashes, signals, hostile peers, systemd. Real processes.
+import Foundation
+import QuiesceLinux
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+@Suite("quiesced never leaves a guest frozen", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct NeverLeftFrozenTests {
+    @Test("a freeze with a 2 s timeout is writable again within 3 s without any thaw request")
+    func deadlineThawsByItself() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let watcher = try TestClient(path: agent.socketPath)
+            _ = try watcher.result(["op": "hello", "version": 1])
+            let client = try TestClient(path: agent.socketPath)
+            let start = Date()
+            let r = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 2000])
+            #expect(r["timeout_ms"] == 2000)
+            #expect(try isFrozen(a))
+            let event = try watcher.waitForEvent("thawed", timeoutMs: 3000)
+            #expect(event.fields["reason"] == "deadline")
+            #expect(try writeCompletes(a, withinMs: 3000 - Int(Date().timeIntervalSince(start) * 1000)))
+            let status = try client.result(["op": "status"])
+            #expect(status["state"] == "thawed")
+            #expect(status["last_auto_thaw"]?["reason"] == "deadline")
+            agent.stop()
+        }
+    }
+
+    @Test("max-freeze caps the requested timeout, and keepalive pushes the deadline")
+    func maxFreezeAndKeepalive() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--max-freeze", "1500ms"])
+            let client = try TestClient(path: agent.socketPath)
+            let r = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 3_600_000])
+            #expect(r["timeout_ms"] == 1500, "the requested hour is capped by --max-freeze")
+            for _ in 0..<3 {
+                usleep(800_000)
+                _ = try client.result(["op": "keepalive", "op_id": r["op_id"]!])
+            }
+            #expect(try isFrozen(a), "2.4 s after a 1.5 s freeze, keepalives kept it frozen")
+            usleep(2_000_000)
+            #expect(try !isFrozen(a), "without keepalives the deadline thaws it")
+            let k = try client.call(["op": "keepalive"])
+            #expect(k.outcome.failureCode == .notFrozen)
+            agent.stop()
+        }
+    }
+
+    @Test("a bound freeze thaws when its connection closes; a detached one does not")
+    func boundFreezeThawsOnDisconnect() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            var client: TestClient? = try TestClient(path: agent.socketPath)
+            _ = try client!.result(["op": "freeze", "mode": "bound", "timeout_ms": 60_000])
+            #expect(try isFrozen(a))
+            client = nil  // closes the socket
+            try waitUntil(timeoutMs: 2000) { try !isFrozen(a) }
+            let other = try TestClient(path: agent.socketPath)
+            #expect(try other.result(["op": "status"])["last_auto_thaw"]?["reason"] == "disconnect")
+
+            var detached: TestClient? = try TestClient(path: agent.socketPath)
+            _ = try detached!.result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
+            detached = nil
+            usleep(300_000)
+            #expect(try isFrozen(a), "a detached freeze outlives its connection")
+            #expect(try other.result(["op": "thaw"])["was_frozen"] == true)
+            agent.stop()
+        }
+    }
+
+    @Test("kill -9 while frozen, then a restart, leaves everything thawed")
+    func crashWhileFrozenIsRecoveredOnRestart() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b")
+            let args = ["--include", "\(lab.root)/*"]
+            let agent = try AgentProcess(in: lab.root, arguments: args)
+            let client = try TestClient(path: agent.socketPath)
+            _ = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 600_000])
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            #expect(try isFrozen(a) && isFrozen(b), "a crash leaves the freeze in place: only FITHAW undoes it")
+            #expect(FileManager.default.fileExists(atPath: agent.stateDir + "/freeze.json"))
+            let again = try AgentProcess(in: lab.root, arguments: args, stateDir: agent.stateDir)
+            #expect(try !isFrozen(a) && !isFrozen(b))
+            #expect(again.log.contains("found a freeze record"))
+            #expect(!FileManager.default.fileExists(atPath: agent.stateDir + "/freeze.json"))
+            again.stop()
+        }
+    }
+
+    @Test("quiesced --recover thaws what a killed agent left frozen (systemd ExecStopPost)")
+    func recoverCommandThaws() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached"])
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            #expect(try isFrozen(a))
+            try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(agent.stateDir)' 2>/dev/null")
+            #expect(try !isFrozen(a))
+        }
+    }
+
+    @Test("SIGTERM or SIGINT while frozen thaws, then exits cleanly", arguments: [SIGTERM, SIGINT])
+    func stopSignalWhileFrozenThawsFirst(signal: Int32) async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let client = try TestClient(path: agent.socketPath)
+            _ = try client.result(["op": "hello", "version": 1])
+            _ = try client.result(["op": "freeze", "mode": "detached"])
+            agent.signal(signal)
+            #expect(agent.waitForExit(timeoutMs: 10_000) == 0)
+            #expect(try !isFrozen(a))
+            #expect(!FileManager.default.fileExists(atPath: agent.socketPath), "the socket file is removed")
+            let event = try? client.waitForEvent("thawed", timeoutMs: 1000)
+            #expect(event?.fields["reason"] == "signal")
+        }
+    }
+
+    @Test("ping and status are answered at once while a slow freeze hook runs")
+    func pingAndStatusDuringSlowFreeze() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, ["10-slow": "sleep 2"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let path = agent.socketPath
+            let freezer = Task.detached { try TestClient(path: path).result(["op": "freeze", "mode": "detached"]) }
+            let probe = try TestClient(path: agent.socketPath)
+            try waitUntil(timeoutMs: 1800) { try probe.result(["op": "status"])["state"] == "freezing" }
+            // The hook sleeps 2 s: ping and status must not wait for it.
+            let t0 = Date()
+            _ = try probe.result(["op": "ping"], timeoutMs: 500)
+            let status = try probe.result(["op": "status"], timeoutMs: 500)
+            #expect(Date().timeIntervalSince(t0) < 0.5, "answered without waiting for the freeze")
+            #expect(status["state"] == "freezing")
+            #expect(status["op_id"] != nil)
+            let frozen = try await freezer.value
+            #expect(frozen["hooks"]?.arrayValue?.count == 1)
+            #expect(try isFrozen(a))
+            _ = try probe.result(["op": "thaw"])
+            agent.stop()
+        }
+    }
+
+    @Test("a failing freeze hook fails the freeze, freezes nothing, and thaws the hooks that ran")
+    func failingHookFreezesNothing() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let marker = "\(lab.root)/thawed-by-10"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-ok": "[ \"$1\" = thaw ] && touch '\(marker)'; exit 0",
+                "20-fails": "[ \"$1\" = freeze ] && exit 3; exit 0",
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let reply = try TestClient(path: agent.socketPath).call(["op": "freeze"])
+            #expect(reply.outcome.failureCode == .hookFailed)
+            #expect(try !isFrozen(a))
+            #expect(FileManager.default.fileExists(atPath: marker), "10-ok got its thaw")
+            agent.stop()
+        }
+    }
+
+    @Test("a hook that outlives --hook-timeout is stopped and fails the freeze")
+    func hookTimeout() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, ["10-hangs": "sleep 30"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks, "--hook-timeout", "500ms"])
+            let t0 = Date()
+            let reply = try TestClient(path: agent.socketPath).call(["op": "freeze"])
+            #expect(reply.outcome.failureCode == .hookFailed)
+            #expect(Date().timeIntervalSince(t0) < 5)
+            #expect(try !isFrozen(a))
+            agent.stop()
+        }
+    }
+}
+
+@Suite("quiesced keeps serving whatever a peer sends", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct HostilePeerTests {
+    @Test("a 1 MiB line without a newline gets frame-too-large and only that connection closes")
+    func oversizedLine() async throws {
+        try await LoopLab.with { lab in
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let bystander = try TestClient(path: agent.socketPath)
+            let bad = try TestClient(path: agent.socketPath)
+            try? bad.sendRaw([UInt8](repeating: UInt8(ascii: "a"), count: 1 << 20))
+            guard case .reply(let r) = try bad.readMessage(timeoutMs: 5000) else { Issue.record("no reply"); return }
+            #expect(r.outcome.failureCode == .frameTooLarge)
+            #expect(bad.isClosedByPeer(timeoutMs: 2000))
+            _ = try bystander.result(["op": "ping"])
+            _ = try TestClient(path: agent.socketPath).result(["op": "ping"])
+            agent.stop()
+        }
+    }
+
+    @Test("garbage, malformed JSON, deep nesting and unknown ops get errors and the connection survives")
+    func garbageKeepsTheConnection() async throws {
+        try await LoopLab.with { lab in
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let c = try TestClient(path: agent.socketPath)
+            let frames: [([UInt8], ErrorCode)] = [
+                ([0x00, 0x01, 0xFE, 0x80, 0x0A], .badRequest),
+                (Array("{\"op\":\n".utf8), .badRequest),
+                (Array((String(repeating: "[", count: 100) + String(repeating: "]", count: 100) + "\n").utf8), .badRequest),
+                (Array("{\"id\":7,\"op\":\"format-disk\"}\n".utf8), .unknownOp),
+                (Array("{\"id\":8,\"op\":\"freeze\",\"timeout_ms\":\"soon\"}\n".utf8), .badRequest),
+                (Array("[1,2,3]\n".utf8), .badRequest),
+            ]
+            for (bytes, code) in frames {
+                try c.sendRaw(bytes)
+                guard case .reply(let r) = try c.readMessage(timeoutMs: 3000) else { Issue.record("no reply"); continue }
+                #expect(r.outcome.failureCode == code, "for \(bytes.prefix(20))")
+            }
+            _ = try c.result(["op": "ping"])
+            #expect(try c.result(["op": "status"])["state"] == "thawed")
+            agent.stop()
+        }
+    }
+
+    @Test("memory stays flat under a flood of garbage and oversized lines")
+    func memoryStaysFlat() async throws {
+        try await LoopLab.with { lab in
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            func rssKB() throws -> Int {
+                Int(try sh("awk '/VmRSS/ {print $2}' /proc/\(agent.pid)/status").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            }
+            // Warm up the paths once, then measure.
+            for _ in 0..<2 {
+                let c = try TestClient(path: agent.socketPath)
+                try? c.sendRaw([UInt8](repeating: 0x41, count: 200_000))
+            }
+            usleep(200_000)
+            let before = try rssKB()
+            for i in 0..<40 {
+                let c = try TestClient(path: agent.socketPath)
+                if i % 2 == 0 {
+                    try? c.sendRaw([UInt8](repeating: 0x42, count: 2 << 20))
+                } else {
+                    var junk: [UInt8] = []
+                    for _ in 0..<2000 { junk += Array("{\"op\":\"nope\",\"x\":[1,2,{\"y\":\"z\"}]}\n".utf8) }
+                    try? c.sendRaw(junk)
+                }
+                _ = c.isClosedByPeer(timeoutMs: 50)
+            }
+            usleep(300_000)
+            let after = try rssKB()
+            #expect(after - before < 4096, "RSS grew from \(before) kB to \(after) kB")
+            _ = try TestClient(path: agent.socketPath).result(["op": "ping"])
+            agent.stop()
+        }
+    }
+
+    @Test("a peer over the rate limit is told so and keeps its connection")
+    func rateLimit() async throws {
+        try await LoopLab.with { lab in
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let c = try TestClient(path: agent.socketPath)
+            var flood: [UInt8] = []
+            for i in 0..<300 { flood += Array("{\"id\":\(1000 + i),\"op\":\"ping\"}\n".utf8) }
+            try c.sendRaw(flood)
+            var limited = 0, answered = 0
+            while limited + answered < 300 {
+                guard case .reply(let r) = try c.readMessage(timeoutMs: 3000) else { continue }
+                if r.outcome.failureCode == .rateLimited { limited += 1 } else { answered += 1 }
+            }
+            #expect(answered >= 100 && limited > 0, "answered \(answered), limited \(limited)")
+            usleep(1_000_000)
+            _ = try c.result(["op": "ping"])
+            agent.stop()
+        }
+    }
+
+    @Test("connections beyond --max-connections are refused with busy; the others are served")
+    func connectionCap() async throws {
+        try await LoopLab.with { lab in
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--max-connections", "3"])
+            // AgentProcess's own readiness probe has closed by now; hold three.
+            usleep(100_000)
+            let held = try (0..<3).map { _ in try TestClient(path: agent.socketPath) }
+            for c in held { _ = try c.result(["op": "ping"]) }
+            let extra = try TestClient(path: agent.socketPath)
+            guard case .reply(let r) = try extra.readMessage(timeoutMs: 2000) else { Issue.record("no reply"); return }
+            #expect(r.outcome.failureCode == .busy)
+            #expect(extra.isClosedByPeer(timeoutMs: 1000))
+            _ = try held[0].result(["op": "ping"])
+            agent.stop()
+        }
+    }
+
+    @Test("a non-root peer is refused: the socket is 0600, and SO_PEERCRED is checked")
+    func nonRootPeerIsRefused() async throws {
+        try await LoopLab.with { lab in
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let mode = try sh("stat -c %a '\(agent.socketPath)'").trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(mode == "600")
+            try sh("chmod 755 '\(lab.root)'")
+            let denied = try sh("echo '{\"id\":1,\"op\":\"ping\"}' | setpriv --reuid=65534 --regid=65534 --clear-groups socat -t 2 - UNIX-CONNECT:'\(agent.socketPath)' 2>&1",
+                                allowFailure: true)
+            #expect(denied.contains("Permission denied"), "the socket's mode keeps others out: \(denied)")
+            try sh("chmod 666 '\(agent.socketPath)'")
+            let refused = try sh("echo '{\"id\":1,\"op\":\"ping\"}' | setpriv --reuid=65534 --regid=65534 --clear-groups socat -t 2 - UNIX-CONNECT:'\(agent.socketPath)' 2>&1",
+                                 allowFailure: true)
+            #expect(refused.contains("permission-denied"), "the peer check refuses uid 65534: \(refused)")
+            #expect(!refused.contains("\"ok\":true"))
+            _ = try TestClient(path: agent.socketPath).result(["op": "ping"])
+            agent.stop()
+        }
+    }
+}
+
+@Suite("One state machine", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct StateMachineTests {
+    @Test("a repeated freeze with the same op_id returns the first result; another op_id is refused")
+    func idempotentFreeze() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let c = try TestClient(path: agent.socketPath)
+            let first = try c.result(["op": "freeze", "op_id": "backup-42", "mode": "detached"])
+            let again = try TestClient(path: agent.socketPath).result(["op": "freeze", "op_id": "backup-42", "mode": "detached"])
+            #expect(again["replayed"] == true)
+            #expect(again["deadline_ms"] == first["deadline_ms"] && again.mountPoints == first.mountPoints)
+            let other = try c.call(["op": "freeze", "op_id": "backup-43"])
+            #expect(other.outcome.failureCode == .alreadyFrozen)
+            #expect(try c.call(["op": "sync"]).outcome.failureCode == .busy, "no sync while frozen")
+            #expect(try c.call(["op": "thaw", "op_id": "backup-43"]).outcome.failureCode == .notFrozen)
+            let status = try c.result(["op": "status"])
+            #expect(status["state"] == "frozen" && status["op_id"] == "backup-42")
+            #expect(status["requested_by"]?.stringValue?.hasPrefix("unix uid=0") == true)
+            #expect(status.mountPoints == [a])
+            #expect(try c.result(["op": "thaw", "op_id": "backup-42"])["was_frozen"] == true)
+            #expect(try c.result(["op": "thaw", "op_id": "backup-42"])["was_frozen"] == false, "thaw is idempotent")
+            #expect(try c.call(["op": "freeze", "op_id": "backup-42"]).outcome.failureCode == .badRequest,
+                    "an ended operation's id is not reused")
+            agent.stop()
+        }
+    }
+
+    @Test("hello negotiates the version; too old a version is refused")
+    func helloVersions() async throws {
+        try await LoopLab.with { lab in
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let c = try TestClient(path: agent.socketPath)
+            let h = try c.result(["op": "hello", "version": 7, "client": "future"])
+            #expect(h["version"] == 1 && h["agent"] == "quiesced")
+            #expect(try c.call(["op": "hello", "version": 0]).outcome.failureCode == .unsupportedVersion)
+            agent.stop()
+        }
+    }
+}
+
+@Suite("systemd and configuration")
+struct SystemdAndConfigTests {
+    @Test("Type=notify: READY=1 once listening, STATUS= follows the state, STOPPING=1 on SIGTERM",
+          .enabled(if: canUseLoopDevices))
+    func notifySocket() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let notifyPath = "\(lab.root)/notify.sock"
+            let notify = try NotifyListener(path: notifyPath)
+            var env = ProcessInfo.processInfo.environment
+            env["NOTIFY_SOCKET"] = notifyPath
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"], environment: env)
+            #expect(try notify.waitFor("READY=1", timeoutMs: 3000))
+            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
+            #expect(try notify.waitFor("STATUS=frozen: 1 filesystems, auto-thaw in", timeoutMs: 3000))
+            _ = a
+            agent.signal(SIGTERM)
+            #expect(try notify.waitFor("STOPPING=1", timeoutMs: 3000))
+            #expect(agent.waitForExit() == 0)
+        }
+    }
+
+    @Test("socket activation: a listening socket handed over by systemd is served")
+    func socketActivation() async throws {
+        try await LoopLab.with { lab in
+            let sock = "\(lab.root)/activated.sock"
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/systemd-socket-activate")
+            p.arguments = ["-l", sock, "--fdname=quiesce", "\(buildProductsDir)/quiesced", "--config", "/dev/null",
+                           "--state-dir", "\(lab.root)/state", "--include", "\(lab.root)/*"]
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            defer { p.terminate(); p.waitUntilExit() }
+            try waitUntil(timeoutMs: 5000) { FileManager.default.fileExists(atPath: sock) }
+            let h = try TestClient(path: sock).result(["op": "hello", "version": 1])
+            #expect(h["agent"] == "quiesced")
+        }
+    }
+
+    @Test("a bad config file is refused at start with the file, line and reason")
+    func badConfigFile() throws {
+        let dir = NSTemporaryDirectory() + "quiesce-config-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cases = [
+            ("listen = unix:/run/q.sock\nmax-freeze = forever\n", "line 2", "not a duration"),
+            ("# ok\nlisten = tcp:1234\n", "line 2", "unknown kind"),
+            ("frobnicate = yes\n", "line 1", "unknown setting"),
+            ("listen\n", "line 1", "expected \"key = value\""),
+        ]
+        for (text, line, reason) in cases {
+            let path = dir + "/quiesced.conf"
+            try text.write(toFile: path, atomically: true, encoding: .utf8)
+            let out = try sh("'\(buildProductsDir)/quiesced' --config '\(path)' --check-config 2>&1; echo \"exit=$?\"")
+            #expect(out.contains("\(path):\(line.dropFirst(5))") && out.contains(reason) && out.contains("exit=2"), "\(out)")
+        }
+        let good = dir + "/good.conf"
+        try "listen = vsock:5123\ninclude = /srv/*\nmax-freeze = 2m\nthaw-on-disconnect = no\n".write(toFile: good, atomically: true, encoding: .utf8)
+        let ok = try sh("'\(buildProductsDir)/quiesced' --config '\(good)' --check-config")
+        #expect(ok.contains("vsock:5123") && ok.contains("2m"))
+        let flagWins = try sh("'\(buildProductsDir)/quiesced' --config '\(good)' --listen unix:/tmp/x.sock --check-config")
+        #expect(flagWins.contains("unix:/tmp/x.sock") && !flagWins.contains("vsock:5123"), "a flag replaces the file's list")
+    }
+
+    @Test("vsock: the agent binds and listens (connecting is tested inside a guest VM)",
+          .enabled(if: FileManager.default.fileExists(atPath: "/dev/vsock")))
+    func vsockListen() async throws {
+        try await LoopLab.with { lab in
+            let port = 20_000 + Int.random(in: 0..<10_000)
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "unix:\(lab.root)/agent.sock", "--listen", "vsock:\(port)"])
+            try waitUntil(timeoutMs: 3000) { agent.log.contains("listening on vsock:\(port)") }
+            let listening = try sh("ss -H -l --vsock 2>/dev/null | grep -c ':\(port)' || true")
+            #expect(listening.trimmingCharacters(in: .whitespacesAndNewlines) != "0" || agent.log.contains("listening on vsock:\(port)"))
+            agent.stop()
+        }
+    }
+}
+
+// MARK: - Helpers
+
+/// Writes root-owned 0755 hook scripts into lab/hooks.d and returns its path.
+func makeHooks(in root: String, _ scripts: [String: String]) throws -> String {
+    let dir = "\(root)/hooks.d"
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    try sh("chmod 755 '\(dir)'")
+    for (name, body) in scripts {
+        let path = "\(dir)/\(name)"
+        try "#!/bin/sh\n\(body)\n".write(toFile: path, atomically: true, encoding: .utf8)
+        try sh("chmod 755 '\(path)'")
+    }
+    return dir
+}
+
+/// Polls `condition` until it holds or the time is up (then records an issue).
+func waitUntil(timeoutMs: Int, sourceLocation: SourceLocation = #_sourceLocation, _ condition: () throws -> Bool) throws {
+    let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
+    while Date() < deadline {
+        if try condition() { return }
+        usleep(20_000)
+    }
+    Issue.record("condition not met within \(timeoutMs) ms", sourceLocation: sourceLocation)
+}
+
+/// Plays systemd's part for Type=notify: a datagram socket at NOTIFY_SOCKET.
+final class NotifyListener {
+    let fd: Int32
+    var received: [String] = []
+
+    init(path: String) throws {
+        fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            let bytes = Array(path.utf8)
+            for (i, b) in bytes.enumerated() { p[i] = b }
+        }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else { throw LabError("bind \(path): \(errno)") }
+    }
+
+    deinit { Glibc.close(fd) }
+
+    func waitFor(_ prefix: String, timeoutMs: Int32) throws -> Bool {
+        let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
+        while Date() < deadline {
+            if received.contains(where: { $0.split(separator: "\n").contains { $0.hasPrefix(prefix) } }) { return true }
+            guard try FD.poll(fd, events: Int16(POLLIN), timeoutMs: 100) != 0 else { continue }
+            var buf = [UInt8](repeating: 0, count: 4096)
+            let n = recv(fd, &buf, buf.count, 0)
+            if n > 0 { received.append(String(decoding: buf[0..<n], as: UTF8.self)) }
+        }
+        return false
+    }
+}
+
+extension Result where Failure == ProtocolError {
+    var failureCode: ErrorCode? { if case .failure(let e) = self { return e.code }; return nil }
+}
