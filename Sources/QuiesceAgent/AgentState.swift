@@ -305,7 +305,7 @@ public actor AgentState {
         f.result.deadlineMs = wallClockMillis() + ms
         phase = .frozen(f)
         reportStatus(statusLine())
-        return .success(["op_id": .string(f.opID), "deadline_ms": .int(f.result.deadlineMs), "remaining_ms": .int(ms)])
+        return .success(status().json)
     }
 
     /// A connection closed: a freeze bound to it thaws (unless configured otherwise).

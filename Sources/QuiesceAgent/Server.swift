@@ -130,21 +130,35 @@ public final class Server: Sendable {
     private func serveSerialSessions(fd: Int32, path: String) {
         while true {
             // Wait for the host: POLLHUP means nobody is connected to the chardev right now.
+            // While waiting, notice a port that was unplugged and replugged (the path then names
+            // another device) and go back to reopen it.
             var hupBackoffUs: UInt32 = 20_000
+            var waited: UInt32 = 0
             while true {
                 guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) else { return }
                 if ev & Int16(POLLNVAL | POLLERR) != 0 { return }
-                if ev & Int16(POLLIN) != 0 && ev & Int16(POLLHUP) == 0 { break }
                 if ev & Int16(POLLIN) != 0 { break }
                 usleep(hupBackoffUs)
+                waited += hupBackoffUs
                 hupBackoffUs = min(hupBackoffUs * 2, 250_000)
+                if waited >= 1_000_000 {
+                    waited = 0
+                    if !Server.isSameDevice(fd: fd, path: path) { return }
+                }
             }
             let id = nextID.add(1, ordering: .relaxed).oldValue
             let conn = Connection(id: id, fd: fd, peer: .serial(path: path), server: self, isStream: false)
             connections.withLock { $0[id] = conn }
             let deviceGone = conn.runSerialSession()
-            if deviceGone { return }
+            if deviceGone || !Server.isSameDevice(fd: fd, path: path) { return }
         }
+    }
+
+    /// Whether `path` still names the device open on `fd`.
+    static func isSameDevice(fd: Int32, path: String) -> Bool {
+        var a = stat(), b = stat()
+        guard fstat(fd, &a) == 0, stat(path, &b) == 0 else { return false }
+        return a.st_rdev == b.st_rdev && a.st_ino == b.st_ino && a.st_dev == b.st_dev
     }
 
     // MARK: - Requests

@@ -15,7 +15,7 @@ public func parseDurationMs(_ text: String) -> Int64? {
     }
     guard !number.isEmpty, number.allSatisfy({ $0.isASCII && ($0.isNumber || $0 == ".") }),
           let value = Double(number), value.isFinite, value >= 0 else { return nil }
-    let ms = (value * scale).rounded()
+    let ms = value * scale + 0.5  // round half up without libm
     guard ms < 9.0e15 else { return nil }
     return Int64(ms)
 }

@@ -24,7 +24,7 @@ public enum JSON: Sendable, Hashable {
     public var intValue: Int64? {
         switch self {
         case .int(let i): return i
-        case .double(let d) where d.rounded() == d && abs(d) < 9.0e18: return Int64(d)
+        case .double(let d) where abs(d) < 9.0e18 && Double(Int64(d)) == d: return Int64(d)
         default: return nil
         }
     }
@@ -377,7 +377,7 @@ extension JSON {
         case .int(let i): out.append(contentsOf: String(i).utf8)
         case .double(let d):
             if d.isFinite {
-                if d.rounded() == d && abs(d) < 1e15 {
+                if abs(d) < 1e15 && Double(Int64(d)) == d {
                     out.append(contentsOf: String(Int64(d)).utf8)
                 } else {
                     out.append(contentsOf: d.description.utf8)

@@ -328,7 +328,7 @@ public enum AgentMessage: Sendable, Equatable {
         guard let ok = o["ok"]?.boolValue else {
             throw ProtocolError(.badRequest, "agent reply has no \"ok\"")
         }
-        let id = o["id"].flatMap { $0.isNull ? nil : $0 }
+        let id = o["id"].flatMap { $0.isNull ? JSON?.none : $0 }
         if ok {
             guard let result = o["result"]?.objectValue else {
                 throw ProtocolError(.badRequest, "agent reply has no \"result\" object")

@@ -110,6 +110,12 @@ public final class LoopLab: @unchecked Sendable {
     /// Thaws, unmounts (reverse order, lazily if busy), detaches and removes everything.
     public func cleanup() {
         let (mps, loops) = lock.withLock { (mountPoints, loopDevices) }
+        // Processes a test started on this lab (agents, bridges) name its unique directory.
+        // Run pkill directly: through `sh -c` it would match (and kill) that shell too.
+        let pkill = Process()
+        pkill.executableURL = URL(fileURLWithPath: "/usr/bin/pkill")
+        pkill.arguments = ["-KILL", "-f", "--", "\(root)/"]
+        if (try? pkill.run()) != nil { pkill.waitUntilExit() }
         for mp in mps.reversed() { _ = try? sh("fsfreeze -u '\(mp)' 2>/dev/null", allowFailure: true) }
         for mp in mps.reversed() { _ = try? sh("umount '\(mp)' 2>/dev/null || umount -l '\(mp)'", allowFailure: true) }
         // Anything else still mounted below root (e.g. a mount made by a test directly).
