@@ -107,10 +107,10 @@ public struct AgentConfig: Sendable {
     public mutating func apply(key: String, value: String, replacing: inout Set<String>) throws(ConfigError) {
         func fresh(_ k: String) -> Bool { replacing.insert(k).inserted }
         func duration(_ v: String) throws(ConfigError) -> Int64 {
-            guard let ms = parseDurationMs(v), ms > 0 else {
-                throw ConfigError("\(key): \"\(v)\" is not a duration (write 500ms, 30s, 5m or plain seconds)")
-            }
-            return ms
+            let span: TimeSpan
+            do { span = try TimeSpan(parsing: v) } catch { throw ConfigError("\(key): \(error)") }
+            guard span.milliseconds > 0 else { throw ConfigError("\(key): must be longer than 0") }
+            return span.milliseconds
         }
         func number(_ v: String) throws(ConfigError) -> UInt32 {
             guard let n = UInt32(v) else { throw ConfigError("\(key): \"\(v)\" is not a non-negative integer") }

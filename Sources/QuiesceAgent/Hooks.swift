@@ -74,15 +74,17 @@ public struct Hooks: Sendable {
             let env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                        "QUIESCE_PHASE=\(phase)", "QUIESCE_OP_ID=\(opID)"]
             do {
-                let pid = try Spawn.start(path, arguments: [phase], environment: env)
-                let exit = Spawn.wait(pid, timeoutMs: timeout)
+                let pid = try Subprocess.spawn(arguments: [path, phase], environment: env, newProcessGroup: true)
+                let (status, timedOut) = Subprocess.wait(pid, timeoutMs: timeout)
                 let us = micros(since: start)
-                switch exit {
+                if timedOut {
+                    return HookReport(name: name, phase: phase, exitCode: nil, durationUs: us,
+                                      error: "timed out after \(TimeSpan(milliseconds: timeout)) and was stopped")
+                }
+                switch status {
                 case .exited(0): return HookReport(name: name, phase: phase, exitCode: 0, durationUs: us)
-                case .exited(let c): return HookReport(name: name, phase: phase, exitCode: Int64(c), durationUs: us, error: "\(exit)")
-                case .signaled, .timedOut:
-                    let why = exit == .timedOut ? "timed out after \(formatDurationMs(timeout))" : "\(exit)"
-                    return HookReport(name: name, phase: phase, exitCode: nil, durationUs: us, error: why)
+                case .exited(let c): return HookReport(name: name, phase: phase, exitCode: Int64(c), durationUs: us, error: "\(status)")
+                case .signaled: return HookReport(name: name, phase: phase, exitCode: nil, durationUs: us, error: "\(status)")
                 }
             } catch {
                 return HookReport(name: name, phase: phase, exitCode: nil, durationUs: micros(since: start), error: "\(error)")

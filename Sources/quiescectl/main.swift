@@ -1,1 +1,391 @@
-print("quiescectl")
+// quiescectl: the host-side coordinator that freezes guests around a checkpoint command.
+import ArgumentParser
+import QuiesceHost
+import QuiesceLinux
+import QuiesceProtocol
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Quiescectl: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "quiescectl",
+        abstract: "Freeze and thaw the filesystems of Linux guests around a host-side checkpoint.",
+        discussion: """
+        quiescectl talks to quiesced, the agent inside each guest. Its main job is
+        `checkpoint`: freeze the guests' filesystems (after the agents' freeze hooks
+        flush applications), run a snapshot COMMAND on the host, and thaw, whatever
+        happens. Several --agent are handled in parallel.
+
+        ADDRESSES
+          unix:PATH             a Unix socket the agent listens on
+          vsock:CID:PORT        AF_VSOCK; a guest's CID is 3 or more (2 is the host)
+          hvsock:UDS_PATH:PORT  Firecracker / Cloud Hypervisor hybrid vsock: the VM's
+                                Unix socket; quiescectl sends "CONNECT PORT\\n" and
+                                expects "OK ...\\n" before speaking the protocol
+          serial:PATH           the Unix socket of a QEMU chardev behind a
+                                virtio-serial port; quiescectl resynchronises first
+                                (a 0xFF byte, then hello with a fresh id)
+
+        DURATIONS
+          500ms, 30s, 1.5s, 5m, 1h, or plain seconds (30).
+
+        EXIT CODES
+        \(exitCodeTable)
+
+        EXAMPLES
+          quiescectl --agent vsock:42:5123 info
+          quiescectl --agent unix:/run/vm1/quiesce.sock filesystems
+          quiescectl --agent vsock:42:5123 --agent vsock:43:5123 \\
+              checkpoint --timeout 2m -- ./snapshot.sh
+        """,
+        version: QuiesceHostVersion.string,
+        subcommands: [Ping.self, Info.self, Status.self, Filesystems.self, Freeze.self, Thaw.self, Sync.self, Checkpoint.self]
+    )
+
+    @OptionGroup var global: GlobalOptions
+}
+
+/// The exit code table, wrapped for --help.
+let exitCodeTable = ExitCodes.table.map { entry in
+    var lines: [String] = []
+    var line = "  " + String(entry.code) + String(repeating: " ", count: 4 - String(entry.code).count)
+    for word in entry.meaning.split(separator: " ") {
+        if line.count + word.count + 1 > 78 {
+            lines.append(line)
+            line = String(repeating: " ", count: 6)
+        }
+        line += (line.hasSuffix(" ") ? "" : " ") + word
+    }
+    lines.append(line)
+    return lines.joined(separator: "\n")
+}.joined(separator: "\n")
+
+/// The COMMAND environment, wrapped for --help.
+let environmentTable = CommandEnvironment.documentation.map { entry in
+    var lines = ["  " + entry.name]
+    var line = "      "
+    for word in entry.meaning.split(separator: " ") {
+        if line.count + word.count + 1 > 78 {
+            lines.append(line)
+            line = "      "
+        }
+        line += (line.hasSuffix(" ") ? "" : " ") + word
+    }
+    lines.append(line)
+    return lines.joined(separator: "\n")
+}.joined(separator: "\n")
+
+// MARK: - Shared options
+
+struct GlobalOptions: ParsableArguments {
+    @Option(name: .customLong("agent"),
+            help: ArgumentHelp("An agent to talk to (repeatable): unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT or serial:PATH.",
+                               valueName: "ADDR"),
+            transform: { (text: String) throws -> AgentAddress in
+                do { return try AgentAddress(parsing: text) } catch { throw ValidationError("\(error)") }
+            })
+    var agents: [AgentAddress] = []
+
+    @Flag(help: "Print one JSON document on standard output instead of text.")
+    var json = false
+
+    @Option(help: ArgumentHelp("How long to wait for a connection to be accepted (default: 5s).", valueName: "D"),
+            transform: { try duration($0, flag: "--connect-timeout") })
+    var connectTimeout = TimeSpan.seconds(5)
+
+    @Option(help: ArgumentHelp("How long to wait for an agent's reply (default: 30s; a freeze may take up to checkpoint --timeout).", valueName: "D"),
+            transform: { try duration($0, flag: "--reply-timeout") })
+    var replyTimeout = TimeSpan.seconds(30)
+
+    func validate() throws {
+        guard connectTimeout.milliseconds > 0 else { throw ValidationError("--connect-timeout must be longer than 0") }
+        guard replyTimeout.milliseconds > 0 else { throw ValidationError("--reply-timeout must be longer than 0") }
+    }
+
+    /// The agents, or a usage error naming the flag when there is none.
+    func requireAgents() throws -> [AgentAddress] {
+        guard !agents.isEmpty else {
+            throw ValidationError("--agent is required: say which agent to talk to, e.g. --agent vsock:42:5123 or --agent unix:/run/quiesce.sock")
+        }
+        return agents
+    }
+}
+
+func duration(_ text: String, flag: String) throws -> TimeSpan {
+    do { return try TimeSpan(parsing: text) } catch { throw ValidationError("\(error)") }
+}
+
+func mountList(_ mounts: [String]) -> [String]? { mounts.isEmpty ? nil : mounts }
+
+extension AgentFailurePolicy: ExpressibleByArgument {}
+
+// MARK: - Output
+
+enum Output {
+    /// Unbuffered, so lines keep their order with COMMAND's output on the same descriptors.
+    static func out(_ s: String) { try? FD.writeAll(1, Array((s + "\n").utf8)) }
+
+    static func err(_ s: String) { try? FD.writeAll(2, Array((s + "\n").utf8)) }
+
+    /// Prints each agent's lines (indented under a header when there are several agents) or its
+    /// error on standard error; or the JSON document. Then exits with the right code.
+    static func finish<V>(_ command: String, _ calls: [AgentCall<V>], json: Bool,
+                          refusedCode: Int32 = ExitCodes.freezeFailed,
+                          result: (V) -> JSON, lines: (AgentCall<V>, V) -> [String]) throws {
+        let code = AgentCalls.exitCode(calls, refused: refusedCode)
+        if json {
+            out(AgentCalls.json(command, calls, exitCode: code, result: result).text)
+        } else {
+            let many = calls.count > 1
+            for c in calls {
+                switch c.outcome {
+                case .success(let v):
+                    let ls = lines(c, v)
+                    if many {
+                        out("\(c.address):")
+                        for l in ls { out("  " + l) }
+                    } else {
+                        for l in ls { out(l) }
+                    }
+                case .failure(let e):
+                    err("quiescectl: \(c.address): \(e.message)")
+                }
+            }
+        }
+        if code != 0 { throw ExitCode(code) }
+    }
+}
+
+// MARK: - Subcommands
+
+struct Ping: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Check that each agent answers.")
+    @ParentCommand var root: Quiescectl
+
+    func run() throws {
+        let g = root.global
+        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
+                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in try c.ping() }
+        try Output.finish("ping", calls, json: g.json, result: { .object($0) }) { c, _ in
+            ["pong in \(TimeSpan.human(nanoseconds: c.requestNs)) (\(TimeSpan.human(nanoseconds: c.elapsedNs)) with connect and hello)"]
+        }
+    }
+}
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show each agent's version, protocol version and capabilities (from hello).")
+    @ParentCommand var root: Quiescectl
+
+    func run() throws {
+        let g = root.global
+        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
+                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in c.hello! }
+        try Output.finish("info", calls, json: g.json, result: { .object($0.json) }) { _, h in Describe.info(h) }
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show whether each guest is frozen, by which operation, and until when.")
+    @ParentCommand var root: Quiescectl
+
+    func run() throws {
+        let g = root.global
+        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
+                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in try c.status() }
+        try Output.finish("status", calls, json: g.json, result: { .object($0.json) }) { _, s in
+            Describe.status(s, nowWallMs: wallClockMillis())
+        }
+    }
+}
+
+struct Filesystems: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show what a freeze would touch, in order (waves, dependencies), and what it skips and why.")
+    @ParentCommand var root: Quiescectl
+
+    @Option(name: .customLong("mount"), help: ArgumentHelp("Preview freezing only this mountpoint (repeatable).", valueName: "M"))
+    var mounts: [String] = []
+
+    func run() throws {
+        let g = root.global
+        let m = mountList(mounts)
+        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
+                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in try c.filesystems(mounts: m) }
+        try Output.finish("filesystems", calls, json: g.json, result: { .object($0.json) }) { _, r in Describe.filesystems(r) }
+    }
+}
+
+struct Freeze: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Freeze each guest until `thaw` or the deadline (detached: the freeze outlives this command).",
+        discussion: "Prefer `checkpoint`, which thaws whatever happens. A detached freeze lasts until `quiescectl thaw` or until its timeout, after which the agent thaws by itself.")
+    @ParentCommand var root: Quiescectl
+
+    @Option(name: .customLong("mount"), help: ArgumentHelp("Freeze only this mountpoint (repeatable; default: every eligible filesystem in the agent's scope).", valueName: "M"))
+    var mounts: [String] = []
+
+    @Option(help: ArgumentHelp("Thaw by itself after this long (default: the agent's maximum).", valueName: "D"),
+            transform: { try duration($0, flag: "--timeout") })
+    var timeout: TimeSpan?
+
+    @Option(name: .customLong("op-id"), help: ArgumentHelp("Name the operation (default: a fresh id); thaw --op-id uses it.", valueName: "ID"))
+    var opID: String?
+
+    func validate() throws {
+        if let t = timeout, t.milliseconds == 0 { throw ValidationError("--timeout must be longer than 0") }
+        if let id = opID, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+    }
+
+    func run() throws {
+        let g = root.global
+        let request = FreezeRequest(mounts: mountList(mounts), timeoutMs: timeout?.milliseconds,
+                                    opID: opID ?? CheckpointPlan.makeOpID(), mode: .detached)
+        let replyMs = max(g.replyTimeout.milliseconds, min(timeout?.milliseconds ?? 0, 300_000))
+        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
+                                   replyTimeoutMs: g.replyTimeout.milliseconds, stage: .freeze) { c throws(AgentError) in
+            try c.freeze(request, replyTimeoutMs: replyMs)
+        }
+        try Output.finish("freeze", calls, json: g.json, result: { .object($0.json) }) { _, r in
+            Describe.freeze(r, nowWallMs: wallClockMillis())
+        }
+    }
+}
+
+struct Thaw: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Thaw each guest (only the freeze named by --op-id, if given).")
+    @ParentCommand var root: Quiescectl
+
+    @Option(name: .customLong("op-id"), help: ArgumentHelp("Thaw only if this operation holds the freeze.", valueName: "ID"))
+    var opID: String?
+
+    func run() throws {
+        let g = root.global
+        let op = opID
+        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
+                                   replyTimeoutMs: g.replyTimeout.milliseconds, stage: .thaw) { c throws(AgentError) in
+            try c.thaw(opID: op)
+        }
+        try Output.finish("thaw", calls, json: g.json, refusedCode: ExitCodes.thawFailed, result: { .object($0.json) }) { _, r in
+            Describe.thaw(r)
+        }
+    }
+}
+
+struct Sync: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Flush each guest's filesystems (syncfs) without freezing them.")
+    @ParentCommand var root: Quiescectl
+
+    @Option(name: .customLong("mount"), help: ArgumentHelp("Sync only this mountpoint (repeatable).", valueName: "M"))
+    var mounts: [String] = []
+
+    func run() throws {
+        let g = root.global
+        let m = mountList(mounts)
+        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
+                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in try c.sync(mounts: m) }
+        try Output.finish("sync", calls, json: g.json, result: { .object($0.json) }) { _, r in Describe.sync(r) }
+    }
+}
+
+struct Checkpoint: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Freeze every agent, run COMMAND while frozen, thaw whatever happens.",
+        usage: "quiescectl --agent ADDR [--agent ADDR]... [--json] checkpoint [--mount M]... [--timeout D] [--lease D] [--on-agent-failure fail|crash-consistent] -- COMMAND [ARG]...",
+        discussion: """
+        All agents connect and freeze in parallel: each freeze is "bound" to its
+        connection and named by one operation id. COMMAND runs once, when every agent
+        has answered; then all are thawed in parallel.
+
+        Thaw is guaranteed: when COMMAND fails; when it outlives --timeout (it gets
+        SIGTERM, SIGKILL after --kill-grace, and the checkpoint fails); on SIGINT,
+        SIGTERM or SIGHUP to quiescectl (forwarded to COMMAND first; a second one stops
+        waiting); and when the connection drops, the agent thaws a bound freeze by
+        itself. While COMMAND runs, quiescectl renews the freeze every --lease/3, so a
+        long snapshot is not cut short, yet a stopped or killed quiescectl cannot keep
+        a guest frozen longer than the lease.
+
+        ENVIRONMENT
+        COMMAND runs in its own process group with quiescectl's environment plus:
+        \(environmentTable)
+
+        OUTPUT
+        The timeline (connected, frozen with the writer-stall window per guest,
+        COMMAND's exit code, thawed, with times) and a summary go to standard error,
+        so COMMAND's standard output stays its own. With --json, one JSON document
+        goes to standard output and COMMAND's standard output goes to standard error.
+
+        EXIT CODES
+        \(exitCodeTable)
+        """)
+
+    @ParentCommand var root: Quiescectl
+
+    @Option(name: .customLong("mount"), help: ArgumentHelp("Freeze only this mountpoint on every agent (repeatable; default: every eligible filesystem in each agent's scope).", valueName: "M"))
+    var mounts: [String] = []
+
+    @Option(help: ArgumentHelp("How long COMMAND may run while the guests are frozen (default: 60s).", valueName: "D"),
+            transform: { try duration($0, flag: "--timeout") })
+    var timeout = TimeSpan.seconds(60)
+
+    @Option(help: ArgumentHelp("How long an agent keeps its guest frozen without hearing from quiescectl (default: --timeout, at most 10s).", valueName: "D"),
+            transform: { try duration($0, flag: "--lease") })
+    var lease: TimeSpan?
+
+    @Option(help: ArgumentHelp("Time between SIGTERM and SIGKILL when COMMAND must stop (default: 5s).", valueName: "D"),
+            transform: { try duration($0, flag: "--kill-grace") })
+    var killGrace = TimeSpan.seconds(5)
+
+    @Option(name: .customLong("on-agent-failure"),
+            help: ArgumentHelp("When an agent cannot be reached or cannot freeze: fail (thaw the others, do not run COMMAND) or crash-consistent (run COMMAND anyway and say that guest's checkpoint is only crash-consistent).",
+                               valueName: "fail|crash-consistent"))
+    var onAgentFailure = AgentFailurePolicy.fail
+
+    @Option(name: .customLong("op-id"), help: ArgumentHelp("Name the operation (default: a fresh id).", valueName: "ID"))
+    var opID: String?
+
+    @Argument(parsing: .postTerminator, help: ArgumentHelp("The checkpoint command and its arguments, after --.", valueName: "COMMAND"))
+    var command: [String] = []
+
+    func validate() throws {
+        guard !command.isEmpty else {
+            throw ValidationError("missing COMMAND: write it after --, e.g. quiescectl --agent vsock:42:5123 checkpoint -- ./snapshot.sh")
+        }
+        guard timeout.milliseconds > 0 else { throw ValidationError("--timeout must be longer than 0") }
+        if let lease {
+            guard lease.milliseconds >= 300 else { throw ValidationError("--lease must be at least 300ms") }
+            guard lease <= timeout else { throw ValidationError("--lease (\(lease)) must not be longer than --timeout (\(timeout))") }
+        }
+        if let id = opID, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+    }
+
+    func run() throws {
+        let g = root.global
+        let agents = try g.requireAgents()
+        // Before any thread exists: SIGINT/SIGTERM/SIGHUP are collected by one thread (sigwait).
+        let handled = [SIGINT, SIGTERM, SIGHUP]
+        Signals.block(handled)
+        // A closed stdout or stderr must not kill us before the guests are thawed.
+        Signals.ignore(SIGPIPE)
+        let json = g.json
+        let plan = CheckpointPlan(
+            opID: opID ?? CheckpointPlan.makeOpID(), agents: agents, mounts: mountList(mounts),
+            timeoutMs: timeout.milliseconds, leaseMs: lease?.milliseconds, killGraceMs: killGrace.milliseconds,
+            policy: onAgentFailure, connectTimeoutMs: g.connectTimeout.milliseconds, replyTimeoutMs: g.replyTimeout.milliseconds,
+            command: command, commandStdoutToStderr: json, baseEnvironment: Subprocess.currentEnvironment())
+        let checkpoint = QuiesceHost.Checkpoint(plan: plan) { entry in
+            if !json { Output.err(entry.human) }
+        }
+        Threads.detach {
+            while true {
+                let sig = Signals.wait(handled)
+                if sig > 0 { checkpoint.interrupt(signal: sig) }
+            }
+        }
+        let report = checkpoint.run()
+        if json { Output.out(report.json.text) }
+        if report.exitCode != 0 { throw ExitCode(report.exitCode) }
+    }
+}
+
+Quiescectl.main()

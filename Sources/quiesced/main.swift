@@ -104,7 +104,7 @@ do {
     fail("\(error)")
 }
 if checkOnly {
-    print("configuration OK: listen \(config.listen.map(\.description).joined(separator: " ")); max-freeze \(formatDurationMs(config.maxFreezeMs))")
+    print("configuration OK: listen \(config.listen.map(\.description).joined(separator: " ")); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs))")
     exit(0)
 }
 

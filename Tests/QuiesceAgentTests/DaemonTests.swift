@@ -132,7 +132,8 @@ struct NeverLeftFrozenTests {
             let hooks = try makeHooks(in: lab.root, ["10-slow": "sleep 2"])
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
             let path = agent.socketPath
-            let freezer = Task.detached { try TestClient(path: path).result(["op": "freeze", "mode": "detached"]) }
+            // A real thread, not a Task: tests block the (2-thread) cooperative pool with socket calls.
+            let freezer = BackgroundCall { try TestClient(path: path).result(["op": "freeze", "mode": "detached"]) }
             let probe = try TestClient(path: agent.socketPath)
             try waitUntil(timeoutMs: 1800) { try probe.result(["op": "status"])["state"] == "freezing" }
             // The hook sleeps 2 s: ping and status must not wait for it.
@@ -142,7 +143,7 @@ struct NeverLeftFrozenTests {
             #expect(Date().timeIntervalSince(t0) < 0.5, "answered without waiting for the freeze")
             #expect(status["state"] == "freezing")
             #expect(status["op_id"] != nil)
-            let frozen = try await freezer.value
+            let frozen = try freezer.wait(timeoutMs: 10_000)
             #expect(frozen["hooks"]?.arrayValue?.count == 1)
             #expect(try isFrozen(a))
             _ = try probe.result(["op": "thaw"])
@@ -437,6 +438,26 @@ struct SystemdAndConfigTests {
 }
 
 // MARK: - Helpers
+
+/// Runs a blocking call on its own thread; `wait` gives its result.
+final class BackgroundCall<T>: @unchecked Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    private var result: Result<T, Error>?
+
+    init(_ body: @escaping @Sendable () throws -> T) {
+        Thread.detachNewThread { [self] in
+            result = Result { try body() }
+            done.signal()
+        }
+    }
+
+    func wait(timeoutMs: Int) throws -> T {
+        guard done.wait(timeout: .now() + .milliseconds(timeoutMs)) == .success, let result else {
+            throw LabError("background call did not finish within \(timeoutMs) ms")
+        }
+        return try result.get()
+    }
+}
 
 /// Writes root-owned 0755 hook scripts into lab/hooks.d and returns its path.
 func makeHooks(in root: String, _ scripts: [String: String]) throws -> String {

@@ -1,4 +1,5 @@
 // Agent addresses and durations as written on the command line.
+import QuiesceProtocol
 import QuiesceHost
 import Testing
 

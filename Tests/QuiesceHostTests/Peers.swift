@@ -112,6 +112,8 @@ final class FakeAgent: @unchecked Sendable {
         /// Do not answer this operation at all.
         var silentOn: OperationName? = nil
         var version: Int64 = 1
+        /// Close the connection this long after answering a freeze (a crashed agent or a lost link).
+        var dropAfterFreezeMs: Int? = nil
     }
 
     private struct State {
@@ -178,6 +180,10 @@ final class FakeAgent: @unchecked Sendable {
                     skipped: [], hooks: b.hooks, presyncUs: 1000, freezeUs: 2000, stallUs: 1500, totalUs: 3000,
                     timeoutMs: f.timeoutMs ?? 600_000, deadlineMs: wallClockMillis() + (f.timeoutMs ?? 600_000))
                 c.send(Reply(id: r.id, result: result.json))
+                if let ms = b.dropAfterFreezeMs {
+                    usleep(UInt32(ms) * 1000)
+                    return
+                }
             case .keepalive(let op, let t):
                 let frozenBy = shared.state.withLock { s in
                     s.keepalives.append(t)

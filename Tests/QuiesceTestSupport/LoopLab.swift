@@ -142,8 +142,8 @@ public func isFrozen(_ mountPoint: String) throws -> Bool {
 public func writeCompletes(_ mountPoint: String, withinMs ms: Int) throws -> Bool {
     let marker = "/tmp/quiesce-write-probe-\(UUID().uuidString)"
     // Not through `sh()`: Foundation would wait for the blocked writer to close its output pipe.
-    _ = try Spawn.start("/bin/sh", arguments: ["-c", "echo probe > '\(mountPoint)/probe.txt' && touch '\(marker)'"],
-                        environment: ["PATH=/usr/bin:/bin"])
+    _ = try Subprocess.spawn(arguments: ["/bin/sh", "-c", "echo probe > '\(mountPoint)/probe.txt' && touch '\(marker)'"],
+                             environment: ["PATH=/usr/bin:/bin"])
     let deadline = Date().addingTimeInterval(Double(ms) / 1000)
     while Date() < deadline {
         if FileManager.default.fileExists(atPath: marker) {

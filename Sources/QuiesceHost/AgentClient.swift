@@ -1,0 +1,257 @@
+// Request/reply with one agent over a Connection: ids, timeouts, events, and the serial resync.
+import QuiesceLinux
+import QuiesceProtocol
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The version of quiescectl and the host library, sent in `hello`.
+public enum QuiesceHostVersion {
+    public static let string = "0.1.0"
+}
+
+/// A client for one agent. Not thread-safe: one thread owns it and issues requests one at a
+/// time; another thread may only call `connection.shutdown()` to interrupt it.
+public final class AgentClient {
+    public let connection: Connection
+    public var address: AgentAddress { connection.address }
+    /// How long to wait for an ordinary reply.
+    public let replyTimeoutMs: Int64
+    /// The agent's answer to `hello`, once connected.
+    public private(set) var hello: HelloResult?
+    /// Events the agent pushed (e.g. "thawed"), in arrival order.
+    public private(set) var events: [Event] = []
+    /// Frames that were skipped: replies to earlier clients (serial) or to abandoned requests.
+    public private(set) var discardedFrames = 0
+    /// Called for each event as it arrives, on the owning thread.
+    public var onEvent: ((Event) -> Void)?
+
+    /// The name sent in `hello`.
+    public static let clientName = "quiescectl \(QuiesceHostVersion.string)"
+
+    /// Replies may exceed the 64 KiB request limit (a freeze of hundreds of mounts): PROTOCOL.md asks clients to take 1 MiB.
+    private var decoder = FrameDecoder(maxFrameBytes: 1 << 20)
+    private let idPrefix: String
+    private var counter = 0
+    private var isSerial: Bool { if case .serial = address { return true }; return false }
+
+    init(connection: Connection, replyTimeoutMs: Int64) {
+        self.connection = connection
+        self.replyTimeoutMs = replyTimeoutMs
+        // Unique across clients of the same serial port: stale replies never match our ids.
+        idPrefix = "qc-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max) & 0xFFFF_FFFF_FFFF, radix: 16))"
+        decoder.feed(connection.handshakeLeftover)
+    }
+
+    /// Connects, resynchronises a serial port, says `hello` and checks the agent's answer.
+    public static func connect(_ address: AgentAddress, connectTimeoutMs: Int64, replyTimeoutMs: Int64,
+                               onConnection: ((Connection) -> Void)? = nil) throws(AgentError) -> AgentClient {
+        let connection = try Connection.open(address, timeoutMs: connectTimeoutMs)
+        onConnection?(connection)
+        let client = AgentClient(connection: connection, replyTimeoutMs: replyTimeoutMs)
+        do {
+            try client.sayHello()
+        } catch {
+            connection.close()
+            throw error
+        }
+        return client
+    }
+
+    /// Closes the connection. A bound freeze held by it is thawed by the agent.
+    public func close() { connection.close() }
+
+    // MARK: - Operations
+
+    private func helloRequest(id: String) -> Request {
+        Request(id: .string(id), .hello(version: ProtocolVersion.current, client: AgentClient.clientName, capabilities: []))
+    }
+
+    func sayHello() throws(AgentError) {
+        let outcome: Result<JSONObject, ProtocolError>
+        if isSerial {
+            outcome = try resynchronise()
+        } else {
+            let id = nextID()
+            try send(helloRequest(id: id).json)
+            outcome = try awaitReply(ids: [id], what: "hello", deadline: deadline(replyTimeoutMs), timeoutMs: replyTimeoutMs)
+        }
+        switch outcome {
+        case .failure(let e) where e.code == .unsupportedVersion:
+            throw AgentError(.incompatible, "\(address.spoken): the agent cannot speak protocol version \(ProtocolVersion.current): \(e.message)", remote: e)
+        case .failure(let e):
+            throw AgentError(.refused, "\(address.spoken) refused hello: \(e.code): \(e.message)", remote: e)
+        case .success(let object):
+            let result: HelloResult
+            do { result = try HelloResult(json: object) } catch {
+                throw AgentError(.protocolViolation, "\(address.spoken) sent an invalid hello result: \(error.message)")
+            }
+            guard result.version >= ProtocolVersion.oldestSupported && result.version <= ProtocolVersion.current else {
+                throw AgentError(.incompatible, "\(address.spoken) speaks protocol version \(result.version); quiescectl speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current)")
+            }
+            hello = result
+        }
+    }
+
+    /// virtio-serial has no connection boundary: bytes of an earlier client may be waiting in
+    /// either direction. Send 0xFF (the agent drops any partial line), then `hello` with a fresh
+    /// id, and discard everything until the reply with that id. Repeat every second with a new
+    /// id in case the first request was garbled, until the reply timeout.
+    private func resynchronise() throws(AgentError) -> Result<JSONObject, ProtocolError> {
+        let end = deadline(replyTimeoutMs)
+        var ids: Set<String> = []
+        while true {
+            let id = nextID()
+            ids.insert(id)
+            var bytes: [UInt8] = [0xFF]
+            bytes += helloRequest(id: id).json.encoded()
+            bytes.append(0x0A)
+            try send(bytes)
+            let step = min(end, deadline(1000))
+            if let reply = try awaitReplyOrTimeout(ids: ids, what: "hello", deadline: step) {
+                return reply
+            }
+            if monotonicNanos() >= end {
+                throw AgentError(.timeout, "guest did not answer hello within \(TimeSpan(milliseconds: replyTimeoutMs).human) (\(address.spoken); is an agent running on the other side?)")
+            }
+        }
+    }
+
+    /// Sends one request and waits for its reply (`timeoutMs` overrides the reply timeout).
+    /// An error reply becomes an `AgentError` with code `.refused` carrying the agent's error.
+    public func request(_ operation: Request.Operation, timeoutMs: Int64? = nil) throws(AgentError) -> JSONObject {
+        let id = nextID()
+        let wait = timeoutMs ?? replyTimeoutMs
+        try send(Request(id: .string(id), operation).json)
+        let name = operation.name.rawValue
+        switch try awaitReply(ids: [id], what: name, deadline: deadline(wait), timeoutMs: wait) {
+        case .success(let result): return result
+        case .failure(let e):
+            throw AgentError(.refused, "\(name) refused by \(address): \(e.code): \(e.message)", remote: e)
+        }
+    }
+
+    public func ping() throws(AgentError) -> JSONObject { try request(.ping) }
+
+    public func status() throws(AgentError) -> StatusResult { try decode(StatusResult.self, try request(.status), "status") }
+
+    public func filesystems(mounts: [String]?) throws(AgentError) -> FilesystemsResult {
+        try decode(FilesystemsResult.self, try request(.filesystems(mounts: mounts)), "filesystems")
+    }
+
+    public func freeze(_ r: FreezeRequest, replyTimeoutMs: Int64? = nil) throws(AgentError) -> FreezeResult {
+        try decode(FreezeResult.self, try request(.freeze(r), timeoutMs: replyTimeoutMs), "freeze")
+    }
+
+    public func thaw(opID: String?) throws(AgentError) -> ThawResult {
+        try decode(ThawResult.self, try request(.thaw(opID: opID)), "thaw")
+    }
+
+    public func sync(mounts: [String]?, replyTimeoutMs: Int64? = nil) throws(AgentError) -> SyncResult {
+        try decode(SyncResult.self, try request(.sync(mounts: mounts), timeoutMs: replyTimeoutMs), "sync")
+    }
+
+    public func keepalive(opID: String?, timeoutMs: Int64?, replyTimeoutMs: Int64? = nil) throws(AgentError) -> JSONObject {
+        try request(.keepalive(opID: opID, timeoutMs: timeoutMs), timeoutMs: replyTimeoutMs)
+    }
+
+    private func decode<T: WireObject>(_ type: T.Type, _ object: JSONObject, _ what: String) throws(AgentError) -> T {
+        do { return try T(json: object) } catch {
+            throw AgentError(.protocolViolation, "\(address.spoken) sent an invalid \(what) result: \(error.message)")
+        }
+    }
+
+    // MARK: - Framing
+
+    private func nextID() -> String {
+        counter += 1
+        return "\(idPrefix)-\(counter)"
+    }
+
+    private func deadline(_ ms: Int64) -> UInt64 { monotonicNanos() + UInt64(max(0, ms)) * 1_000_000 }
+
+    private func send(_ json: JSON) throws(AgentError) {
+        var bytes = json.encoded()
+        bytes.append(0x0A)
+        try send(bytes)
+    }
+
+    private func send(_ bytes: [UInt8]) throws(AgentError) {
+        try connection.send(bytes, timeoutMs: max(replyTimeoutMs, 1000))
+    }
+
+    private func awaitReply(ids: Set<String>, what: String, deadline: UInt64, timeoutMs: Int64) throws(AgentError) -> Result<JSONObject, ProtocolError> {
+        guard let r = try awaitReplyOrTimeout(ids: ids, what: what, deadline: deadline) else {
+            throw AgentError(.timeout, "guest did not answer \(what) within \(TimeSpan(milliseconds: timeoutMs).human) (\(address.spoken))")
+        }
+        return r
+    }
+
+    /// Reads frames until a reply to one of `ids` arrives; nil when `deadline` passes first.
+    private func awaitReplyOrTimeout(ids: Set<String>, what: String, deadline: UInt64) throws(AgentError) -> Result<JSONObject, ProtocolError>? {
+        while true {
+            while let event = decoder.next() {
+                if let reply = try handle(event, ids: ids) { return reply }
+            }
+            switch try connection.receive(deadline: deadline) {
+            case .data(let bytes): decoder.feed(bytes)
+            case .timeout: return nil
+            case .closed:
+                throw AgentError(.disconnected, "\(address.spoken) closed the connection while waiting for the \(what) reply")
+            }
+        }
+    }
+
+    private func handle(_ event: FrameEvent, ids: Set<String>) throws(AgentError) -> Result<JSONObject, ProtocolError>? {
+        switch event {
+        case .reset:
+            return nil
+        case .tooLarge:
+            if isSerial { discardedFrames += 1; return nil }
+            throw AgentError(.protocolViolation, "\(address.spoken) sent a frame larger than \(ProtocolLimits.maxFrameBytes) bytes")
+        case .frame(let bytes):
+            let message: AgentMessage
+            do {
+                message = try AgentMessage.decode(frame: bytes)
+            } catch {
+                if isSerial, let salvaged = AgentClient.salvage(bytes) {
+                    message = salvaged
+                } else if isSerial {
+                    discardedFrames += 1
+                    return nil
+                } else {
+                    throw AgentError(.protocolViolation, "\(address.spoken) does not speak the quiesce protocol: it sent \"\(printable(String(decoding: bytes.prefix(80), as: UTF8.self)))\"")
+                }
+            }
+            switch message {
+            case .event(let e):
+                events.append(e)
+                onEvent?(e)
+                return nil
+            case .reply(let r):
+                if let id = r.id?.stringValue, ids.contains(id) { return r.outcome }
+                // On a stream with one request in flight, an error without an id (the agent could
+                // not read ours) is the answer to it. On serial it may be anybody's.
+                if r.id == nil, !isSerial, case .failure = r.outcome { return r.outcome }
+                discardedFrames += 1
+                return nil
+            }
+        }
+    }
+
+    /// On serial, a stale partial line can be glued in front of a good frame. Try the suffixes
+    /// that start an object, left to right, a bounded number of times.
+    static func salvage(_ bytes: [UInt8]) -> AgentMessage? {
+        var attempts = 0
+        var i = 1
+        while i < bytes.count - 1 && attempts < 32 {
+            if bytes[i] == UInt8(ascii: "{") && bytes[i + 1] == UInt8(ascii: "\"") {
+                attempts += 1
+                if let m = try? AgentMessage.decode(frame: Array(bytes[i...])) { return m }
+            }
+            i += 1
+        }
+        return nil
+    }
+}
+

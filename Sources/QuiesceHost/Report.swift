@@ -1,0 +1,382 @@
+// What a run did, for people (a timeline) and for programs (one JSON document); exit codes.
+import QuiesceLinux
+import QuiesceProtocol
+
+/// quiescectl's exit codes. Every failure has its own, so scripts can tell them apart.
+public enum ExitCodes {
+    /// Everything worked. For `checkpoint` this includes a crash-consistent run that the
+    /// `--on-agent-failure crash-consistent` policy allowed (the output says so).
+    public static let success: Int32 = 0
+    /// Bad command line: unknown flag, bad address, bad duration.
+    public static let usage: Int32 = 64
+    /// An agent could not be reached, did not answer hello, or does not speak the protocol.
+    public static let agentUnreachable: Int32 = 69
+    /// An agent refused or failed the request (for `checkpoint`: the freeze failed, or did not
+    /// hold until COMMAND finished).
+    public static let freezeFailed: Int32 = 70
+    /// COMMAND failed: non-zero exit, killed by a signal, could not start, or stopped at the deadline.
+    public static let commandFailed: Int32 = 71
+    /// A thaw failed or could not be confirmed: a guest may still be frozen.
+    public static let thawFailed: Int32 = 72
+    /// quiescectl was interrupted by SIGINT or SIGTERM (after forwarding it to COMMAND and thawing).
+    public static let interrupted: Int32 = 73
+
+    /// The table for --help and the README.
+    public static let table: [(code: Int32, meaning: String)] = [
+        (success, "success"),
+        (usage, "usage error (bad flag, address or duration)"),
+        (agentUnreachable, "an agent is unreachable or does not speak the protocol"),
+        (freezeFailed, "an agent refused or failed the request; for checkpoint: a freeze failed or did not hold"),
+        (commandFailed, "COMMAND failed, could not start, or was stopped at the deadline (its own code is reported)"),
+        (thawFailed, "a thaw failed or could not be confirmed: a guest may still be frozen"),
+        (interrupted, "interrupted by SIGINT/SIGTERM (forwarded to COMMAND, guests thawed)"),
+    ]
+}
+
+/// One line of the timeline: when (from the start of the run), which agent, what.
+public struct TimelineEntry: Sendable {
+    public var offsetNs: UInt64
+    public var agent: String?
+    /// A stable keyword: start, connected, frozen, unreachable, freeze-failed, command-started, ...
+    public var event: String
+    public var message: String
+
+    public var json: JSON {
+        var o: JSONObject = ["t_ms": ms(offsetNs), "event": .string(event)]
+        if let agent { o["agent"] = .string(agent) }
+        o["message"] = .string(message)
+        return .object(o)
+    }
+
+    /// "[   48 ms] unix:/run/a.sock: frozen 2 filesystems ..."
+    public var human: String {
+        let t = TimeSpan.human(nanoseconds: offsetNs)
+        let pad = String(repeating: " ", count: max(0, 9 - t.count))
+        return "[\(pad)\(t)] " + (agent.map { "\($0): " } ?? "") + message
+    }
+}
+
+/// Why an agent did not freeze.
+public struct AgentFailure: Sendable {
+    public var stage: AgentStage
+    public var error: AgentError
+
+    public init(stage: AgentStage, error: AgentError) {
+        self.stage = stage
+        self.error = error
+    }
+}
+
+/// One agent's part of a checkpoint.
+public struct AgentReport: Sendable {
+    public var address: AgentAddress
+    public var hello: HelloResult?
+    public var connectedNs: UInt64?
+    public var freeze: FreezeResult?
+    public var frozenNs: UInt64?
+    public var failure: AgentFailure?
+    public var consistency: Consistency = .crash
+    /// Set when the freeze did not hold until the thaw (keepalive failed, agent thawed by itself).
+    public var freezeLost: String?
+    public var thaw: ThawResult?
+    public var thawError: AgentError?
+    public var thawedNs: UInt64?
+    public var keepalives = 0
+    public var events: [QuiesceProtocol.Event] = []
+
+    public init(address: AgentAddress) { self.address = address }
+
+    public var json: JSON {
+        var o: JSONObject = ["address": .string(address.description), "consistency": .string(consistency.rawValue)]
+        o["frozen"] = .bool(freeze != nil)
+        if let connectedNs { o["connected_ms"] = ms(connectedNs) }
+        if let frozenNs { o["frozen_ms"] = ms(frozenNs) }
+        if let thawedNs { o["thawed_ms"] = ms(thawedNs) }
+        if let hello { o["hello"] = .object(hello.json) }
+        if let freeze { o["freeze"] = .object(freeze.json) }
+        if let failure {
+            var f = failure.error.json.objectValue ?? [:]
+            f["stage"] = .string(failure.stage.rawValue)
+            o["error"] = .object(f)
+        }
+        if let freezeLost { o["freeze_lost"] = .string(freezeLost) }
+        if freeze != nil { o["keepalives"] = .int(Int64(keepalives)) }
+        if let thaw { o["thaw"] = .object(thaw.json) }
+        if let thawError { o["thaw_error"] = thawError.json }
+        if !events.isEmpty { o["events"] = .array(events.map(\.json)) }
+        return .object(o)
+    }
+}
+
+/// What happened to COMMAND.
+public struct CommandReport: Sendable {
+    public var argv: [String]
+    public var environment: [(String, String)]
+    public var pid: Int32?
+    public var startedNs: UInt64?
+    public var endedNs: UInt64?
+    public var status: ExitStatus?
+    public var spawnError: String?
+    /// "deadline", or the signal forwarded to it ("SIGINT").
+    public var stoppedBy: String?
+    /// It did not exit even after SIGKILL.
+    public var abandoned = false
+
+    public init(argv: [String], environment: [(String, String)]) {
+        self.argv = argv
+        self.environment = environment
+    }
+
+    public var json: JSON {
+        var o: JSONObject = ["argv": .array(argv.map(JSON.string))]
+        if let pid { o["pid"] = .int(Int64(pid)) }
+        if let startedNs { o["started_ms"] = ms(startedNs) }
+        if let endedNs { o["ended_ms"] = ms(endedNs) }
+        if let s = startedNs, let e = endedNs { o["duration_ms"] = ms(e - s) }
+        switch status {
+        case .exited(let c)?: o["exit_code"] = .int(Int64(c))
+        case .signaled(let s)?: o["signal"] = .string(Signals.name(s))
+        case nil: o["exit_code"] = .null
+        }
+        if let spawnError { o["error"] = .string(spawnError) }
+        if let stoppedBy { o["stopped_by"] = .string(stoppedBy) }
+        if abandoned { o["abandoned"] = .bool(true) }
+        var env = JSONObject()
+        for (k, v) in environment { env[k] = .string(v) }
+        o["environment"] = .object(env)
+        return .object(o)
+    }
+}
+
+/// How a checkpoint ended, in order of precedence when several things went wrong.
+public enum CheckpointOutcome: String, Sendable {
+    case success
+    case agentUnreachable = "agent-unreachable"
+    case freezeFailed = "freeze-failed"
+    case commandFailed = "command-failed"
+    case thawFailed = "thaw-failed"
+    case interrupted
+
+    public var exitCode: Int32 {
+        switch self {
+        case .success: ExitCodes.success
+        case .agentUnreachable: ExitCodes.agentUnreachable
+        case .freezeFailed: ExitCodes.freezeFailed
+        case .commandFailed: ExitCodes.commandFailed
+        case .thawFailed: ExitCodes.thawFailed
+        case .interrupted: ExitCodes.interrupted
+        }
+    }
+}
+
+/// Everything about one checkpoint run.
+public struct CheckpointReport: Sendable {
+    public var opID: String
+    public var policy: AgentFailurePolicy
+    public var timeoutMs: Int64
+    public var leaseMs: Int64
+    public var agents: [AgentReport]
+    public var command: CommandReport?
+    /// What COMMAND was told (QUIESCE_CONSISTENCY); nil when it did not run.
+    public var consistency: Consistency?
+    public var outcome: CheckpointOutcome = .success
+    public var interruptedBy: String?
+    public var timeline: [TimelineEntry] = []
+    public var endNs: UInt64 = 0
+
+    public init(opID: String, policy: AgentFailurePolicy, timeoutMs: Int64, leaseMs: Int64, agents: [AgentReport]) {
+        self.opID = opID
+        self.policy = policy
+        self.timeoutMs = timeoutMs
+        self.leaseMs = leaseMs
+        self.agents = agents
+    }
+
+    public var exitCode: Int32 { outcome.exitCode }
+
+    /// Agents whose checkpoint is only crash-consistent (could not freeze, or the freeze did not hold).
+    public var crashConsistentAgents: [AgentAddress] {
+        agents.filter { $0.failure != nil || $0.freezeLost != nil }.map(\.address)
+    }
+
+    /// The longest time any guest was frozen, from the agents' thaw results when they have it.
+    public var longestFreezeUs: Int64? {
+        agents.compactMap { a -> Int64? in
+            if let f = a.thaw?.frozenUs { return f }
+            if let s = a.frozenNs, let e = a.thawedNs, e > s { return Int64((e - s) / 1000) }
+            return nil
+        }.max()
+    }
+
+    /// One paragraph saying how it ended.
+    public var summary: String {
+        var lines: [String] = []
+        let frozen = agents.filter { $0.freeze != nil }.count
+        switch outcome {
+        case .success:
+            var s = "checkpoint succeeded: \(consistency?.adjective ?? "?")"
+            s += ", \(frozen) of \(agents.count) agent\(agents.count == 1 ? "" : "s") frozen"
+            if let l = longestFreezeUs { s += " (longest freeze \(TimeSpan.human(microseconds: l)))" }
+            lines.append(s)
+        case .agentUnreachable, .freezeFailed, .commandFailed, .thawFailed, .interrupted:
+            var s = "checkpoint FAILED (\(outcome.rawValue), exit code \(exitCode))"
+            if let c = command {
+                if let e = c.spawnError { s += ": \(e)" }
+                else if c.stoppedBy == "deadline" { s += ": COMMAND was stopped at the deadline (\(TimeSpan(milliseconds: timeoutMs).human))" }
+                else if let st = c.status, outcome == .commandFailed { s += ": COMMAND \(st)" }
+            } else if outcome != .interrupted && outcome != .thawFailed {
+                s += ": COMMAND did not run"
+            }
+            if let sig = interruptedBy { s += "; interrupted by \(sig)" }
+            lines.append(s)
+        }
+        for a in agents {
+            if let f = a.failure { lines.append("  \(a.address): could not \(f.stage == .connect ? "connect" : "freeze"): \(f.error.message)") }
+            if let l = a.freezeLost { lines.append("  \(a.address): the freeze did not hold: \(l)") }
+            if let t = a.thawError { lines.append("  \(a.address): THAW FAILED: \(t.message)") }
+        }
+        let crash = crashConsistentAgents
+        if command != nil && !crash.isEmpty {
+            lines.append("  WARNING: this checkpoint is only CRASH-CONSISTENT for \(crash.map(\.description).joined(separator: ", "))")
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    public var json: JSON {
+        var o: JSONObject = [
+            "op_id": .string(opID),
+            "ok": .bool(outcome == .success),
+            "outcome": .string(outcome.rawValue),
+            "exit_code": .int(Int64(exitCode)),
+        ]
+        o["consistency"] = consistency.map { .string($0.rawValue) } ?? .null
+        o["crash_consistent_agents"] = .array(crashConsistentAgents.map { .string($0.description) })
+        o["policy"] = .string(policy.rawValue)
+        o["timeout_ms"] = .int(timeoutMs)
+        o["lease_ms"] = .int(leaseMs)
+        if let l = longestFreezeUs { o["longest_freeze_us"] = .int(l) }
+        if let interruptedBy { o["interrupted_by"] = .string(interruptedBy) }
+        o["duration_ms"] = ms(endNs)
+        o["agents"] = .array(agents.map(\.json))
+        o["command"] = command?.json ?? .null
+        o["timeline"] = .array(timeline.map(\.json))
+        return .object(o)
+    }
+}
+
+/// Milliseconds with 0.1 ms resolution.
+func ms(_ ns: UInt64) -> JSON { .double((Double(ns) / 100_000).rounded() / 10) }
+
+/// Human descriptions of protocol results, shared by the checkpoint timeline and the subcommands.
+public enum Describe {
+    public static func frozen(_ r: FreezeResult) -> String {
+        let mounts = r.filesystems.map(\.mountPoint)
+        var s = "frozen \(mounts.count) filesystem\(mounts.count == 1 ? "" : "s")"
+        if !mounts.isEmpty { s += " (\(list(mounts)))" }
+        s += " in \(TimeSpan.human(microseconds: r.totalUs)), writers stalled \(TimeSpan.human(microseconds: r.stallUs))"
+        let hooks = r.hooks.filter { $0.phase != "thaw" }
+        s += hooks.isEmpty ? ", no hooks" : ", hooks: " + hooks.map { "\($0.name) \($0.error == nil && ($0.exitCode ?? 0) == 0 ? "ok" : "failed")" }.joined(separator: ", ")
+        if !r.skipped.isEmpty { s += ", \(r.skipped.count) skipped" }
+        if mounts.isEmpty { s += " (WARNING: nothing to freeze)" }
+        return s
+    }
+
+    public static func thawed(_ r: ThawResult?, frozenUs: Int64?, reconnected: Bool = false) -> String {
+        var s = "thawed"
+        if let r {
+            s += " \(r.filesystems.count) filesystem\(r.filesystems.count == 1 ? "" : "s") in \(TimeSpan.human(microseconds: r.totalUs))"
+        }
+        if let frozenUs { s += ", frozen for \(TimeSpan.human(microseconds: frozenUs))" }
+        if reconnected { s += " (after reconnecting)" }
+        return s
+    }
+
+    static func list(_ items: [String], limit: Int = 6) -> String {
+        items.count <= limit ? items.joined(separator: ", ") : items.prefix(limit).joined(separator: ", ") + ", … (\(items.count - limit) more)"
+    }
+
+    public static func info(_ h: HelloResult) -> [String] {
+        [
+            "agent: \(h.agent.isEmpty ? "?" : h.agent) \(h.agentVersion)",
+            "protocol: \(h.version) (quiescectl \(QuiesceHostVersion.string) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
+            "capabilities: \(h.capabilities.isEmpty ? "none" : h.capabilities.joined(separator: ", "))",
+            "max frame: \(h.maxFrame) bytes",
+            "max freeze: \(h.maxFreezeMs > 0 ? TimeSpan(milliseconds: h.maxFreezeMs).human : "not announced")",
+        ]
+    }
+
+    public static func status(_ s: StatusResult, nowWallMs: Int64) -> [String] {
+        var lines: [String] = []
+        var head = "state: \(s.state.rawValue)"
+        if let op = s.opID { head += ", op \(op)" }
+        if let m = s.mode { head += " (\(m.rawValue))" }
+        lines.append(head)
+        if !s.filesystems.isEmpty { lines.append("filesystems: \(s.filesystems.joined(separator: ", "))") }
+        if let since = s.sinceMs { lines.append("since: \(TimeSpan.human(microseconds: max(0, nowWallMs - since) * 1000)) ago") }
+        if let r = s.remainingMs { lines.append("auto-thaw in: \(TimeSpan.human(microseconds: max(0, r) * 1000))") }
+        else if let d = s.deadlineMs { lines.append("auto-thaw in: \(TimeSpan.human(microseconds: max(0, d - nowWallMs) * 1000))") }
+        if let by = s.requestedBy { lines.append("requested by: \(by)") }
+        if let a = s.lastAutoThaw {
+            lines.append("last auto-thaw: \(a.reason), op \(a.opID), \(TimeSpan.human(microseconds: max(0, nowWallMs - a.atMs) * 1000)) ago, \(a.filesystems.count) filesystem\(a.filesystems.count == 1 ? "" : "s")")
+        }
+        return lines
+    }
+
+    public static func filesystems(_ r: FilesystemsResult) -> [String] {
+        var lines: [String] = []
+        lines.append(r.filesystems.isEmpty ? "nothing to freeze" : "freeze order (\(r.filesystems.count) filesystem\(r.filesystems.count == 1 ? "" : "s"); thaw runs the waves backwards):")
+        let width = r.filesystems.map(\.mountPoint.count).max() ?? 0
+        for f in r.filesystems {
+            var s = "  wave \(f.wave.map(String.init) ?? "?")  \(f.mountPoint.padding(width))  \(f.type)  \(f.device)  \(f.source)"
+            if !f.otherMounts.isEmpty { s += "  (also mounted at \(f.otherMounts.joined(separator: ", ")))" }
+            if !f.dependsOn.isEmpty { s += "  depends on \(f.dependsOn.joined(separator: ", "))" }
+            if let e = f.error { s += "  error: \(e)" }
+            lines.append(s)
+        }
+        if !r.skipped.isEmpty {
+            lines.append("skipped (\(r.skipped.count)):")
+            let w = r.skipped.map(\.mountPoint.count).max() ?? 0
+            for k in r.skipped {
+                lines.append("  \(k.mountPoint.padding(w))  \(k.type)  \(k.reason)\(k.detail.isEmpty ? "" : ": \(k.detail)")")
+            }
+        }
+        return lines
+    }
+
+    public static func freeze(_ r: FreezeResult, nowWallMs: Int64) -> [String] {
+        var lines = ["\(frozen(r))", "op: \(r.opID) (\(r.mode.rawValue))\(r.replayed ? ", replayed" : "")"]
+        if r.deadlineMs > 0 { lines.append("auto-thaw in \(TimeSpan.human(microseconds: max(0, r.deadlineMs - nowWallMs) * 1000)) unless thawed: quiescectl thaw --op-id \(r.opID)") }
+        let width = r.filesystems.map(\.mountPoint.count).max() ?? 0
+        for f in r.filesystems {
+            var s = "  \(f.mountPoint.padding(width))"
+            if let us = f.freezeUs { s += "  freeze \(TimeSpan.human(microseconds: us))" }
+            if let us = f.frozenAtUs { s += "  frozen at +\(TimeSpan.human(microseconds: us))" }
+            lines.append(s)
+        }
+        return lines
+    }
+
+    public static func thaw(_ r: ThawResult) -> [String] {
+        guard r.wasFrozen else { return ["was not frozen: nothing to thaw"] }
+        var lines = [thawed(r, frozenUs: r.frozenUs)]
+        if let op = r.opID { lines.append("op: \(op)") }
+        for f in r.filesystems where f.error != nil { lines.append("  \(f.mountPoint): \(f.error!)") }
+        return lines
+    }
+
+    public static func sync(_ r: SyncResult) -> [String] {
+        var lines = ["synced \(r.filesystems.count) filesystem\(r.filesystems.count == 1 ? "" : "s") in \(TimeSpan.human(microseconds: r.totalUs))"]
+        let width = r.filesystems.map(\.mountPoint.count).max() ?? 0
+        for f in r.filesystems {
+            var s = "  \(f.mountPoint.padding(width))"
+            if let us = f.syncUs { s += "  \(TimeSpan.human(microseconds: us))" }
+            if let e = f.error { s += "  error: \(e)" }
+            lines.append(s)
+        }
+        return lines
+    }
+}
+
+extension String {
+    func padding(_ width: Int) -> String { count >= width ? self : self + String(repeating: " ", count: width - count) }
+}

@@ -1,0 +1,288 @@
+// Child processes, signals and a mailbox between threads: the POSIX pieces a coordinator needs.
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a child process ended.
+public enum ExitStatus: Sendable, Equatable, CustomStringConvertible {
+    case exited(Int32)
+    case signaled(Int32)
+
+    /// Decodes a `waitpid` status word (WIFEXITED / WTERMSIG are C macros Swift cannot see).
+    public init(waitStatus s: Int32) {
+        if s & 0x7F == 0 {
+            self = .exited((s >> 8) & 0xFF)
+        } else {
+            self = .signaled(s & 0x7F)
+        }
+    }
+
+    public var succeeded: Bool { self == .exited(0) }
+
+    /// The shell's convention: the exit code, or 128 + the signal number.
+    public var shellCode: Int32 {
+        switch self {
+        case .exited(let c): c
+        case .signaled(let s): 128 + s
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .exited(let c): "exit code \(c)"
+        case .signaled(let s): "killed by \(Signals.name(s))"
+        }
+    }
+}
+
+/// Signal masks, dispositions and delivery.
+public enum Signals {
+    /// "SIGTERM" for 15, "signal N" for numbers without a common name.
+    public static func name(_ sig: Int32) -> String {
+        switch sig {
+        case SIGHUP: "SIGHUP"
+        case SIGINT: "SIGINT"
+        case SIGQUIT: "SIGQUIT"
+        case SIGILL: "SIGILL"
+        case SIGABRT: "SIGABRT"
+        case SIGBUS: "SIGBUS"
+        case SIGFPE: "SIGFPE"
+        case SIGKILL: "SIGKILL"
+        case SIGUSR1: "SIGUSR1"
+        case SIGSEGV: "SIGSEGV"
+        case SIGUSR2: "SIGUSR2"
+        case SIGPIPE: "SIGPIPE"
+        case SIGALRM: "SIGALRM"
+        case SIGTERM: "SIGTERM"
+        case SIGCHLD: "SIGCHLD"
+        case SIGCONT: "SIGCONT"
+        case SIGSTOP: "SIGSTOP"
+        case SIGTSTP: "SIGTSTP"
+        default: "signal \(sig)"
+        }
+    }
+
+    static func set(_ signals: [Int32]) -> sigset_t {
+        var s = sigset_t()
+        sigemptyset(&s)
+        for sig in signals { sigaddset(&s, sig) }
+        return s
+    }
+
+    /// Blocks `signals` in the calling thread; threads it creates afterwards inherit the mask.
+    /// Call it on the main thread before starting any thread, then collect them with `wait`.
+    public static func block(_ signals: [Int32]) {
+        var s = set(signals)
+        pthread_sigmask(SIG_BLOCK, &s, nil)
+    }
+
+    /// Unblocks `signals` in the calling thread.
+    public static func unblock(_ signals: [Int32]) {
+        var s = set(signals)
+        pthread_sigmask(SIG_UNBLOCK, &s, nil)
+    }
+
+    /// Ignores a signal process-wide (e.g. SIGPIPE, so a write to a closed socket fails with EPIPE).
+    public static func ignore(_ sig: Int32) {
+        _ = signal(sig, SIG_IGN)
+    }
+
+    /// Waits for one of `signals`, which must be blocked in every thread; returns its number.
+    public static func wait(_ signals: [Int32]) -> Int32 {
+        var s = set(signals)
+        var sig: Int32 = 0
+        while true {
+            let rc = sigwait(&s, &sig)
+            if rc == 0 { return sig }
+            if rc != EINTR { return -1 }
+        }
+    }
+
+    /// Sends `sig` to a process, or to its whole process group.
+    public static func send(_ sig: Int32, to pid: pid_t, group: Bool = false) throws(SystemError) {
+        let target = group ? -pid : pid
+        _ = try retryingEINTR("kill", "\(group ? "process group" : "process") \(pid)") { kill(target, sig) }
+    }
+}
+
+/// Starting and reaping child processes with posix_spawn.
+public enum Subprocess {
+    /// This process's environment as "NAME=value" strings.
+    public static func currentEnvironment() -> [String] {
+        var out: [String] = []
+        var p = environ
+        while let entry = p.pointee {
+            out.append(String(cString: entry))
+            p += 1
+        }
+        return out
+    }
+
+    /// Starts `arguments[0]` (searched in PATH when it has no slash) with `arguments` and
+    /// `environment`. The child gets default signal dispositions and an empty signal mask whatever
+    /// the parent blocked or ignored. With `newProcessGroup` it leads a process group of its own,
+    /// so a terminal's Ctrl-C reaches only the parent, which decides what to forward.
+    /// With `stdoutToStderr` the child's standard output is the parent's standard error.
+    public static func spawn(arguments: [String], environment: [String], newProcessGroup: Bool = true,
+                             stdoutToStderr: Bool = false) throws(SystemError) -> pid_t {
+        guard let program = arguments.first, !program.isEmpty else {
+            throw SystemError("spawn", "(empty command)", .EINVAL)
+        }
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+
+        var flags = Int32(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)
+        if newProcessGroup {
+            flags |= Int32(POSIX_SPAWN_SETPGROUP)
+            posix_spawnattr_setpgroup(&attr, 0)
+        }
+        posix_spawnattr_setflags(&attr, Int16(flags))
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        var defaults = Signals.set([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2, SIGALRM])
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        if stdoutToStderr { posix_spawn_file_actions_adddup2(&actions, 2, 1) }
+
+        let argv = arguments.map { strdup($0) } + [nil]
+        let envp = environment.map { strdup($0) } + [nil]
+        defer {
+            for p in argv { free(p) }
+            for p in envp { free(p) }
+        }
+        var pid: pid_t = 0
+        let rc = program.contains("/")
+            ? posix_spawn(&pid, program, &actions, &attr, argv, envp)
+            : posix_spawnp(&pid, program, &actions, &attr, argv, envp)
+        guard rc == 0 else { throw SystemError("spawn", program, Errno(rc)) }
+        return pid
+    }
+
+    /// Waits (blocking) until the child ends but leaves it unreaped (a zombie), so its pid and
+    /// process group cannot be reused while another thread may still signal them. Reap it
+    /// afterwards with `wait`, which then returns at once.
+    public static func waitUntilExited(_ pid: pid_t) throws(SystemError) {
+        var info = siginfo_t()
+        _ = try retryingEINTR("waitid", "process \(pid)") { waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) }
+    }
+
+    /// Waits for the child; after `timeoutMs` sends SIGTERM to its process group (it must lead
+    /// one), and SIGKILL after `graceMs` more. Blocks the calling thread: use a dedicated thread.
+    public static func wait(_ pid: pid_t, timeoutMs: Int64?, graceMs: Int64 = 2000) -> (status: ExitStatus, timedOut: Bool) {
+        let start = monotonicNanos()
+        var status: Int32 = 0
+        var terminatedAt: UInt64?
+        var sleepUs: UInt32 = 1000
+        while true {
+            let rc = waitpid(pid, &status, WNOHANG)
+            if rc == pid { return (ExitStatus(waitStatus: status), terminatedAt != nil) }
+            if rc < 0 && errno != EINTR { return (.exited(-1), terminatedAt != nil) }
+            if let timeoutMs {
+                let now = monotonicNanos()
+                if terminatedAt == nil && now - start >= UInt64(timeoutMs) * 1_000_000 {
+                    _ = kill(-pid, SIGTERM)
+                    terminatedAt = now
+                } else if let t = terminatedAt, now - t >= UInt64(graceMs) * 1_000_000 {
+                    _ = kill(-pid, SIGKILL)
+                }
+            }
+            usleep(sleepUs)
+            sleepUs = min(sleepUs * 2, 20_000)
+        }
+    }
+
+    /// Waits (blocking) until the child ends and reaps it.
+    public static func wait(_ pid: pid_t) throws(SystemError) -> ExitStatus {
+        var status: Int32 = 0
+        _ = try retryingEINTR("waitpid", "process \(pid)") { waitpid(pid, &status, 0) }
+        return ExitStatus(waitStatus: status)
+    }
+}
+
+/// A thread-safe FIFO that one or more threads post to and one thread receives from, with a
+/// timeout. Built on a mutex and a condition variable on the monotonic clock: no descriptors.
+public final class Mailbox<Message: Sendable>: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let cond: UnsafeMutablePointer<pthread_cond_t>
+    private var queue: [Message] = []
+    private var head = 0
+
+    public init() {
+        mutex = .allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+        cond = .allocate(capacity: 1)
+        cond.initialize(to: pthread_cond_t())
+        var attr = pthread_condattr_t()
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(cond, &attr)
+        pthread_condattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond)
+        pthread_mutex_destroy(mutex)
+        cond.deallocate()
+        mutex.deallocate()
+    }
+
+    public func post(_ message: Message) {
+        pthread_mutex_lock(mutex)
+        queue.append(message)
+        pthread_cond_signal(cond)
+        pthread_mutex_unlock(mutex)
+    }
+
+    /// The next message, waiting at most `timeoutMs` (nil: forever). Nil on timeout.
+    public func receive(timeoutMs: Int64? = nil) -> Message? {
+        let deadline = timeoutMs.map { monotonicNanos() + UInt64(max(0, $0)) * 1_000_000 }
+        return receive(deadlineNanos: deadline)
+    }
+
+    /// The next message, waiting until the monotonic `deadlineNanos` (nil: forever). Nil on timeout.
+    public func receive(deadlineNanos: UInt64?) -> Message? {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while head == queue.count {
+            if let deadlineNanos {
+                if monotonicNanos() >= deadlineNanos { return nil }
+                var ts = timespec(tv_sec: Int(deadlineNanos / 1_000_000_000), tv_nsec: Int(deadlineNanos % 1_000_000_000))
+                _ = pthread_cond_timedwait(cond, mutex, &ts)
+            } else {
+                pthread_cond_wait(cond, mutex)
+            }
+        }
+        let m = queue[head]
+        head += 1
+        if head == queue.count {
+            queue.removeAll(keepingCapacity: true)
+            head = 0
+        }
+        return m
+    }
+}
+
+extension Socket {
+    /// Sends every byte on a connected socket without raising SIGPIPE when the peer has gone
+    /// (MSG_NOSIGNAL: the error is EPIPE instead). `timeoutMs` bounds each wait for buffer space.
+    public static func sendAll(_ fd: Int32, _ bytes: [UInt8], timeoutMs: Int32) throws(SystemError) {
+        var offset = 0
+        while offset < bytes.count {
+            let r = bytes.withUnsafeBytes { buf in
+                syscallResult { Glibc.send(fd, buf.baseAddress! + offset, buf.count - offset, Int32(MSG_NOSIGNAL)) }
+            }
+            switch r {
+            case .success(let n): offset += n
+            case .failure(let e) where e == .EAGAIN:
+                let ready = try FD.poll(fd, events: Int16(POLLOUT), timeoutMs: timeoutMs)
+                if ready == 0 { throw SystemError("send", "fd \(fd)", .ETIMEDOUT) }
+            case .failure(let e): throw SystemError("send", "fd \(fd)", e)
+            }
+        }
+    }
+}

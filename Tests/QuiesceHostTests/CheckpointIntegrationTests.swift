@@ -1,0 +1,193 @@
+// quiescectl checkpoint against real quiesced processes on real loop filesystems this test creates.
+import Foundation
+import QuiesceHost
+import QuiesceLinux
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+/// A lab with `count` ext4 filesystems and one quiesced per filesystem (scoped to it), or one
+/// quiesced for all of them.
+private struct Guests {
+    let lab: LoopLab
+    let mounts: [String]
+    let agents: [AgentProcess]
+    var addresses: [String] { agents.flatMap { ["--agent", "unix:\($0.socketPath)"] } }
+
+    init(_ lab: LoopLab, filesystems count: Int, agentPerFilesystem: Bool = false) throws {
+        self.lab = lab
+        mounts = try (0..<count).map { try lab.filesystem("fs\($0)") }
+        if agentPerFilesystem {
+            agents = try mounts.enumerated().map { i, mp in
+                try AgentProcess(in: lab.root, name: "agent\(i)", arguments: ["--include", mp])
+            }
+        } else {
+            agents = [try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])]
+        }
+    }
+
+    func stop() { agents.forEach { $0.stop() } }
+}
+
+/// A shell snippet that exits 1 unless `mp` is frozen: a second FIFREEZE answers EBUSY.
+private func requireFrozen(_ mp: String) -> String {
+    "fsfreeze -f '\(mp)' 2>/dev/null && { fsfreeze -u '\(mp)'; echo 'NOT FROZEN: \(mp)' >&2; exit 1; }"
+}
+
+/// Safety: every agent runs with --include limited to the lab's own mounts, so nothing else can freeze.
+@Suite("Checkpoint against real agents and loop filesystems", .serialized,
+       .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct CheckpointIntegrationTests {
+    @Test("COMMAND runs while the filesystem is frozen (writes block, FIFREEZE says EBUSY); everything is thawed after")
+    func runsWhileFrozen() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 1)
+            defer { g.stop() }
+            let mp = g.mounts[0]
+            let dir = TempDir()
+            let wrote = dir.file("wrote"), checked = dir.file("checked")
+            let script = """
+                \(requireFrozen(mp))
+                (echo data > '\(mp)/during.txt' && touch '\(wrote)') &
+                sleep 0.3
+                [ -e '\(wrote)' ] && { echo 'a write completed while frozen' >&2; exit 1; }
+                touch '\(checked)'
+                """
+            let r = try Ctl.run(g.addresses + ["--json", "checkpoint", "--", "sh", "-c", script], in: dir)
+            #expect(r.status == 0, "\(r.stderr)")
+            #expect(FileManager.default.fileExists(atPath: checked))
+            let doc = try #require(r.json)
+            #expect(doc["consistency"] == "filesystem")
+            let agent = try #require(doc["agents"]?.arrayValue?.first)
+            #expect(agent["freeze"].map { FreezeResultMounts($0) } == [mp])
+            #expect(agent["thaw"]?["was_frozen"] == true)
+            #expect(try !isFrozen(mp))
+            #expect(eventually(withinMs: 5000) { FileManager.default.fileExists(atPath: wrote) }, "the blocked write completes after the thaw")
+        }
+    }
+
+    @Test("a failing COMMAND leaves the filesystem thawed and fails the run with the command's code reported")
+    func failingCommand() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 1)
+            defer { g.stop() }
+            let dir = TempDir()
+            let r = try Ctl.run(g.addresses + ["--json", "checkpoint", "--", "sh", "-c", "\(requireFrozen(g.mounts[0])); exit 5"], in: dir)
+            #expect(r.status == ExitCodes.commandFailed)
+            #expect(r.json?["command"]?["exit_code"] == 5)
+            #expect(try !isFrozen(g.mounts[0]))
+        }
+    }
+
+    @Test("kill -9 of quiescectl mid-checkpoint: the agent thaws the bound freeze when the connection drops")
+    func killedCoordinator() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 1)
+            defer { g.stop() }
+            let mp = g.mounts[0]
+            let dir = TempDir()
+            let ready = dir.file("ready"), pidFile = dir.file("pid")
+            let ctl = try Ctl(g.addresses + ["checkpoint", "--timeout", "60s", "--lease", "10s", "--", "sh", "-c",
+                                             "echo $$ > '\(pidFile)'; touch '\(ready)'; sleep 60"], in: dir)
+            defer { if let pid = contents(pidFile).flatMap({ Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) { kill(-pid, SIGKILL) } }
+            #expect(eventually(withinMs: 10_000) { FileManager.default.fileExists(atPath: ready) })
+            #expect(try isFrozen(mp))
+            ctl.signal(SIGKILL)
+            let t0 = Date()
+            #expect(try eventually(withinMs: 5000) { try !isFrozen(mp) }, "thawed well before the 10 s lease")
+            #expect(Date().timeIntervalSince(t0) < 5)
+            let status = try TestClient(path: g.agents[0].socketPath).result(["op": "status"])
+            #expect(status["last_auto_thaw"]?["reason"] == "disconnect")
+        }
+    }
+
+    @Test("SIGSTOP of quiescectl mid-checkpoint: the agent thaws when the lease runs out; the run then reports the lost freeze")
+    func stoppedCoordinator() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 1)
+            defer { g.stop() }
+            let mp = g.mounts[0]
+            let dir = TempDir()
+            let ready = dir.file("ready"), go = dir.file("go")
+            let ctl = try Ctl(g.addresses + ["checkpoint", "--timeout", "60s", "--lease", "1s", "--", "sh", "-c",
+                                             "touch '\(ready)'; while [ ! -e '\(go)' ]; do sleep 0.05; done"], in: dir)
+            #expect(eventually(withinMs: 10_000) { FileManager.default.fileExists(atPath: ready) })
+            usleep(1_500_000)
+            let before = try TestClient(path: g.agents[0].socketPath).result(["op": "status"])
+            #expect(before["state"] == "frozen", "keepalives hold the freeze past the 1 s lease while quiescectl runs: \(before)")
+            #expect(before["last_auto_thaw"] == nil)
+            ctl.signal(SIGSTOP)
+            let t0 = Date()
+            #expect(try eventually(withinMs: 4000) { try !isFrozen(mp) }, "thawed by the agent at the lease deadline")
+            let waited = Date().timeIntervalSince(t0)
+            #expect(waited < 3.0, "within the lease (1 s) plus slack: \(waited) s")
+            let status = try TestClient(path: g.agents[0].socketPath).result(["op": "status"])
+            #expect(status["last_auto_thaw"]?["reason"] == "deadline")
+            ctl.signal(SIGCONT)
+            FileManager.default.createFile(atPath: go, contents: nil)
+            let r = try #require(ctl.wait(timeoutMs: 15_000))
+            #expect(r.status == ExitCodes.freezeFailed, "the freeze did not hold until COMMAND finished: \(r.stderr)")
+            #expect(r.stderr.contains("the freeze did not hold"))
+        }
+    }
+
+    @Test("an unreachable agent with --on-agent-failure fail: COMMAND does not run and the reachable guest is thawed")
+    func unreachableFail() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 1)
+            defer { g.stop() }
+            let dir = TempDir()
+            let marker = dir.file("ran")
+            let r = try Ctl.run(g.addresses + ["--agent", "unix:\(dir.file("absent.sock"))", "checkpoint", "--", "touch", marker], in: dir)
+            #expect(r.status == ExitCodes.agentUnreachable)
+            #expect(!FileManager.default.fileExists(atPath: marker))
+            #expect(try !isFrozen(g.mounts[0]))
+            #expect(r.stderr.contains("no such socket"))
+        }
+    }
+
+    @Test("an unreachable agent with --on-agent-failure crash-consistent: COMMAND runs while the reachable guest is frozen")
+    func unreachableCrashConsistent() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 1)
+            defer { g.stop() }
+            let dir = TempDir()
+            let absent = "unix:\(dir.file("absent.sock"))"
+            let out = dir.file("env")
+            let script = "\(requireFrozen(g.mounts[0])); env > '\(out)'"
+            let r = try Ctl.run(g.addresses + ["--agent", absent, "checkpoint", "--on-agent-failure", "crash-consistent",
+                                               "--", "sh", "-c", script], in: dir)
+            #expect(r.status == 0, "\(r.stderr)")
+            let env = environmentDump(try #require(contents(out)))
+            #expect(env["QUIESCE_CONSISTENCY"] == "crash")
+            #expect(env["QUIESCE_CRASH_CONSISTENT_AGENTS"] == absent)
+            #expect(env["QUIESCE_FROZEN"] == "unix:\(g.agents[0].socketPath)=\(g.mounts[0])")
+            #expect(r.stderr.contains("CRASH-CONSISTENT"))
+            #expect(try !isFrozen(g.mounts[0]))
+        }
+    }
+
+    @Test("a group checkpoint of 3 agents: all frozen while COMMAND runs once, all thawed after")
+    func groupOfThree() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 3, agentPerFilesystem: true)
+            defer { g.stop() }
+            let dir = TempDir()
+            let runs = dir.file("runs")
+            let script = g.mounts.map(requireFrozen).joined(separator: "\n") + "\necho once >> '\(runs)'"
+            let r = try Ctl.run(g.addresses + ["--json", "checkpoint", "--", "sh", "-c", script], in: dir)
+            #expect(r.status == 0, "\(r.stderr)")
+            #expect(contents(runs) == "once\n")
+            let agents = try #require(r.json?["agents"]?.arrayValue)
+            #expect(agents.count == 3)
+            #expect(agents.allSatisfy { $0["frozen"] == true && $0["thaw"]?["was_frozen"] == true })
+            #expect(agents.compactMap { $0["freeze"].map(FreezeResultMounts) }.flatMap { $0 }.sorted() == g.mounts.sorted())
+            for mp in g.mounts { #expect(try !isFrozen(mp)) }
+        }
+    }
+}
+
+/// The mountpoints of a freeze result in a report.
+private func FreezeResultMounts(_ json: JSON) -> [String] {
+    (json["filesystems"]?.arrayValue ?? []).compactMap { $0["mountpoint"]?.stringValue }
+}

@@ -1,0 +1,286 @@
+// The checkpoint bracket through the real quiescectl executable, against fake agents on real sockets.
+import Foundation
+import QuiesceHost
+import QuiesceLinux
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+private func agentArgs(_ agents: [FakeAgent]) -> [String] { agents.flatMap { ["--agent", $0.address.description] } }
+
+@Suite("Checkpoint with fake agents")
+struct CheckpointTests {
+    @Test("COMMAND learns the outcome from QUIESCE_* variables")
+    func environmentForCommand() throws {
+        let dir = TempDir()
+        let withHooks = try FakeAgent(in: dir, name: "db", .init(
+            hooks: [HookReport(name: "10-postgres", phase: "freeze", exitCode: 0, durationUs: 5000)], mounts: ["/srv/db", "/"]))
+        let plain = try FakeAgent(in: dir, name: "web", .init(mounts: ["/var/www"]))
+        let out = dir.file("env.txt")
+        let r = try Ctl.run(agentArgs([withHooks, plain]) + ["checkpoint", "--op-id", "op-env-1", "--", "sh", "-c", "env > '\(out)'"], in: dir)
+        #expect(r.status == 0, "\(r.stderr)")
+        let env = environmentDump(try #require(contents(out)))
+        #expect(env["QUIESCE_CONSISTENCY"] == "filesystem", "the weakest of application and filesystem")
+        #expect(env["QUIESCE_OP_ID"] == "op-env-1")
+        #expect(env["QUIESCE_AGENTS"] == "\(withHooks.address);\(plain.address)")
+        #expect(env["QUIESCE_FROZEN"] == "\(withHooks.address)=/srv/db,/;\(plain.address)=/var/www")
+        #expect(env["QUIESCE_CRASH_CONSISTENT_AGENTS"] == "")
+        #expect(env["QUIESCE_AGENT_CONSISTENCY"] == "\(withHooks.address)=application;\(plain.address)=filesystem")
+        let deadline = try #require(env["QUIESCE_DEADLINE_MS"].flatMap { Int64($0) })
+        #expect(abs(deadline - (wallClockMillis() + 60_000)) < 30_000)
+        #expect(!withHooks.frozen && !plain.frozen)
+        #expect(withHooks.log == ["hello", "freeze", "thaw"])
+    }
+
+    @Test("application-consistent when every agent's freeze hooks ran")
+    func applicationConsistent() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir, .init(hooks: [HookReport(name: "db", phase: "freeze", exitCode: 0, durationUs: 10)]))
+        let out = dir.file("c.txt")
+        let r = try Ctl.run(agentArgs([a]) + ["checkpoint", "--", "sh", "-c", "echo $QUIESCE_CONSISTENCY > '\(out)'"], in: dir)
+        #expect(r.status == 0)
+        #expect(contents(out) == "application\n")
+        #expect(r.stderr.contains("checkpoint succeeded: application-consistent"))
+    }
+
+    @Test("on-agent-failure crash-consistent: COMMAND runs and the output says the checkpoint is crash-consistent")
+    func crashConsistentPolicy() throws {
+        let dir = TempDir()
+        let good = try FakeAgent(in: dir)
+        let missing = "unix:\(dir.file("gone.sock"))"
+        let out = dir.file("env.txt")
+        let r = try Ctl.run(agentArgs([good]) + ["--agent", missing, "checkpoint", "--on-agent-failure", "crash-consistent",
+                                                 "--", "sh", "-c", "env > '\(out)'"], in: dir)
+        #expect(r.status == ExitCodes.success, "the policy allowed it: \(r.stderr)")
+        let env = environmentDump(try #require(contents(out), "COMMAND ran"))
+        #expect(env["QUIESCE_CONSISTENCY"] == "crash")
+        #expect(env["QUIESCE_CRASH_CONSISTENT_AGENTS"] == missing)
+        #expect(env["QUIESCE_FROZEN"] == "\(good.address)=/fake/data,/fake/var")
+        #expect(r.stderr.contains("only CRASH-CONSISTENT for \(missing)"))
+        #expect(good.log == ["hello", "freeze", "thaw"], "the reachable guest was frozen for COMMAND and thawed")
+    }
+
+    @Test("on-agent-failure fail: COMMAND does not run, the others are thawed, exit 69")
+    func failPolicy() throws {
+        let dir = TempDir()
+        let good = try FakeAgent(in: dir)
+        let marker = dir.file("ran")
+        let r = try Ctl.run(agentArgs([good]) + ["--agent", "unix:\(dir.file("gone.sock"))", "checkpoint", "--", "touch", marker], in: dir)
+        #expect(r.status == ExitCodes.agentUnreachable)
+        #expect(!FileManager.default.fileExists(atPath: marker))
+        #expect(good.log == ["hello", "freeze", "thaw"])
+        #expect(!good.frozen)
+        #expect(r.stderr.contains("no such socket: \(dir.file("gone.sock"))"))
+    }
+
+    @Test("a refused freeze shows the agent's code and message and exits 70")
+    func freezeRefused() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir, .init(freezeError: ProtocolError(.frozenElsewhere, "/srv is already frozen by someone else")))
+        let marker = dir.file("ran")
+        let r = try Ctl.run(agentArgs([a]) + ["checkpoint", "--", "touch", marker], in: dir)
+        #expect(r.status == ExitCodes.freezeFailed)
+        #expect(r.stderr.contains("frozen-elsewhere: /srv is already frozen by someone else"))
+        #expect(!FileManager.default.fileExists(atPath: marker))
+    }
+
+    @Test("a failing COMMAND is reported with its own exit code, the guest is thawed, exit 71; --json keeps stdout for the document")
+    func commandFails() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir)
+        let r = try Ctl.run(agentArgs([a]) + ["--json", "checkpoint", "--", "sh", "-c", "echo from-command; exit 7"], in: dir)
+        #expect(r.status == ExitCodes.commandFailed)
+        let doc = try #require(r.json, "stdout is exactly one JSON document: \(r.stdout)")
+        #expect(doc["outcome"] == "command-failed")
+        #expect(doc["exit_code"] == .int(Int64(ExitCodes.commandFailed)))
+        #expect(doc["command"]?["exit_code"] == 7)
+        #expect(doc["consistency"] == "filesystem")
+        #expect(r.stderr.contains("from-command"), "COMMAND's stdout goes to stderr under --json")
+        let agent = try #require(doc["agents"]?.arrayValue?.first)
+        #expect(agent["frozen"] == true)
+        #expect(agent["freeze"]?["stall_us"] == 1500)
+        #expect(agent["thaw"]?["was_frozen"] == true)
+        let events = (doc["timeline"]?.arrayValue ?? []).compactMap { $0["event"]?.stringValue }
+        #expect(events.starts(with: ["start", "connected", "frozen", "command-started", "command-failed", "thaw", "thawed", "done"]), "\(events)")
+        #expect(!a.frozen)
+    }
+
+    @Test("a failed thaw exits 72 and says a guest may still be frozen")
+    func thawFails() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir, .init(thawError: ProtocolError(.thawFailed, "/srv: EIO")))
+        let r = try Ctl.run(agentArgs([a]) + ["checkpoint", "--", "true"], in: dir)
+        #expect(r.status == ExitCodes.thawFailed)
+        #expect(r.stderr.contains("THAW FAILED"))
+        #expect(r.stderr.contains("thaw-failed: /srv: EIO"))
+    }
+
+    @Test("SIGINT or SIGTERM to quiescectl is forwarded to COMMAND, the guests are thawed, exit 73", arguments: [SIGINT, SIGTERM])
+    func interrupted(sig: Int32) throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir)
+        let ready = dir.file("ready"), got = dir.file("got")
+        let script = "trap 'echo signalled > \(got); exit 9' INT TERM; touch \(ready); while :; do sleep 0.05; done"
+        let ctl = try Ctl(agentArgs([a]) + ["checkpoint", "--", "sh", "-c", script], in: dir)
+        #expect(eventually(withinMs: 10_000) { FileManager.default.fileExists(atPath: ready) })
+        #expect(a.frozen)
+        ctl.signal(sig)
+        let r = try #require(ctl.wait(timeoutMs: 10_000))
+        #expect(r.status == ExitCodes.interrupted, "\(r.stderr)")
+        #expect(contents(got) == "signalled\n", "COMMAND got the signal")
+        #expect(!a.frozen)
+        #expect(a.thawReasons == ["request"], "thawed by quiescectl, not by the connection dropping")
+        #expect(r.stderr.contains("interrupted by \(Signals.name(sig))"))
+    }
+
+    @Test("SIGINT while agents are still freezing: COMMAND does not run, what froze is thawed, exit 73")
+    func interruptedWhileFreezing() throws {
+        let dir = TempDir()
+        let slow = try FakeAgent(in: dir, .init(freezeDelayMs: 1500))
+        let marker = dir.file("ran")
+        let ctl = try Ctl(agentArgs([slow]) + ["checkpoint", "--", "touch", marker], in: dir)
+        #expect(eventually(withinMs: 5000) { slow.log.contains("freeze") })
+        ctl.signal(SIGINT)
+        let r = try #require(ctl.wait(timeoutMs: 10_000))
+        #expect(r.status == ExitCodes.interrupted, "\(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: marker))
+        #expect(slow.log == ["hello", "freeze", "thaw"])
+        #expect(!slow.frozen)
+    }
+
+    @Test("the connection drops while COMMAND runs: quiescectl reconnects to confirm the thaw and reports the lost freeze (70)")
+    func connectionDrops() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir, .init(dropAfterFreezeMs: 200))
+        let r = try Ctl.run(agentArgs([a]) + ["--json", "checkpoint", "--lease", "600ms", "--", "sleep", "1"], in: dir)
+        #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+        #expect(a.thawReasons == ["disconnect"])
+        #expect(a.log.suffix(2) == ["hello", "thaw"], "a new connection asks for the thaw: \(a.log)")
+        let agent = try #require(r.json?["agents"]?.arrayValue?.first)
+        #expect(agent["freeze_lost"]?.stringValue?.contains("keepalive failed") == true)
+        #expect(agent["thaw_error"] == nil)
+    }
+
+    @Test("a COMMAND that outlives --timeout gets SIGTERM, then SIGKILL; the guest is thawed at the deadline; exit 71")
+    func deadline() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir)
+        let r = try Ctl.run(agentArgs([a]) + ["--json", "checkpoint", "--timeout", "1s", "--kill-grace", "500ms", "--",
+                                              "sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"], in: dir, timeoutMs: 20_000)
+        #expect(r.status == ExitCodes.commandFailed)
+        let doc = try #require(r.json)
+        #expect(doc["command"]?["stopped_by"] == "deadline")
+        #expect(doc["command"]?["signal"] == "SIGKILL")
+        let timeline = doc["timeline"]?.arrayValue ?? []
+        func at(_ event: String) -> Double? { timeline.first { $0["event"]?.stringValue == event }?["t_ms"]?.doubleValue }
+        let deadlineAt = try #require(at("deadline")), thawedAt = try #require(at("thawed")), killAt = try #require(at("kill"))
+        #expect(thawedAt < killAt, "the guest is thawed at the deadline, not after the grace period")
+        #expect(killAt - deadlineAt >= 450)
+        #expect(!a.frozen)
+    }
+
+    @Test("keepalives renew the lease while COMMAND runs, from a thread COMMAND does not block")
+    func keepalives() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir)
+        let r = try Ctl.run(agentArgs([a]) + ["checkpoint", "--timeout", "30s", "--lease", "600ms", "--", "sleep", "2"], in: dir)
+        #expect(r.status == 0, "\(r.stderr)")
+        let times = a.keepaliveTimes
+        #expect(times.count >= 6, "one every 200 ms for 2 s: \(times.count)")
+        let gaps = zip(times.dropFirst(), times).map { Double($0 - $1) / 1e6 }
+        #expect(gaps.allSatisfy { $0 < 450 }, "no gap near the 600 ms lease: \(gaps)")
+        #expect(a.keepaliveTimeouts.allSatisfy { ($0 ?? 0) > 0 && ($0 ?? 0) <= 600 })
+    }
+
+    @Test("32 agents freeze in parallel: all are frozen within twice the time one takes")
+    func groupFreezesInParallel() throws {
+        let dir = TempDir()
+        let behavior = FakeAgent.Behavior(freezeDelayMs: 300)
+        let one = try FakeAgent(in: dir, name: "solo", behavior)
+        let single = try Ctl.run(agentArgs([one]) + ["--json", "checkpoint", "--", "true"], in: dir)
+        let t1 = try #require(single.json?["agents"]?.arrayValue?.first?["frozen_ms"]?.doubleValue)
+
+        let agents = try (0..<32).map { try FakeAgent(in: dir, name: "g\($0)", behavior) }
+        let runs = dir.file("runs")
+        let group = try Ctl.run(agentArgs(agents) + ["--json", "checkpoint", "--", "sh", "-c", "echo once >> '\(runs)'"], in: dir)
+        #expect(group.status == 0, "\(group.stderr)")
+        let doc = try #require(group.json)
+        let frozenAt = (doc["agents"]?.arrayValue ?? []).compactMap { $0["frozen_ms"]?.doubleValue }
+        #expect(frozenAt.count == 32)
+        #expect((frozenAt.max() ?? .infinity) < 2 * t1, "32 agents: last frozen at \(frozenAt.max() ?? -1) ms; one agent: \(t1) ms")
+        #expect(contents(runs) == "once\n", "COMMAND runs once for the whole group")
+        #expect(agents.allSatisfy { !$0.frozen && $0.log == ["hello", "freeze", "thaw"] })
+    }
+
+    @Test("one agent of a group refuses: the others are thawed and COMMAND does not run")
+    func groupOneRefuses() throws {
+        let dir = TempDir()
+        let ok1 = try FakeAgent(in: dir, name: "ok1"), ok2 = try FakeAgent(in: dir, name: "ok2")
+        let bad = try FakeAgent(in: dir, name: "bad", .init(freezeError: ProtocolError(.freezeFailed, "/data: EIO")))
+        let marker = dir.file("ran")
+        let r = try Ctl.run(agentArgs([ok1, bad, ok2]) + ["checkpoint", "--", "touch", marker], in: dir)
+        #expect(r.status == ExitCodes.freezeFailed)
+        #expect(!FileManager.default.fileExists(atPath: marker))
+        #expect(ok1.log == ["hello", "freeze", "thaw"] && ok2.log == ["hello", "freeze", "thaw"])
+        #expect(r.stderr.contains("\(bad.address): cannot freeze: freeze refused by \(bad.address): freeze-failed: /data: EIO"))
+    }
+
+    @Test("usage errors exit 64 and name the flag", arguments: [
+        (["checkpoint", "--", "true"], "--agent is required"),
+        (["--agent", "tcp:1:2", "ping"], "--agent <ADDR>"),
+        (["--agent", "unix:/x", "--reply-timeout", "soon", "ping"], "--reply-timeout <D>"),
+        (["--agent", "unix:/x", "checkpoint"], "missing COMMAND"),
+        (["--agent", "unix:/x", "checkpoint", "--timeout", "5s", "--lease", "10s", "--", "true"], "--lease (10s) must not be longer than --timeout (5s)"),
+        (["--agent", "unix:/x", "checkpoint", "--on-agent-failure", "maybe", "--", "true"], "--on-agent-failure"),
+        (["--agent", "unix:/x", "checkpoint", "--timeout", "0", "--", "true"], "--timeout must be longer than 0"),
+    ])
+    func usageErrors(arguments: [String], message: String) throws {
+        let r = try Ctl.run(arguments, in: TempDir())
+        #expect(r.status == ExitCodes.usage)
+        #expect(r.stderr.contains(message), "\(r.stderr)")
+    }
+
+    @Test("--help documents the exit codes and the environment")
+    func help() throws {
+        let r = try Ctl.run(["checkpoint", "--help"], in: TempDir())
+        #expect(r.status == 0)
+        for (code, _) in ExitCodes.table { #expect(r.stdout.contains("  \(code) ")) }
+        for (name, _) in CommandEnvironment.documentation { #expect(r.stdout.contains(name)) }
+    }
+}
+
+@Suite("Consistency and the COMMAND environment")
+struct EnvironmentTests {
+    func freeze(hooks: [HookReport]) -> FreezeResult {
+        FreezeResult(opID: "op", mode: .bound, filesystems: [FilesystemReport(mountPoint: "/a", type: "ext4", device: "7:0", source: "/dev/loop0")],
+                     skipped: [], hooks: hooks, presyncUs: 0, freezeUs: 0, stallUs: 0, totalUs: 0, timeoutMs: 1, deadlineMs: 1)
+    }
+
+    @Test("application needs freeze hooks that all succeeded")
+    func consistencyRules() {
+        #expect(Consistency.of(nil) == .crash)
+        #expect(Consistency.of(freeze(hooks: [])) == .filesystem)
+        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: "freeze", exitCode: 0, durationUs: 1)])) == .application)
+        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: "freeze", exitCode: 1, durationUs: 1)])) == .filesystem)
+        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: "freeze", exitCode: nil, durationUs: 1, error: "timed out")])) == .filesystem)
+        #expect(Consistency.crash < .filesystem && Consistency.filesystem < .application)
+    }
+
+    @Test("variables for a mixed group, and merging into an environment")
+    func variables() throws {
+        var a = AgentReport(address: .vsock(cid: 42, port: 5123))
+        a.freeze = freeze(hooks: [HookReport(name: "db", phase: "freeze", exitCode: 0, durationUs: 1)])
+        var b = AgentReport(address: .unix(path: "/run/b.sock"))
+        b.failure = AgentFailure(stage: .connect, error: AgentError(.unreachable, "no such socket: /run/b.sock"))
+        let vars = Dictionary(uniqueKeysWithValues: CommandEnvironment.make(opID: "op-1", agents: [a, b], deadlineWallMs: 1234))
+        #expect(vars["QUIESCE_CONSISTENCY"] == "crash")
+        #expect(vars["QUIESCE_AGENTS"] == "vsock:42:5123;unix:/run/b.sock")
+        #expect(vars["QUIESCE_FROZEN"] == "vsock:42:5123=/a")
+        #expect(vars["QUIESCE_CRASH_CONSISTENT_AGENTS"] == "unix:/run/b.sock")
+        #expect(vars["QUIESCE_AGENT_CONSISTENCY"] == "vsock:42:5123=application;unix:/run/b.sock=crash")
+        #expect(vars["QUIESCE_DEADLINE_MS"] == "1234")
+        #expect(vars["QUIESCE_OP_ID"] == "op-1")
+        let merged = CommandEnvironment.merge(base: ["PATH=/bin", "QUIESCE_OP_ID=stale", "HOME=/root"], [("QUIESCE_OP_ID", "op-1")])
+        #expect(merged == ["PATH=/bin", "HOME=/root", "QUIESCE_OP_ID=op-1"])
+    }
+}
