@@ -26,7 +26,8 @@ public struct Hooks: Sendable {
         var ignored: [(String, String)] = []
         while let entry = readdir(dir) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-            if name.hasPrefix(".") || name.hasSuffix("~") || name.contains(".dpkg-") || name.hasSuffix(".disabled") { continue }
+            if name.hasPrefix(".") || name.hasSuffix("~") || name.contains(".dpkg-") || name.hasSuffix(".disabled")
+                || name.hasSuffix(".sample") || name == "README" { continue }
             var st = stat()
             guard stat(directory + "/" + name, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
             if st.st_mode & 0o111 == 0 { ignored.append((name, "not executable")); continue }

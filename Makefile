@@ -1,0 +1,40 @@
+# Entry points. `make demo` runs the main job on a built-in lab; `make test` runs every test.
+SWIFT ?= swift
+# Static Swift runtime: the agent goes into guests that have no Swift installed.
+RELEASE_FLAGS = -c release --static-swift-stdlib
+RELEASE_BIN = .build/release
+
+.PHONY: all build release deps test unit bench-smoke bench demo clean
+
+all: build
+
+deps:
+	scripts/install-deps
+
+build:
+	$(SWIFT) build
+
+release:
+	$(SWIFT) build $(RELEASE_FLAGS)
+
+# Every test: the benchmark's smoke run against qemu-ga (release build), then the Swift suites
+# (protocol vectors, plan fixtures, the agent and coordinator on real loop filesystems).
+test: bench-smoke unit
+
+unit:
+	$(SWIFT) test
+
+bench-smoke: release
+	bench/freeze-bench --quick --quiesced $(RELEASE_BIN)/quiesced
+
+# The full side-by-side benchmark with the targets checked (16 filesystems, 8 MiB dirty each).
+bench: release
+	bench/freeze-bench --check --quiesced $(RELEASE_BIN)/quiesced
+
+# The main job on a built-in default: loop filesystems it makes, quiesced serving them, and
+# quiescectl checkpointing a raw copy that it proves consistent. Cleans up after itself.
+demo: release
+	scripts/demo $(RELEASE_BIN)
+
+clean:
+	rm -rf .build .build-*
