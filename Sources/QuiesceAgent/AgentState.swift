@@ -64,6 +64,8 @@ public actor AgentState {
     let record: FreezeRecord
     let hooks: Hooks?
     let logger: Logger
+    /// Thaws by itself if this actor ever misses a deadline by more than its grace.
+    let guardian: DeadlineGuard
     /// Pushes an event to every connection that said hello.
     let broadcast: @Sendable (Event) -> Void
     /// Reports a one-line state to the service manager (STATUS=).
@@ -78,6 +80,10 @@ public actor AgentState {
         self.record = FreezeRecord(stateDir: config.stateDir)
         self.hooks = config.hooksDir.map { Hooks(directory: $0, timeoutMs: config.hookTimeoutMs) }
         self.logger = logger
+        self.guardian = DeadlineGuard { [logger] opID, mounts in
+            logger.critical("deadline guard thawed \(mounts.joined(separator: ", ")) itself: the agent missed the deadline",
+                            metadata: ["op_id": "\(opID)"])
+        }
         self.broadcast = broadcast
         self.reportStatus = reportStatus
     }
@@ -252,6 +258,7 @@ public actor AgentState {
                                 held: done.held, result: result, hooksRan: hooksRan, sinceMs: sinceMs,
                                 timeoutMs: timeoutMs, deadline: deadline)
             phase = .frozen(freeze)
+            guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
                                           "presync_us": "\(done.presyncUs)", "total_us": "\(result.totalUs)"])
             reportStatus(statusLine())
@@ -304,6 +311,7 @@ public actor AgentState {
         f.deadline = monotonicNanos() + UInt64(ms) * 1_000_000
         f.result.deadlineMs = wallClockMillis() + ms
         phase = .frozen(f)
+        guardian.extend(to: f.deadline)
         reportStatus(statusLine())
         return .success(status().json)
     }
@@ -364,6 +372,7 @@ public actor AgentState {
                                           details: ["result": .object(result.json)]))
         }
         phase = .thawed
+        guardian.disarm()
         record.remove()
         endedOps.append((f.opID, reason))
         if endedOps.count > 64 { endedOps.removeFirst() }
