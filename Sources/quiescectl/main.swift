@@ -104,6 +104,13 @@ struct GlobalOptions: ParsableArguments {
     }
 
     /// The agents, or a usage error naming the flag when there is none.
+    /// Runs `body` against every --agent in parallel, with the connect and reply timeouts given.
+    func callAgents<Value: Sendable>(stage: AgentStage = .request,
+                                     _ body: @escaping @Sendable (AgentClient) throws(AgentError) -> Value) throws -> [AgentCall<Value>] {
+        AgentCalls.run(try requireAgents(), connectTimeoutMs: connectTimeout.milliseconds,
+                       replyTimeoutMs: replyTimeout.milliseconds, stage: stage, body)
+    }
+
     func requireAgents() throws -> [AgentAddress] {
         guard !agents.isEmpty else {
             throw ValidationError("--agent is required: say which agent to talk to, e.g. --agent vsock:42:5123 or --agent unix:/run/quiesce.sock")
@@ -165,8 +172,7 @@ struct Ping: ParsableCommand {
 
     func run() throws {
         let g = root.global
-        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
-                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in try c.ping() }
+        let calls = try g.callAgents { c throws(AgentError) in try c.ping() }
         try Output.finish("ping", calls, json: g.json, result: { .object($0) }) { c, _ in
             ["pong in \(TimeSpan.human(nanoseconds: c.requestNs)) (\(TimeSpan.human(nanoseconds: c.elapsedNs)) with connect and hello)"]
         }
@@ -179,8 +185,7 @@ struct Info: ParsableCommand {
 
     func run() throws {
         let g = root.global
-        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
-                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in c.hello! }
+        let calls = try g.callAgents { c throws(AgentError) in c.hello! }
         try Output.finish("info", calls, json: g.json, result: { .object($0.json) }) { _, h in Describe.info(h) }
     }
 }
@@ -191,8 +196,7 @@ struct Status: ParsableCommand {
 
     func run() throws {
         let g = root.global
-        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
-                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in try c.status() }
+        let calls = try g.callAgents { c throws(AgentError) in try c.status() }
         try Output.finish("status", calls, json: g.json, result: { .object($0.json) }) { _, s in
             Describe.status(s, nowWallMs: wallClockMillis())
         }
@@ -210,8 +214,7 @@ struct Filesystems: ParsableCommand {
     func run() throws {
         let g = root.global
         let m = mountList(mounts)
-        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
-                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in try c.filesystems(mounts: m) }
+        let calls = try g.callAgents { c throws(AgentError) in try c.filesystems(mounts: m) }
         try Output.finish("filesystems", calls, json: g.json, result: { .object($0.json) }) { _, r in Describe.filesystems(r) }
     }
 }
@@ -242,8 +245,7 @@ struct Freeze: ParsableCommand {
         let request = FreezeRequest(mounts: mountList(mounts), timeoutMs: timeout?.milliseconds,
                                     opID: opID ?? CheckpointPlan.makeOpID(), mode: .detached)
         let replyMs = max(g.replyTimeout.milliseconds, min(timeout?.milliseconds ?? 0, 300_000))
-        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
-                                   replyTimeoutMs: g.replyTimeout.milliseconds, stage: .freeze) { c throws(AgentError) in
+        let calls = try g.callAgents(stage: .freeze) { c throws(AgentError) in
             try c.freeze(request, replyTimeoutMs: replyMs)
         }
         try Output.finish("freeze", calls, json: g.json, result: { .object($0.json) }) { _, r in
@@ -262,8 +264,7 @@ struct Thaw: ParsableCommand {
     func run() throws {
         let g = root.global
         let op = opID
-        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
-                                   replyTimeoutMs: g.replyTimeout.milliseconds, stage: .thaw) { c throws(AgentError) in
+        let calls = try g.callAgents(stage: .thaw) { c throws(AgentError) in
             try c.thaw(opID: op)
         }
         try Output.finish("thaw", calls, json: g.json, refusedCode: ExitCodes.thawFailed, result: { .object($0.json) }) { _, r in
@@ -282,8 +283,7 @@ struct Sync: ParsableCommand {
     func run() throws {
         let g = root.global
         let m = mountList(mounts)
-        let calls = AgentCalls.run(try g.requireAgents(), connectTimeoutMs: g.connectTimeout.milliseconds,
-                                   replyTimeoutMs: g.replyTimeout.milliseconds) { c throws(AgentError) in try c.sync(mounts: m) }
+        let calls = try g.callAgents { c throws(AgentError) in try c.sync(mounts: m) }
         try Output.finish("sync", calls, json: g.json, result: { .object($0.json) }) { _, r in Describe.sync(r) }
     }
 }
