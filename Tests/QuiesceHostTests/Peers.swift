@@ -114,6 +114,8 @@ final class FakeAgent: @unchecked Sendable {
         var version: Int64 = 1
         /// Close the connection this long after answering a freeze (a crashed agent or a lost link).
         var dropAfterFreezeMs: Int? = nil
+        /// Answer a freeze only once every agent sharing this barrier has received its own.
+        var freezeBarrier: Barrier? = nil
     }
 
     private struct State {
@@ -170,6 +172,9 @@ final class FakeAgent: @unchecked Sendable {
                 }, skipped: [SkippedReport(mountPoint: "/proc", type: "proc", reason: "pseudo")]).json))
             case .freeze(let f):
                 if b.freezeDelayMs > 0 { usleep(UInt32(b.freezeDelayMs) * 1000) }
+                if let barrier = b.freezeBarrier, !barrier.arriveAndWait(timeoutMs: 10_000) {
+                    return  // the coordinator did not ask everyone at once: never answer
+                }
                 if let e = b.freezeError { c.send(Reply(id: r.id, error: e)); continue }
                 let op = f.opID ?? "fake-op"
                 shared.state.withLock { $0.frozenBy = op }
@@ -215,5 +220,27 @@ final class FakeAgent: @unchecked Sendable {
 extension FakeAgent {
     convenience init(in dir: TempDir, name: String = "fake", _ behavior: Behavior = Behavior()) throws {
         try self.init(path: dir.file("\(name).sock"), behavior)
+    }
+}
+
+/// Lets N parties wait until all have arrived (or a timeout passes).
+final class Barrier: @unchecked Sendable {
+    private let condition = NSCondition()
+    private let parties: Int
+    private var arrived = 0
+
+    init(parties: Int) { self.parties = parties }
+
+    /// True when all parties arrived within the timeout.
+    func arriveAndWait(timeoutMs: Int) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        arrived += 1
+        if arrived >= parties { condition.broadcast(); return true }
+        let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
+        while arrived < parties {
+            if !condition.wait(until: deadline) { return arrived >= parties }
+        }
+        return true
     }
 }

@@ -1,0 +1,77 @@
+// quiescectl's simple subcommands against a real quiesced on real loop filesystems this test creates.
+import Foundation
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+/// Safety: the agent runs with --include limited to the lab, so nothing else can freeze.
+@Suite("quiescectl freeze, thaw, filesystems and sync against a real agent",
+       .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct SubcommandIntegrationTests {
+    @Test("`quiescectl freeze` freezes exactly the lab's superblocks; `quiescectl thaw` leaves nothing frozen")
+    func freezeThawWholeScope() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b", type: "xfs")
+            let bind = try lab.mount("a-bind", "--bind '\(a)'")
+            let tmp = try lab.mount("tmp", "-t tmpfs tmpfs")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let ctl = ["--agent", "unix:\(agent.socketPath)"]
+
+            let plan = try Ctl.run(ctl + ["--json", "filesystems"], in: dir)
+            #expect(plan.status == 0, "\(plan.stderr)")
+            let text = try Ctl.run(ctl + ["filesystems"], in: dir)
+            #expect(text.stdout.contains(a) && text.stdout.contains(b) && text.stdout.contains(tmp), "skipped mounts are shown with why")
+
+            let frozen = try Ctl.run(ctl + ["freeze", "--timeout", "60s"], in: dir)
+            #expect(frozen.status == 0, "\(frozen.stderr)")
+            #expect(try isFrozen(a) && isFrozen(b) && isFrozen(bind))
+            let status = try Ctl.run(ctl + ["--json", "status"], in: dir)
+            #expect(status.stdout.contains("\"frozen\""), "\(status.stdout)")
+
+            let thawed = try Ctl.run(ctl + ["thaw"], in: dir)
+            #expect(thawed.status == 0, "\(thawed.stderr)")
+            #expect(try !isFrozen(a) && !isFrozen(b))
+        }
+    }
+
+    @Test("`quiescectl freeze --mount A --mount B` freezes exactly A and B")
+    func freezeExplicitMounts() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b")
+            let c = try lab.filesystem("c")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let ctl = ["--agent", "unix:\(agent.socketPath)"]
+            let r = try Ctl.run(ctl + ["freeze", "--mount", a, "--mount", b, "--timeout", "60s"], in: dir)
+            #expect(r.status == 0, "\(r.stderr)")
+            #expect(try isFrozen(a) && isFrozen(b))
+            #expect(try !isFrozen(c))
+            #expect(try Ctl.run(ctl + ["thaw"], in: dir).status == 0)
+            #expect(try !isFrozen(a) && !isFrozen(b))
+
+            let bad = try Ctl.run(ctl + ["freeze", "--mount", a, "--mount", "\(lab.root)/nowhere"], in: dir)
+            #expect(bad.status == 70)
+            #expect(bad.stdout.contains("unknown-mount") || bad.stderr.contains("unknown-mount"), "\(bad.stdout)\(bad.stderr)")
+            #expect(try !isFrozen(a), "a bad mount in the list freezes nothing")
+        }
+    }
+
+    @Test("`quiescectl sync` flushes without freezing")
+    func syncWithoutFreezing() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            try lab.dirty(a, mb: 2)
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            defer { agent.stop() }
+            let r = try Ctl.run(["--agent", "unix:\(agent.socketPath)", "sync", "--mount", a], in: TempDir())
+            #expect(r.status == 0, "\(r.stderr)")
+            #expect(r.stdout.contains("synced 1 filesystem"))
+            #expect(try !isFrozen(a))
+        }
+    }
+}
