@@ -13,6 +13,13 @@ func statDevice(_ path: String) -> DeviceNumber? {
 
 /// Reads what is mounted and how block devices stack, and plans a freeze within a scope.
 public struct Discovery: Sendable {
+    /// "/a/b/" → "/a/b"; "/" stays "/" (as the plan normalises explicit mountpoints).
+    static func normalize(_ path: String) -> String {
+        var p = Substring(path)
+        while p.count > 1 && p.hasSuffix("/") { p = p.dropLast() }
+        return String(p)
+    }
+
     public var scope: FreezeScope
     public var mountInfoPath: String
 
@@ -31,15 +38,34 @@ public struct Discovery: Sendable {
             throw ProtocolError(.internal, "cannot read \(mountInfoPath): \(error)")
         }
         let resolve: (MountEntry) -> DeviceNumber? = { BlockTopology.blockDevice(ofSource: $0.source) }
-        var devices: Set<DeviceNumber> = []
-        for m in mounts {
-            if m.device.major != 0 {
-                devices.insert(m.device)
-            } else if m.source.hasPrefix("/dev/"), let d = resolve(m) {
-                devices.insert(d)
+        func device(_ m: MountEntry) -> DeviceNumber? {
+            if m.device.major != 0 { return m.device }
+            return m.source.hasPrefix("/dev/") ? resolve(m) : nil
+        }
+        // Read the stacking only beneath the filesystems that may be planned: on a host with many
+        // block devices, a scoped agent should not walk sysfs for all of them on every freeze.
+        let candidates: [MountEntry]
+        if let explicitMounts {
+            let wanted = Set(explicitMounts.map(Discovery.normalize))
+            candidates = mounts.filter { wanted.contains($0.mountPoint) }
+        } else {
+            candidates = mounts.filter {
+                scope.isIncluded(mountPoint: $0.mountPoint, fsType: $0.fsType)
+                    && scope.exclusion(mountPoint: $0.mountPoint, fsType: $0.fsType) == nil
             }
         }
-        let topology = BlockTopology.read(startingFrom: devices.sorted())
+        var starts = Set(candidates.compactMap(device))
+        var topology = BlockTopology.read(startingFrom: starts.sorted())
+        // A loop image on a btrfs (anonymous st_dev) is matched by mount ID: walk on beneath
+        // that filesystem's real device too, until nothing new turns up.
+        while true {
+            let more = Set(topology.loopBackingMount.values.compactMap { id in
+                mounts.first(where: { $0.mountID == id }).flatMap(device)
+            }).subtracting(starts)
+            if more.isEmpty { break }
+            starts.formUnion(more)
+            topology = BlockTopology.read(startingFrom: starts.sorted())
+        }
         let plan: FreezePlan
         do {
             plan = try FreezePlan.make(mounts: mounts, topology: topology, scope: scope,

@@ -29,9 +29,11 @@ public struct FreezeRecord: Sendable {
         bytes.append(0x0A)
         let tmp = path + ".tmp"
         let fd = try FD.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        // No fsync: the record guards against the agent dying, not the machine (after a machine
+        // crash nothing is frozen), and the page cache outlives the agent. An fsync would only
+        // delay every freeze when the state dir is on a disk.
         do throws(SystemError) {
             try FD.writeAll(fd, bytes)
-            _ = fsync(fd)
             FD.close(fd)
         } catch {
             FD.close(fd)
