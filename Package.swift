@@ -26,7 +26,7 @@ let package = Package(
         .target(name: "QuiesceLinux", dependencies: ["CQuiesceShims"]),
         // Guest side: discovery, freeze plan, engine, daemon state machine, listeners.
         .target(name: "QuiesceAgent", dependencies: [
-            "QuiesceProtocol", "QuiesceLinux", "CSystemd",
+            "QuiesceProtocol", "QuiesceLinux", "CQuiesceShims", "CSystemd",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Host side: transports, agent client, checkpoint bracket.

@@ -2,7 +2,17 @@
 #define _GNU_SOURCE
 #include <sys/socket.h>
 #include <unistd.h>
+#include <fcntl.h>
+#include <signal.h>
 #include "quiesce_shims.h"
 
 int qs_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
 int qs_syncfs(int fd) { return syncfs(fd); }
+
+int qs_async_to_this_thread(int fd) {
+    struct f_owner_ex owner = { .type = F_OWNER_TID, .pid = gettid() };
+    if (fcntl(fd, F_SETOWN_EX, &owner) != 0) return -1;
+    if (fcntl(fd, F_SETSIG, 0) != 0) return -1;  /* plain SIGIO */
+    int flags = fcntl(fd, F_GETFL);
+    return flags < 0 ? -1 : fcntl(fd, F_SETFL, flags | O_ASYNC);
+}

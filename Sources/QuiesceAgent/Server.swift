@@ -2,6 +2,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CQuiesceShims
 import QuiesceLinux
 import QuiesceProtocol
 import Logging
@@ -129,21 +130,28 @@ public final class Server: Sendable {
 
     private func serveSerialSessions(fd: Int32, path: String) {
         while true {
-            // Wait for the host: POLLHUP means nobody is connected to the chardev right now.
-            // While waiting, notice a port that was unplugged and replugged (the path then names
-            // another device) and go back to reopen it.
-            var hupBackoffUs: UInt32 = 20_000
-            var waited: UInt32 = 0
+            // Wait for the host: POLLHUP means nobody is connected to the chardev right now. The
+            // kernel sends SIGIO when the host connects (qemu-ga waits the same way); the 1 s
+            // timeout is the fallback, and the moment to notice a port that was unplugged and
+            // replugged (the path then names another device).
+            let asyncIO = qs_async_to_this_thread(fd) == 0
+            var sigio = sigset_t()
+            sigemptyset(&sigio)
+            sigaddset(&sigio, SIGIO)
+            var backoffUs: UInt32 = 20_000
             while true {
                 guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) else { return }
                 if ev & Int16(POLLNVAL | POLLERR) != 0 { return }
                 if ev & Int16(POLLIN) != 0 { break }
-                usleep(hupBackoffUs)
-                waited += hupBackoffUs
-                hupBackoffUs = min(hupBackoffUs * 2, 250_000)
-                if waited >= 1_000_000 {
-                    waited = 0
-                    if !Server.isSameDevice(fd: fd, path: path) { return }
+                if asyncIO {
+                    var timeout = timespec(tv_sec: 1, tv_nsec: 0)
+                    if sigtimedwait(&sigio, nil, &timeout) < 0 && errno == EAGAIN && !Server.isSameDevice(fd: fd, path: path) {
+                        return
+                    }
+                } else {
+                    usleep(backoffUs)
+                    backoffUs = min(backoffUs * 2, 250_000)
+                    if backoffUs == 250_000 && !Server.isSameDevice(fd: fd, path: path) { return }
                 }
             }
             let id = nextID.add(1, ordering: .relaxed).oldValue

@@ -119,6 +119,12 @@ sigemptyset(&stopSignals)
 for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&stopSignals, s) }
 pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
 signal(SIGPIPE, SIG_IGN)
+// SIGIO is sent to the serial-port threads (F_SETOWN_EX) and taken with sigtimedwait: keep it
+// blocked everywhere, so a stray one can never take its default action (terminate).
+var sigio = sigset_t()
+sigemptyset(&sigio)
+sigaddset(&sigio, SIGIO)
+pthread_sigmask(SIG_BLOCK, &sigio, nil)
 
 let record = FreezeRecord(stateDir: config.stateDir)
 if let recovered = record.recover() {

@@ -361,7 +361,7 @@ struct StateMachineTests {
 
 @Suite("systemd and configuration")
 struct SystemdAndConfigTests {
-    @Test("Type=notify: READY=1 once listening, STATUS= follows the state, STOPPING=1 on SIGTERM",
+    @Test("Type=notify: READY=1 once listening, STATUS= follows the state, WATCHDOG=1 when asked, STOPPING=1 on SIGTERM",
           .enabled(if: canUseLoopDevices))
     func notifySocket() async throws {
         try await LoopLab.with { lab in
@@ -370,8 +370,10 @@ struct SystemdAndConfigTests {
             let notify = try NotifyListener(path: notifyPath)
             var env = ProcessInfo.processInfo.environment
             env["NOTIFY_SOCKET"] = notifyPath
+            env["WATCHDOG_USEC"] = "400000"
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"], environment: env)
             #expect(try notify.waitFor("READY=1", timeoutMs: 3000))
+            #expect(try notify.waitFor("WATCHDOG=1", timeoutMs: 2000), "fed at half of WatchdogSec")
             _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
             #expect(try notify.waitFor("STATUS=frozen: 1 filesystems, auto-thaw in", timeoutMs: 3000))
             _ = a

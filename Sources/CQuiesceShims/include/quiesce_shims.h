@@ -64,6 +64,10 @@ static inline int qs_peercred(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
 /// accept4(SOCK_CLOEXEC) without needing _GNU_SOURCE in Swift.
 int qs_accept_cloexec(int fd);
 
+/// Asks the kernel to send SIGIO to the calling thread (not the process) when `fd` becomes
+/// readable or its peer connects: O_ASYNC with an F_SETOWN_EX thread owner. Returns 0 or -1.
+int qs_async_to_this_thread(int fd);
+
 /// syncfs(2), declared only under _GNU_SOURCE.
 int qs_syncfs(int fd);
 
