@@ -69,8 +69,7 @@ public final class Server: Sendable {
         Socket.setSendTimeout(fd, milliseconds: 5000)
         if let refusal = refusal(for: peer) {
             logger.warning("refused connection", metadata: ["peer": "\(peer)", "listener": "\(listener)", "reason": "\(refusal)"])
-            try? FD.writeAll(fd, Reply(id: nil, error: ProtocolError(.permissionDenied, refusal)).frame)
-            FD.close(fd)
+            Server.refuse(fd, ProtocolError(.permissionDenied, refusal))
             return
         }
         let id = nextID.add(1, ordering: .relaxed).oldValue
@@ -81,11 +80,28 @@ public final class Server: Sendable {
             return true
         }
         guard admitted else {
-            try? FD.writeAll(fd, Reply(id: nil, error: ProtocolError(.busy, "too many connections (\(config.maxConnections))")).frame)
-            FD.close(fd)
+            Server.refuse(fd, ProtocolError(.busy, "too many connections (\(config.maxConnections))"))
             return
         }
         Threads.detach { conn.runStream() }
+    }
+
+    /// Tells a refused peer why, then closes so that it can still read the reason: our side is
+    /// shut down first and what the peer sent is drained briefly (closing with unread input
+    /// would reset the connection under it). Off the accept thread, bounded to 250 ms.
+    static func refuse(_ fd: Int32, _ error: ProtocolError) {
+        try? FD.writeAll(fd, Reply(id: nil, error: error).frame, timeoutMs: 1000)
+        _ = Glibc.shutdown(fd, Int32(SHUT_WR))
+        Threads.detach {
+            let deadline = monotonicNanos() + 250_000_000
+            var scratch = [UInt8](repeating: 0, count: 4096)
+            while monotonicNanos() < deadline {
+                guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: 50), ev != 0 else { continue }
+                let r = scratch.withUnsafeMutableBytes { p in syscallResult { Glibc.read(fd, p.baseAddress, p.count) } }
+                guard case .success(let n) = r, n > 0 else { break }
+            }
+            FD.close(fd)
+        }
     }
 
     /// Why a peer may not connect, or nil when it may.
@@ -198,7 +214,12 @@ final class Connection: Sendable {
     let peer: Peer
     let isStream: Bool
     unowned let server: Server
-    private let writeLock = Mutex(false)  // true once the peer is known dead
+    /// Frames for the writer thread; nil tells it to stop. Callers never block on the peer.
+    private let outbox = Mailbox<[UInt8]?>()
+    private let queuedBytes = Atomic<Int>(0)
+    /// Set once the peer is cut off (stopped reading, or a write failed): later frames are dropped.
+    private let dead = Atomic<Bool>(false)
+    static let maxQueuedBytes = 1 << 20
     private let hello = Atomic<Bool>(false)
     private let queue: AsyncStream<Request>.Continuation
     private let stream: AsyncStream<Request>
@@ -219,17 +240,37 @@ final class Connection: Sendable {
 
     var helloDone: Bool { hello.load(ordering: .relaxed) }
 
-    /// Writes one frame; a peer that cannot take it within the send timeout is cut off.
+    /// Queues one frame for the writer thread. Never blocks: replies come from Swift tasks and
+    /// events from the state actor, which a peer that stops reading must not be able to stall.
+    /// A peer whose unread backlog passes 1 MiB is cut off.
     func send(_ frame: [UInt8]) {
-        writeLock.withLock { dead in
-            guard !dead else { return }
-            do {
-                try FD.writeAll(fd, frame, timeoutMs: 5000)
-            } catch {
-                dead = true
-                if isStream { Socket.shutdown(fd) }
+        guard !dead.load(ordering: .relaxed) else { return }
+        if queuedBytes.add(frame.count, ordering: .relaxed).newValue > Connection.maxQueuedBytes {
+            cutOff()
+            return
+        }
+        outbox.post(frame)
+    }
+
+    private func cutOff() {
+        if !dead.exchange(true, ordering: .relaxed), isStream { Socket.shutdown(fd) }
+    }
+
+    /// Starts the thread that writes queued frames in order, each within the send timeout.
+    private func startWriter() -> pthread_t {
+        Threads.spawn { [self] in
+            while let item = outbox.receive(), let frame = item {
+                queuedBytes.subtract(frame.count, ordering: .relaxed)
+                if dead.load(ordering: .relaxed) { continue }
+                do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch { cutOff() }
             }
         }
+    }
+
+    /// Lets the writer flush what is queued, then stops it.
+    private func stopWriter(_ writer: pthread_t) {
+        outbox.post(nil)
+        Threads.join(writer)
     }
 
     private func startWorker() {
@@ -248,6 +289,7 @@ final class Connection: Sendable {
 
     /// Reads and serves a socket until the peer closes it or breaks the framing.
     func runStream() {
+        let writer = startWriter()
         startWorker()
         var decoder = FrameDecoder()
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
@@ -263,15 +305,16 @@ final class Connection: Sendable {
         // The peer may only have closed its sending side (`echo … | socat`): answer what it
         // asked before closing. A peer that is really gone fails the write and is cut off.
         queue.finish()
-        while outstanding.load(ordering: .relaxed) > 0 && !writeLock.withLock({ $0 }) { usleep(2000) }
+        while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) { usleep(2000) }
         finish()
+        stopWriter(writer)
         Socket.shutdown(fd)
-        writeLock.withLock { dead in dead = true }
         FD.close(fd)
     }
 
     /// Serves one host session on a serial port. Returns true when the device itself failed.
     func runSerialSession() -> Bool {
+        let writer = startWriter()
         startWorker()
         var decoder = FrameDecoder()
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
@@ -292,6 +335,7 @@ final class Connection: Sendable {
             }
         }
         finish()
+        stopWriter(writer)
         return deviceGone
     }
 

@@ -260,6 +260,35 @@ struct HostilePeerTests {
         }
     }
 
+    @Test("a peer that never reads its replies is cut off and cannot stall anyone else")
+    func nonReadingPeerCannotStallOthers() async throws {
+        try await LoopLab.with { lab in
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let path = agent.socketPath
+            // The hog pipelines status requests (each answered, if only with rate-limited) and
+            // reads nothing, until its socket buffer and the agent's 1 MiB backlog are full.
+            let hog = BackgroundCall { () -> Bool in
+                let c = try TestClient(path: path)
+                var frames: [UInt8] = []
+                for i in 0..<200 { frames += Array("{\"id\":\(i),\"op\":\"status\",\"pad\":\"\(String(repeating: "x", count: 200))\"}\n".utf8) }
+                for _ in 0..<2000 {
+                    do { try c.sendRaw(frames) } catch { return true }  // cut off: EPIPE / ECONNRESET
+                }
+                return false
+            }
+            let bystander = try TestClient(path: path)
+            for _ in 0..<20 {
+                let t0 = Date()
+                _ = try bystander.result(["op": "status"], timeoutMs: 2000)
+                #expect(Date().timeIntervalSince(t0) < 1.0, "answered promptly while the hog floods")
+                usleep(50_000)
+            }
+            #expect(try hog.wait(timeoutMs: 60_000), "the hog was cut off")
+            _ = try TestClient(path: path).result(["op": "ping"])
+            agent.stop()
+        }
+    }
+
     @Test("a peer over the rate limit is told so and keeps its connection")
     func rateLimit() async throws {
         try await LoopLab.with { lab in
