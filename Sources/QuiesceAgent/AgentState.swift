@@ -410,12 +410,17 @@ public actor AgentState {
     // MARK: - Shutdown
 
     /// Stops taking freezes and thaws whatever is frozen (SIGTERM, SIGINT). Returns when thawed.
+    /// A freeze in progress is waited for, however long its hooks take (they have timeouts):
+    /// exiting in the middle of one could leave filesystems frozen with nobody to thaw them.
     public func shutdown() async {
         shuttingDown = true
-        for _ in 0..<3000 {
+        while true {
             switch phase {
             case .thawed: return
-            case .frozen(let f): _ = await thaw(opID: f.opID, reason: .signal)
+            case .frozen(let f):
+                if case .failure = await thaw(opID: f.opID, reason: .signal) {
+                    try? await Task.sleep(nanoseconds: 1_000_000_000)  // a device refusing FITHAW: retry, don't spin
+                }
             case .freezing, .thawing: try? await Task.sleep(nanoseconds: 10_000_000)
             }
         }

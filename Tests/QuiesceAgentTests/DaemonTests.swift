@@ -125,6 +125,24 @@ struct NeverLeftFrozenTests {
         }
     }
 
+    @Test("SIGTERM in the middle of a freeze lets it finish, thaws it, and exits: nothing stays frozen")
+    func stopSignalDuringFreeze() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, ["10-slow": "[ \"$1\" = freeze ] && sleep 1.5; exit 0"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let path = agent.socketPath
+            let freezer = BackgroundCall { try TestClient(path: path).call(["op": "freeze", "mode": "detached"]) }
+            let probe = try TestClient(path: path)
+            try waitUntil(timeoutMs: 1500) { try probe.result(["op": "status"])["state"] == "freezing" }
+            agent.signal(SIGTERM)
+            #expect(agent.waitForExit(timeoutMs: 15_000) == 0)
+            #expect(try !isFrozen(a))
+            _ = try? freezer.wait(timeoutMs: 1000)
+            #expect(agent.log.contains("reason=signal") || !agent.log.contains("frozen filesystems"), "\(agent.log)")
+        }
+    }
+
     @Test("ping and status are answered at once while a slow freeze hook runs")
     func pingAndStatusDuringSlowFreeze() async throws {
         try await LoopLab.with { lab in
