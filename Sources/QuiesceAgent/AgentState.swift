@@ -30,6 +30,7 @@ public actor AgentState {
         var result: FreezeResult
         var hooksRan: [String]
         var sinceMs: Int64
+        var frozenAt: UInt64  // monotonic ns, when the last filesystem froze
         var timeoutMs: Int64
         var deadline: UInt64  // monotonic ns
     }
@@ -256,7 +257,7 @@ public actor AgentState {
             guard case .freezing(let pending) = phase else { preconditionFailure("phase changed during freeze") }
             let freeze = Freeze(opID: opID, mode: r.mode, owner: context.connection, requestedBy: context.peer.description,
                                 held: done.held, result: result, hooksRan: hooksRan, sinceMs: sinceMs,
-                                timeoutMs: timeoutMs, deadline: deadline)
+                                frozenAt: monotonicNanos(), timeoutMs: timeoutMs, deadline: deadline)
             phase = .frozen(freeze)
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
@@ -356,7 +357,7 @@ public actor AgentState {
         log[metadataKey: "op_id"] = "\(f.opID)"
         var hookReports: [HookReport] = []
         if let hooks, !f.hooksRan.isEmpty { hookReports = await hooks.runThaw(opID: f.opID, names: f.hooksRan) }
-        let frozenUs = (wallClockMillis() - f.sinceMs) * 1000
+        let frozenUs = micros(since: f.frozenAt)
         let result = ThawResult(opID: f.opID, wasFrozen: true, filesystems: outcome.filesystems, hooks: hookReports,
                                 totalUs: outcome.totalUs, frozenUs: frozenUs)
         if !outcome.remaining.isEmpty {

@@ -430,6 +430,34 @@ struct SystemdAndConfigTests {
         }
     }
 
+    @Test("under systemd, logs go to the journal with structured fields (op id, peer, durations)",
+          .enabled(if: canUseLoopDevices && FileManager.default.fileExists(atPath: "/run/systemd/journal/socket"),
+                   "needs a running journald (.ci/run starts one)"))
+    func journalFields() async throws {
+        try await LoopLab.with { lab in
+            _ = try lab.filesystem("a")
+            var env = ProcessInfo.processInfo.environment
+            env["JOURNAL_STREAM"] = "0:0"  // what systemd sets when stderr is the journal
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"], environment: env)
+            let opID = "journal-\(UUID().uuidString.prefix(8))"
+            let c = try TestClient(path: agent.socketPath)
+            _ = try c.result(["op": "freeze", "mode": "detached", "op_id": .string(opID)])
+            _ = try c.result(["op": "thaw"])
+            agent.stop()
+            var entries: [JSON] = []
+            try waitUntil(timeoutMs: 5000) {
+                entries = try sh("journalctl -o json --no-pager QUIESCE_OP_ID=\(opID)").split(separator: "\n").compactMap { try? JSON.parse(String($0)) }
+                return entries.count >= 3
+            }
+            let messages = entries.compactMap { $0["MESSAGE"]?.stringValue }
+            #expect(messages.contains("freeze requested") && messages.contains("frozen") && messages.contains("thawed"))
+            let frozen = entries.first { $0["MESSAGE"] == "frozen" }
+            #expect(frozen?["QUIESCE_STALL_US"] != nil && frozen?["SYSLOG_IDENTIFIER"] == "quiesced")
+            #expect(entries.first { $0["MESSAGE"] == "freeze requested" }?["QUIESCE_PEER"]?.stringValue?.hasPrefix("unix uid=0") == true)
+            #expect(entries.first { $0["MESSAGE"] == "thawed" }?["QUIESCE_REASON"] == "request")
+        }
+    }
+
     @Test("socket activation: a listening socket handed over by systemd is served")
     func socketActivation() async throws {
         try await LoopLab.with { lab in
