@@ -43,6 +43,17 @@ public final class Server: Sendable {
 
     public var connectionCount: Int { connections.withLock { $0.count } }
 
+    /// Waits (up to `timeoutMs`) until every connection has written what is queued for it, so
+    /// that the last replies and events (a `thawed` with reason `signal`) go out before exit.
+    public func drainOutput(timeoutMs: Int64) {
+        let deadline = monotonicNanos() + UInt64(timeoutMs) * 1_000_000
+        while monotonicNanos() < deadline {
+            let pending = connections.withLock { $0.values.contains { $0.hasQueuedOutput } }
+            if !pending { return }
+            usleep(2000)
+        }
+    }
+
     // MARK: - Listeners
 
     /// Serves a listening stream socket (Unix or vsock) on a thread of its own.
@@ -252,6 +263,9 @@ final class Connection: Sendable {
         outbox.post(frame)
     }
 
+    /// Frames queued or being written (false once the peer is cut off).
+    var hasQueuedOutput: Bool { !dead.load(ordering: .relaxed) && queuedBytes.load(ordering: .relaxed) > 0 }
+
     private func cutOff() {
         if !dead.exchange(true, ordering: .relaxed), isStream { Socket.shutdown(fd) }
     }
@@ -260,9 +274,10 @@ final class Connection: Sendable {
     private func startWriter() -> pthread_t {
         Threads.spawn { [self] in
             while let item = outbox.receive(), let frame = item {
+                if !dead.load(ordering: .relaxed) {
+                    do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch { cutOff() }
+                }
                 queuedBytes.subtract(frame.count, ordering: .relaxed)
-                if dead.load(ordering: .relaxed) { continue }
-                do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch { cutOff() }
             }
         }
     }

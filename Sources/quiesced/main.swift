@@ -206,6 +206,7 @@ while true {
     let paths = unixPaths
     Task.detached {
         await state.shutdown()
+        server.drainOutput(timeoutMs: 1000)
         for p in paths { unlink(p) }
         LogGate.shared.release()
         exit(0)
