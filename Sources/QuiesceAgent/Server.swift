@@ -166,10 +166,28 @@ public final class Server: Sendable {
             sigemptyset(&sigio)
             sigaddset(&sigio, SIGIO)
             var backoffUs: UInt32 = 20_000
+            var unclaimedSince: UInt64?
             while true {
                 guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) else { return }
                 if ev & Int16(POLLNVAL | POLLERR) != 0 { return }
-                if ev & Int16(POLLIN) != 0 { break }
+                // No host: the port polls POLLIN|POLLHUP and reads 0 at once. A session starts when
+                // POLLHUP clears (SIGIO comes then). A new host's first bytes may arrive just before
+                // its connected notice, so bytes seen while away wait for the session; bytes nobody
+                // claims for 500 ms were left by a host that has gone and must not run as requests
+                // of the next one: they are discarded.
+                if ev & Int16(POLLHUP) == 0 && ev & Int16(POLLIN) != 0 { break }
+                if ev & Int16(POLLIN) != 0 && ev & Int16(POLLHUP) != 0 {
+                    let now = monotonicNanos()
+                    if let since = unclaimedSince, now - since > 500_000_000 {
+                        let n = Server.discardPending(fd)
+                        if n > 0 { logger.warning("serial port \(path): discarded \(n) bytes left by a host that went away") }
+                        unclaimedSince = nil
+                    } else if unclaimedSince == nil {
+                        unclaimedSince = now
+                    }
+                } else {
+                    unclaimedSince = nil
+                }
                 if asyncIO {
                     var timeout = timespec(tv_sec: 1, tv_nsec: 0)
                     if sigtimedwait(&sigio, nil, &timeout) < 0 && errno == EAGAIN && !Server.isSameDevice(fd: fd, path: path) {
@@ -186,6 +204,17 @@ public final class Server: Sendable {
             connections.withLock { $0[id] = conn }
             let deviceGone = conn.runSerialSession()
             if deviceGone || !Server.isSameDevice(fd: fd, path: path) { return }
+        }
+    }
+
+    /// Reads and drops whatever is queued on a non-blocking fd; returns how many bytes.
+    static func discardPending(_ fd: Int32) -> Int {
+        var total = 0
+        var scratch = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let r = scratch.withUnsafeMutableBytes { p in syscallResult { Glibc.read(fd, p.baseAddress, p.count) } }
+            guard case .success(let n) = r, n > 0 else { return total }
+            total += n
         }
     }
 

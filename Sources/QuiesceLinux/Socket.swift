@@ -47,6 +47,11 @@ public enum FD {
             case .failure(let e) where e == .EAGAIN:
                 let ready = try poll(fd, events: Int16(POLLOUT), timeoutMs: timeoutMs ?? -1)
                 if ready == 0 { throw SystemError("write", "fd \(fd)", .ETIMEDOUT) }
+                // A virtio-serial port whose host left polls POLLHUP (never POLLOUT) and its
+                // writes fail with EAGAIN: the peer is gone, not slow.
+                if ready & Int16(POLLOUT) == 0 && ready & Int16(POLLHUP | POLLERR | POLLNVAL) != 0 {
+                    throw SystemError("write", "fd \(fd)", Errno(Glibc.EPIPE))
+                }
             case .failure(let e): throw SystemError("write", "fd \(fd)", e)
             }
         }
