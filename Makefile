@@ -4,7 +4,7 @@ SWIFT ?= swift
 RELEASE_FLAGS = -c release --static-swift-stdlib
 RELEASE_BIN = .build/release
 
-.PHONY: all build release deps test unit bench-smoke bench demo clean
+.PHONY: all build release deps test unit bench-smoke vm-test bench demo clean
 
 all: build
 
@@ -17,15 +17,21 @@ build:
 release:
 	$(SWIFT) build $(RELEASE_FLAGS)
 
-# Every test: the benchmark's smoke run against qemu-ga (release build), then the Swift suites
+# Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
+# QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), then the Swift suites
 # (protocol vectors, plan fixtures, the agent and coordinator on real loop filesystems).
-test: bench-smoke unit
+test: bench-smoke vm-test unit
 
 unit:
 	$(SWIFT) test
 
 bench-smoke: release
 	bench/freeze-bench --quick --quiesced $(RELEASE_BIN)/quiesced
+
+# A throwaway QEMU guest (Debian kernel, busybox initramfs, TCG) running the release agent:
+# what the host cannot show (vsock connect, a real virtio-serial port, freeze-everything in scope).
+vm-test: release
+	scripts/vm/run-guest-test --bin $(RELEASE_BIN)
 
 # The full side-by-side benchmark with the targets checked (16 filesystems, 8 MiB dirty each).
 bench: release
