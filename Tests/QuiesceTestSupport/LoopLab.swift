@@ -140,7 +140,9 @@ public func isFrozen(_ mountPoint: String) throws -> Bool {
 /// The writer runs in the background: a process blocked on a frozen filesystem cannot be killed
 /// (it sleeps uninterruptibly), so waiting for it would wait for the thaw.
 public func writeCompletes(_ mountPoint: String, withinMs ms: Int) throws -> Bool {
-    let marker = "/tmp/quiesce-write-probe-\(UUID().uuidString)"
+    // The marker lives beside the mount (in the lab's directory, removed with the lab): a write
+    // that was blocked completes after the thaw and would otherwise leave it behind.
+    let marker = URL(fileURLWithPath: mountPoint).deletingLastPathComponent().path + "/.write-probe-\(UUID().uuidString)"
     // Not through `sh()`: Foundation would wait for the blocked writer to close its output pipe.
     _ = try Subprocess.spawn(arguments: ["/bin/sh", "-c", "echo probe > '\(mountPoint)/probe.txt' && touch '\(marker)'"],
                              environment: ["PATH=/usr/bin:/bin"])
