@@ -104,10 +104,10 @@ public actor AgentState {
         case .status:
             return Reply(id: id, result: status().json)
         case .filesystems(let mounts):
-            do {
-                let plan = try discovery.plan(explicitMounts: mounts)
+            switch await plan(explicitMounts: mounts) {
+            case .success(let plan):
                 return Reply(id: id, result: FilesystemsResult(filesystems: plan.targets.map(\.report), skipped: plan.skipped).json)
-            } catch {
+            case .failure(let error):
                 return Reply(id: id, error: error)
             }
         case .freeze(let r):
@@ -119,6 +119,13 @@ public actor AgentState {
         case .keepalive(let opID, let timeoutMs):
             return reply(keepalive(opID: opID, timeoutMs: timeoutMs))
         }
+    }
+
+    /// Plans on a dedicated thread: discovery reads /proc and sysfs and may stat a loop's
+    /// backing file, which could hang on a dead network filesystem; the actor must not.
+    private func plan(explicitMounts: [String]?) async -> Result<(targets: [FreezeTarget], skipped: [SkippedReport]), ProtocolError> {
+        let discovery = self.discovery
+        return await Threads.run { Result { () throws(ProtocolError) in try discovery.plan(explicitMounts: explicitMounts) } }
     }
 
     // MARK: - Status
@@ -189,10 +196,14 @@ public actor AgentState {
         }
 
         let plan: (targets: [FreezeTarget], skipped: [SkippedReport])
-        do {
-            plan = try discovery.plan(explicitMounts: r.mounts)
-        } catch {
-            return Reply(id: id, error: error)
+        switch await self.plan(explicitMounts: r.mounts) {
+        case .success(let p): plan = p
+        case .failure(let error): return Reply(id: id, error: error)
+        }
+        // The plan was made outside the actor: if another freeze started meanwhile, decide again
+        // from the new state (a repeat of the same op_id then waits for it or replays it).
+        guard case .thawed = phase, !shuttingDown else {
+            return await freeze(r, context: context, id: id)
         }
         guard !plan.targets.isEmpty else {
             return Reply(id: id, error: ProtocolError(.freezeFailed, "no eligible filesystem in scope (\(plan.skipped.count) skipped)"))
@@ -394,10 +405,9 @@ public actor AgentState {
             return .failure(ProtocolError(.busy, "sync is not allowed while frozen or during a freeze or thaw"))
         }
         let targets: [FreezeTarget]
-        do {
-            targets = try discovery.plan(explicitMounts: mounts).targets
-        } catch {
-            return .failure(error)
+        switch await plan(explicitMounts: mounts) {
+        case .success(let p): targets = p.targets
+        case .failure(let error): return .failure(error)
         }
         let done = await engine.sync(targets)
         let result = SyncResult(filesystems: done.filesystems, totalUs: done.totalUs)

@@ -596,3 +596,34 @@ final class NotifyListener {
 extension Result where Failure == ProtocolError {
     var failureCode: ErrorCode? { if case .failure(let e) = self { return e.code }; return nil }
 }
+
+@Suite("Concurrent requests", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct ConcurrentRequestTests {
+    @Test("freezes racing from several connections: exactly one operation freezes; the same op_id replays it")
+    func racingFreezes() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let path = agent.socketPath
+            let calls = (0..<8).map { i in
+                BackgroundCall { try TestClient(path: path).call(["op": "freeze", "mode": "detached", "op_id": .string(i < 4 ? "same" : "other-\(i)")]) }
+            }
+            let replies = try calls.map { try $0.wait(timeoutMs: 20_000) }
+            let winners = replies.compactMap { r -> String? in
+                if case .success(let o) = r.outcome, o["replayed"] == false { return o["op_id"]?.stringValue }
+                return nil
+            }
+            #expect(winners.count == 1, "exactly one freeze is taken: \(replies)")
+            for r in replies {
+                switch r.outcome {
+                case .success(let o): #expect(o["op_id"]?.stringValue == winners.first)
+                case .failure(let e): #expect([ErrorCode.alreadyFrozen, .busy].contains(e.code), "\(e)")
+                }
+            }
+            #expect(try isFrozen(a))
+            _ = try TestClient(path: path).result(["op": "thaw"])
+            #expect(try !isFrozen(a))
+            agent.stop()
+        }
+    }
+}
