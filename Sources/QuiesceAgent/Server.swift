@@ -268,6 +268,8 @@ final class Connection: Sendable {
     /// Every request not yet answered, fast or queued.
     private let outstanding = Atomic<Int>(0)
     static let maxInFlight = 16
+    /// Requests of any kind not yet answered on one connection (status and filesystems included).
+    static let maxOutstanding = 64
 
     init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool) {
         self.id = id
@@ -425,10 +427,15 @@ final class Connection: Sendable {
         case .ping:
             send(Reply(id: request.id, result: [:]).frame)
         case .status, .filesystems:
-            // Answered at once, never queued behind a freeze on this connection.
+            // Answered at once, never queued behind a freeze on this connection; bounded so that
+            // a pipelining peer cannot start unbounded concurrent work.
+            guard outstanding.add(1, ordering: .relaxed).newValue <= Connection.maxOutstanding else {
+                outstanding.subtract(1, ordering: .relaxed)
+                send(Reply(id: request.id, error: ProtocolError(.busy, "too many requests in flight on this connection")).frame)
+                return
+            }
             let state = server.state
             let context = RequestContext(connection: id, peer: peer)
-            outstanding.add(1, ordering: .relaxed)
             Task { [self] in
                 send(await state.handle(request, context: context).frame)
                 outstanding.subtract(1, ordering: .relaxed)

@@ -307,6 +307,29 @@ struct HostilePeerTests {
         }
     }
 
+    @Test("pipelined requests get one reply each, answered or busy: a peer cannot start unbounded work")
+    func pipelinedRequestsAreBounded() async throws {
+        try await LoopLab.with { lab in
+            _ = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let c = try TestClient(path: agent.socketPath)
+            var burst: [UInt8] = []
+            for i in 0..<100 { burst += Array("{\"id\":\(5000 + i),\"op\":\"filesystems\"}\n".utf8) }
+            try c.sendRaw(burst)
+            var ids = Set<JSON>()
+            while ids.count < 100 {
+                guard case .reply(let r) = try c.readMessage(timeoutMs: 5000), let id = r.id else { continue }
+                #expect(!ids.contains(id), "one reply per request")
+                ids.insert(id)
+                if case .failure(let e) = r.outcome { #expect(e.code == .busy, "\(e)") }
+            }
+            let threads = try sh("ls /proc/\(agent.pid)/task | wc -l").trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect((Int(threads) ?? 999) < 100, "threads after the burst: \(threads)")
+            _ = try c.result(["op": "ping"])
+            agent.stop()
+        }
+    }
+
     @Test("a peer over the rate limit is told so and keeps its connection")
     func rateLimit() async throws {
         try await LoopLab.with { lab in
