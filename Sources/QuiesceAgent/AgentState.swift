@@ -436,7 +436,4 @@ public actor AgentState {
             }
         }
     }
-
-    /// True when nothing is frozen (for tests and the watchdog).
-    public var isThawed: Bool { if case .thawed = phase { return true }; return false }
 }

@@ -15,8 +15,8 @@ public let agentVersion = "0.1.0"
 ///
 /// Each connection has a thread that reads and decodes; `hello`, `ping`, `status` and
 /// `filesystems` are answered at once, while freeze, thaw, sync and keepalive run in order per
-/// connection. Replies and events are written under a per-connection lock with a send timeout,
-/// so a peer that stops reading cannot stall the agent.
+/// connection. Replies and events are queued to a per-connection writer thread (callers never
+/// block), so a peer that stops reading cannot stall the agent; it is cut off at 1 MiB unread.
 public final class Server: Sendable {
     let config: AgentConfig
     let logger: Logger
@@ -40,8 +40,6 @@ public final class Server: Sendable {
         let targets = connections.withLock { Array($0.values) }
         for c in targets where c.helloDone { c.send(event.frame) }
     }
-
-    public var connectionCount: Int { connections.withLock { $0.count } }
 
     /// Waits (up to `timeoutMs`) until every connection has written what is queued for it, so
     /// that the last replies and events (a `thawed` with reason `signal`) go out before exit.
