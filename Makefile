@@ -4,7 +4,7 @@ SWIFT ?= swift
 RELEASE_FLAGS = -c release --static-swift-stdlib
 RELEASE_BIN = .build/release
 
-.PHONY: all build release deps test unit bench-smoke vm-test bench demo clean
+.PHONY: all build release deps test unit bench-smoke vm-test bench demo demo-vm clean
 
 all: build
 
@@ -41,6 +41,10 @@ bench: release
 # quiescectl checkpointing a raw copy that it proves consistent. Cleans up after itself.
 demo: release
 	scripts/demo $(RELEASE_BIN)
+
+# The same job in a throwaway QEMU guest: the host checkpoints the guest over virtio-serial and
+# proves the disk copy consistent (see scripts/vm/run-guest-test for every check it prints).
+demo-vm: vm-test
 
 clean:
 	rm -rf .build .build-*
