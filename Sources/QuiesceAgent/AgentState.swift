@@ -300,6 +300,7 @@ public actor AgentState {
     // MARK: - Deadline, keepalive, disconnect
 
     /// Sleeps until the freeze's deadline (which keepalives may push) and thaws it there.
+    /// Wakes at least once a second meanwhile to keep systemd's STATUS= countdown live.
     private func enforceDeadline(opID: String) async {
         while case .frozen(let f) = phase, f.opID == opID {
             let now = monotonicNanos()
@@ -307,6 +308,7 @@ public actor AgentState {
                 _ = await thaw(opID: opID, reason: .deadline)
                 return
             }
+            reportStatus(statusLine())
             try? await Task.sleep(nanoseconds: min(f.deadline - now, 1_000_000_000))
         }
     }
