@@ -13,12 +13,6 @@ func statDevice(_ path: String) -> DeviceNumber? {
 
 /// Reads what is mounted and how block devices stack, and plans a freeze within a scope.
 public struct Discovery: Sendable {
-    /// "/a/b/" → "/a/b"; "/" stays "/" (as the plan normalises explicit mountpoints).
-    static func normalize(_ path: String) -> String {
-        var p = Substring(path)
-        while p.count > 1 && p.hasSuffix("/") { p = p.dropLast() }
-        return String(p)
-    }
 
     public var scope: FreezeScope
     public var mountInfoPath: String
@@ -46,7 +40,7 @@ public struct Discovery: Sendable {
         // block devices, a scoped agent should not walk sysfs for all of them on every freeze.
         let candidates: [MountEntry]
         if let explicitMounts {
-            let wanted = Set(explicitMounts.map(Discovery.normalize))
+            let wanted = Set(explicitMounts.map(FreezePlan.normalise))
             candidates = mounts.filter { wanted.contains($0.mountPoint) }
         } else {
             candidates = mounts.filter {

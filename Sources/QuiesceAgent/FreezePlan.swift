@@ -248,6 +248,15 @@ public struct FreezePlan: Sendable, Equatable {
     }
 }
 
+extension FreezePlan {
+    /// How explicit mountpoints are compared: trailing and repeated slashes dropped; "/" stays "/".
+    static func normalise(_ path: String) -> String {
+        let components = path.split(separator: "/")
+        guard path.hasPrefix("/") else { return components.joined(separator: "/") }
+        return "/" + components.joined(separator: "/")
+    }
+}
+
 // MARK: - Implementation
 
 /// A planned superblock before ordering.
@@ -445,7 +454,7 @@ private struct MountTable {
         var planned: [Selected] = []
         var seenPaths = Set<String>()
         for raw in paths {
-            let path = Self.normalise(raw)
+            let path = FreezePlan.normalise(raw)
             guard seenPaths.insert(path).inserted else { continue }
             let atPath = mounts.indices.filter { mounts[$0].mountPoint == path }
             guard let index = atPath.last(where: { coveredBy[$0] == nil }) ?? atPath.last else {
@@ -462,13 +471,6 @@ private struct MountTable {
             }
         }
         return Selection(planned: planned, skipped: [])
-    }
-
-    /// Drops trailing and repeated slashes; "/" stays "/".
-    static func normalise(_ path: String) -> String {
-        let components = path.split(separator: "/")
-        guard path.hasPrefix("/") else { return components.joined(separator: "/") }
-        return "/" + components.joined(separator: "/")
     }
 
     // MARK: Ordering

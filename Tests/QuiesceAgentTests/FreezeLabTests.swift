@@ -113,6 +113,17 @@ struct FreezeLabTests {
             let t = try client.result(["op": "thaw"], timeoutMs: 20_000)
             #expect(t.mountPoints == [back2, stacked], "thaw runs the waves backwards")
             #expect(try !isFrozen(stacked) && !isFrozen(back2))
+
+            // Named explicitly, with untidy slashes, the stack must still be read and ordered.
+            let untidy = stacked.replacingOccurrences(of: "/stacked", with: "//stacked/")
+            let e = try client.result(["op": "freeze", "mode": "detached", "mounts": [.string(untidy), .string(back2)]], timeoutMs: 20_000)
+            let explicitWaves = Dictionary(uniqueKeysWithValues: e["filesystems"]!.arrayValue!.map {
+                ($0["mountpoint"]!.stringValue!, $0["wave"]!.intValue!)
+            })
+            #expect(explicitWaves.count == 2 && explicitWaves[back2]! > explicitWaves.filter { $0.key != back2 }.values.first!,
+                    "the stacked filesystem freezes first: \(explicitWaves)")
+            _ = try client.result(["op": "thaw"], timeoutMs: 20_000)
+            #expect(try !isFrozen(stacked) && !isFrozen(back2))
             agent.stop()
         }
     }
