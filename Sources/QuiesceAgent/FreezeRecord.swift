@@ -52,7 +52,8 @@ public struct FreezeRecord: Sendable {
 
     /// Reads the record, if there is one. A damaged record gives its error.
     public func read() -> Result<(opID: String, entries: [Entry])?, ProtocolError> {
-        guard let text = try? readFile(path) else { return .success(nil) }
+        guard let bytes = try? FD.readWholeFile(atPath: path) else { return .success(nil) }
+        let text = String(decoding: bytes, as: UTF8.self)
         do {
             let json = try JSON.parse(text)
             let opID = json["op_id"]?.stringValue ?? "unknown"
@@ -96,20 +97,4 @@ public struct FreezeRecord: Sendable {
         remove()
         return (opID, lines)
     }
-}
-
-/// Reads a whole (small) file.
-func readFile(_ path: String) throws(SystemError) -> String {
-    let fd = try FD.open(path, O_RDONLY)
-    defer { FD.close(fd) }
-    var out: [UInt8] = []
-    var buf = [UInt8](repeating: 0, count: 8192)
-    while true {
-        let r = buf.withUnsafeMutableBytes { p in syscallResult { Glibc.read(fd, p.baseAddress, p.count) } }
-        guard case .success(let n) = r else { throw SystemError("read", path, .EIO) }
-        if n == 0 { break }
-        out.append(contentsOf: buf[0..<n])
-        if out.count > 16 << 20 { throw SystemError("read", path, .EINVAL) }
-    }
-    return String(decoding: out, as: UTF8.self)
 }

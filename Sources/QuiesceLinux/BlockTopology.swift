@@ -131,7 +131,7 @@ public struct BlockTopology: Sendable, Equatable {
         // The path sysfs shows, as seen by whoever set the loop up: it may be stale, deleted or
         // in another mount namespace, so it only counts when it is the same file.
         var fromPath: (device: DeviceNumber, mountID: Int?)?
-        if let bytes = try? MountInfo.readWholeFile(atPath: "\(directory)/loop/backing_file") {
+        if let bytes = try? FD.readWholeFile(atPath: "\(directory)/loop/backing_file") {
             var path = String(decoding: bytes, as: UTF8.self)
             if path.hasSuffix("\n") { path.removeLast() }
             if path.hasPrefix("/"),
@@ -149,7 +149,7 @@ public struct BlockTopology: Sendable, Equatable {
 
     /// The mount ID of an open fd, from the "mnt_id:" line of /proc/self/fdinfo/FD (Linux 3.15+).
     private static func mountID(ofDescriptor fd: Int32) -> Int? {
-        guard let bytes = try? MountInfo.readWholeFile(atPath: "/proc/self/fdinfo/\(fd)") else { return nil }
+        guard let bytes = try? FD.readWholeFile(atPath: "/proc/self/fdinfo/\(fd)") else { return nil }
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("mnt_id:") {
             return Int(line.dropFirst("mnt_id:".count).trimmingPrefix(while: { $0 == " " || $0 == "\t" }))
         }
@@ -159,7 +159,7 @@ public struct BlockTopology: Sendable, Equatable {
     /// The kernel's name for the device node under /dev ("loop0", "dm-0"), from the `DEVNAME=`
     /// line of its sysfs `uevent` file.
     private static func deviceName(_ directory: String) -> String? {
-        guard let bytes = try? MountInfo.readWholeFile(atPath: "\(directory)/uevent") else { return nil }
+        guard let bytes = try? FD.readWholeFile(atPath: "\(directory)/uevent") else { return nil }
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("DEVNAME=") {
             let name = line.dropFirst("DEVNAME=".count)
             return name.isEmpty || name.contains("..") ? nil : String(name)
@@ -169,7 +169,7 @@ public struct BlockTopology: Sendable, Equatable {
 
     /// Reads a sysfs `dev` file ("8:1\n").
     private static func readDeviceFile(_ path: String) -> DeviceNumber? {
-        guard let bytes = try? MountInfo.readWholeFile(atPath: path) else { return nil }
+        guard let bytes = try? FD.readWholeFile(atPath: path) else { return nil }
         let text = String(decoding: bytes, as: UTF8.self)
         return DeviceNumber(parsing: text.split(whereSeparator: { $0 == "\n" || $0 == " " }).first ?? "")
     }

@@ -138,7 +138,7 @@ public enum MountInfo {
     /// Reads `path` (a procfs file: its size is 0 in stat, so it is read until EOF) and parses it.
     /// Throws `SystemError` when it cannot be read, `MountInfoError` when it cannot be parsed.
     public static func read(path: String = "/proc/self/mountinfo") throws -> [MountEntry] {
-        let bytes = try readWholeFile(atPath: path)
+        let bytes = try FD.readWholeFile(atPath: path)
         return try parse(String(decoding: bytes, as: UTF8.self))
     }
 
@@ -210,24 +210,5 @@ public enum MountInfo {
         }
         return String(decoding: out, as: UTF8.self)
     }
-
-    /// Reads a whole file with open/read until EOF (procfs and sysfs files report size 0).
-    static func readWholeFile(atPath path: String) throws(SystemError) -> [UInt8] {
-        try readUntilEOF(path)
-    }
 }
 
-// A free function: inside `MountInfo`, `read` would name `MountInfo.read(path:)`.
-private func readUntilEOF(_ path: String) throws(SystemError) -> [UInt8] {
-    let fd = try retryingEINTR("open", path) { open(path, O_RDONLY | O_CLOEXEC) }
-    defer { close(fd) }
-    var result: [UInt8] = []
-    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 1)
-    defer { buffer.deallocate() }
-    while true {
-        let n = try retryingEINTR("read", path) { read(fd, buffer.baseAddress, buffer.count) }
-        if n == 0 { break }
-        result.append(contentsOf: buffer[0..<n])
-    }
-    return result
-}

@@ -79,6 +79,22 @@ public enum FD {
         _ = fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK)
     }
 
+    /// Reads a whole file with open/read until EOF (procfs and sysfs files report size 0).
+    /// More than `maxBytes` is an error (EFBIG), so a wrong path cannot make us read forever.
+    public static func readWholeFile(atPath path: String, maxBytes: Int = 16 << 20) throws(SystemError) -> [UInt8] {
+        let fd = try open(path, O_RDONLY)
+        defer { close(fd) }
+        var result: [UInt8] = []
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 1)
+        defer { buffer.deallocate() }
+        while true {
+            let n = try retryingEINTR("read", path) { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+            if n == 0 { return result }
+            result.append(contentsOf: buffer[0..<n])
+            if result.count > maxBytes { throw SystemError("read", path, Errno(Glibc.EFBIG)) }
+        }
+    }
+
     /// Opens a path, retrying EINTR.
     public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0) throws(SystemError) -> Int32 {
         try retryingEINTR("open", path) { Glibc.open(path, flags | O_CLOEXEC, mode) }

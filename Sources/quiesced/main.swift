@@ -85,16 +85,10 @@ while let arg = args.popFirst() {
 var config = AgentConfig()
 do {
     if access(configPath, F_OK) == 0 || configExplicit {
-        let fd = open(configPath, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { fail("cannot read config file \(configPath): \(Errno.current)") }
-        var bytes: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = read(fd, &buf, buf.count)
-            if n <= 0 { break }
-            bytes += buf[0..<n]
+        let bytes: [UInt8]
+        do { bytes = try FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20) } catch {
+            fail("cannot read config file \(configPath): \(error.errno)")
         }
-        close(fd)
         guard let text = String(validating: bytes, as: UTF8.self) else { fail("\(configPath): not UTF-8 text") }
         try config.load(file: configPath, text: text)
     }
