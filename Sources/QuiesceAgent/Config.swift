@@ -180,27 +180,18 @@ public struct AgentConfig: Sendable {
             lineNumber += 1
             var line = Substring(rawLine)
             if let hash = line.firstIndex(of: "#") { line = line[..<hash] }
-            let trimmed = line.trimmingWhitespace()
+            let trimmed = String(line).trimmingASCIIWhitespace()
             if trimmed.isEmpty { continue }
             guard let eq = trimmed.firstIndex(of: "=") else {
                 throw ConfigError("\(path):\(lineNumber): expected \"key = value\", got \"\(trimmed)\"")
             }
-            let key = String(trimmed[..<eq]).trimmingWhitespace()
-            let value = String(trimmed[trimmed.index(after: eq)...]).trimmingWhitespace()
+            let key = String(trimmed[..<eq]).trimmingASCIIWhitespace()
+            let value = String(trimmed[trimmed.index(after: eq)...]).trimmingASCIIWhitespace()
             do {
                 try apply(key: key, value: value, replacing: &replacing)
             } catch {
                 throw ConfigError("\(path):\(lineNumber): \(error.message)")
             }
         }
-    }
-}
-
-extension StringProtocol {
-    func trimmingWhitespace() -> String {
-        var s = Substring(self)
-        while let f = s.first, f.isWhitespace { s.removeFirst() }
-        while let l = s.last, l.isWhitespace { s.removeLast() }
-        return String(s)
     }
 }
