@@ -66,17 +66,23 @@ final class HybridVsockRelay: @unchecked Sendable {
     }
 }
 
+/// A lab with one ext4 and a real agent serving it, reached through a VMM relay on guest port 5123.
+private func withRelayedGuest(_ body: (String, AgentProcess, HybridVsockRelay, TempDir) throws -> Void) async throws {
+    try await LoopLab.with { lab in
+        let mp = try lab.filesystem("a")
+        let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+        defer { agent.stop() }
+        let relay = try HybridVsockRelay(path: "\(lab.root)/vm.vsock", guestPort: 5123, agentSocket: agent.socketPath)
+        try body(mp, agent, relay, TempDir())
+    }
+}
+
 @Suite("Hybrid vsock to a real agent (VMM played by an in-test relay)",
        .enabled(if: canUseLoopDevices, "needs root and loop devices"))
 struct HybridVsockIntegrationTests {
     @Test("checkpoint over hvsock: COMMAND runs while the guest is frozen, thawed after; a wrong port is refused")
     func checkpointOverHybridVsock() async throws {
-        try await LoopLab.with { lab in
-            let mp = try lab.filesystem("a")
-            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
-            defer { agent.stop() }
-            let relay = try HybridVsockRelay(path: "\(lab.root)/vm.vsock", guestPort: 5123, agentSocket: agent.socketPath)
-            let dir = TempDir()
+        try await withRelayedGuest { mp, agent, relay, dir in
             let check = "fsfreeze -f '\(mp)' 2>/dev/null && { fsfreeze -u '\(mp)'; exit 1; }; exit 0"
             let r = try Ctl.run(["--agent", "hvsock:\(relay.path):5123", "--json", "checkpoint", "--", "sh", "-c", check], in: dir)
             #expect(r.status == 0, "\(r.stderr)")
@@ -91,12 +97,7 @@ struct HybridVsockIntegrationTests {
 
     @Test("a bound freeze over hvsock thaws when quiescectl is killed")
     func killedCoordinatorOverHybridVsock() async throws {
-        try await LoopLab.with { lab in
-            let mp = try lab.filesystem("a")
-            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
-            defer { agent.stop() }
-            let relay = try HybridVsockRelay(path: "\(lab.root)/vm.vsock", guestPort: 5123, agentSocket: agent.socketPath)
-            let dir = TempDir()
+        try await withRelayedGuest { mp, agent, relay, dir in
             // COMMAND waits while its parent (quiescectl) lives, so it ends by itself after the kill.
             let ctl = try Ctl(["--agent", "hvsock:\(relay.path):5123", "checkpoint", "--timeout", "60s", "--",
                                "sh", "-c", "while kill -0 $PPID 2>/dev/null; do sleep 0.1; done"], in: dir)
