@@ -455,8 +455,7 @@ struct SystemdAndConfigTests {
     }
 
     @Test("under systemd, logs go to the journal with structured fields (op id, peer, durations)",
-          .enabled(if: canUseLoopDevices && FileManager.default.fileExists(atPath: "/run/systemd/journal/socket"),
-                   "needs a running journald (.ci/run starts one)"))
+          .enabled(if: canUseLoopDevices && journaldIsRunning, "needs a running journald (.ci/run starts one)"))
     func journalFields() async throws {
         try await LoopLab.with { lab in
             _ = try lab.filesystem("a")

@@ -33,6 +33,26 @@ public let canUseLoopDevices: Bool = {
         && FileManager.default.isExecutableFile(atPath: "/sbin/mkfs.ext4")
 }()
 
+/// Whether a journald answers on its socket. A socket file alone proves nothing: one left in
+/// /run by a journald that has since exited refuses connections.
+public let journaldIsRunning: Bool = {
+    let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    let path = Array("/run/systemd/journal/socket".utf8CString)
+    withUnsafeMutableBytes(of: &addr.sun_path) { dst in
+        path.withUnsafeBytes { src in dst.copyMemory(from: src) }
+    }
+    let ok = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+        }
+    }
+    return ok == 0
+}()
+
 /// A directory of loop-mounted filesystems made for one test. Safety: tests freeze only these.
 ///
 /// Use `LoopLab.with { lab in … }`: cleanup (thaw, unmount, detach, remove) runs on every path,
