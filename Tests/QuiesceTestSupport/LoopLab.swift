@@ -53,6 +53,9 @@ public let journaldIsRunning: Bool = {
     return ok == 0
 }()
 
+/// Set by .ci/run: tests that need a service CI starts must then run, not skip.
+public let runningUnderCI: Bool = ProcessInfo.processInfo.environment["QUIESCE_CI"] == "1"
+
 /// A directory of loop-mounted filesystems made for one test. Safety: tests freeze only these.
 ///
 /// Use `LoopLab.with { lab in … }`: cleanup (thaw, unmount, detach, remove) runs on every path,
