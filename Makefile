@@ -8,6 +8,8 @@ RELEASE_BIN = .build/release
 
 all: build
 
+# Installs only what is missing (a dpkg query per package when nothing is), so the two
+# newcomer commands below can depend on it.
 deps:
 	scripts/install-deps
 
@@ -20,7 +22,7 @@ release:
 # Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
 # QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), then the Swift suites
 # (protocol vectors, plan fixtures, the agent and coordinator on real loop filesystems).
-test: bench-smoke vm-test unit
+test: deps bench-smoke vm-test unit
 
 unit:
 	$(SWIFT) test
@@ -39,7 +41,7 @@ bench: release
 
 # The main job on a built-in default: loop filesystems it makes, quiesced serving them, and
 # quiescectl checkpointing a raw copy that it proves consistent. Cleans up after itself.
-demo: release
+demo: deps release
 	scripts/demo $(RELEASE_BIN)
 
 # The same job in a throwaway QEMU guest: the host checkpoints the guest over virtio-serial and

@@ -69,7 +69,9 @@ public struct Discovery: Sendable {
             case .unknownMount:
                 throw ProtocolError(.unknownMount, error.message, details: ["mountpoint": .string(error.mountPoint)])
             case .ineligibleMount:
-                throw ProtocolError(.ineligibleMount, error.message, details: ["mountpoint": .string(error.mountPoint)])
+                var details: JSONObject = ["mountpoint": .string(error.mountPoint)]
+                if let reason = error.reason { details["reason"] = .string(reason.rawValue) }
+                throw ProtocolError(.ineligibleMount, error.message, details: details)
             case .cycle:
                 throw ProtocolError(.internal, error.message)
             }

@@ -214,6 +214,7 @@ public struct FreezeEngine: Sendable {
                     message += "; COULD NOT THAW: \(rollback.errors.joined(separator: "; "))"
                 }
                 var d = details(t, failure.errno)
+                if code == .ineligibleMount { d["reason"] = "unsupported" }
                 d["rolled_back"] = .array(rolledBack.map(JSON.string))
                 return .failure(FreezeFailure(error: ProtocolError(code, message, details: d), filesystems: reports))
             }

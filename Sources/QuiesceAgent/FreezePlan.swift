@@ -111,7 +111,7 @@ public enum SkipReason: String, Sendable {
     case readOnly = "read-only"
     /// Matched an exclude pattern of the scope.
     case excluded
-    /// Outside an include scope. `FreezePlan.make` does not list such mounts; the case exists for reports.
+    /// Outside an include scope. Scope plans do not list such mounts; an explicit list naming one is refused with it.
     case notIncluded = "not-included"
     /// Has no block device (major 0 and no block-device source).
     case noDevice = "no-device"
@@ -153,11 +153,14 @@ public struct PlanError: Error, Sendable, Equatable, CustomStringConvertible {
     public var mountPoint: String
     /// A complete sentence for humans.
     public var message: String
+    /// For `ineligibleMount`: why (pseudo, network, read-only, excluded, not-included…).
+    public var reason: SkipReason?
 
-    public init(kind: Kind, mountPoint: String, message: String) {
+    public init(kind: Kind, mountPoint: String, message: String, reason: SkipReason? = nil) {
         self.kind = kind
         self.mountPoint = mountPoint
         self.message = message
+        self.reason = reason
     }
 
     public var description: String { message }
@@ -226,10 +229,13 @@ public struct FreezePlan: Sendable, Equatable {
     /// - Parameters:
     ///   - mounts: /proc/self/mountinfo, in its order.
     ///   - topology: what the block devices rest on (`BlockTopology.read`).
-    ///   - scope: which mounts are eligible; ignored in explicit mode.
+    ///   - scope: which mounts are eligible. It binds explicit lists too: the guest's admin
+    ///     sets the scope, and a host naming a mount outside it (or excluded) gets an error,
+    ///     never a freeze.
     ///   - explicitMounts: when non-nil, exactly these mount points (trailing slashes are
-    ///     ignored). A path that is not a mount point, or a mount that cannot be frozen, is an
-    ///     error; two mount points of one filesystem give one entry opened through the first.
+    ///     ignored). A path that is not a mount point, or a mount that cannot be frozen or is
+    ///     out of scope, is an error; two mount points of one filesystem give one entry opened
+    ///     through the first.
     ///   - resolveDevice: the real block device of a major-0 mount (btrfs), usually
     ///     `BlockTopology.blockDevice(ofSource: $0.source)`. Only asked for major-0 mounts of
     ///     types that are neither pseudo nor network.
@@ -240,7 +246,7 @@ public struct FreezePlan: Sendable, Equatable {
         let table = MountTable(mounts: mounts, resolveDevice: resolveDevice)
         let selection: Selection
         if let explicitMounts {
-            selection = try table.selectExplicit(explicitMounts)
+            selection = try table.selectExplicit(explicitMounts, scope: scope)
         } else {
             selection = table.selectInScope(scope)
         }
@@ -450,7 +456,7 @@ private struct MountTable {
         return Selection(planned: planned, skipped: ordered.map { $0.element.1 })
     }
 
-    func selectExplicit(_ paths: [String]) throws(PlanError) -> Selection {
+    func selectExplicit(_ paths: [String], scope: FreezeScope) throws(PlanError) -> Selection {
         var planned: [Selected] = []
         var seenPaths = Set<String>()
         for raw in paths {
@@ -460,9 +466,20 @@ private struct MountTable {
             guard let index = atPath.last(where: { coveredBy[$0] == nil }) ?? atPath.last else {
                 throw PlanError(kind: .unknownMount, mountPoint: path, message: "\(raw) is not a mount point")
             }
+            let m = mounts[index]
             if let (reason, detail) = ineligible[index] {
                 throw PlanError(kind: .ineligibleMount, mountPoint: path,
-                                message: "cannot freeze \(path) (\(reason.rawValue)): \(detail)")
+                                message: "cannot freeze \(path) (\(reason.rawValue)): \(detail)", reason: reason)
+            }
+            guard scope.isIncluded(mountPoint: m.mountPoint, fsType: m.fsType) else {
+                throw PlanError(kind: .ineligibleMount, mountPoint: path,
+                                message: "cannot freeze \(path) (not-included): outside the agent's configured include scope",
+                                reason: .notIncluded)
+            }
+            if let pattern = scope.exclusion(mountPoint: m.mountPoint, fsType: m.fsType) {
+                throw PlanError(kind: .ineligibleMount, mountPoint: path,
+                                message: "cannot freeze \(path) (excluded): excluded by \(pattern) in the agent's configuration",
+                                reason: .excluded)
             }
             if let existing = planned.firstIndex(where: { $0.key == key[index] }) {
                 planned[existing].others.append(index)

@@ -57,28 +57,37 @@ struct FreezeLabTests {
         }
     }
 
-    @Test("an explicit mount list freezes exactly those mounts; an unknown one freezes nothing")
+    @Test("an explicit mount list freezes exactly those mounts; an unknown, ineligible or out-of-scope one freezes nothing")
     func explicitListFreezesExactlyThose() async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
             let b = try lab.filesystem("b")
             let c = try lab.filesystem("c")
+            let d = try lab.filesystem("d")
             let tmp = try lab.mount("tmp", "-t tmpfs tmpfs")
-            // No include scope at all: explicit mode must not depend on it.
-            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/nothing-matches-*"])
+            // The guest's scope binds the host's explicit list: c is outside it, d excluded.
+            let agent = try AgentProcess(in: lab.root, arguments: [
+                "--include", "\(lab.root)/[abd]", "--include", "\(lab.root)/tmp", "--exclude", "\(lab.root)/d"])
             let client = try TestClient(path: agent.socketPath)
 
             let r = try client.result(["op": "freeze", "mounts": [.string(a), .string(b + "/")], "mode": "detached"])
             #expect(Set(r.mountPoints) == [a, b])
             #expect(try isFrozen(a) && isFrozen(b))
-            #expect(try !isFrozen(c))
+            #expect(try !isFrozen(c) && !isFrozen(d))
             _ = try client.result(["op": "thaw"])
 
-            for (bad, code) in [("\(lab.root)/not-a-mount", "unknown-mount"), (tmp, "ineligible-mount")] {
-                let reply = try client.call(["op": "freeze", "mounts": [.string(a), .string(bad)]])
-                guard case .failure(let err) = reply.outcome else { Issue.record("\(bad) was accepted"); continue }
-                #expect(err.code.rawValue == code)
-                #expect(try !isFrozen(a), "nothing is frozen when one named mount is bad")
+            let cases: [(String, String, String?)] = [
+                ("\(lab.root)/not-a-mount", "unknown-mount", nil), (tmp, "ineligible-mount", "pseudo"),
+                (c, "ineligible-mount", "not-included"), (d, "ineligible-mount", "excluded"),
+            ]
+            for (bad, code, reason) in cases {
+                for op in ["freeze", "filesystems", "sync"] {
+                    let reply = try client.call(["op": .string(op), "mounts": [.string(a), .string(bad)]])
+                    guard case .failure(let err) = reply.outcome else { Issue.record("\(op) \(bad) was accepted"); continue }
+                    #expect(err.code.rawValue == code, "\(op) \(bad)")
+                    #expect(err.details?["reason"]?.stringValue == reason, "\(op) \(bad)")
+                }
+                #expect(try !isFrozen(a) && !isFrozen(c) && !isFrozen(d), "nothing is frozen when one named mount is bad")
             }
             agent.stop()
         }

@@ -192,12 +192,25 @@ struct FreezePlanTests {
         #expect(plan.skipped.isEmpty)
     }
 
-    @Test("explicit mode ignores the include and exclude scope")
-    func explicitIgnoresScope() throws {
-        let plan = try FreezePlan.make(
-            mounts: mounts(MountInfoFixtures.debianVM), topology: BlockTopology(),
-            scope: FreezeScope(include: ["/nothing"], exclude: ["/boot*"]), explicitMounts: ["/boot/efi"])
-        #expect(plan.mountPointsByWave == [["/boot/efi"]])
+    @Test("an explicit list obeys the guest's scope: outside the include scope or excluded is ineligible, with the reason")
+    func explicitObeysScope() throws {
+        let entries = try mounts(MountInfoFixtures.debianVM)
+        let scope = FreezeScope(include: ["/boot*"], exclude: ["/boot/efi"])
+        #expect(try FreezePlan.make(mounts: entries, topology: BlockTopology(), scope: scope,
+                                    explicitMounts: ["/boot"]).mountPointsByWave == [["/boot"]])
+        for (path, reason) in [("/", SkipReason.notIncluded), ("/boot/efi", .excluded)] {
+            do {
+                _ = try FreezePlan.make(mounts: entries, topology: BlockTopology(), scope: scope, explicitMounts: ["/boot", path])
+                Issue.record("\(path) was planned although the scope leaves it out")
+            } catch {
+                #expect(error.kind == .ineligibleMount && error.mountPoint == path && error.reason == reason, "\(error)")
+                #expect(error.message.contains(reason.rawValue))
+            }
+        }
+        let byType = FreezeScope(excludeTypes: ["vfat"])
+        #expect(throws: PlanError.self) {
+            try FreezePlan.make(mounts: entries, topology: BlockTopology(), scope: byType, explicitMounts: ["/boot/efi"])
+        }
     }
 
     @Test("two explicit mount points of one filesystem give one entry, opened through the first given")
@@ -235,6 +248,7 @@ struct FreezePlanTests {
             #expect(error.kind == .ineligibleMount)
             #expect(error.mountPoint == mountPoint)
             #expect(error.message.contains(reason), "\(error.message)")
+            #expect(error.reason?.rawValue == reason)
             #expect(error.description == error.message)
         }
     }
