@@ -68,6 +68,7 @@ while let arg = args.popFirst() {
             value = String(key[key.index(after: eq)...])
             key = String(key[..<eq])
         } else {
+            guard key == "config" || valued.contains(key) else { fail("unknown option --\(key) (see --help)") }
             guard let next = args.popFirst() else { fail("--\(key) needs a value") }
             value = next
         }

@@ -524,6 +524,21 @@ struct SystemdAndConfigTests {
         #expect(flagWins.contains("unix:/tmp/x.sock") && !flagWins.contains("vsock:5123"), "a flag replaces the file's list")
     }
 
+    @Test("bad flags are refused with exit 2 and a message naming the flag and the problem",
+          arguments: [
+              ("--frobnicate", "unknown option --frobnicate"),
+              ("--frobnicate=1", "unknown option --frobnicate"),
+              ("--max-freeze", "--max-freeze needs a value"),
+              ("--max-freeze 0", "max-freeze: must be longer than 0"),
+              ("--listen vsock:abc", "port \"abc\" is not a number"),
+              ("--listen tcp:1", "unknown kind \"tcp\""),
+              ("stray", "unexpected argument \"stray\""),
+          ])
+    func badFlags(flags: String, message: String) throws {
+        let out = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --check-config \(flags) 2>&1; echo \"exit=$?\"")
+        #expect(out.contains(message) && out.hasSuffix("exit=2\n"), "\(out)")
+    }
+
     @Test("vsock: the agent binds and listens (connecting is tested inside a guest VM)",
           .enabled(if: FileManager.default.fileExists(atPath: "/dev/vsock")))
     func vsockListen() async throws {
