@@ -127,7 +127,7 @@ public final class AgentClient {
         switch try awaitReply(ids: [id], what: name, deadline: deadline(wait), timeoutMs: wait) {
         case .success(let result): return result
         case .failure(let e):
-            throw AgentError(.refused, "\(name) refused by \(address): \(e.code): \(e.message)", remote: e)
+            throw AgentError(.refused, "\(name) refused: \(e.code): \(e.message)", remote: e)
         }
     }
 

@@ -219,7 +219,7 @@ struct CheckpointTests {
         #expect(r.status == ExitCodes.freezeFailed)
         #expect(!FileManager.default.fileExists(atPath: marker))
         #expect(ok1.log == ["hello", "freeze", "thaw"] && ok2.log == ["hello", "freeze", "thaw"])
-        #expect(r.stderr.contains("\(bad.address): cannot freeze: freeze refused by \(bad.address): freeze-failed: /data: EIO"))
+        #expect(r.stderr.contains("\(bad.address): cannot freeze: freeze refused: freeze-failed: /data: EIO"))
     }
 
     @Test("usage errors exit 64 and name the flag", arguments: [
