@@ -56,4 +56,45 @@ struct SerialPortTests {
             agent.stop()
         }
     }
+
+    @Test("a port that appears after the agent started, and one unplugged mid-session, are served when they (re)appear")
+    func portAppearsLater() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let port = "\(lab.root)/port", chardev = "\(lab.root)/chardev.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "serial:\(port)"])
+            try waitUntil(timeoutMs: 3000) { agent.log.contains("waiting for it") }
+            #expect(try TestClient(path: agent.socketPath).result(["op": "ping"]) == [:], "the other listeners serve meanwhile")
+
+            func plug() throws -> Process {
+                try? FileManager.default.removeItem(atPath: chardev)
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: "/usr/bin/socat")
+                p.arguments = ["PTY,link=\(port),raw,echo=0", "UNIX-LISTEN:\(chardev)"]
+                p.standardError = FileHandle.nullDevice
+                try p.run()
+                try waitUntil(timeoutMs: 3000) { FileManager.default.fileExists(atPath: chardev) }
+                return p
+            }
+            let first = try plug()
+            defer { first.terminate() }
+            let host = try TestClient(path: chardev)
+            try host.sendRaw([0xFF])
+            _ = try host.result(["op": "freeze", "mode": "bound", "timeout_ms": 60_000], timeoutMs: 10_000)
+            #expect(try isFrozen(a))
+            // Hot-unplug: the port vanishes under the session (socat killed, the pty gone).
+            kill(first.processIdentifier, SIGKILL)
+            first.waitUntilExit()
+            try waitUntil(timeoutMs: 5000) { try !isFrozen(a) }
+
+            let second = try plug()
+            defer { second.terminate() }
+            let again = try TestClient(path: chardev)
+            try again.sendRaw([0xFF])
+            let status = try again.result(["op": "status"], timeoutMs: 10_000)
+            #expect(status["state"] == "thawed" && status["last_auto_thaw"]?["reason"] == "disconnect")
+            again.close()
+            agent.stop()
+        }
+    }
 }
