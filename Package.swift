@@ -39,7 +39,7 @@ let package = Package(
         // Loop-filesystem labs, agent processes and a blocking client, shared by the test targets.
         .target(name: "QuiesceTestSupport", dependencies: ["QuiesceProtocol", "QuiesceLinux"],
                 path: "Tests/QuiesceTestSupport"),
-        .testTarget(name: "QuiesceProtocolTests", dependencies: ["QuiesceProtocol"]),
+        .testTarget(name: "QuiesceProtocolTests", dependencies: ["QuiesceProtocol", "QuiesceTestSupport"]),
         .testTarget(name: "QuiesceAgentTests", dependencies: ["QuiesceAgent", "QuiesceLinux", "QuiesceTestSupport", "quiesced"]),
         .testTarget(name: "QuiesceHostTests", dependencies: ["QuiesceHost", "QuiesceTestSupport", "quiesced", "quiescectl"]),
     ],

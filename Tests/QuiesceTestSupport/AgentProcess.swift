@@ -135,6 +135,23 @@ public final class TestClient: @unchecked Sendable {
         }
     }
 
+    /// Takes whatever the agent has sent so far without waiting, decoded. Throws when a frame
+    /// is not a valid reply or event; `closed` is true once the agent has closed the connection.
+    public func drain() throws -> (messages: [AgentMessage], closed: Bool) {
+        var messages: [AgentMessage] = []
+        var closed = false
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while !closed, let ready = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: 0), ready != 0 {
+            guard let n = try? buf.withUnsafeMutableBytes({ try FD.read(fd, into: $0) }), n > 0 else { closed = true; break }
+            decoder.feed(buf[0..<n])
+        }
+        while let ev = decoder.next() {
+            guard case .frame(let bytes) = ev else { throw LabError("the agent sent a line the decoder refused: \(ev)") }
+            messages.append(try AgentMessage.decode(frame: bytes))
+        }
+        return (messages, closed)
+    }
+
     /// Waits for an event with the given name (events seen during calls count too).
     public func waitForEvent(_ name: String, timeoutMs: Int32) throws -> Event {
         if let i = events.firstIndex(where: { $0.name == name }) { return events.remove(at: i) }
