@@ -19,8 +19,12 @@ public final class AgentClient {
     public let replyTimeoutMs: Int64
     /// The agent's answer to `hello`, once connected.
     public private(set) var hello: HelloResult?
-    /// Events the agent pushed (e.g. "thawed"), in arrival order.
+    /// Events the agent pushed (e.g. "thawed"), in arrival order: the last `maxKeptEvents`, so an
+    /// agent flooding events cannot grow this client's memory.
     public private(set) var events: [Event] = []
+    /// Events dropped from the front of `events` to keep it bounded.
+    public private(set) var droppedEvents = 0
+    public static let maxKeptEvents = 64
     /// Frames that were skipped: replies to earlier clients (serial) or to abandoned requests.
     public private(set) var discardedFrames = 0
     /// Called for each event as it arrives, on the owning thread.
@@ -225,6 +229,10 @@ public final class AgentClient {
             }
             switch message {
             case .event(let e):
+                if events.count == AgentClient.maxKeptEvents {
+                    events.removeFirst()
+                    droppedEvents += 1
+                }
                 events.append(e)
                 onEvent?(e)
                 return nil

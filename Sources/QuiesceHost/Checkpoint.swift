@@ -494,14 +494,21 @@ final class CheckpointRun {
             note(at, i, "keepalive-late", "\(error.message); trying again")
 
         case .agentEvent(let i, let ev, let at):
-            report.agents[i].events.append(ev)
+            let listed = report.agents[i].events.count < AgentReport.maxListedEvents
+            if listed {
+                report.agents[i].events.append(ev)
+            } else {
+                if report.agents[i].droppedEvents == 0 {
+                    note(at, i, "agent-event", "more than \(AgentReport.maxListedEvents) events: further ones are counted, not listed")
+                }
+                report.agents[i].droppedEvents += 1
+            }
             if ev.name == "thawed" {
                 let reason = ev.fields["reason"]?.stringValue ?? "unknown"
-                if report.agents[i].freezeLost == nil && !thawStarted {
-                    report.agents[i].freezeLost = "the agent thawed by itself (\(reason))"
-                }
-                note(at, i, "agent-thawed", "the agent thawed by itself (reason: \(reason))")
-            } else {
+                let lostHere = report.agents[i].freezeLost == nil && !thawStarted
+                if lostHere { report.agents[i].freezeLost = "the agent thawed by itself (\(reason))" }
+                if listed || lostHere { note(at, i, "agent-thawed", "the agent thawed by itself (reason: \(reason))") }
+            } else if listed {
                 note(at, i, "agent-event", "event \(ev.name): \(JSON.object(ev.fields).text)")
             }
 

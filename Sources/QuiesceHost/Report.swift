@@ -82,7 +82,12 @@ public struct AgentReport: Sendable {
     public var thawError: AgentError?
     public var thawedNs: UInt64?
     public var keepalives = 0
+    /// Events the agent pushed, the first `maxListedEvents` of them: an agent that floods events
+    /// cannot grow the report (or the timeline) without bound.
     public var events: [QuiesceProtocol.Event] = []
+    /// Events past `maxListedEvents`, counted but not listed.
+    public var droppedEvents = 0
+    public static let maxListedEvents = 32
 
     public init(address: AgentAddress) { self.address = address }
 
@@ -104,6 +109,7 @@ public struct AgentReport: Sendable {
         if let thaw { o["thaw"] = .object(thaw.json) }
         if let thawError { o["thaw_error"] = thawError.json }
         if !events.isEmpty { o["events"] = .array(events.map(\.json)) }
+        if droppedEvents > 0 { o["events_not_listed"] = .int(Int64(droppedEvents)) }
         return .object(o)
     }
 }

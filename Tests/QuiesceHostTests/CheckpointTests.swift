@@ -32,6 +32,20 @@ struct CheckpointTests {
         #expect(withHooks.log == ["hello", "freeze", "thaw"])
     }
 
+    @Test("an agent flooding events cannot grow the report: 32 are listed, the rest counted")
+    func eventFlood() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir, .init(eventsAfterFreeze: 20_000))
+        let r = try Ctl.run(agentArgs([a]) + ["--json", "checkpoint", "--", "sleep", "0.3"], in: dir)
+        #expect(r.status == 0, "\(r.stderr)")
+        let doc = try JSON.parse(r.stdout)
+        let agent = try #require(doc["agents"]?.arrayValue?.first)
+        #expect(agent["events"]?.arrayValue?.count == AgentReport.maxListedEvents)
+        #expect(agent["events_not_listed"]?.intValue == Int64(20_000 - AgentReport.maxListedEvents))
+        #expect((doc["timeline"]?.arrayValue?.count ?? 0) < AgentReport.maxListedEvents + 12, "the timeline stays short")
+        #expect(!a.frozen)
+    }
+
     @Test("application-consistent when every agent's freeze hooks ran")
     func applicationConsistent() throws {
         let dir = TempDir()

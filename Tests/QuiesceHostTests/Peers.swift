@@ -81,6 +81,7 @@ final class ScriptedPeer: @unchecked Sendable {
     private let listener: Int32
 
     init(path: String, _ script: @escaping @Sendable (PeerConnection) -> Void) throws {
+        _ = ignoreSIGPIPE  // a script may write on after the client under test has hung up
         self.path = path
         listener = try Socket.listenUnix(path: path, mode: 0o600, backlog: 64)
         let fd = listener
@@ -116,6 +117,8 @@ final class FakeAgent: @unchecked Sendable {
         var dropAfterFreezeMs: Int? = nil
         /// Answer a freeze only once every agent sharing this barrier has received its own.
         var freezeBarrier: Barrier? = nil
+        /// Push this many (meaningless) events right after answering a freeze: a flooding agent.
+        var eventsAfterFreeze = 0
     }
 
     private struct State {
@@ -185,6 +188,10 @@ final class FakeAgent: @unchecked Sendable {
                     skipped: [], hooks: b.hooks, presyncUs: 1000, freezeUs: 2000, stallUs: 1500, totalUs: 3000,
                     timeoutMs: f.timeoutMs ?? 600_000, deadlineMs: wallClockMillis() + (f.timeoutMs ?? 600_000))
                 c.send(Reply(id: r.id, result: result.json))
+                if b.eventsAfterFreeze > 0 {
+                    let noise = Event(name: "noise", fields: ["n": .int(1)]).frame
+                    c.send(Array([[UInt8]](repeating: noise, count: b.eventsAfterFreeze).joined()))
+                }
                 if let ms = b.dropAfterFreezeMs {
                     usleep(UInt32(ms) * 1000)
                     return

@@ -228,6 +228,40 @@ struct UnreachableTests {
         }
     }
 
+    @Test("an agent that floods events keeps only the last few in memory, and its reply still arrives")
+    func eventFlood() throws {
+        let dir = TempDir()
+        let peer = try ScriptedPeer(path: dir.file("flood.sock")) { c in
+            guard let r = c.readRequest() else { return }
+            let thawed = Event.thawed(opID: "x", reason: .deadline, atMs: 0, filesystems: []).frame
+            var burst: [UInt8] = []
+            for _ in 0..<1000 { burst += thawed }
+            for _ in 0..<50 { c.send(burst) }  // 50,000 events before the reply
+            c.send(Reply(id: r.id, result: hello.json))
+            _ = c.readRequest(timeoutMs: 3000)
+        }
+        let client = try AgentClient.connect(.unix(path: peer.path), connectTimeoutMs: 1000, replyTimeoutMs: 10_000)
+        #expect(client.hello?.agent == "peer")
+        #expect(client.events.count == AgentClient.maxKeptEvents)
+        #expect(client.droppedEvents == 50_000 - AgentClient.maxKeptEvents)
+    }
+
+    @Test("an agent that sends an endless line is cut off at the frame limit, not buffered")
+    func endlessLine() throws {
+        let dir = TempDir()
+        let peer = try ScriptedPeer(path: dir.file("endless.sock")) { c in
+            guard c.readRequest() != nil else { return }
+            let chunk = [UInt8](repeating: 0x61, count: 65536)
+            for _ in 0..<64 { c.send(chunk) }  // 4 MiB and no newline
+        }
+        #expect {
+            _ = try AgentClient.connect(.unix(path: peer.path), connectTimeoutMs: 1000, replyTimeoutMs: 5000)
+        } throws: { error in
+            let e = error as! AgentError
+            return e.code == .protocolViolation && e.message.contains("frame larger than")
+        }
+    }
+
     @Test("an agent of another protocol version is refused")
     func otherVersion() throws {
         let dir = TempDir()

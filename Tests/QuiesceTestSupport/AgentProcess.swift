@@ -71,8 +71,9 @@ public final class AgentProcess: @unchecked Sendable {
     deinit { stop() }
 }
 
-/// Writes to a socket the agent closed must fail with EPIPE, not kill the test process.
-let ignoreSIGPIPE: Void = { signal(SIGPIPE, SIG_IGN) }()
+/// Writes to a peer that has gone (the agent, or a client under test) fail with EPIPE instead
+/// of killing the test process.
+public let ignoreSIGPIPE: Void = { signal(SIGPIPE, SIG_IGN) }()
 
 /// A blocking line-protocol client: send a request, read frames until the reply with its id.
 public final class TestClient: @unchecked Sendable {
