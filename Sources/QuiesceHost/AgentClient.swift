@@ -180,6 +180,16 @@ public final class AgentClient {
         try send(bytes)
     }
 
+    /// Handles what the agent has sent meanwhile (events go to `onEvent`) without waiting.
+    /// Throws `.disconnected` once the agent has closed the connection.
+    public func takeIncoming() throws(AgentError) {
+        do {
+            _ = try awaitReplyOrTimeout(ids: [], what: "no", deadline: 0)
+        } catch where error.code == .disconnected {
+            throw AgentError(.disconnected, "\(address.spoken) closed the connection", errno: error.errno)
+        }
+    }
+
     private func send(_ bytes: [UInt8]) throws(AgentError) {
         try connection.send(bytes, timeoutMs: max(replyTimeoutMs, 1000))
     }

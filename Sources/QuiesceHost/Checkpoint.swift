@@ -113,6 +113,8 @@ enum CheckpointEvent: Sendable {
     case failed(Int, AgentStage, AgentError, UInt64)
     case keepaliveFailed(Int, AgentError, UInt64)
     case keepaliveLate(Int, AgentError, UInt64)
+    /// The connection dropped while the guest should have been frozen.
+    case connectionLost(Int, AgentError, UInt64)
     case agentEvent(Int, QuiesceProtocol.Event, UInt64)
     case thawed(Int, ThawOutcome, UInt64)
     case childExited(UInt64)
@@ -169,7 +171,16 @@ final class AgentSession: Sendable {
         }
         defer { client.close() }
         events.post(.connected(i, client.hello!, monotonicNanos()))
-        client.onEvent = { events.post(.agentEvent(i, $0, monotonicNanos())) }
+        // The agent's own word that it thawed our freeze (deadline, signal): the freeze is lost,
+        // and the thaw needs no further confirmation.
+        let thawedByAgent = Atomic<Bool>(false)
+        let opID = plan.opID
+        client.onEvent = { event in
+            if event.name == "thawed", event.fields["op_id"]?.stringValue == opID {
+                thawedByAgent.store(true, ordering: .releasing)
+            }
+            events.post(.agentEvent(i, event, monotonicNanos()))
+        }
 
         if mode.load(ordering: .acquiring) != 0 {
             events.post(.failed(i, .freeze, AgentError(.refused, "not frozen: the checkpoint was interrupted"), monotonicNanos()))
@@ -191,14 +202,30 @@ final class AgentSession: Sendable {
 
         // Keep the freeze alive until told to thaw. Keepalives come from this thread, which never
         // waits for COMMAND, so a long snapshot is never cut short while we are alive, and a
-        // stopped or dead coordinator lets the lease run out.
+        // stopped or dead coordinator lets the lease run out. Between keepalives the connection
+        // is watched, so a freeze lost while COMMAND runs (the agent thawed by itself and said
+        // so, or the connection dropped) is known within a tenth of a second, not at the thaw.
         let interval = UInt64(max(100, lease / 3)) * 1_000_000
+        let watchSlice: UInt64 = 100_000_000
         var next = frozenAt + interval
         var keepalives = 0
         var keepaliveFailed = false
-        while orders.receive(deadlineNanos: next) == nil {
+        var lost = false
+        while orders.receive(deadlineNanos: lost ? next : min(next, monotonicNanos() + watchSlice)) == nil {
+            if !lost {
+                do {
+                    try client.takeIncoming()
+                } catch {
+                    lost = true
+                    if !thawedByAgent.load(ordering: .acquiring) {
+                        events.post(.connectionLost(i, error, monotonicNanos()))
+                    }
+                }
+                if thawedByAgent.load(ordering: .acquiring) { lost = true }
+            }
+            guard monotonicNanos() >= next else { continue }
             next = monotonicNanos() + interval
-            guard !keepaliveFailed, mode.load(ordering: .acquiring) != 2 else { continue }
+            guard !keepaliveFailed, !lost, mode.load(ordering: .acquiring) != 2 else { continue }
             var ttl = lease
             let hard = hardDeadline.load(ordering: .acquiring)
             if hard != 0 {
@@ -219,12 +246,17 @@ final class AgentSession: Sendable {
                 events.post(.keepaliveFailed(i, error, monotonicNanos()))
             }
         }
-        events.post(.thawed(i, thaw(client, plan: plan, keepalives: keepalives), monotonicNanos()))
+        let outcome = thaw(client, plan: plan, keepalives: keepalives,
+                           confirmedByAgent: { thawedByAgent.load(ordering: .acquiring) })
+        events.post(.thawed(i, outcome, monotonicNanos()))
     }
 
     /// Thaws our operation. If the connection is gone, reconnects once to make sure: a bound
     /// freeze should have been thawed by the agent when the connection dropped, but we verify.
-    private func thaw(_ client: AgentClient, plan: CheckpointPlan, keepalives: Int) -> ThawOutcome {
+    /// `confirmedByAgent` tells whether the agent has pushed a `thawed` event for our operation:
+    /// then a connection the agent closed afterwards (it exited on SIGTERM) is no thaw failure.
+    private func thaw(_ client: AgentClient, plan: CheckpointPlan, keepalives: Int,
+                      confirmedByAgent: () -> Bool) -> ThawOutcome {
         var outcome = ThawOutcome(result: nil, error: nil, alreadyThawed: false, reconnected: false, keepalives: keepalives)
         func attempt(_ c: AgentClient) -> AgentError? {
             let giveUp = monotonicNanos() + UInt64(plan.replyTimeoutMs) * 1_000_000
@@ -249,6 +281,10 @@ final class AgentSession: Sendable {
             }
         }
         guard let error = attempt(client) else { return outcome }
+        if error.code == .disconnected && confirmedByAgent() {
+            outcome.alreadyThawed = true
+            return outcome
+        }
         guard error.code == .disconnected || error.code == .timeout, mode.load(ordering: .acquiring) != 2 else {
             outcome.error = error
             return outcome
@@ -263,7 +299,7 @@ final class AgentSession: Sendable {
                 outcome.error = AgentError(e2.code, "\(error.message); after reconnecting: \(e2.message)", remote: e2.remote)
             }
         } catch {
-            outcome.error = AgentError(error.code, "could not confirm the thaw (\(error.message)); the agent thaws bound freezes when the connection drops: check with `quiescectl --agent \(address) status`")
+            outcome.error = AgentError(error.code, "could not confirm the thaw (\(error.message)); an agent thaws a bound freeze when its connection drops, and a restarted agent thaws what a crashed one left frozen: check with `quiescectl --agent \(address) status`")
         }
         return outcome
     }
@@ -489,6 +525,12 @@ final class CheckpointRun {
         case .keepaliveFailed(let i, let error, let at):
             if report.agents[i].freezeLost == nil { report.agents[i].freezeLost = "keepalive failed: \(error.message)" }
             note(at, i, "keepalive-failed", "keepalive failed: \(error.message): the freeze may no longer hold")
+
+        case .connectionLost(let i, let error, let at):
+            if report.agents[i].freezeLost == nil && !thawStarted {
+                report.agents[i].freezeLost = "the connection dropped (\(error.message)); the agent thaws a bound freeze when that happens"
+                note(at, i, "connection-lost", "the connection dropped while frozen (\(error.message)): the freeze no longer holds")
+            }
 
         case .keepaliveLate(let i, let error, let at):
             note(at, i, "keepalive-late", "\(error.message); trying again")

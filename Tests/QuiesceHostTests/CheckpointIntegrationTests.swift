@@ -131,6 +131,34 @@ struct CheckpointIntegrationTests {
         }
     }
 
+    @Test("SIGTERM to the agent mid-COMMAND: it thaws and says so; the run reports the lost freeze (70), not a failed thaw")
+    func agentStoppedMidCommand() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 1)
+            defer { g.stop() }
+            let dir = TempDir()
+            let ready = dir.file("ready"), go = dir.file("go")
+            let ctl = try Ctl(g.addresses + ["--json", "checkpoint", "--", "sh", "-c",
+                                             "touch '\(ready)'; while [ ! -e '\(go)' ]; do sleep 0.05; done"], in: dir)
+            #expect(eventually(withinMs: 10_000) { FileManager.default.fileExists(atPath: ready) })
+            #expect(try isFrozen(g.mounts[0]))
+            g.agents[0].signal(SIGTERM)
+            #expect(g.agents[0].waitForExit() == 0)
+            #expect(try !isFrozen(g.mounts[0]), "the agent thawed before exiting")
+            usleep(300_000)  // quiescectl notices within its 100 ms watch
+            FileManager.default.createFile(atPath: go, contents: nil)
+            let r = try #require(ctl.wait(timeoutMs: 15_000))
+            #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+            let agent = try #require(r.json?["agents"]?.arrayValue?.first)
+            #expect(agent["freeze_lost"]?.stringValue?.contains("thawed by itself (signal)") == true, "\(agent)")
+            #expect(agent["thaw_error"] == nil, "the agent's thawed event confirms the thaw")
+            let timeline = r.json?["timeline"]?.arrayValue ?? []
+            func at(_ event: String) -> Double? { timeline.first { $0["event"]?.stringValue == event }?["t_ms"]?.doubleValue }
+            let thawedAt = try #require(at("agent-thawed")), doneAt = try #require(at("command-done"))
+            #expect(thawedAt < doneAt - 200, "noticed while COMMAND ran: \(thawedAt) ms vs \(doneAt) ms")
+        }
+    }
+
     @Test("an unreachable agent with --on-agent-failure fail: COMMAND does not run and the reachable guest is thawed")
     func unreachableFail() async throws {
         try await LoopLab.with { lab in
