@@ -152,9 +152,7 @@ struct CheckpointIntegrationTests {
             let agent = try #require(r.json?["agents"]?.arrayValue?.first)
             #expect(agent["freeze_lost"]?.stringValue?.contains("thawed by itself (signal)") == true, "\(agent)")
             #expect(agent["thaw_error"] == nil, "the agent's thawed event confirms the thaw")
-            let timeline = r.json?["timeline"]?.arrayValue ?? []
-            func at(_ event: String) -> Double? { timeline.first { $0["event"]?.stringValue == event }?["t_ms"]?.doubleValue }
-            let thawedAt = try #require(at("agent-thawed")), doneAt = try #require(at("command-done"))
+            let thawedAt = try #require(r.timelineMs("agent-thawed")), doneAt = try #require(r.timelineMs("command-done"))
             #expect(thawedAt < doneAt - 200, "noticed while COMMAND ran: \(thawedAt) ms vs \(doneAt) ms")
         }
     }

@@ -175,9 +175,7 @@ struct CheckpointTests {
         #expect(agent["freeze_lost"]?.stringValue?.contains("the connection dropped") == true)
         #expect(agent["thaw_error"] == nil)
         // Seen while COMMAND ran (the drop comes 200 ms into a 1 s COMMAND), not at the thaw.
-        let timeline = r.json?["timeline"]?.arrayValue ?? []
-        func at(_ event: String) -> Double? { timeline.first { $0["event"]?.stringValue == event }?["t_ms"]?.doubleValue }
-        let lostAt = try #require(at("connection-lost")), doneAt = try #require(at("command-done"))
+        let lostAt = try #require(r.timelineMs("connection-lost")), doneAt = try #require(r.timelineMs("command-done"))
         #expect(lostAt < doneAt - 400, "lost at \(lostAt) ms, COMMAND done at \(doneAt) ms")
     }
 
@@ -191,9 +189,7 @@ struct CheckpointTests {
         let doc = try #require(r.json)
         #expect(doc["command"]?["stopped_by"] == "deadline")
         #expect(doc["command"]?["signal"] == "SIGKILL")
-        let timeline = doc["timeline"]?.arrayValue ?? []
-        func at(_ event: String) -> Double? { timeline.first { $0["event"]?.stringValue == event }?["t_ms"]?.doubleValue }
-        let deadlineAt = try #require(at("deadline")), thawedAt = try #require(at("thawed")), killAt = try #require(at("kill"))
+        let deadlineAt = try #require(r.timelineMs("deadline")), thawedAt = try #require(r.timelineMs("thawed")), killAt = try #require(r.timelineMs("kill"))
         #expect(thawedAt < killAt, "the guest is thawed at the deadline, not after the grace period")
         #expect(killAt - deadlineAt >= 450)
         #expect(!a.frozen)

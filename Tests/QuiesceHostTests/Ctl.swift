@@ -13,6 +13,11 @@ struct CtlResult {
 
     /// The JSON document on standard output (--json).
     var json: JSON? { try? JSON.parse(stdout.trimmingCharacters(in: .whitespacesAndNewlines)) }
+
+    /// When (t_ms) the JSON timeline first shows `event`.
+    func timelineMs(_ event: String) -> Double? {
+        json?["timeline"]?.arrayValue?.first { $0["event"]?.stringValue == event }?["t_ms"]?.doubleValue
+    }
 }
 
 /// One quiescectl process.
