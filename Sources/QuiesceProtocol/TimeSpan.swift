@@ -39,10 +39,11 @@ public struct TimeSpan: Sendable, Hashable, Comparable, CustomStringConvertible 
         else {
             throw TimeSpanParseError(text: text, reason: "use a number followed by ms, s, m or h (500ms, 30s, 5m), or plain seconds")
         }
-        let ms = Double(Int64(value * factor + 0.5))  // round half up without libm
-        guard ms <= Double(TimeSpan.maximum.milliseconds) else {
+        // Compare before converting: Int64(_:) traps on a value out of its range (or infinite).
+        guard value * factor + 0.5 < Double(TimeSpan.maximum.milliseconds) + 1 else {
             throw TimeSpanParseError(text: text, reason: "it is longer than one day")
         }
+        let ms = Double(Int64(value * factor + 0.5))  // round half up without libm
         if ms == 0 && value != 0 {
             throw TimeSpanParseError(text: text, reason: "it is shorter than 1 ms")
         }

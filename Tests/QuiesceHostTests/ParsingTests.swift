@@ -67,6 +67,9 @@ struct DurationTests {
         ("", "it is empty"), ("s", "use a number"), ("5x", "use a number"), ("-5s", "use a number"),
         ("1.2.3s", "use a number"), (".5s", "use a number"), ("5.s", "use a number"), ("5 min", "use a number"),
         ("1e3", "use a number"), ("25h", "longer than one day"), ("0.1ms", "shorter than 1 ms"), ("ms", "use a number"),
+        // Beyond Int64 and beyond Double (found by fuzz/run: these trapped instead of being refused).
+        ("9999999999999999", "longer than one day"), ("99999999999999999999h", "longer than one day"),
+        (String(repeating: "9", count: 400), "longer than one day"), ("86400000.6ms", "longer than one day"),
     ])
     func refuses(text: String, reason: String) {
         #expect {
