@@ -4,7 +4,7 @@ SWIFT ?= swift
 RELEASE_FLAGS = -c release --static-swift-stdlib
 RELEASE_BIN = .build/release
 
-.PHONY: all build release deps test unit bench-smoke vm-test bench demo demo-vm clean
+.PHONY: all build release deps test unit bench-smoke vm-test fuzz-smoke fuzz bench demo demo-vm clean
 
 all: build
 
@@ -20,15 +20,24 @@ release:
 	$(SWIFT) build $(RELEASE_FLAGS)
 
 # Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
-# QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), then the Swift suites
-# (protocol vectors, plan fixtures, the agent and coordinator on real loop filesystems).
-test: deps bench-smoke vm-test unit
+# QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), 30 s of protocol
+# fuzzing, then the Swift suites (protocol vectors, plan fixtures, the agent and coordinator on
+# real loop filesystems).
+test: deps bench-smoke vm-test fuzz-smoke unit
 
 unit:
 	$(SWIFT) test
 
 bench-smoke: release
 	bench/freeze-bench --quick --quiesced $(RELEASE_BIN)/quiesced
+
+# Coverage-guided fuzzing of the wire protocol (libFuzzer from the Swift toolchain) with
+# properties checked on every input; seeds are the protocol vectors. `make test` runs 30 s.
+fuzz-smoke:
+	fuzz/run 30
+
+fuzz:
+	fuzz/run 300
 
 # A throwaway QEMU guest (Debian kernel, busybox initramfs, TCG) running the release agent:
 # what the host cannot show (vsock connect, a real virtio-serial port, freeze-everything in scope).

@@ -1,0 +1,65 @@
+// libFuzzer target for the wire protocol: the frame decoder, the JSON codec, request decoding
+// and durations, fed arbitrary bytes. Built by fuzz/run (swiftc -sanitize=fuzzer,address) from
+// the QuiesceProtocol sources, which import nothing, so no package build is involved.
+//
+// Beyond "never crash", each input checks properties a peer relies on; a broken one traps,
+// and libFuzzer saves the input that broke it:
+// - the decoder never hands out a frame larger than its limit;
+// - a decoded request encodes to JSON that decodes to the same request;
+// - a refused frame still gets a reply that is itself valid wire output;
+// - parsed JSON encodes and parses back to the same value;
+// - a parsed duration's canonical form parses back to the same duration.
+
+/// The encoder writes a whole double as an integer (1.0 as 1): the same JSON number. Compare
+/// values with that difference taken out.
+func numbersNormalised(_ value: JSON) -> JSON {
+    switch value {
+    case .double(let d) where d.isFinite && abs(d) < 1e15 && Double(Int64(d)) == d: return .int(Int64(d))
+    case .array(let items): return .array(items.map(numbersNormalised))
+    case .object(var o):
+        for key in o.keys { o[key] = o[key].map(numbersNormalised) }
+        return .object(o)
+    default: return value
+    }
+}
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+    let bytes = Array(UnsafeBufferPointer(start: data, count: size))
+    let limit = 4096
+    var decoder = FrameDecoder(maxFrameBytes: limit)
+    // Feed in two pieces split where the first byte says, so frame boundaries land anywhere.
+    let cut = bytes.isEmpty ? 0 : Int(bytes[0]) % (bytes.count + 1)
+    decoder.feed(bytes[..<cut])
+    var events: [FrameEvent] = []
+    while let e = decoder.next() { events.append(e) }
+    decoder.feed(bytes[cut...])
+    while let e = decoder.next() { events.append(e) }
+
+    for case .frame(let frame) in events {
+        precondition(frame.count <= limit, "a frame of \(frame.count) bytes passed a \(limit)-byte limit")
+        switch Request.decode(frame: frame) {
+        case .success(let request):
+            var again = request.json.encoded()
+            again.append(0x0A)
+            guard case .success(let decoded) = Request.decode(frame: again) else {
+                preconditionFailure("a decoded request does not decode from its own encoding")
+            }
+            precondition(decoded == request, "a request changed through encode and decode")
+        case .failure(let refusal):
+            let reply = Reply(id: refusal.id, error: refusal.error).frame
+            guard case .reply(let r)? = try? AgentMessage.decode(frame: Array(reply.dropLast())),
+                  case .failure(let e) = r.outcome, e.code == refusal.error.code else {
+                preconditionFailure("the error reply to a refused frame is not valid wire output")
+            }
+        }
+        if let value = try? JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth) {
+            let back = try? JSON.parse(value.encoded(), maxDepth: ProtocolLimits.maxDepth)
+            precondition(back.map(numbersNormalised) == numbersNormalised(value), "JSON changed through encode and parse")
+        }
+        if let text = String(validating: frame, as: UTF8.self), let span = try? TimeSpan(parsing: text) {
+            precondition((try? TimeSpan(parsing: span.description)) == span, "\(text) -> \(span) does not parse back")
+        }
+    }
+    return 0
+}
