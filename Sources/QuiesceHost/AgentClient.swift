@@ -84,7 +84,7 @@ public final class AgentClient {
         case .failure(let e) where e.code == .unsupportedVersion:
             throw AgentError(.incompatible, "\(address.spoken): the agent cannot speak protocol version \(ProtocolVersion.current): \(e.message)", remote: e)
         case .failure(let e):
-            throw AgentError(.refused, "\(address.spoken) refused hello: \(e.code): \(e.message)", remote: e)
+            throw AgentError(.refused, "hello refused: \(e.code): \(e.message)", remote: e)
         case .success(let object):
             let result: HelloResult
             do { result = try HelloResult(json: object) } catch {
