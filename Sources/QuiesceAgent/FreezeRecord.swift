@@ -98,3 +98,33 @@ public struct FreezeRecord: Sendable {
         return (opID, lines)
     }
 }
+
+/// One agent per state directory. The lock (flock on STATE_DIR/lock, released by the kernel
+/// when the process dies) is held for the agent's whole life, so a second agent started by hand
+/// cannot run crash recovery on a live agent's freeze (thawing it under a running checkpoint),
+/// and `quiesced --recover` refuses while the agent that owns the record is alive.
+public enum StateDirLock {
+    public enum Failure: Error, Sendable {
+        /// Another live process holds it; its pid, when it wrote one.
+        case held(by: Int32?)
+        case system(SystemError)
+    }
+
+    /// Takes the lock and writes our pid into it. Keep the returned descriptor open.
+    public static func acquire(stateDir: String) -> Result<Int32, Failure> {
+        _ = mkdir(stateDir, 0o700)
+        let path = stateDir + "/lock"
+        let fd: Int32
+        do { fd = try FD.open(path, O_RDWR | O_CREAT, 0o600) } catch { return .failure(.system(error)) }
+        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
+            let e = errno
+            let holder = (try? FD.readWholeFile(atPath: path, maxBytes: 64))
+                .flatMap { Int32(String(decoding: $0, as: UTF8.self).trimmingASCIIWhitespace()) }
+            FD.close(fd)
+            return .failure(e == EWOULDBLOCK ? .held(by: holder) : .system(SystemError("flock", path, Errno(e))))
+        }
+        _ = ftruncate(fd, 0)
+        try? FD.writeAll(fd, Array("\(getpid())\n".utf8))
+        return .success(fd)
+    }
+}

@@ -106,13 +106,25 @@ public enum Socket {
     public static let unixPathMax = 107
 
     /// Listens on a Unix socket path with the given permission bits. A stale socket file left by
-    /// an earlier run is replaced; any other kind of file at the path is an error.
+    /// an earlier run is replaced; a live one (something accepts connections on it) or any other
+    /// kind of file at the path is an error.
     public static func listenUnix(path: String, mode: mode_t = 0o600, backlog: Int32 = 16) throws(SystemError) -> Int32 {
         var st = stat()
         if lstat(path, &st) == 0 {
             guard (st.st_mode & S_IFMT) == S_IFSOCK else {
                 throw SystemError("listen", "\(path) (exists and is not a socket)", .EEXIST)
             }
+            // Replace a stale socket, never a live one: taking over the path of a process that
+            // still listens would cut its clients off from it. Only "connection refused" (or the
+            // file vanishing meanwhile) proves the file stale.
+            let live: Bool
+            do {
+                FD.close(try connectUnix(path: path, timeoutMs: 500))
+                live = true
+            } catch {
+                live = error.errno != Errno(ECONNREFUSED) && error.errno != .ENOENT
+            }
+            if live { throw SystemError("listen", "\(path) (another process is listening on it)", Errno(EADDRINUSE)) }
             _ = unlink(path)
         }
         let fd = try retryingEINTR("socket", "unix") { Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }

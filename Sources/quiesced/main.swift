@@ -121,6 +121,21 @@ sigemptyset(&sigio)
 sigaddset(&sigio, SIGIO)
 pthread_sigmask(SIG_BLOCK, &sigio, nil)
 
+// One agent per state dir: a second one must not "recover" (thaw) a live agent's freeze.
+let stateLock: Int32
+switch StateDirLock.acquire(stateDir: config.stateDir) {
+case .success(let fd):
+    stateLock = fd
+case .failure(.held(let pid)):
+    let who = pid.map { "quiesced (pid \($0))" } ?? "another quiesced"
+    fail(recoverOnly
+        ? "\(who) is running with state dir \(config.stateDir) and thaws its own freezes: nothing to recover"
+        : "\(who) is already running with state dir \(config.stateDir); stop it first, or give this one its own --state-dir",
+        code: 1)
+case .failure(.system(let error)):
+    fail("cannot lock the state dir \(config.stateDir): \(error)", code: 1)
+}
+
 let record = FreezeRecord(stateDir: config.stateDir)
 if let recovered = record.recover() {
     logger.warning("found a freeze record left by an earlier run (op \(recovered.opID)); thawed: \(recovered.lines.joined(separator: "; "))",
@@ -154,7 +169,12 @@ for (fd, name) in activated {
 if config.listen.isEmpty && activated.isEmpty {
     config.listen = [.unix(path: config.stateDir + "/quiesced.sock")]
 }
+var listening = Set<String>()
 for address in config.listen {
+    guard listening.insert(address.description).inserted else {
+        logger.notice("\(address) is listed twice; listening once")
+        continue
+    }
     do {
         switch address {
         case .unix(let path):

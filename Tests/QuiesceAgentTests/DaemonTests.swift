@@ -108,6 +108,30 @@ struct NeverLeftFrozenTests {
         }
     }
 
+    @Test("a second agent cannot run recovery on a live agent's freeze, nor take over its socket")
+    func secondAgentCannotInterfere() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
+            let q = "'\(buildProductsDir)/quiesced' --config /dev/null --include '\(lab.root)/*'"
+            // Same state dir, own socket: refused before it could read (and thaw) the live record.
+            let same = try sh("\(q) --listen unix:\(lab.root)/second.sock --state-dir '\(agent.stateDir)' 2>&1; echo \"exit=$?\"")
+            #expect(same.contains("quiesced (pid \(agent.pid)) is already running with state dir") && same.hasSuffix("exit=1\n"), "\(same)")
+            let recover = try sh("\(q) --recover --state-dir '\(agent.stateDir)' 2>&1; echo \"exit=$?\"")
+            #expect(recover.contains("thaws its own freezes: nothing to recover") && recover.hasSuffix("exit=1\n"), "\(recover)")
+            #expect(try isFrozen(a), "the live agent's freeze still holds")
+            // Own state dir, same socket path: refused, and the live agent keeps its socket.
+            let path = try sh("\(q) --listen unix:\(agent.socketPath) --state-dir '\(lab.root)/other-state' 2>&1; echo \"exit=$?\"")
+            #expect(path.contains("another process is listening on it") && path.hasSuffix("exit=1\n"), "\(path)")
+            let status = try TestClient(path: agent.socketPath).result(["op": "status"])
+            #expect(status["state"] == "frozen")
+            _ = try TestClient(path: agent.socketPath).result(["op": "thaw"])
+            #expect(try !isFrozen(a))
+            agent.stop()
+        }
+    }
+
     @Test("SIGTERM or SIGINT while frozen thaws, then exits cleanly", arguments: [SIGTERM, SIGINT])
     func stopSignalWhileFrozenThawsFirst(signal: Int32) async throws {
         try await LoopLab.with { lab in
@@ -544,7 +568,7 @@ struct SystemdAndConfigTests {
     func vsockListen() async throws {
         try await LoopLab.with { lab in
             let port = 20_000 + Int.random(in: 0..<10_000)
-            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "unix:\(lab.root)/agent.sock", "--listen", "vsock:\(port)"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "vsock:\(port)"])
             try waitUntil(timeoutMs: 3000) { agent.log.contains("listening on vsock:\(port)") }
             let listening = try sh("ss -H -l --vsock 2>/dev/null | grep -c ':\(port)' || true")
             #expect(listening.trimmingCharacters(in: .whitespacesAndNewlines) != "0" || agent.log.contains("listening on vsock:\(port)"))
