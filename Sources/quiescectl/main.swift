@@ -101,6 +101,11 @@ struct GlobalOptions: ParsableArguments {
     func validate() throws {
         guard connectTimeout.milliseconds > 0 else { throw ValidationError("--connect-timeout must be longer than 0") }
         guard replyTimeout.milliseconds > 0 else { throw ValidationError("--reply-timeout must be longer than 0") }
+        var seen = Set<String>()
+        for agent in agents where !seen.insert(agent.description).inserted {
+            // The same agent twice would be frozen once and thawed twice: a confusing lost freeze.
+            throw ValidationError("--agent \(agent) is given twice: name each guest once")
+        }
     }
 
     /// The agents, or a usage error naming the flag when there is none.

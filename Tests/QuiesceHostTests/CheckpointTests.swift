@@ -246,6 +246,7 @@ struct CheckpointTests {
         (["--agent", "unix:/x", "checkpoint", "--timeout", "5s", "--lease", "10s", "--", "true"], "--lease (10s) must not be longer than --timeout (5s)"),
         (["--agent", "unix:/x", "checkpoint", "--on-agent-failure", "maybe", "--", "true"], "--on-agent-failure"),
         (["--agent", "unix:/x", "checkpoint", "--timeout", "0", "--", "true"], "--timeout must be longer than 0"),
+        (["--agent", "unix:/x", "--agent", "vsock:3:5", "--agent", "unix:/x", "checkpoint", "--", "true"], "--agent unix:/x is given twice"),
     ])
     func usageErrors(arguments: [String], message: String) throws {
         let r = try Ctl.run(arguments, in: TempDir())
