@@ -24,7 +24,7 @@ public enum ExitCodes {
     /// The table for --help and the README.
     public static let table: [(code: Int32, meaning: String)] = [
         (success, "success"),
-        (usage, "usage error (bad flag, address or duration)"),
+        (usage, "usage error (bad flag, address or duration, or a COMMAND that cannot run: nothing was frozen)"),
         (agentUnreachable, "an agent is unreachable or does not speak the protocol"),
         (freezeFailed, "an agent refused or failed the request; for checkpoint: a freeze failed or did not hold"),
         (commandFailed, "COMMAND failed, could not start, or was stopped at the deadline (its own code is reported)"),

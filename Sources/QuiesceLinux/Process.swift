@@ -118,6 +118,29 @@ public enum Subprocess {
         return out
     }
 
+    /// Why `program` could not be started, or nil when it can: found (in PATH when it has no
+    /// slash, as `spawn` searches), a regular file, executable by us. ENOENT when nowhere,
+    /// EACCES when found but not an executable file. Lets a caller refuse a COMMAND before it
+    /// freezes anything; `spawn` still reports what happens at the real start.
+    public static func cannotRun(_ program: String, searchPath: String? = getenv("PATH").map { String(cString: $0) }) -> Errno? {
+        func check(_ candidate: String) -> Errno? {
+            var st = stat()
+            guard stat(candidate, &st) == 0 else { return Errno(errno) }
+            guard (st.st_mode & S_IFMT) == S_IFREG, access(candidate, X_OK) == 0 else { return .EACCES }
+            return nil
+        }
+        guard !program.isEmpty else { return .ENOENT }
+        if program.contains("/") { return check(program) }
+        var found: Errno = .ENOENT
+        let dirs = (searchPath ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":", omittingEmptySubsequences: false)
+        for dir in dirs {
+            let e = check((dir.isEmpty ? "." : String(dir)) + "/" + program)
+            if e == nil { return nil }
+            if e == .EACCES { found = .EACCES }
+        }
+        return found
+    }
+
     /// Starts `arguments[0]` (searched in PATH when it has no slash) with `arguments` and
     /// `environment`. The child gets default signal dispositions and an empty signal mask whatever
     /// the parent blocked or ignored. With `newProcessGroup` it leads a process group of its own,

@@ -362,6 +362,12 @@ struct Checkpoint: ParsableCommand {
             guard lease <= timeout else { throw ValidationError("--lease (\(lease)) must not be longer than --timeout (\(timeout))") }
         }
         if let id = opID, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+        // Refuse a COMMAND that cannot run before any guest is frozen for it.
+        if let e = Subprocess.cannotRun(command[0]) {
+            throw ValidationError(e == .ENOENT
+                ? "COMMAND not found: \(command[0]) (nothing was frozen)"
+                : "COMMAND \(command[0]) is not an executable file (\(e.name)); nothing was frozen")
+        }
     }
 
     func run() throws {

@@ -247,6 +247,8 @@ struct CheckpointTests {
         (["--agent", "unix:/x", "checkpoint", "--on-agent-failure", "maybe", "--", "true"], "--on-agent-failure"),
         (["--agent", "unix:/x", "checkpoint", "--timeout", "0", "--", "true"], "--timeout must be longer than 0"),
         (["--agent", "unix:/x", "--agent", "vsock:3:5", "--agent", "unix:/x", "checkpoint", "--", "true"], "--agent unix:/x is given twice"),
+        (["--agent", "unix:/x", "checkpoint", "--", "no-such-command-here"], "COMMAND not found: no-such-command-here (nothing was frozen)"),
+        (["--agent", "unix:/x", "checkpoint", "--", "/tmp"], "COMMAND /tmp is not an executable file (EACCES)"),
     ])
     func usageErrors(arguments: [String], message: String) throws {
         let r = try Ctl.run(arguments, in: TempDir())
