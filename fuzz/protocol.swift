@@ -1,5 +1,5 @@
 // libFuzzer target for the wire protocol: the frame decoder, the JSON codec, request decoding
-// and durations, fed arbitrary bytes. Built by fuzz/run (swiftc -sanitize=fuzzer,address) from
+// (ours and qemu-ga's) and durations, fed arbitrary bytes. Built by fuzz/run (swiftc -sanitize=fuzzer,address) from
 // the QuiesceProtocol sources, which import nothing, so no package build is involved.
 //
 // Beyond "never crash", each input checks properties a peer relies on; a broken one traps,
@@ -8,7 +8,8 @@
 // - a decoded request encodes to JSON that decodes to the same request;
 // - a refused frame still gets a reply that is itself valid wire output;
 // - parsed JSON encodes and parses back to the same value;
-// - a parsed duration's canonical form parses back to the same duration.
+// - a parsed duration's canonical form parses back to the same duration;
+// - qemu-ga's dialect answers every frame with a reply that parses.
 
 /// The encoder writes a whole double as an integer (1.0 as 1): the same JSON number. Compare
 /// values with that difference taken out.
@@ -53,6 +54,14 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 preconditionFailure("the error reply to a refused frame is not valid wire output")
             }
         }
+        // qemu-ga's dialect: a command or a refusal, and either way a reply that parses.
+        let qgaReply: [UInt8]
+        switch QGA.decode(frame: frame) {
+        case .success(let d): qgaReply = QGA.returnFrame(.string(d.command.name.rawValue), id: d.id)
+        case .failure(let r): qgaReply = QGA.errorFrame(r.failure, id: r.id)
+        }
+        precondition((try? JSON.parse(qgaReply.dropLast(), maxDepth: ProtocolLimits.maxDepth + 2)) != nil,
+                     "a qemu-ga reply is not valid JSON")
         if let value = try? JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth) {
             let back = try? JSON.parse(value.encoded(), maxDepth: ProtocolLimits.maxDepth)
             precondition(back.map(numbersNormalised) == numbersNormalised(value), "JSON changed through encode and parse")

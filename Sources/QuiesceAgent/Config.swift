@@ -8,20 +8,31 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
     /// cid nil means any (VMADDR_CID_ANY).
     case vsock(cid: UInt32?, port: UInt32)
     case serial(device: String)
+    /// qemu-ga's dialect, for hosts that drive qemu-guest-agent (libvirt, Proxmox).
+    case qgaUnix(path: String)
+    case qgaSerial(device: String)
 
-    /// Parses `unix:PATH`, `vsock:PORT`, `vsock:CID:PORT`, `serial:DEVICE`.
+    /// The protocol spoken on it.
+    public var dialect: Dialect {
+        switch self {
+        case .unix, .vsock, .serial: .quiesce
+        case .qgaUnix, .qgaSerial: .qga
+        }
+    }
+
+    /// Parses `unix:PATH`, `vsock:PORT`, `vsock:CID:PORT`, `serial:DEVICE`, `qga+unix:PATH`, `qga+serial:DEVICE`.
     public init(parsing text: String) throws(ConfigError) {
         func bad(_ why: String) -> ConfigError { ConfigError("listen address \"\(text)\": \(why)") }
         guard let colon = text.firstIndex(of: ":") else {
-            throw bad("expected unix:PATH, vsock:PORT, vsock:CID:PORT or serial:DEVICE")
+            throw bad("expected unix:PATH, vsock:PORT, vsock:CID:PORT, serial:DEVICE, qga+unix:PATH or qga+serial:DEVICE")
         }
         let kind = text[..<colon]
         let rest = String(text[text.index(after: colon)...])
         switch kind {
-        case "unix":
+        case "unix", "qga+unix":
             guard rest.hasPrefix("/") else { throw bad("the socket path must be absolute") }
             guard rest.utf8.count <= Socket.unixPathMax else { throw bad("the socket path is longer than \(Socket.unixPathMax) bytes") }
-            self = .unix(path: rest)
+            self = kind == "unix" ? .unix(path: rest) : .qgaUnix(path: rest)
         case "vsock":
             let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
             func number(_ s: Substring, _ what: String) throws(ConfigError) -> UInt32 {
@@ -33,11 +44,11 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
             case 2: self = .vsock(cid: try number(parts[0], "CID"), port: try number(parts[1], "port"))
             default: throw bad("expected vsock:PORT or vsock:CID:PORT")
             }
-        case "serial":
+        case "serial", "qga+serial":
             guard rest.hasPrefix("/") else { throw bad("the device path must be absolute") }
-            self = .serial(device: rest)
+            self = kind == "serial" ? .serial(device: rest) : .qgaSerial(device: rest)
         default:
-            throw bad("unknown kind \"\(kind)\" (expected unix, vsock or serial)")
+            throw bad("unknown kind \"\(kind)\" (expected unix, vsock, serial, qga+unix or qga+serial)")
         }
     }
 
@@ -47,6 +58,8 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
         case .vsock(nil, let port): "vsock:\(port)"
         case .vsock(let cid?, let port): "vsock:\(cid):\(port)"
         case .serial(let device): "serial:\(device)"
+        case .qgaUnix(let path): "qga+unix:\(path)"
+        case .qgaSerial(let device): "qga+serial:\(device)"
         }
     }
 }
@@ -86,7 +99,7 @@ public struct AgentConfig: Sendable {
 
     /// The settings a key accepts, for `--help` and the sample config.
     public static let keys: [(key: String, value: String, help: String)] = [
-        ("listen", "ADDR", "listen on unix:PATH, vsock:PORT, vsock:CID:PORT or serial:DEVICE (repeatable)"),
+        ("listen", "ADDR", "listen on unix:PATH, vsock:PORT, vsock:CID:PORT, serial:DEVICE, qga+unix:PATH or qga+serial:DEVICE (repeatable)"),
         ("state-dir", "DIR", "where the crash-safety record lives (default /run/quiesce, a tmpfs)"),
         ("include", "GLOB", "only mountpoints matching a glob are eligible (repeatable)"),
         ("exclude", "GLOB", "mountpoints matching a glob are never frozen (repeatable)"),

@@ -55,7 +55,7 @@ public final class Server: Sendable {
     // MARK: - Listeners
 
     /// Serves a listening stream socket (Unix or vsock) on a thread of its own.
-    public func serve(listener fd: Int32, name: String) {
+    public func serve(listener fd: Int32, name: String, dialect: Dialect = .quiesce) {
         Threads.detach { [self] in
             var failures = 0
             while true {
@@ -69,27 +69,27 @@ public final class Server: Sendable {
                     usleep(50_000)  // EMFILE and friends: back off instead of spinning
                     continue
                 }
-                admit(fd: accepted.fd, peer: accepted.peer, listener: name)
+                admit(fd: accepted.fd, peer: accepted.peer, listener: name, dialect: dialect)
             }
         }
     }
 
-    private func admit(fd: Int32, peer: Peer, listener: String) {
+    private func admit(fd: Int32, peer: Peer, listener: String, dialect: Dialect) {
         Socket.setSendTimeout(fd, milliseconds: 5000)
         if let refusal = refusal(for: peer) {
             logger.warning("refused connection", metadata: ["peer": "\(peer)", "listener": "\(listener)", "reason": "\(refusal)"])
-            Server.refuse(fd, ProtocolError(.permissionDenied, refusal))
+            Server.refuse(fd, dialect.errorFrame(ProtocolError(.permissionDenied, refusal), id: nil))
             return
         }
         let id = nextID.add(1, ordering: .relaxed).oldValue
-        let conn = Connection(id: id, fd: fd, peer: peer, server: self, isStream: true)
+        let conn = Connection(id: id, fd: fd, peer: peer, server: self, isStream: true, dialect: dialect)
         let admitted = connections.withLock { table -> Bool in
             guard table.count < config.maxConnections else { return false }
             table[id] = conn
             return true
         }
         guard admitted else {
-            Server.refuse(fd, ProtocolError(.busy, "too many connections (\(config.maxConnections))"))
+            Server.refuse(fd, dialect.errorFrame(ProtocolError(.busy, "too many connections (\(config.maxConnections))"), id: nil))
             return
         }
         Threads.detach { conn.runStream() }
@@ -98,8 +98,8 @@ public final class Server: Sendable {
     /// Tells a refused peer why, then closes so that it can still read the reason: our side is
     /// shut down first and what the peer sent is drained briefly (closing with unread input
     /// would reset the connection under it). Off the accept thread, bounded to 250 ms.
-    static func refuse(_ fd: Int32, _ error: ProtocolError) {
-        try? FD.writeAll(fd, Reply(id: nil, error: error).frame, timeoutMs: 1000)
+    static func refuse(_ fd: Int32, _ errorFrame: [UInt8]) {
+        try? FD.writeAll(fd, errorFrame, timeoutMs: 1000)
         _ = Glibc.shutdown(fd, Int32(SHUT_WR))
         Threads.detach {
             let deadline = monotonicNanos() + 250_000_000
@@ -130,7 +130,7 @@ public final class Server: Sendable {
     /// Serves a virtio-serial port: one byte stream with no connection boundaries. The host
     /// "connects" when poll stops reporting POLLHUP; each such session is a connection of its own
     /// (a freeze bound to it thaws when the host goes away). The device may appear later and go away.
-    public func serve(serialDevice path: String) {
+    public func serve(serialDevice path: String, dialect: Dialect = .quiesce) {
         Threads.detach { [self] in
             var announcedMissing = false
             while true {
@@ -145,7 +145,7 @@ public final class Server: Sendable {
                     continue
                 }
                 logger.info("serial port \(path) open")
-                serveSerialSessions(fd: fd, path: path)
+                serveSerialSessions(fd: fd, path: path, dialect: dialect)
                 FD.close(fd)
                 logger.warning("serial port \(path) went away; reopening")
                 usleep(500_000)
@@ -153,7 +153,7 @@ public final class Server: Sendable {
         }
     }
 
-    private func serveSerialSessions(fd: Int32, path: String) {
+    private func serveSerialSessions(fd: Int32, path: String, dialect: Dialect) {
         while true {
             // Wait for the host: POLLHUP means nobody is connected to the chardev right now. The
             // kernel sends SIGIO when the host connects (qemu-ga waits the same way); the 1 s
@@ -198,7 +198,7 @@ public final class Server: Sendable {
                 }
             }
             let id = nextID.add(1, ordering: .relaxed).oldValue
-            let conn = Connection(id: id, fd: fd, peer: .serial(path: path), server: self, isStream: false)
+            let conn = Connection(id: id, fd: fd, peer: .serial(path: path), server: self, isStream: false, dialect: dialect)
             connections.withLock { $0[id] = conn }
             let deviceGone = conn.runSerialSession()
             if deviceGone || !Server.isSameDevice(fd: fd, path: path) { return }
@@ -245,12 +245,35 @@ public final class Server: Sendable {
                                "op-id-replay", "parallel-freeze", "stacking-order", "hooks"]
 }
 
+/// The protocol a listener speaks: our own, or qemu-ga's (for hosts that drive qemu-ga).
+public enum Dialect: Sendable {
+    case quiesce
+    case qga
+
+    /// An error that is nobody's reply (framing, limits, refusals), in this dialect.
+    func errorFrame(_ error: ProtocolError, id: JSON?) -> [UInt8] {
+        switch self {
+        case .quiesce: Reply(id: id, error: error).frame
+        case .qga: QGA.errorFrame(QGA.Failure("\(error.code): \(error.message)"), id: id)
+        }
+    }
+}
+
 /// One peer session: a socket connection, or one host session on a serial port.
 final class Connection: Sendable {
+    /// Work for the connection's worker task, answered in order.
+    enum Work: Sendable {
+        case request(Request)
+        case qga(QGA.Command, id: JSON?)
+        /// An answer made already (a refused qemu-ga command), sent in its turn.
+        case answer([UInt8])
+    }
+
     let id: ConnectionID
     let fd: Int32
     let peer: Peer
     let isStream: Bool
+    let dialect: Dialect
     unowned let server: Server
     /// Frames for the writer thread; nil tells it to stop. Callers never block on the peer.
     private let outbox = Mailbox<[UInt8]?>()
@@ -259,8 +282,8 @@ final class Connection: Sendable {
     private let dead = Atomic<Bool>(false)
     static let maxQueuedBytes = 1 << 20
     private let hello = Atomic<Bool>(false)
-    private let queue: AsyncStream<Request>.Continuation
-    private let stream: AsyncStream<Request>
+    private let queue: AsyncStream<Work>.Continuation
+    private let stream: AsyncStream<Work>
     /// Queued freeze/thaw/sync/keepalive requests (bounded per connection).
     private let inFlight = Atomic<Int>(0)
     /// Every request not yet answered, fast or queued.
@@ -269,13 +292,14 @@ final class Connection: Sendable {
     /// Requests of any kind not yet answered on one connection (status and filesystems included).
     static let maxOutstanding = 64
 
-    init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool) {
+    init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool, dialect: Dialect = .quiesce) {
         self.id = id
         self.fd = fd
         self.peer = peer
         self.server = server
         self.isStream = isStream
-        (stream, queue) = AsyncStream.makeStream(of: Request.self)
+        self.dialect = dialect
+        (stream, queue) = AsyncStream.makeStream(of: Work.self)
     }
 
     var helloDone: Bool { hello.load(ordering: .relaxed) }
@@ -322,9 +346,15 @@ final class Connection: Sendable {
         let context = RequestContext(connection: id, peer: peer)
         let stream = self.stream
         Task { [self] in
-            for await request in stream {
-                let reply = await state.handle(request, context: context)
-                send(reply.frame)
+            for await work in stream {
+                switch work {
+                case .request(let request):
+                    send(await state.handle(request, context: context).frame)
+                case .qga(let command, let id):
+                    send(await QGAService.execute(command, id: id, state: state, context: context))
+                case .answer(let bytes):
+                    send(bytes)
+                }
                 inFlight.subtract(1, ordering: .relaxed)
                 outstanding.subtract(1, ordering: .relaxed)
             }
@@ -394,12 +424,16 @@ final class Connection: Sendable {
         case .reset:
             return true
         case .tooLarge:
-            send(Reply(id: nil, error: ProtocolError(.frameTooLarge,
-                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next line")")).frame)
+            send(dialect.errorFrame(ProtocolError(.frameTooLarge,
+                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next line")"), id: nil))
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {
-                send(Reply(id: nil, error: ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second")).frame)
+                send(dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"), id: nil))
+                return true
+            }
+            if dialect == .qga {
+                dispatchQGA(bytes)
                 return true
             }
             switch Request.decode(frame: bytes) {
@@ -439,13 +473,42 @@ final class Connection: Sendable {
                 outstanding.subtract(1, ordering: .relaxed)
             }
         case .freeze, .thaw, .sync, .keepalive:
-            guard inFlight.add(1, ordering: .relaxed).newValue <= Connection.maxInFlight else {
-                inFlight.subtract(1, ordering: .relaxed)
+            guard enqueue(.request(request)) else {
                 send(Reply(id: request.id, error: ProtocolError(.busy, "too many requests in flight on this connection")).frame)
                 return
             }
-            outstanding.add(1, ordering: .relaxed)
-            queue.yield(request)
+        }
+    }
+
+    /// Queues work for the in-order worker; false when this connection already has
+    /// `maxInFlight` queued.
+    fileprivate func enqueue(_ work: Work) -> Bool {
+        guard inFlight.add(1, ordering: .relaxed).newValue <= Connection.maxInFlight else {
+            inFlight.subtract(1, ordering: .relaxed)
+            return false
+        }
+        outstanding.add(1, ordering: .relaxed)
+        queue.yield(work)
+        return true
+    }
+}
+
+extension Connection {
+    /// qemu-ga answers strictly in order, one command at a time, and so do we: refusals too
+    /// wait their turn. The queue per connection is bounded like our own freeze/thaw queue.
+    fileprivate func dispatchQGA(_ bytes: [UInt8]) {
+        let work: Work
+        let id: JSON?
+        switch QGA.decode(frame: bytes) {
+        case .failure(let refusal):
+            work = .answer(QGA.errorFrame(refusal.failure, id: refusal.id))
+            id = refusal.id
+        case .success(let decoded):
+            work = .qga(decoded.command, id: decoded.id)
+            id = decoded.id
+        }
+        if !enqueue(work) {
+            send(QGA.errorFrame(QGA.Failure("busy: too many commands in flight on this connection"), id: id))
         }
     }
 }

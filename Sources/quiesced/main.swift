@@ -20,8 +20,10 @@ deadline, a freeze bound to a connection thaws when the connection closes, SIGTE
 before exiting, and a restarted agent thaws what a crashed one left frozen.
 
 ADDR is unix:PATH, vsock:PORT (any CID), vsock:CID:PORT or serial:DEVICE (a virtio-serial
-port such as /dev/virtio-ports/org.quiesce.agent.0). Without --listen, the config file's
-listen lines, socket activation, or unix:/run/quiesce/quiesced.sock are used.
+port such as /dev/virtio-ports/org.quiesce.agent.0). qga+unix:PATH and qga+serial:DEVICE speak
+qemu-ga's protocol instead, for hosts that drive qemu-guest-agent (libvirt, Proxmox). Without
+--listen, the config file's listen lines, socket activation, or unix:/run/quiesce/quiesced.sock
+are used.
 DURATION is 500ms, 30s, 5m, 1h or plain seconds.
 
 OPTIONS:
@@ -158,12 +160,14 @@ let activated = Systemd.listenFDs()
 for (fd, name) in activated {
     var st = stat()
     fstat(fd, &st)
+    // FileDescriptorName=qga (or qga-…) in the .socket unit: that one speaks qemu-ga's dialect.
+    let dialect: Dialect = name == "qga" || name.hasPrefix("qga-") ? .qga : .quiesce
     if (st.st_mode & S_IFMT) == S_IFCHR {
         logger.info("socket activation: serving character device fd \(fd) (\(name)) as a serial port")
-        server.serve(serialDevice: "/proc/self/fd/\(fd)")
+        server.serve(serialDevice: "/proc/self/fd/\(fd)", dialect: dialect)
     } else {
         logger.info("socket activation: listening on fd \(fd) (\(name))")
-        server.serve(listener: fd, name: name)
+        server.serve(listener: fd, name: name, dialect: dialect)
     }
 }
 if config.listen.isEmpty && activated.isEmpty {
@@ -177,13 +181,14 @@ for address in config.listen {
     }
     do {
         switch address {
-        case .unix(let path):
-            server.serve(listener: try Socket.listenUnix(path: path, mode: 0o600), name: address.description)
+        case .unix(let path), .qgaUnix(let path):
+            server.serve(listener: try Socket.listenUnix(path: path, mode: 0o600), name: address.description,
+                         dialect: address.dialect)
             unixPaths.append(path)
         case .vsock(let cid, let port):
             server.serve(listener: try Socket.listenVsock(cid: cid ?? UInt32.max, port: port), name: address.description)
-        case .serial(let device):
-            server.serve(serialDevice: device)
+        case .serial(let device), .qgaSerial(let device):
+            server.serve(serialDevice: device, dialect: address.dialect)
         }
         logger.info("listening on \(address)")
     } catch {

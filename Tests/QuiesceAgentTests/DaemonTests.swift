@@ -556,6 +556,7 @@ struct SystemdAndConfigTests {
               ("--max-freeze 0", "max-freeze: must be longer than 0"),
               ("--listen vsock:abc", "port \"abc\" is not a number"),
               ("--listen tcp:1", "unknown kind \"tcp\""),
+              ("--listen qga+serial:ttyS1", "the device path must be absolute"),
               ("stray", "unexpected argument \"stray\""),
           ])
     func badFlags(flags: String, message: String) throws {

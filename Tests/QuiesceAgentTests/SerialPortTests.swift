@@ -11,19 +11,6 @@ import QuiesceProtocol
 import QuiesceTestSupport
 import Testing
 
-/// Plugs the stand-in port: a pty linked at `port`, joined to a Unix socket at `chardev` (where
-/// the host connects) for one host session. A chardev socket left by an earlier one is removed.
-private func plugPort(_ port: String, chardev: String) throws -> Process {
-    try? FileManager.default.removeItem(atPath: chardev)
-    let p = Process()
-    p.executableURL = URL(fileURLWithPath: "/usr/bin/socat")
-    p.arguments = ["PTY,link=\(port),raw,echo=0", "UNIX-LISTEN:\(chardev)"]
-    p.standardError = FileHandle.nullDevice
-    try p.run()
-    try waitUntil(timeoutMs: 3000) { FileManager.default.fileExists(atPath: chardev) }
-    return p
-}
-
 @Suite("serial:DEVICE, on a pty standing in for virtio-serial",
        .enabled(if: canUseLoopDevices && FileManager.default.isExecutableFile(atPath: "/usr/bin/socat")))
 struct SerialPortTests {
@@ -32,7 +19,7 @@ struct SerialPortTests {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
             let port = "\(lab.root)/port", chardev = "\(lab.root)/chardev.sock"
-            let first = try plugPort(port, chardev: chardev)
+            let first = try plugSerialPort(port, chardev: chardev)
             defer { first.terminate() }
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "serial:\(port)"])
             try waitUntil(timeoutMs: 3000) { agent.log.contains("serial port \(port) open") }
@@ -49,7 +36,7 @@ struct SerialPortTests {
             try waitUntil(timeoutMs: 3000) { try !isFrozen(a) }
 
             // Session 2, on a new pty behind the same path: the agent reopens it and serves.
-            let second = try plugPort(port, chardev: chardev)
+            let second = try plugSerialPort(port, chardev: chardev)
             defer { second.terminate() }
             let again = try TestClient(path: chardev)
             try again.sendRaw([0xFF])
@@ -69,7 +56,7 @@ struct SerialPortTests {
             try waitUntil(timeoutMs: 3000) { agent.log.contains("waiting for it") }
             #expect(try TestClient(path: agent.socketPath).result(["op": "ping"]) == [:], "the other listeners serve meanwhile")
 
-            let first = try plugPort(port, chardev: chardev)
+            let first = try plugSerialPort(port, chardev: chardev)
             defer { first.terminate() }
             let host = try TestClient(path: chardev)
             try host.sendRaw([0xFF])
@@ -80,7 +67,7 @@ struct SerialPortTests {
             first.waitUntilExit()
             try waitUntil(timeoutMs: 5000) { try !isFrozen(a) }
 
-            let second = try plugPort(port, chardev: chardev)
+            let second = try plugSerialPort(port, chardev: chardev)
             defer { second.terminate() }
             let again = try TestClient(path: chardev)
             try again.sendRaw([0xFF])

@@ -179,3 +179,21 @@ public func writeCompletes(_ mountPoint: String, withinMs ms: Int) throws -> Boo
     }
     return false
 }
+
+/// Plugs a stand-in virtio-serial port (real ones need a guest VM): a pty linked at `port`,
+/// joined by socat to a Unix socket at `chardev` (where the host connects) for one host session.
+/// A chardev socket left by an earlier session is removed first.
+public func plugSerialPort(_ port: String, chardev: String) throws -> Process {
+    try? FileManager.default.removeItem(atPath: chardev)
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/usr/bin/socat")
+    p.arguments = ["PTY,link=\(port),raw,echo=0", "UNIX-LISTEN:\(chardev)"]
+    p.standardError = FileHandle.nullDevice
+    try p.run()
+    for _ in 0..<300 where !FileManager.default.fileExists(atPath: chardev) { usleep(10_000) }
+    guard FileManager.default.fileExists(atPath: chardev) else {
+        p.terminate()
+        throw LabError("socat did not create \(chardev) within 3 s")
+    }
+    return p
+}

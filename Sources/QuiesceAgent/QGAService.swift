@@ -1,0 +1,44 @@
+// The qemu-ga dialect's commands, carried out by the same state actor as our own protocol's.
+import QuiesceProtocol
+
+/// Runs qemu-ga commands (from `qga+unix:` and `qga+serial:` listeners) against the agent.
+///
+/// Differences from qemu-ga, on purpose:
+/// - A freeze is detached (a host such as Proxmox reconnects between freeze and thaw) but still
+///   has a deadline: the agent's --max-freeze. qemu-ga would stay frozen until told otherwise.
+/// - `guest-fsfreeze-freeze-list` with a mountpoint that is not a mount, or that the guest's
+///   scope leaves out, is an error that freezes nothing; qemu-ga silently skips such entries.
+/// - One freeze at a time across both dialects: a freeze taken through our protocol makes
+///   `guest-fsfreeze-status` answer "frozen", and a qga freeze shows in our `status`.
+enum QGAService {
+    /// The reply bytes for one command (for `guest-sync-delimited`, preceded by 0xFF).
+    static func execute(_ command: QGA.Command, id: JSON?, state: AgentState, context: RequestContext) async -> [UInt8] {
+        switch command {
+        case .sync(let value, let delimited):
+            let reply = QGA.returnFrame(.int(value), id: id)
+            return delimited ? [0xFF] + reply : reply
+        case .ping:
+            return QGA.returnFrame(.object([:]), id: id)
+        case .info:
+            return QGA.returnFrame(["version": .string(agentVersion), "supported_commands": QGA.supportedCommands()], id: id)
+        case .fsfreezeStatus:
+            let status = await state.status()
+            return QGA.returnFrame(QGA.freezeStatus(frozen: status.state != .thawed), id: id)
+        case .fsfreezeFreeze(let mountpoints):
+            let request = FreezeRequest(mounts: mountpoints, timeoutMs: nil, opID: nil, mode: .detached)
+            return countOrError(await state.handle(Request(id: nil, .freeze(request)), context: context), id: id)
+        case .fsfreezeThaw:
+            return countOrError(await state.handle(Request(id: nil, .thaw(opID: nil)), context: context), id: id)
+        }
+    }
+
+    /// qemu-ga answers freeze and thaw with the number of filesystems concerned.
+    private static func countOrError(_ reply: Reply, id: JSON?) -> [UInt8] {
+        switch reply.outcome {
+        case .success(let result):
+            return QGA.returnFrame(.int(Int64(result["filesystems"]?.arrayValue?.count ?? 0)), id: id)
+        case .failure(let error):
+            return QGA.errorFrame(QGA.Failure("\(error.code): \(error.message)"), id: id)
+        }
+    }
+}

@@ -1,0 +1,163 @@
+// qemu-ga's wire dialect, so that hosts that drive qemu-guest-agent (libvirt, Proxmox) can
+// drive quiesced unchanged: QMP-style commands in, `return`/`error` objects out.
+//
+//   → {"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/srv"]},"id":7}
+//   ← {"return":1,"id":7}
+//   ← {"error":{"class":"GenericError","desc":"…"},"id":7}
+//
+// Framing is the same as our own protocol's (one object per line, 0xFF resets the parser):
+// libvirt and Proxmox end every command with a newline. `guest-sync-delimited` replies are
+// preceded by a 0xFF byte, so a client can skip whatever an earlier client left unread.
+
+public enum QGA {
+    /// The commands this dialect implements: the ones hosts use around snapshots.
+    public enum CommandName: String, Sendable, CaseIterable {
+        case sync = "guest-sync"
+        case syncDelimited = "guest-sync-delimited"
+        case ping = "guest-ping"
+        case info = "guest-info"
+        case fsfreezeStatus = "guest-fsfreeze-status"
+        case fsfreezeFreeze = "guest-fsfreeze-freeze"
+        case fsfreezeFreezeList = "guest-fsfreeze-freeze-list"
+        case fsfreezeThaw = "guest-fsfreeze-thaw"
+    }
+
+    /// A decoded command with its arguments checked.
+    public enum Command: Sendable, Equatable {
+        /// Echo `id`; with `delimited`, the reply is preceded by 0xFF.
+        case sync(id: Int64, delimited: Bool)
+        case ping
+        case info
+        case fsfreezeStatus
+        /// `mountpoints` nil: every eligible filesystem in the agent's scope.
+        case fsfreezeFreeze(mountpoints: [String]?)
+        case fsfreezeThaw
+
+        public var name: CommandName {
+            switch self {
+            case .sync(_, let delimited): delimited ? .syncDelimited : .sync
+            case .ping: .ping
+            case .info: .info
+            case .fsfreezeStatus: .fsfreezeStatus
+            case .fsfreezeFreeze(let m): m == nil ? .fsfreezeFreeze : .fsfreezeFreezeList
+            case .fsfreezeThaw: .fsfreezeThaw
+            }
+        }
+    }
+
+    /// A qemu-ga error: its class (`GenericError`, `CommandNotFound`) and description.
+    public struct Failure: Error, Sendable, Equatable {
+        public var errorClass: String
+        public var desc: String
+
+        public init(_ desc: String, errorClass: String = "GenericError") {
+            self.errorClass = errorClass
+            self.desc = desc
+        }
+
+        public var json: JSON { ["class": .string(errorClass), "desc": .string(desc)] }
+    }
+
+    /// A decoded command and the request's `id` (echoed in the reply).
+    public struct Decoded: Sendable, Equatable {
+        public var command: Command
+        public var id: JSON?
+    }
+
+    /// A refused frame: the error to answer, and the request's `id` when it could be read.
+    public struct Refusal: Error, Sendable, Equatable {
+        public var failure: Failure
+        public var id: JSON?
+    }
+
+    /// Decodes one frame.
+    public static func decode(frame: [UInt8]) -> Result<Decoded, Refusal> {
+        func refuse(_ desc: String, _ id: JSON?, errorClass: String = "GenericError") -> Result<Decoded, Refusal> {
+            .failure(Refusal(failure: Failure(desc, errorClass: errorClass), id: id))
+        }
+        func ok(_ command: Command, _ id: JSON?) -> Result<Decoded, Refusal> { .success(Decoded(command: command, id: id)) }
+        let object: JSONObject
+        do {
+            guard case .object(let o) = try JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth) else {
+                return refuse("QMP input must be a JSON object", nil)
+            }
+            object = o
+        } catch {
+            return refuse("JSON parse error: \(error)", nil)
+        }
+        let id = object["id"]
+        guard let execute = object["execute"] else {
+            return refuse("QMP input lacks member 'execute'", id)
+        }
+        guard let name = execute.stringValue else {
+            return refuse("QMP input member 'execute' must be a string", id)
+        }
+        let arguments: JSONObject
+        switch object["arguments"] {
+        case nil, .null?: arguments = [:]
+        case .object(let a)?: arguments = a
+        default: return refuse("QMP input member 'arguments' must be an object", id)
+        }
+        guard let known = CommandName(rawValue: name) else {
+            return refuse("The command \(name) has not been found", id, errorClass: "CommandNotFound")
+        }
+        switch known {
+        case .sync, .syncDelimited:
+            guard let v = arguments["id"] else { return refuse("Parameter 'id' is missing", id) }
+            guard let n = v.intValue else {
+                return refuse("Invalid parameter type for 'id', expected: integer", id)
+            }
+            return ok(.sync(id: n, delimited: known == .syncDelimited), id)
+        case .ping: return ok(.ping, id)
+        case .info: return ok(.info, id)
+        case .fsfreezeStatus: return ok(.fsfreezeStatus, id)
+        case .fsfreezeThaw: return ok(.fsfreezeThaw, id)
+        case .fsfreezeFreeze: return ok(.fsfreezeFreeze(mountpoints: nil), id)
+        case .fsfreezeFreezeList:
+            switch arguments["mountpoints"] {
+            case nil, .null?:
+                return ok(.fsfreezeFreeze(mountpoints: nil), id)
+            case .array(let items)?:
+                let paths = items.compactMap(\.stringValue)
+                guard paths.count == items.count, paths.allSatisfy({ !$0.isEmpty }) else {
+                    return refuse("Invalid parameter type for 'mountpoints', expected: array of non-empty strings", id)
+                }
+                guard !paths.isEmpty else {
+                    return refuse("'mountpoints' is empty: omit it to freeze every eligible filesystem", id)
+                }
+                guard paths.count <= 1024 else { return refuse("'mountpoints' has more than 1024 entries", id) }
+                return ok(.fsfreezeFreeze(mountpoints: paths), id)
+            default:
+                return refuse("Invalid parameter type for 'mountpoints', expected: array", id)
+            }
+        }
+    }
+
+    /// `{"return": value}` with the request's id, as one line.
+    public static func returnFrame(_ value: JSON, id: JSON?) -> [UInt8] {
+        var o: JSONObject = ["return": value]
+        if let id { o["id"] = id }
+        var bytes = JSON.object(o).encoded()
+        bytes.append(0x0A)
+        return bytes
+    }
+
+    /// `{"error": {"class": …, "desc": …}}` with the request's id, as one line.
+    public static func errorFrame(_ failure: Failure, id: JSON?) -> [UInt8] {
+        var o: JSONObject = ["error": failure.json]
+        if let id { o["id"] = id }
+        var bytes = JSON.object(o).encoded()
+        bytes.append(0x0A)
+        return bytes
+    }
+
+    /// What `guest-info` lists: every implemented command, enabled.
+    public static func supportedCommands() -> JSON {
+        .array(CommandName.allCases.map { c in
+            ["name": .string(c.rawValue), "enabled": true, "success-response": true]
+        })
+    }
+
+    /// `guest-fsfreeze-status`'s answer for a state: qemu-ga knows only these two.
+    public static func freezeStatus(frozen: Bool) -> JSON { .string(frozen ? "frozen" : "thawed") }
+}

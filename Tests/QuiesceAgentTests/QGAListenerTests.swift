@@ -1,0 +1,157 @@
+// qga+unix: and qga+serial: listeners, driven the way libvirt and Proxmox drive qemu-ga.
+//
+// libvirt and Proxmox themselves are not installed here: these tests send the byte sequences
+// they send (libvirt: guest-sync with a random id before commands; Proxmox: guest-sync-delimited,
+// then each command on a fresh connection) and check the replies those clients parse.
+import Foundation
+import QuiesceLinux
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+/// A line-oriented qemu-ga client over a Unix socket (a QEMU chardev in real life).
+private final class QGAClient {
+    let fd: Int32
+    private var buffer: [UInt8] = []
+
+    init(path: String) throws {
+        _ = ignoreSIGPIPE
+        fd = try Socket.connectUnix(path: path, timeoutMs: 2000)
+    }
+
+    deinit { FD.close(fd) }
+
+    func send(_ line: String) throws { try FD.writeAll(fd, Array((line + "\n").utf8), timeoutMs: 2000) }
+
+    /// The next reply line; with `delimited`, everything up to a 0xFF is skipped first.
+    func reply(delimited: Bool = false, timeoutMs: Int32 = 10_000) throws -> JSON {
+        var sawDelimiter = !delimited
+        while true {
+            if !sawDelimiter, let ff = buffer.firstIndex(of: 0xFF) {
+                buffer.removeSubrange(...ff)
+                sawDelimiter = true
+            }
+            if sawDelimiter, let nl = buffer.firstIndex(of: 0x0A) {
+                let line = Array(buffer[..<nl])
+                buffer.removeSubrange(...nl)
+                return try JSON.parse(line)
+            }
+            guard try FD.poll(fd, events: Int16(POLLIN), timeoutMs: timeoutMs) != 0 else {
+                throw LabError("no reply within \(timeoutMs) ms")
+            }
+            var chunk = [UInt8](repeating: 0, count: 65536)
+            let n = try chunk.withUnsafeMutableBytes { try FD.read(fd, into: $0) }
+            guard n > 0 else { throw LabError("the agent closed the connection") }
+            buffer += chunk[..<n]
+        }
+    }
+
+    func call(_ line: String, delimited: Bool = false) throws -> JSON {
+        try send(line)
+        return try reply(delimited: delimited)
+    }
+}
+
+@Suite("qemu-ga dialect listeners", .enabled(if: canUseLoopDevices))
+struct QGAListenerTests {
+    @Test("libvirt's way over qga+unix: guest-sync, freeze a list, status, thaw; errors in qemu-ga's form, in order")
+    func libvirtSequence() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"])
+            let c = try QGAClient(path: qga)
+            #expect(try c.call(#"{"execute":"guest-sync", "arguments":{"id":8675309123}}"#) == ["return": 8_675_309_123])
+            #expect(try c.call(#"{"execute":"guest-fsfreeze-status"}"#) == ["return": "thawed"])
+            #expect(try c.call(#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["\#(a)"]}}"#) == ["return": 1])
+            #expect(try isFrozen(a) && !isFrozen(b))
+            #expect(try c.call(#"{"execute":"guest-fsfreeze-status"}"#) == ["return": "frozen"])
+            // One freeze across both dialects: our protocol sees it, with who asked.
+            let status = try TestClient(path: agent.socketPath).result(["op": "status"])
+            #expect(status["state"] == "frozen" && status["mode"] == "detached")
+            #expect(status["requested_by"]?.stringValue?.hasPrefix("unix uid=0") == true)
+            let again = try c.call(#"{"execute":"guest-fsfreeze-freeze"}"#)
+            #expect(again["error"]?["class"] == "GenericError")
+            #expect(again["error"]?["desc"]?.stringValue?.hasPrefix("already-frozen") == true)
+            #expect(try c.call(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 1])
+            #expect(try !isFrozen(a))
+            #expect(try c.call(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 0], "thawing when thawed answers 0")
+
+            // Refusals keep their place in the reply order; the connection survives them.
+            try c.send(#"{"execute":"guest-exec","arguments":{"path":"/bin/sh"},"id":1}"#)
+            try c.send("not json")
+            try c.send(#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/"]},"id":3}"#)
+            try c.send(#"{"execute":"guest-ping","id":4}"#)
+            let r1 = try c.reply(), r2 = try c.reply(), r3 = try c.reply(), r4 = try c.reply()
+            #expect(r1["error"]?["class"] == "CommandNotFound" && r1["id"] == 1)
+            #expect(r2["error"]?["class"] == "GenericError")
+            #expect(r3["error"]?["desc"]?.stringValue?.contains("not-included") == true && r3["id"] == 3,
+                    "the guest's scope binds qemu-ga's freeze list too: \(r3)")
+            #expect(r4 == ["return": [:], "id": 4])
+            let info = try c.call(#"{"execute":"guest-info"}"#)
+            let names = info["return"]?["supported_commands"]?.arrayValue?.compactMap { $0["name"]?.stringValue } ?? []
+            #expect(names.contains("guest-fsfreeze-freeze-list") && names.contains("guest-sync-delimited"))
+            agent.stop()
+        }
+    }
+
+    @Test("Proxmox's way: guest-sync-delimited, and a freeze that outlives its connection until thaw or --max-freeze")
+    func proxmoxSequence() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b", type: "xfs")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: [
+                "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--max-freeze", "3s"])
+            func command(_ line: String) throws -> JSON {
+                let c = try QGAClient(path: qga)  // Proxmox connects for each command
+                try c.send(#"{"execute":"guest-sync-delimited","arguments":{"id":5151}}"#)
+                #expect(try c.reply(delimited: true) == ["return": 5151])
+                return try c.call(line)
+            }
+            #expect(try command(#"{"execute":"guest-ping"}"#) == ["return": [:]])
+            #expect(try command(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 2])
+            #expect(try isFrozen(a) && isFrozen(b), "still frozen after the connection closed")
+            #expect(try command(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 2])
+            #expect(try !isFrozen(a) && !isFrozen(b))
+
+            // qemu-ga would stay frozen for good if the host never thawed; we thaw at --max-freeze.
+            #expect(try command(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 2])
+            try waitUntil(timeoutMs: 5000) { try !isFrozen(a) && !isFrozen(b) }
+            let status = try TestClient(path: agent.socketPath).result(["op": "status"])
+            #expect(status["last_auto_thaw"]?["reason"] == "deadline")
+            agent.stop()
+        }
+    }
+
+    @Test("qga+serial: on a pty port: resync with 0xFF and guest-sync-delimited; a freeze survives the host's hang-up")
+    func serialPort() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let port = "\(lab.root)/port", chardev = "\(lab.root)/chardev.sock"
+            let first = try plugSerialPort(port, chardev: chardev)
+            defer { first.terminate() }
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+serial:\(port)"])
+            try waitUntil(timeoutMs: 3000) { agent.log.contains("serial port \(port) open") }
+            var host: QGAClient? = try QGAClient(path: chardev)
+            try FD.writeAll(host!.fd, Array(#"{"execute":"guest-pi"#.utf8) + [0xFF], timeoutMs: 2000)  // stale half-command, then reset
+            try host!.send(#"{"execute":"guest-sync-delimited","arguments":{"id":77}}"#)
+            #expect(try host!.reply(delimited: true, timeoutMs: 10_000) == ["return": 77])
+            #expect(try host!.call(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 1])
+            host = nil
+            first.waitUntilExit()
+            usleep(300_000)
+            #expect(try isFrozen(a), "a qemu-ga freeze is not bound to the host's session")
+
+            let second = try plugSerialPort(port, chardev: chardev)
+            defer { second.terminate() }
+            let again = try QGAClient(path: chardev)
+            try again.send(#"{"execute":"guest-sync-delimited","arguments":{"id":78}}"#)
+            #expect(try again.reply(delimited: true, timeoutMs: 10_000) == ["return": 78])
+            #expect(try again.call(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 1])
+            #expect(try !isFrozen(a))
+            agent.stop()
+        }
+    }
+}

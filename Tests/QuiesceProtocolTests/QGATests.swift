@@ -1,0 +1,62 @@
+// qemu-ga's dialect: commands as libvirt and Proxmox send them, and the replies they expect.
+@testable import QuiesceProtocol
+import Testing
+
+@Suite("qemu-ga dialect")
+struct QGATests {
+    private func decode(_ text: String) -> Result<QGA.Decoded, QGA.Refusal> { QGA.decode(frame: Array(text.utf8)) }
+
+    @Test("the commands hosts send around snapshots decode, with the request id kept for the reply")
+    func commands() throws {
+        let cases: [(String, QGA.Command, JSON?)] = [
+            (#"{"execute":"guest-sync","arguments":{"id":1234567890123}}"#, .sync(id: 1_234_567_890_123, delimited: false), nil),
+            (#"{"execute":"guest-sync-delimited","arguments":{"id":7}}"#, .sync(id: 7, delimited: true), nil),
+            (#"{"execute":"guest-ping","id":"p1"}"#, .ping, "p1"),
+            (#"{"execute":"guest-info"}"#, .info, nil),
+            (#"{"execute":"guest-fsfreeze-status","id":3}"#, .fsfreezeStatus, 3),
+            (#"{"execute":"guest-fsfreeze-freeze"}"#, .fsfreezeFreeze(mountpoints: nil), nil),
+            (#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/","/srv"]}}"#, .fsfreezeFreeze(mountpoints: ["/", "/srv"]), nil),
+            (#"{"execute":"guest-fsfreeze-freeze-list"}"#, .fsfreezeFreeze(mountpoints: nil), nil),
+            (#"{"execute":"guest-fsfreeze-thaw","arguments":null}"#, .fsfreezeThaw, nil),
+        ]
+        for (text, command, id) in cases {
+            let decoded = try decode(text).get()
+            #expect(decoded.command == command, "\(text)")
+            #expect(decoded.id == id, "\(text)")
+        }
+    }
+
+    @Test("bad commands are refused with qemu-ga's error classes, echoing the id when there is one",
+          arguments: [
+              (#"{"execute":"guest-exec","arguments":{"path":"/bin/sh"},"id":9}"#, "CommandNotFound", "The command guest-exec has not been found", JSON?.some(9)),
+              (#"{"arguments":{}}"#, "GenericError", "lacks member 'execute'", nil),
+              (#"{"execute":5}"#, "GenericError", "'execute' must be a string", nil),
+              (#"{"execute":"guest-ping","arguments":[1]}"#, "GenericError", "'arguments' must be an object", nil),
+              (#"{"execute":"guest-sync"}"#, "GenericError", "Parameter 'id' is missing", nil),
+              (#"{"execute":"guest-sync","arguments":{"id":"x"}}"#, "GenericError", "expected: integer", nil),
+              (#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":[]}}"#, "GenericError", "'mountpoints' is empty", nil),
+              (#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":[""]}}"#, "GenericError", "non-empty strings", nil),
+              (#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":"/"}}"#, "GenericError", "expected: array", nil),
+              ("[1,2]", "GenericError", "must be a JSON object", nil),
+              ("not json", "GenericError", "JSON parse error", nil),
+          ])
+    func refusals(text: String, errorClass: String, desc: String, id: JSON?) {
+        guard case .failure(let r) = decode(text) else { Issue.record("\(text) was accepted"); return }
+        #expect(r.failure.errorClass == errorClass)
+        #expect(r.failure.desc.contains(desc), "\(r.failure.desc)")
+        #expect(r.id == id)
+        let frame = QGA.errorFrame(r.failure, id: r.id)
+        #expect(frame.last == 0x0A)
+        let back = try? JSON.parse(Array(frame.dropLast()))
+        #expect(back?["error"]?["class"] == .string(errorClass) && back?["id"] == id)
+    }
+
+    @Test("replies are qemu-ga's shapes: return with the id, the status words, every command listed by guest-info")
+    func replies() throws {
+        #expect(String(decoding: QGA.returnFrame(42, id: nil), as: UTF8.self) == "{\"return\":42}\n")
+        #expect(String(decoding: QGA.returnFrame(.object([:]), id: "a"), as: UTF8.self) == "{\"return\":{},\"id\":\"a\"}\n")
+        #expect(QGA.freezeStatus(frozen: true) == "frozen" && QGA.freezeStatus(frozen: false) == "thawed")
+        let names = (QGA.supportedCommands().arrayValue ?? []).compactMap { $0["name"]?.stringValue }
+        #expect(names == QGA.CommandName.allCases.map(\.rawValue))
+    }
+}
