@@ -11,21 +11,37 @@ import Testing
 @Suite("Random hostile sessions", .enabled(if: canUseLoopDevices))
 struct RandomSessionTests {
     @Test("random requests from many connections: well-formed replies, no internal error, nothing left frozen",
-          arguments: [UInt64(1), 2, 0xC0FFEE])
-    func randomSessions(seed: UInt64) async throws {
+          arguments: [(UInt64(1), false), (2, false), (0xC0FFEE, false), (3, true), (0xBEEF, true)])
+    func randomSessions(seed: UInt64, qga: Bool) async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
             let b = try lab.filesystem("b", type: "xfs")
             let tmp = try lab.mount("tmp", "-t tmpfs tmpfs")
             // Safety: every path a request names is in the lab; nothing else can be frozen.
             let paths = [a, b, b + "/", a + "//", tmp, "\(lab.root)/nowhere", lab.root, "", "relative"]
+            // With `qga`, the sessions speak qemu-ga's dialect to a qga+unix: listener instead.
+            let qgaPath = "\(lab.root)/qga.sock"
             let agent = try AgentProcess(in: lab.root, arguments: [
-                "--include", "\(lab.root)/*", "--max-freeze", "2s", "--max-connections", "6"])
+                "--include", "\(lab.root)/*", "--max-freeze", "2s", "--max-connections", "6", "--listen", "qga+unix:\(qgaPath)"])
+            let target = qga ? qgaPath : agent.socketPath
             var rng = SplitMix64(state: seed)
             var clients: [TestClient] = []
             var sent = 0, replies = 0, freezes = 0, internalErrors: [String] = []
 
             func take(_ c: TestClient) throws -> Bool {
+                if qga {
+                    let (frames, closed) = try c.drainFrames()
+                    for frame in frames {
+                        guard case .object(let o) = try JSON.parse(frame), (o["return"] != nil) != (o["error"] != nil) else {
+                            Issue.record("not a qemu-ga reply: \(String(decoding: frame, as: UTF8.self))")
+                            continue
+                        }
+                        replies += 1
+                        if o["error"]?["desc"]?.stringValue?.hasPrefix("internal") == true { internalErrors.append("\(o)") }
+                        if let n = o["return"]?.intValue, n > 0, n < 100 { freezes += 1 }  // a freeze or thaw count
+                    }
+                    return closed
+                }
                 let (messages, closed) = try c.drain()
                 for case .reply(let r) in messages {
                     replies += 1
@@ -42,11 +58,11 @@ struct RandomSessionTests {
             while monotonicNanos() < end {
                 if clients.isEmpty || (clients.count < 8 && rng.chance(0.08)) {
                     // Beyond --max-connections the agent answers busy and closes: that is fine.
-                    if let c = try? TestClient(path: agent.socketPath) { clients.append(c) }
+                    if let c = try? TestClient(path: target) { clients.append(c) }
                     continue
                 }
                 let i = Int.random(in: 0..<clients.count, using: &rng)
-                try? clients[i].sendRaw(Self.randomFrame(&rng, paths: paths))
+                try? clients[i].sendRaw(qga ? Self.randomQGAFrame(&rng, paths: paths) : Self.randomFrame(&rng, paths: paths))
                 sent += 1
                 if rng.chance(0.03) {
                     _ = try take(clients[i])
@@ -68,6 +84,25 @@ struct RandomSessionTests {
             #expect(kill(agent.pid, 0) == 0, "the agent is still running")
             agent.stop()
         }
+    }
+
+    /// One line of qemu-ga's dialect: a random command with random (often wrong) arguments.
+    static func randomQGAFrame(_ rng: inout SplitMix64, paths: [String]) -> [UInt8] {
+        let names = QGA.CommandName.allCases.map(\.rawValue) + ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-exec", "nope"]
+        var o: JSONObject = ["execute": .string(names.randomElement(using: &rng)!)]
+        if rng.chance(0.5) { o["id"] = .int(Int64.random(in: 0..<1000, using: &rng)) }
+        var args: JSONObject = [:]
+        if rng.chance(0.8) { args["id"] = rng.chance(0.9) ? .int(Int64.random(in: 0..<1_000_000, using: &rng)) : "x" }
+        if rng.chance(0.5) {
+            args["mountpoints"] = rng.chance(0.8)
+                ? .array((0..<Int.random(in: 0...2, using: &rng)).map { _ in .string(paths.randomElement(using: &rng)!) })
+                : .int(1)
+        }
+        if !args.keys.isEmpty || rng.chance(0.1) { o["arguments"] = rng.chance(0.95) ? .object(args) : .array([]) }
+        var line = JSON.object(o).encoded()
+        if rng.chance(0.05) { line = Array(line.prefix(Int.random(in: 0..<line.count, using: &rng))) }
+        if rng.chance(0.05) { line = [0xFF] + line }
+        return line + [0x0A]
     }
 
     /// One line: a request of a random op with random (often wrong) fields, sometimes mangled.

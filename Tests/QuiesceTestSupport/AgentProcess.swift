@@ -139,7 +139,15 @@ public final class TestClient: @unchecked Sendable {
     /// Takes whatever the agent has sent so far without waiting, decoded. Throws when a frame
     /// is not a valid reply or event; `closed` is true once the agent has closed the connection.
     public func drain() throws -> (messages: [AgentMessage], closed: Bool) {
-        var messages: [AgentMessage] = []
+        let (frames, closed) = try drainFrames()
+        return (try frames.map { try AgentMessage.decode(frame: $0) }, closed)
+    }
+
+    /// Takes whatever complete lines the agent has sent so far, without waiting and without
+    /// decoding them (qemu-ga's dialect, too). A 0xFF before a line (guest-sync-delimited) is
+    /// skipped; a line over the decoder's limit throws.
+    public func drainFrames() throws -> (frames: [[UInt8]], closed: Bool) {
+        var frames: [[UInt8]] = []
         var closed = false
         var buf = [UInt8](repeating: 0, count: 65536)
         while !closed, let ready = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: 0), ready != 0 {
@@ -147,10 +155,13 @@ public final class TestClient: @unchecked Sendable {
             decoder.feed(buf[0..<n])
         }
         while let ev = decoder.next() {
-            guard case .frame(let bytes) = ev else { throw LabError("the agent sent a line the decoder refused: \(ev)") }
-            messages.append(try AgentMessage.decode(frame: bytes))
+            switch ev {
+            case .frame(let bytes): frames.append(bytes)
+            case .reset: continue
+            case .tooLarge: throw LabError("the agent sent a line over the decoder's limit")
+            }
         }
-        return (messages, closed)
+        return (frames, closed)
     }
 
     /// Waits for an event with the given name (events seen during calls count too).
