@@ -124,7 +124,7 @@ sigaddset(&sigio, SIGIO)
 pthread_sigmask(SIG_BLOCK, &sigio, nil)
 
 // One agent per state dir: a second one must not "recover" (thaw) a live agent's freeze.
-let stateLock: Int32
+var stateLock: Int32 = -1  // held open for the process's life
 switch StateDirLock.acquire(stateDir: config.stateDir) {
 case .success(let fd):
     stateLock = fd
@@ -135,7 +135,9 @@ case .failure(.held(let pid)):
         : "\(who) is already running with state dir \(config.stateDir); stop it first, or give this one its own --state-dir",
         code: 1)
 case .failure(.system(let error)):
-    fail("cannot lock the state dir \(config.stateDir): \(error)", code: 1)
+    // No state dir we can write (not root, read-only): no freeze record can be written either,
+    // so no freeze can be taken and nothing needs guarding. Serve ping and status regardless.
+    logger.warning("cannot lock the state dir \(config.stateDir): \(error); freezes will fail until it is writable")
 }
 
 let record = FreezeRecord(stateDir: config.stateDir)
