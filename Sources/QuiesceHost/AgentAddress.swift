@@ -1,4 +1,4 @@
-// Where an agent listens, as written on the command line: unix:, vsock:, hvsock: or serial:.
+// Where an agent listens, as written on the command line: unix:, vsock:, hvsock:, serial: or qga:unix:.
 
 /// The address of one guest agent.
 public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
@@ -12,11 +12,14 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
     /// The host end of a virtio-serial port: the Unix socket of a QEMU chardev. There is no
     /// connection boundary, so the client resynchronises before use.
     case serial(path: String)
+    /// qemu-guest-agent (qemu-ga), not quiesced, behind the Unix socket of a QEMU chardev:
+    /// spoken to in qemu-ga's own protocol, with what that protocol can do (no deadline).
+    case qga(path: String)
 
     /// The forms accepted, for help texts and error messages.
-    public static let forms = "unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT or serial:PATH"
+    public static let forms = "unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT, serial:PATH or qga:unix:PATH"
 
-    /// Parses `unix:PATH`, `vsock:CID:PORT`, `hvsock:UDS_PATH:PORT` or `serial:PATH`.
+    /// Parses `unix:PATH`, `vsock:CID:PORT`, `hvsock:UDS_PATH:PORT`, `serial:PATH` or `qga:unix:PATH`.
     public init(parsing text: String) throws(AddressParseError) {
         guard let colon = text.firstIndex(of: ":") else {
             throw AddressParseError(text: text, reason: "expected \(AgentAddress.forms)")
@@ -28,6 +31,11 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
             self = .unix(path: try AgentAddress.socketPath(rest, in: text))
         case "serial":
             self = .serial(path: try AgentAddress.socketPath(rest, in: text))
+        case "qga":
+            guard rest.hasPrefix("unix:") else {
+                throw AddressParseError(text: text, reason: "expected qga:unix:PATH, the Unix socket of qemu-ga's chardev")
+            }
+            self = .qga(path: try AgentAddress.socketPath(String(rest.dropFirst(5)), in: text))
         case "vsock":
             let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
             guard parts.count == 2 else {
@@ -65,6 +73,7 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
         case .vsock(let cid, let port): "vsock:\(cid):\(port)"
         case .hybridVsock(let path, let port): "hvsock:\(path):\(port)"
         case .serial(let path): "serial:\(path)"
+        case .qga(let path): "qga:unix:\(path)"
         }
     }
 
@@ -75,13 +84,14 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
         case .vsock(let cid, let port): "vsock \(cid):\(port)"
         case .hybridVsock(let path, let port): "hybrid vsock \(path) port \(port)"
         case .serial(let path): "serial port socket \(path)"
+        case .qga(let path): "qemu-ga at \(path)"
         }
     }
 
     /// The Unix socket path the connection starts with, if any.
     public var socketPath: String? {
         switch self {
-        case .unix(let p), .serial(let p), .hybridVsock(let p, _): p
+        case .unix(let p), .serial(let p), .hybridVsock(let p, _), .qga(let p): p
         case .vsock: nil
         }
     }

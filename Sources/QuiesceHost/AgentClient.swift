@@ -34,10 +34,12 @@ public final class AgentClient {
     public static let clientName = "quiescectl \(QuiesceHostVersion.string)"
 
     /// Replies may exceed the 64 KiB request limit (a freeze of hundreds of mounts): PROTOCOL.md asks clients to take 1 MiB.
-    private var decoder = FrameDecoder(maxFrameBytes: 1 << 20)
+    var decoder = FrameDecoder(maxFrameBytes: 1 << 20)
     private let idPrefix: String
     private var counter = 0
     private var isSerial: Bool { if case .serial = address { return true }; return false }
+    /// The agent is qemu-ga, spoken to in its own protocol (QGAClient.swift).
+    var isQGA: Bool { if case .qga = address { return true }; return false }
 
     init(connection: Connection, replyTimeoutMs: Int64) {
         self.connection = connection
@@ -72,6 +74,10 @@ public final class AgentClient {
     }
 
     func sayHello() throws(AgentError) {
+        if isQGA {
+            hello = try qgaHello()
+            return
+        }
         let outcome: Result<JSONObject, ProtocolError>
         if isSerial {
             outcome = try resynchronise()
@@ -124,6 +130,7 @@ public final class AgentClient {
     /// Sends one request and waits for its reply (`timeoutMs` overrides the reply timeout).
     /// An error reply becomes an `AgentError` with code `.refused` carrying the agent's error.
     public func request(_ operation: Request.Operation, timeoutMs: Int64? = nil) throws(AgentError) -> JSONObject {
+        if isQGA { return try qgaRequest(operation, timeoutMs: timeoutMs ?? replyTimeoutMs) }
         let id = nextID()
         let wait = timeoutMs ?? replyTimeoutMs
         try send(Request(id: .string(id), operation).json)
@@ -172,7 +179,7 @@ public final class AgentClient {
         return "\(idPrefix)-\(counter)"
     }
 
-    private func deadline(_ ms: Int64) -> UInt64 { monotonicNanos() + UInt64(max(0, ms)) * 1_000_000 }
+    func deadline(_ ms: Int64) -> UInt64 { monotonicNanos() + UInt64(max(0, ms)) * 1_000_000 }
 
     private func send(_ json: JSON) throws(AgentError) {
         var bytes = json.encoded()
@@ -183,6 +190,13 @@ public final class AgentClient {
     /// Handles what the agent has sent meanwhile (events go to `onEvent`) without waiting.
     /// Throws `.disconnected` once the agent has closed the connection.
     public func takeIncoming() throws(AgentError) {
+        if isQGA {
+            // qemu-ga pushes nothing; what arrives is kept for the next command to skip.
+            if case .closed = try connection.receive(deadline: 0) {
+                throw AgentError(.disconnected, "\(address.spoken) closed the connection")
+            }
+            return
+        }
         do {
             _ = try awaitReplyOrTimeout(ids: [], what: "no", deadline: 0)
         } catch where error.code == .disconnected {
@@ -190,7 +204,7 @@ public final class AgentClient {
         }
     }
 
-    private func send(_ bytes: [UInt8]) throws(AgentError) {
+    func send(_ bytes: [UInt8]) throws(AgentError) {
         try connection.send(bytes, timeoutMs: max(replyTimeoutMs, 1000))
     }
 

@@ -509,6 +509,10 @@ final class CheckpointRun {
             report.agents[i].hello = hello
             report.agents[i].connectedNs = at - start
             note(at, i, "connected", "connected: \(hello.agent.isEmpty ? "agent" : hello.agent) \(hello.agentVersion), protocol \(hello.version)")
+            if case .qga = plan.agents[i] {
+                note(at, i, "no-deadline", "qemu-ga has no deadline and does not thaw when the connection drops: "
+                     + "quiescectl thaws it on every path it controls, but if quiescectl is killed, this guest stays frozen until thawed")
+            }
 
         case .frozen(let i, let r, let at):
             report.agents[i].freeze = r

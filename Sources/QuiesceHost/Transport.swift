@@ -30,7 +30,7 @@ public final class Connection: Sendable {
         let start = monotonicNanos()
         let wait = Int32(clamping: timeoutMs)
         switch address {
-        case .unix(let path), .serial(let path):
+        case .unix(let path), .serial(let path), .qga(let path):
             let fd = try connectUnix(path, address: address, timeoutMs: wait)
             return Connection(address: address, fd: fd)
         case .vsock(let cid, let port):

@@ -26,6 +26,11 @@ struct Quiescectl: ParsableCommand {
           serial:PATH           the Unix socket of a QEMU chardev behind a
                                 virtio-serial port; quiescectl resynchronises first
                                 (a 0xFF byte, then hello with a fresh id)
+          qga:unix:PATH         a guest running qemu-guest-agent instead of quiesced
+                                (the chardev socket of its port): spoken to in
+                                qemu-ga's protocol. ping, info, status, freeze, thaw
+                                and checkpoint work; qemu-ga has no deadline, so a
+                                killed quiescectl leaves such a guest frozen
 
         DURATIONS
           500ms, 30s, 1.5s, 5m, 1h, or plain seconds (30).
@@ -80,7 +85,7 @@ let environmentTable = CommandEnvironment.documentation.map { entry in
 
 struct GlobalOptions: ParsableArguments {
     @Option(name: .customLong("agent"),
-            help: ArgumentHelp("An agent to talk to (repeatable): unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT or serial:PATH.",
+            help: ArgumentHelp("An agent to talk to (repeatable): unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT, serial:PATH or qga:unix:PATH.",
                                valueName: "ADDR"),
             transform: { (text: String) throws -> AgentAddress in
                 do { return try AgentAddress(parsing: text) } catch { throw ValidationError("\(error)") }

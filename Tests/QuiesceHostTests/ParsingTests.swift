@@ -15,6 +15,7 @@ struct AgentAddressTests {
         ("hvsock:/run/fc/vm1/v.sock:5123", .hybridVsock(path: "/run/fc/vm1/v.sock", port: 5123)),
         ("hvsock:/odd:path/v.sock:52", .hybridVsock(path: "/odd:path/v.sock", port: 52)),
         ("serial:/run/vm1/qga.sock", .serial(path: "/run/vm1/qga.sock")),
+        ("qga:unix:/run/vm1/qga.sock", .qga(path: "/run/vm1/qga.sock")),
     ])
     func parsesEveryForm(text: String, expected: AgentAddress) throws {
         let a = try AgentAddress(parsing: text)
@@ -25,7 +26,9 @@ struct AgentAddressTests {
 
     @Test("bad addresses are refused with a reason that says what is wrong", arguments: [
         ("", "expected unix:PATH"),
-        ("/run/agent.sock", "expected unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT or serial:PATH"),
+        ("/run/agent.sock", "expected unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT, serial:PATH or qga:unix:PATH"),
+        ("qga:vsock:3:5123", "expected qga:unix:PATH"),
+        ("qga:unix:", "the socket path is empty"),
         ("tcp:1.2.3.4:80", "unknown kind \"tcp\""),
         ("unix:", "the socket path is empty"),
         ("serial:", "the socket path is empty"),

@@ -61,6 +61,41 @@ struct SubcommandIntegrationTests {
         }
     }
 
+    // The real qemu-ga is driven in the guest VM test (scripts/vm/run-guest-test): on this
+    // machine it would freeze everything it sees. Here the peer is quiesced's own qga+unix:
+    // listener, whose include scope keeps every freeze inside the lab.
+    @Test("--agent qga:unix: speaks qemu-ga's protocol: info, status, freeze --mount, thaw, checkpoint; filesystems refused")
+    func qgaAgent() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let ctl = ["--agent", "qga:unix:\(qga)"]
+            let info = try Ctl.run(ctl + ["info"], in: dir)
+            #expect(info.status == 0 && info.stdout.contains("agent: qemu-ga") && info.stdout.contains("freeze-list"), "\(info.stdout)\(info.stderr)")
+
+            let frozen = try Ctl.run(ctl + ["freeze", "--mount", a], in: dir)
+            #expect(frozen.status == 0 && frozen.stdout.contains("frozen 1 filesystem (\(a))"), "\(frozen.stdout)\(frozen.stderr)")
+            #expect(try isFrozen(a) && !isFrozen(b))
+            #expect(try Ctl.run(ctl + ["--json", "status"], in: dir).stdout.contains("\"state\":\"frozen\""))
+            #expect(try Ctl.run(ctl + ["thaw"], in: dir).status == 0)
+            #expect(try !isFrozen(a))
+
+            let marker = dir.file("ran")
+            let ck = try Ctl.run(ctl + ["checkpoint", "--", "sh", "-c", "fsfreeze -f '\(a)' 2>/dev/null || touch '\(marker)'"], in: dir)
+            #expect(ck.status == 0, "\(ck.stderr)")
+            #expect(FileManager.default.fileExists(atPath: marker), "COMMAND ran while qemu-ga's freeze held (a second FIFREEZE failed)")
+            #expect(ck.stderr.contains("qemu-ga has no deadline"), "the timeline warns what a killed quiescectl would leave")
+            #expect(try !isFrozen(a) && !isFrozen(b))
+
+            let fs = try Ctl.run(ctl + ["filesystems"], in: dir)
+            #expect(fs.status == 70 && fs.stderr.contains("qemu-ga cannot do filesystems"), "\(fs.stderr)")
+        }
+    }
+
     @Test("`quiescectl sync` flushes without freezing")
     func syncWithoutFreezing() async throws {
         try await LoopLab.with { lab in

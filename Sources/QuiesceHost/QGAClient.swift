@@ -1,0 +1,143 @@
+// Talking to qemu-guest-agent (`--agent qga:unix:PATH`) in its own protocol, behind the same
+// AgentClient API, so ping, info, status, freeze, thaw and checkpoint work on qemu-ga guests.
+//
+// What qemu-ga cannot do, and how it shows:
+// - No deadline and no thaw on disconnect: a freeze holds until somebody thaws it. checkpoint
+//   still thaws on every path it controls, and its timeline warns that a killed quiescectl
+//   would leave such a guest frozen.
+// - No `filesystems` and no `sync`: refused with an error that says so.
+// - Per-filesystem timings and the stall window are unknown: the freeze call's duration is
+//   reported as the (upper bound of the) stall.
+import QuiesceLinux
+import QuiesceProtocol
+
+extension AgentClient {
+    /// Resynchronises (0xFF, then guest-sync-delimited) and asks guest-info.
+    func qgaHello() throws(AgentError) -> HelloResult {
+        let info = try qgaExecute("guest-info", arguments: nil, timeoutMs: replyTimeoutMs)
+        let names = (info["supported_commands"]?.arrayValue ?? []).compactMap { c -> String? in
+            c["enabled"]?.boolValue == false ? nil : c["name"]?.stringValue
+        }
+        for needed in ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status"] where !names.contains(needed) {
+            throw AgentError(.incompatible, "\(address.spoken) does not offer \(needed) (it lists \(names.count) commands)")
+        }
+        var capabilities: [String] = []
+        if names.contains("guest-fsfreeze-freeze-list") { capabilities.append("freeze-list") }
+        return HelloResult(version: ProtocolVersion.current, agent: "qemu-ga", agentVersion: info["version"]?.stringValue ?? "",
+                           capabilities: capabilities, maxFrame: Int64(ProtocolLimits.maxFrameBytes), maxFreezeMs: 0)
+    }
+
+    /// One of our operations, carried out with qemu-ga's commands; the result in our shapes.
+    func qgaRequest(_ operation: Request.Operation, timeoutMs: Int64) throws(AgentError) -> JSONObject {
+        switch operation {
+        case .hello:
+            return (try qgaHello()).json
+        case .ping:
+            _ = try qgaExecute("guest-ping", arguments: nil, timeoutMs: timeoutMs)
+            return [:]
+        case .status:
+            let state = try qgaExecute("guest-fsfreeze-status", arguments: nil, timeoutMs: timeoutMs)
+            return StatusResult(state: state.stringValue == "frozen" ? .frozen : .thawed).json
+        case .keepalive:
+            // Nothing to extend (qemu-ga has no deadline); make sure the freeze still holds.
+            let state = try qgaExecute("guest-fsfreeze-status", arguments: nil, timeoutMs: timeoutMs)
+            guard state.stringValue == "frozen" else {
+                let e = ProtocolError(.notFrozen, "qemu-ga reports \(state.stringValue ?? "\(state)"): somebody thawed it")
+                throw AgentError(.refused, "keepalive refused: \(e.code): \(e.message)", remote: e)
+            }
+            return ["remaining_ms": .int(0)]
+        case .freeze(let r):
+            let start = monotonicNanos()
+            let count: JSON
+            if let mounts = r.mounts {
+                count = try qgaExecute("guest-fsfreeze-freeze-list", arguments: ["mountpoints": .array(mounts.map(JSON.string))],
+                                       timeoutMs: timeoutMs)
+            } else {
+                count = try qgaExecute("guest-fsfreeze-freeze", arguments: nil, timeoutMs: timeoutMs)
+            }
+            let us = Int64((monotonicNanos() - start) / 1000)
+            let n = Int(count.intValue ?? 0)
+            // qemu-ga names no filesystem: with an explicit list these are the ones asked for.
+            let reports = r.mounts.flatMap { $0.count == n ? $0 : nil }.map(AgentClient.qgaReports) ?? AgentClient.qgaReports(count: n)
+            return FreezeResult(opID: r.opID ?? "qga", mode: .detached, filesystems: reports, skipped: [], hooks: [],
+                                presyncUs: 0, freezeUs: us, stallUs: us, totalUs: us, timeoutMs: 0, deadlineMs: 0).json
+        case .thaw(let opID):
+            let start = monotonicNanos()
+            let count = try qgaExecute("guest-fsfreeze-thaw", arguments: nil, timeoutMs: timeoutMs)
+            let n = count.intValue ?? 0
+            return ThawResult(opID: opID, wasFrozen: n > 0, filesystems: AgentClient.qgaReports(count: Int(n)),
+                              totalUs: Int64((monotonicNanos() - start) / 1000), frozenUs: nil).json
+        case .filesystems, .sync:
+            let e = ProtocolError(.unknownOp, "qemu-ga cannot do \(operation.name.rawValue): its protocol has no such command")
+            throw AgentError(.refused, "\(operation.name.rawValue) refused: \(e.code): \(e.message)", remote: e)
+        }
+    }
+
+    /// Reports for filesystems qemu-ga counted but did not name.
+    static func qgaReports(count n: Int) -> [FilesystemReport] {
+        qgaReports((0..<max(0, n)).map { "(filesystem \($0 + 1) of \(n), unnamed by qemu-ga)" })
+    }
+
+    static func qgaReports(_ mountPoints: [String]) -> [FilesystemReport] {
+        mountPoints.map { FilesystemReport(mountPoint: $0, type: "", device: "", source: "") }
+    }
+
+    /// Sends 0xFF and guest-sync-delimited with a fresh id, then the command, and returns the
+    /// command's `return` value. Whatever precedes the sync reply (an earlier client's replies
+    /// left in the chardev) is skipped. An `error` reply throws `.refused`.
+    func qgaExecute(_ name: String, arguments: JSONObject?, timeoutMs: Int64) throws(AgentError) -> JSON {
+        let syncID = Int64.random(in: 1...Int64(Int32.max))
+        var bytes: [UInt8] = [0xFF]
+        bytes += JSON.object(["execute": "guest-sync-delimited", "arguments": ["id": .int(syncID)]]).encoded()
+        bytes.append(0x0A)
+        var command: JSONObject = ["execute": .string(name)]
+        if let arguments { command["arguments"] = .object(arguments) }
+        bytes += JSON.object(command).encoded()
+        bytes.append(0x0A)
+        try send(bytes)
+        let end = deadline(timeoutMs)
+        var synced = false
+        while true {
+            let frame = try qgaNextFrame(deadline: end, what: name, timeoutMs: timeoutMs)
+            guard case .object(let o)? = try? JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth) else {
+                if synced {
+                    throw AgentError(.protocolViolation, "\(address.spoken) answered \(name) with something that is not a JSON object")
+                }
+                continue
+            }
+            if !synced {
+                synced = o["return"]?.intValue == syncID
+                continue
+            }
+            if let value = o["return"] { return value }
+            if let error = o["error"] {
+                let cls = error["class"]?.stringValue ?? "GenericError", desc = error["desc"]?.stringValue ?? "\(error)"
+                let code: ErrorCode = cls == "CommandNotFound" ? .unknownOp : .freezeFailed
+                let e = ProtocolError(code, "\(cls): \(desc)")
+                throw AgentError(.refused, "\(name) refused: \(cls): \(desc)", remote: e)
+            }
+            throw AgentError(.protocolViolation, "\(address.spoken) answered \(name) with neither return nor error")
+        }
+    }
+
+    /// The next complete line from qemu-ga (0xFF delimiters are dropped by the decoder).
+    private func qgaNextFrame(deadline end: UInt64, what: String, timeoutMs: Int64) throws(AgentError) -> [UInt8] {
+        while true {
+            while let event = decoder.next() {
+                switch event {
+                case .frame(let bytes): return bytes
+                case .reset: continue
+                case .tooLarge:
+                    throw AgentError(.protocolViolation, "\(address.spoken) sent a line larger than 1 MiB")
+                }
+            }
+            switch try connection.receive(deadline: end) {
+            case .data(let bytes): decoder.feed(bytes)
+            case .timeout:
+                throw AgentError(.timeout, "guest did not answer \(what) within \(TimeSpan(milliseconds: timeoutMs).human) (\(address.spoken))")
+            case .closed:
+                throw AgentError(.disconnected, "\(address.spoken) closed the connection while waiting for the \(what) reply")
+            }
+        }
+    }
+}
