@@ -164,30 +164,33 @@ public final class Server: Sendable {
             sigemptyset(&sigio)
             sigaddset(&sigio, SIGIO)
             var backoffUs: UInt32 = 20_000
-            var unclaimedSince: UInt64?
+            // Bytes that came while no host was connected, and since when.
+            var held: [UInt8] = []
+            var heldSince: UInt64 = 0
             while true {
                 guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) else { return }
                 if ev & Int16(POLLNVAL | POLLERR) != 0 { return }
                 // No host: the port polls POLLIN|POLLHUP and reads 0 at once. A session starts when
                 // POLLHUP clears (SIGIO comes then). A new host's first bytes may arrive just before
-                // its connected notice, so bytes seen while away wait for the session; bytes nobody
-                // claims for 500 ms were left by a host that has gone and must not run as requests
-                // of the next one: they are discarded.
+                // its connected notice: they are read and held for the session. Bytes that no
+                // session claims within 500 ms of their arrival were left by a host that has gone
+                // and must not run as requests of the next one: they are dropped. (The clock
+                // starts when bytes arrive, not when the port went idle: a new host's first
+                // request must never be mistaken for an old one's.)
                 if ev & Int16(POLLHUP) == 0 && ev & Int16(POLLIN) != 0 { break }
                 if ev & Int16(POLLIN) != 0 && ev & Int16(POLLHUP) != 0 {
-                    let now = monotonicNanos()
-                    if let since = unclaimedSince, now - since > 500_000_000 {
-                        let n = Server.discardPending(fd)
-                        if n > 0 { logger.warning("serial port \(path): discarded \(n) bytes left by a host that went away") }
-                        unclaimedSince = nil
-                    } else if unclaimedSince == nil {
-                        unclaimedSince = now
+                    if Server.readAvailable(fd, into: &held, limit: ProtocolLimits.maxFrameBytes * 2) > 0 && heldSince == 0 {
+                        heldSince = monotonicNanos()
                     }
-                } else {
-                    unclaimedSince = nil
+                    if !held.isEmpty && monotonicNanos() - heldSince > 500_000_000 {
+                        logger.warning("serial port \(path): dropped \(held.count) bytes left by a host that went away")
+                        held = []
+                        heldSince = 0
+                    }
                 }
                 if asyncIO {
-                    var timeout = timespec(tv_sec: 1, tv_nsec: 0)
+                    // While bytes are held, wake often enough to drop them on time.
+                    var timeout = held.isEmpty ? timespec(tv_sec: 1, tv_nsec: 0) : timespec(tv_sec: 0, tv_nsec: 100_000_000)
                     if sigtimedwait(&sigio, nil, &timeout) < 0 && errno == EAGAIN && !Server.isSameDevice(fd: fd, path: path) {
                         return
                     }
@@ -200,20 +203,24 @@ public final class Server: Sendable {
             let id = nextID.add(1, ordering: .relaxed).oldValue
             let conn = Connection(id: id, fd: fd, peer: .serial(path: path), server: self, isStream: false, dialect: dialect)
             connections.withLock { $0[id] = conn }
-            let deviceGone = conn.runSerialSession()
+            let deviceGone = conn.runSerialSession(first: held)
             if deviceGone || !Server.isSameDevice(fd: fd, path: path) { return }
         }
     }
 
-    /// Reads and drops whatever is queued on a non-blocking fd; returns how many bytes.
-    static func discardPending(_ fd: Int32) -> Int {
+    /// Appends what is queued on a non-blocking fd to `held`, keeping at most `limit` bytes
+    /// (the newest); returns how many bytes were read.
+    static func readAvailable(_ fd: Int32, into held: inout [UInt8], limit: Int) -> Int {
         var total = 0
         var scratch = [UInt8](repeating: 0, count: 4096)
         while true {
             let r = scratch.withUnsafeMutableBytes { p in syscallResult { Glibc.read(fd, p.baseAddress, p.count) } }
-            guard case .success(let n) = r, n > 0 else { return total }
+            guard case .success(let n) = r, n > 0 else { break }
             total += n
+            held += scratch[0..<n]
         }
+        if held.count > limit { held.removeFirst(held.count - limit) }
+        return total
     }
 
     /// Whether `path` still names the device open on `fd`.
@@ -387,11 +394,14 @@ final class Connection: Sendable {
     }
 
     /// Serves one host session on a serial port. Returns true when the device itself failed.
-    func runSerialSession() -> Bool {
+    /// `first`: bytes this host sent just before its connected notice, handled first.
+    func runSerialSession(first: [UInt8] = []) -> Bool {
         let writer = startWriter()
         startWorker()
         var decoder = FrameDecoder()
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
+        decoder.feed(first[...])
+        while let event = decoder.next() { _ = handle(event, limiter: &limiter) }
         var buffer = [UInt8](repeating: 0, count: 16384)
         var deviceGone = false
         session: while true {
