@@ -657,6 +657,7 @@ public enum CommandEnvironment {
         ("QUIESCE_CRASH_CONSISTENT_AGENTS", "agents that could not freeze (only with --on-agent-failure crash-consistent), separated by ';'; empty when none"),
         ("QUIESCE_AGENT_CONSISTENCY", "per agent, ADDR=application|filesystem|crash separated by ';'"),
         ("QUIESCE_DEADLINE_MS", "wall-clock time (ms since the epoch) at which COMMAND is stopped and the guests thawed"),
+        ("QUIESCE_FROZEN_JSON", "the same facts, exact whatever the paths contain: {\"ADDR\": {\"consistency\": C, \"frozen\": [MOUNT, ...]}, ...}"),
     ]
 
     public static func overallConsistency(_ agents: [AgentReport]) -> Consistency {
@@ -675,7 +676,20 @@ public enum CommandEnvironment {
             ("QUIESCE_CRASH_CONSISTENT_AGENTS", crash.map(\.address.description).joined(separator: ";")),
             ("QUIESCE_AGENT_CONSISTENCY", agents.map { "\($0.address)=\(($0.failure == nil ? Consistency.of($0.freeze) : .crash).rawValue)" }.joined(separator: ";")),
             ("QUIESCE_DEADLINE_MS", String(deadlineWallMs)),
+            ("QUIESCE_FROZEN_JSON", frozenJSON(agents)),
         ]
+    }
+
+    /// QUIESCE_FROZEN_JSON: per agent, its consistency and frozen mountpoints, exact whatever
+    /// characters the paths contain (QUIESCE_FROZEN's ';' ',' '=' separators cannot be).
+    static func frozenJSON(_ agents: [AgentReport]) -> String {
+        var o = JSONObject()
+        for a in agents {
+            let frozen = a.failure == nil ? (a.freeze?.filesystems.map(\.mountPoint) ?? []) : []
+            let consistency = (a.failure == nil ? Consistency.of(a.freeze) : .crash).rawValue
+            o[a.address.description] = ["consistency": .string(consistency), "frozen": .array(frozen.map(JSON.string))]
+        }
+        return JSON.object(o).text
     }
 
     /// `base` with every QUIESCE_* variable replaced by `vars`.
