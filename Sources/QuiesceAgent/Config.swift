@@ -99,7 +99,7 @@ public struct AgentConfig: Sendable {
 
     /// The settings a key accepts, for `--help` and the sample config.
     public static let keys: [(key: String, value: String, help: String)] = [
-        ("listen", "ADDR", "listen on unix:PATH, vsock:PORT, vsock:CID:PORT, serial:DEVICE, qga+unix:PATH or qga+serial:DEVICE (repeatable)"),
+        ("listen", "ADDR", "where to listen (repeatable): unix:, vsock:, serial:, qga+unix:, qga+serial: (see ADDR)"),
         ("state-dir", "DIR", "where the crash-safety record lives (default /run/quiesce, a tmpfs)"),
         ("include", "GLOB", "only mountpoints matching a glob are eligible (repeatable)"),
         ("exclude", "GLOB", "mountpoints matching a glob are never frozen (repeatable)"),
