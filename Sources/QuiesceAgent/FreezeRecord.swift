@@ -8,11 +8,22 @@ import QuiesceProtocol
 /// A small JSON file in the state directory (a tmpfs, /run/quiesce, by default) naming the
 /// filesystems of the freeze in progress. Written before the first FIFREEZE, removed after the
 /// last FITHAW, never touched while frozen.
+///
+/// Each agent process has its own record, `freeze-PID.json`, so agents that share a state dir
+/// (several started by hand without --state-dir) never overwrite each other's, and recovery
+/// thaws only records whose owner is no longer a running quiesced: a second agent starting up,
+/// or `quiesced --recover` run by hand, can never thaw a live agent's freeze.
 public struct FreezeRecord: Sendable {
     public let stateDir: String
-    public var path: String { stateDir + "/freeze.json" }
+    public let ownerPID: Int32
+    public var path: String { FreezeRecord.path(stateDir: stateDir, pid: ownerPID) }
 
-    public init(stateDir: String) { self.stateDir = stateDir }
+    public init(stateDir: String, ownerPID: Int32 = getpid()) {
+        self.stateDir = stateDir
+        self.ownerPID = ownerPID
+    }
+
+    static func path(stateDir: String, pid: Int32) -> String { "\(stateDir)/freeze-\(pid).json" }
 
     public func write(opID: String, targets: [FreezeTarget]) throws(SystemError) {
         _ = mkdir(stateDir, 0o700)
@@ -52,6 +63,10 @@ public struct FreezeRecord: Sendable {
 
     /// Reads the record, if there is one. A damaged record gives its error.
     public func read() -> Result<(opID: String, entries: [Entry])?, ProtocolError> {
+        FreezeRecord.read(path: path)
+    }
+
+    static func read(path: String) -> Result<(opID: String, entries: [Entry])?, ProtocolError> {
         guard let bytes = try? FD.readWholeFile(atPath: path) else { return .success(nil) }
         let text = String(decoding: bytes, as: UTF8.self)
         do {
@@ -69,15 +84,66 @@ public struct FreezeRecord: Sendable {
         }
     }
 
-    /// Thaws everything a record left by an earlier run names (FITHAW on each; EINVAL means it
-    /// was not frozen). Returns one line per filesystem for the log, then removes the record.
-    public func recover() -> (opID: String, lines: [String])? {
+    /// What recovery found in a state dir.
+    public struct Recovery: Sendable {
+        /// Records of agents that are gone, thawed: the op id and one line per filesystem.
+        public var recovered: [(opID: String, lines: [String])] = []
+        /// Pids of running agents whose records were left alone.
+        public var liveOwners: [Int32] = []
+    }
+
+    /// Thaws what the records of agents that are no longer running name, and removes those
+    /// records; records of running agents are left alone. Also takes the single `freeze.json`
+    /// of earlier versions.
+    public static func recoverAbandoned(stateDir: String) -> Recovery {
+        var recovery = Recovery()
+        guard let dir = opendir(stateDir) else { return recovery }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            names.append(withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) })
+        }
+        closedir(dir)
+        for name in names.sorted() {
+            let path = "\(stateDir)/\(name)"
+            var owner: Int32?
+            if name.hasPrefix("freeze-") && name.hasSuffix(".json") {
+                owner = Int32(name.dropFirst(7).dropLast(5))
+                if owner == nil { continue }
+            } else if name == "freeze.json" {
+                owner = (try? FD.readWholeFile(atPath: path)).flatMap { try? JSON.parse($0) }?["pid"]?.intValue.map { Int32(truncatingIfNeeded: $0) }
+            } else {
+                continue
+            }
+            if let pid = owner, pid != getpid(), isRunningAgent(pid) {
+                recovery.liveOwners.append(pid)
+                continue
+            }
+            recovery.recovered.append(recover(path: path))
+        }
+        return recovery
+    }
+
+    /// Whether `pid` is a running quiesced: not a process that got the pid since, and not a
+    /// killed agent whose parent has not reaped it yet (a zombie holds no freeze of its own).
+    static func isRunningAgent(_ pid: Int32) -> Bool {
+        guard pid > 0, let stat = try? FD.readWholeFile(atPath: "/proc/\(pid)/stat", maxBytes: 4096) else { return false }
+        // "PID (COMM) STATE ...": COMM may contain anything, so split at the last ')'.
+        guard let open = stat.firstIndex(of: UInt8(ascii: "(")), let close = stat.lastIndex(of: UInt8(ascii: ")")),
+              close + 2 < stat.count else { return false }
+        let comm = String(decoding: stat[(open + 1)..<close], as: UTF8.self)
+        let state = stat[close + 2]
+        return comm == "quiesced" && state != UInt8(ascii: "Z") && state != UInt8(ascii: "X")
+    }
+
+    /// Thaws everything one record names (FITHAW on each; EINVAL means it was not frozen).
+    /// Returns one line per filesystem for the log, then removes the record.
+    static func recover(path: String) -> (opID: String, lines: [String]) {
         let entries: [Entry]
         let opID: String
-        switch read() {
-        case .success(nil): return nil
+        switch read(path: path) {
+        case .success(nil): return ("unknown", [])
         case .success(let r?): opID = r.opID; entries = r.entries
-        case .failure(let e): remove(); return ("unknown", ["\(e)"])
+        case .failure(let e): _ = unlink(path); return ("unknown", ["\(e)"])
         }
         var lines: [String] = []
         // Thaw in reverse freeze order: what rests on others thaws last.
@@ -94,37 +160,7 @@ public struct FreezeRecord: Sendable {
                 lines.append("\(e.mountPoint): \(error)")
             }
         }
-        remove()
+        _ = unlink(path)
         return (opID, lines)
-    }
-}
-
-/// One agent per state directory. The lock (flock on STATE_DIR/lock, released by the kernel
-/// when the process dies) is held for the agent's whole life, so a second agent started by hand
-/// cannot run crash recovery on a live agent's freeze (thawing it under a running checkpoint),
-/// and `quiesced --recover` refuses while the agent that owns the record is alive.
-public enum StateDirLock {
-    public enum Failure: Error, Sendable {
-        /// Another live process holds it; its pid, when it wrote one.
-        case held(by: Int32?)
-        case system(SystemError)
-    }
-
-    /// Takes the lock and writes our pid into it. Keep the returned descriptor open.
-    public static func acquire(stateDir: String) -> Result<Int32, Failure> {
-        _ = mkdir(stateDir, 0o700)
-        let path = stateDir + "/lock"
-        let fd: Int32
-        do { fd = try FD.open(path, O_RDWR | O_CREAT, 0o600) } catch { return .failure(.system(error)) }
-        if flock(fd, LOCK_EX | LOCK_NB) != 0 {
-            let e = errno
-            let holder = (try? FD.readWholeFile(atPath: path, maxBytes: 64))
-                .flatMap { Int32(String(decoding: $0, as: UTF8.self).trimmingASCIIWhitespace()) }
-            FD.close(fd)
-            return .failure(e == EWOULDBLOCK ? .held(by: holder) : .system(SystemError("flock", path, Errno(e))))
-        }
-        _ = ftruncate(fd, 0)
-        try? FD.writeAll(fd, Array("\(getpid())\n".utf8))
-        return .success(fd)
     }
 }

@@ -123,31 +123,23 @@ sigemptyset(&sigio)
 sigaddset(&sigio, SIGIO)
 pthread_sigmask(SIG_BLOCK, &sigio, nil)
 
-// One agent per state dir: a second one must not "recover" (thaw) a live agent's freeze.
-var stateLock: Int32 = -1  // held open for the process's life
-switch StateDirLock.acquire(stateDir: config.stateDir) {
-case .success(let fd):
-    stateLock = fd
-case .failure(.held(let pid)):
-    let who = pid.map { "quiesced (pid \($0))" } ?? "another quiesced"
-    fail(recoverOnly
-        ? "\(who) is running with state dir \(config.stateDir) and thaws its own freezes: nothing to recover"
-        : "\(who) is already running with state dir \(config.stateDir); stop it first, or give this one its own --state-dir",
-        code: 1)
-case .failure(.system(let error)):
-    // No state dir we can write (not root, read-only): no freeze record can be written either,
-    // so no freeze can be taken and nothing needs guarding. Serve ping and status regardless.
-    logger.warning("cannot lock the state dir \(config.stateDir): \(error); freezes will fail until it is writable")
+// Crash recovery: thaw what the records of agents that are gone name. Records of agents still
+// running (sharing this state dir) are theirs to thaw: a second agent, or --recover by hand,
+// must never thaw a live agent's freeze under a running checkpoint.
+_ = mkdir(config.stateDir, 0o700)
+let recovery = FreezeRecord.recoverAbandoned(stateDir: config.stateDir)
+for r in recovery.recovered {
+    logger.warning("found a freeze record left by an earlier run (op \(r.opID)); thawed: \(r.lines.joined(separator: "; "))",
+                   metadata: ["op_id": "\(r.opID)"])
 }
-
-let record = FreezeRecord(stateDir: config.stateDir)
-if let recovered = record.recover() {
-    logger.warning("found a freeze record left by an earlier run (op \(recovered.opID)); thawed: \(recovered.lines.joined(separator: "; "))",
-                   metadata: ["op_id": "\(recovered.opID)"])
+for pid in recovery.liveOwners {
+    logger.notice("state dir \(config.stateDir) is also used by the running quiesced pid \(pid); its freeze record is left to it")
+}
+if recoverOnly && recovery.recovered.isEmpty && !recovery.liveOwners.isEmpty {
+    logger.notice("nothing to recover: the agents using \(config.stateDir) are running and thaw their own freezes")
 }
 if recoverOnly { exit(0) }
 if geteuid() != 0 { logger.warning("not running as root: freezing needs CAP_SYS_ADMIN") }
-_ = mkdir(config.stateDir, 0o700)
 
 // MARK: - Listeners
 

@@ -85,11 +85,11 @@ struct NeverLeftFrozenTests {
             agent.signal(SIGKILL)
             _ = agent.waitForExit()
             #expect(try isFrozen(a) && isFrozen(b), "a crash leaves the freeze in place: only FITHAW undoes it")
-            #expect(FileManager.default.fileExists(atPath: agent.stateDir + "/freeze.json"))
+            #expect(FileManager.default.fileExists(atPath: agent.stateDir + "/freeze-\(agent.pid).json"))
             let again = try AgentProcess(in: lab.root, arguments: args, stateDir: agent.stateDir)
             #expect(try !isFrozen(a) && !isFrozen(b))
             #expect(again.log.contains("found a freeze record"))
-            #expect(!FileManager.default.fileExists(atPath: agent.stateDir + "/freeze.json"))
+            #expect(!FileManager.default.fileExists(atPath: agent.stateDir + "/freeze-\(agent.pid).json"))
             again.stop()
         }
     }
@@ -108,27 +108,36 @@ struct NeverLeftFrozenTests {
         }
     }
 
-    @Test("a second agent cannot run recovery on a live agent's freeze, nor take over its socket")
+    @Test("agents sharing a state dir keep their own records: a second agent or --recover never thaws a live agent's freeze")
     func secondAgentCannotInterfere() async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
-            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
-            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
-            let q = "'\(buildProductsDir)/quiesced' --config /dev/null --include '\(lab.root)/*'"
-            // Same state dir, own socket: refused before it could read (and thaw) the live record.
-            let same = try sh("\(q) --listen unix:\(lab.root)/second.sock --state-dir '\(agent.stateDir)' 2>&1; echo \"exit=$?\"")
-            #expect(same.contains("quiesced (pid \(agent.pid)) is already running with state dir") && same.hasSuffix("exit=1\n"), "\(same)")
-            let recover = try sh("\(q) --recover --state-dir '\(agent.stateDir)' 2>&1; echo \"exit=$?\"")
-            #expect(recover.contains("thaws its own freezes: nothing to recover") && recover.hasSuffix("exit=1\n"), "\(recover)")
-            #expect(try isFrozen(a), "the live agent's freeze still holds")
+            let b = try lab.filesystem("b")
+            let first = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/a"])
+            _ = try TestClient(path: first.socketPath).result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
+            // Same state dir, own socket: it starts, leaves the live agent's record alone, and
+            // its own freeze (of b) has its own record.
+            let second = try AgentProcess(in: lab.root, name: "second", arguments: ["--include", "\(lab.root)/b"], stateDir: first.stateDir)
+            #expect(second.log.contains("also used by the running quiesced pid \(first.pid)"), "\(second.log)")
+            #expect(try isFrozen(a), "the first agent's freeze still holds")
+            _ = try TestClient(path: second.socketPath).result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
+            #expect(FileManager.default.fileExists(atPath: "\(first.stateDir)/freeze-\(first.pid).json"))
+            #expect(FileManager.default.fileExists(atPath: "\(first.stateDir)/freeze-\(second.pid).json"))
+            let q = "'\(buildProductsDir)/quiesced' --config /dev/null"
+            let recover = try sh("\(q) --recover --state-dir '\(first.stateDir)' 2>&1; echo \"exit=$?\"")
+            #expect(recover.contains("nothing to recover") && recover.hasSuffix("exit=0\n"), "\(recover)")
+            #expect(try isFrozen(a) && isFrozen(b), "--recover leaves running agents' freezes alone")
+            // A killed agent's record is recovered, the live one's is not.
+            second.signal(SIGKILL)
+            _ = second.waitForExit()
+            _ = try sh("\(q) --recover --state-dir '\(first.stateDir)' 2>&1")
+            #expect(try !isFrozen(b) && isFrozen(a))
             // Own state dir, same socket path: refused, and the live agent keeps its socket.
-            let path = try sh("\(q) --listen unix:\(agent.socketPath) --state-dir '\(lab.root)/other-state' 2>&1; echo \"exit=$?\"")
+            let path = try sh("\(q) --listen unix:\(first.socketPath) --state-dir '\(lab.root)/other-state' 2>&1; echo \"exit=$?\"")
             #expect(path.contains("another process is listening on it") && path.hasSuffix("exit=1\n"), "\(path)")
-            let status = try TestClient(path: agent.socketPath).result(["op": "status"])
-            #expect(status["state"] == "frozen")
-            _ = try TestClient(path: agent.socketPath).result(["op": "thaw"])
+            _ = try TestClient(path: first.socketPath).result(["op": "thaw"])
             #expect(try !isFrozen(a))
-            agent.stop()
+            first.stop()
         }
     }
 
