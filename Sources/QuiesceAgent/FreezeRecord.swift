@@ -61,11 +61,7 @@ public struct FreezeRecord: Sendable {
         public var devices: Set<DeviceNumber>
     }
 
-    /// Reads the record, if there is one. A damaged record gives its error.
-    public func read() -> Result<(opID: String, entries: [Entry])?, ProtocolError> {
-        FreezeRecord.read(path: path)
-    }
-
+    /// Reads the record at `path`, if there is one. A damaged record gives its error.
     static func read(path: String) -> Result<(opID: String, entries: [Entry])?, ProtocolError> {
         guard let bytes = try? FD.readWholeFile(atPath: path) else { return .success(nil) }
         let text = String(decoding: bytes, as: UTF8.self)
@@ -97,13 +93,7 @@ public struct FreezeRecord: Sendable {
     /// of earlier versions.
     public static func recoverAbandoned(stateDir: String) -> Recovery {
         var recovery = Recovery()
-        guard let dir = opendir(stateDir) else { return recovery }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            names.append(withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) })
-        }
-        closedir(dir)
-        for name in names.sorted() {
+        for name in (FD.directoryEntries(atPath: stateDir) ?? []).sorted() {
             let path = "\(stateDir)/\(name)"
             var owner: Int32?
             if name.hasPrefix("freeze-") && name.hasSuffix(".json") {
@@ -118,7 +108,7 @@ public struct FreezeRecord: Sendable {
                 recovery.liveOwners.append(pid)
                 continue
             }
-            recovery.recovered.append(recover(path: path))
+            if let r = recover(path: path) { recovery.recovered.append(r) }
         }
         return recovery
     }
@@ -136,12 +126,13 @@ public struct FreezeRecord: Sendable {
     }
 
     /// Thaws everything one record names (FITHAW on each; EINVAL means it was not frozen).
-    /// Returns one line per filesystem for the log, then removes the record.
-    static func recover(path: String) -> (opID: String, lines: [String]) {
+    /// Returns one line per filesystem for the log, then removes the record; nil when the
+    /// record is gone already.
+    static func recover(path: String) -> (opID: String, lines: [String])? {
         let entries: [Entry]
         let opID: String
         switch read(path: path) {
-        case .success(nil): return ("unknown", [])
+        case .success(nil): return nil
         case .success(let r?): opID = r.opID; entries = r.entries
         case .failure(let e): _ = unlink(path); return ("unknown", ["\(e)"])
         }

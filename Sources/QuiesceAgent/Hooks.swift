@@ -20,12 +20,9 @@ public struct Hooks: Sendable {
 
     /// The hooks to run, in lexical order, and the files passed over with the reason.
     public func list() -> (hooks: [String], ignored: [(String, String)]) {
-        guard let dir = opendir(directory) else { return ([], []) }
-        defer { closedir(dir) }
         var names: [String] = []
         var ignored: [(String, String)] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        for name in FD.directoryEntries(atPath: directory) ?? [] {
             if name.hasPrefix(".") || name.hasSuffix("~") || name.contains(".dpkg-") || name.hasSuffix(".disabled")
                 || name.hasSuffix(".sample") || name == "README" { continue }
             var st = stat()

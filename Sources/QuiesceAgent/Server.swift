@@ -518,7 +518,7 @@ extension Connection {
             id = decoded.id
         }
         if !enqueue(work) {
-            send(QGA.errorFrame(QGA.Failure("busy: too many commands in flight on this connection"), id: id))
+            send(Dialect.qga.errorFrame(ProtocolError(.busy, "too many commands in flight on this connection"), id: id))
         }
     }
 }

@@ -192,8 +192,10 @@ public final class AgentClient {
     public func takeIncoming() throws(AgentError) {
         if isQGA {
             // qemu-ga pushes nothing; what arrives is kept for the next command to skip.
-            if case .closed = try connection.receive(deadline: 0) {
-                throw AgentError(.disconnected, "\(address.spoken) closed the connection")
+            switch try connection.receive(deadline: 0) {
+            case .data(let bytes): decoder.feed(bytes)
+            case .timeout: break
+            case .closed: throw AgentError(.disconnected, "\(address.spoken) closed the connection")
             }
             return
         }

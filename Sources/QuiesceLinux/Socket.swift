@@ -79,6 +79,18 @@ public enum FD {
         _ = fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK)
     }
 
+    /// The names in a directory, "." and ".." left out; nil when it cannot be opened.
+    public static func directoryEntries(atPath path: String) -> [String]? {
+        guard let dir = opendir(path) else { return nil }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
     /// Reads a whole file with open/read until EOF (procfs and sysfs files report size 0).
     /// More than `maxBytes` is an error (EFBIG), so a wrong path cannot make us read forever.
     public static func readWholeFile(atPath path: String, maxBytes: Int = 16 << 20) throws(SystemError) -> [UInt8] {
