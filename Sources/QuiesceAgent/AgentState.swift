@@ -2,6 +2,7 @@
 import QuiesceLinux
 import QuiesceProtocol
 import Logging
+import Synchronization
 
 /// Identifies a connection (a serial port gets a new one each time the host reconnects).
 public typealias ConnectionID = UInt64
@@ -58,6 +59,8 @@ public actor AgentState {
     private var lastAutoThaw: AutoThawReport?
     private var opCounter: UInt64 = 0
     private var shuttingDown = false
+    /// Plans running on their threads (one that outlived its budget stays counted until it returns).
+    private let planning = InFlight()
 
     let config: AgentConfig
     let discovery: Discovery
@@ -121,11 +124,26 @@ public actor AgentState {
         }
     }
 
-    /// Plans on a dedicated thread: discovery reads /proc and sysfs and may stat a loop's
-    /// backing file, which could hang on a dead network filesystem; the actor must not.
+    /// Plans on a dedicated thread: discovery reads /proc and sysfs and opens a loop device's
+    /// backing file, which blocks for as long as the server of a FUSE or network filesystem
+    /// does not answer; the actor must not. The wait is bounded by the step timeout. A plan
+    /// still blocked from an earlier request makes the next one fail at once instead of piling
+    /// up another blocked thread.
     private func plan(explicitMounts: [String]?) async -> Result<(targets: [FreezeTarget], skipped: [SkippedReport]), ProtocolError> {
+        if planning.count > 0 {
+            return .failure(ProtocolError(.busy, "an earlier reading of the mounts and block devices is still blocked (a FUSE or network filesystem's server is not answering); try again later"))
+        }
         let discovery = self.discovery
-        return await Threads.run { Result { () throws(ProtocolError) in try discovery.plan(explicitMounts: explicitMounts) } }
+        let stuck = engine.stuck.devices
+        let budgetMs = config.freezeStepTimeoutMs
+        let planning = self.planning
+        planning.enter()
+        let result = await Threads.run(until: monotonicNanos() + UInt64(budgetMs) * 1_000_000) {
+            defer { planning.leave() }
+            return Result { () throws(ProtocolError) in try discovery.plan(explicitMounts: explicitMounts, avoiding: stuck) }
+        }
+        return result ?? .failure(ProtocolError(
+            .busy, "reading the mounts and block devices did not finish within \(budgetMs) ms (a FUSE or network filesystem's server is not answering?); nothing was frozen"))
     }
 
     // MARK: - Status
@@ -133,15 +151,17 @@ public actor AgentState {
     public func status() -> StatusResult {
         switch phase {
         case .thawed:
-            return StatusResult(state: .thawed, lastAutoThaw: lastAutoThaw)
+            return StatusResult(state: .thawed, lastAutoThaw: lastAutoThaw, stuck: engine.stuck.current)
         case .freezing(let p):
             return StatusResult(state: .freezing, opID: p.opID, mode: p.mode, filesystems: p.mountPoints,
-                                sinceMs: p.sinceMs, requestedBy: p.requestedBy, lastAutoThaw: lastAutoThaw)
+                                sinceMs: p.sinceMs, requestedBy: p.requestedBy, lastAutoThaw: lastAutoThaw,
+                                stuck: engine.stuck.current)
         case .frozen(let f), .thawing(let f):
             let remainingMs = Int64((Int64(bitPattern: f.deadline) - Int64(bitPattern: monotonicNanos())) / 1_000_000)
             return StatusResult(state: isThawing ? .thawing : .frozen, opID: f.opID, mode: f.mode,
                                 filesystems: f.held.mountPoints, sinceMs: f.sinceMs, deadlineMs: f.result.deadlineMs,
-                                remainingMs: max(0, remainingMs), requestedBy: f.requestedBy, lastAutoThaw: lastAutoThaw)
+                                remainingMs: max(0, remainingMs), requestedBy: f.requestedBy, lastAutoThaw: lastAutoThaw,
+                                stuck: engine.stuck.current)
         }
     }
 
@@ -246,7 +266,12 @@ public actor AgentState {
         }
 
         LogGate.shared.hold()
-        let outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil)
+        // The kernel side is bounded by the step timeout and, whatever happens, by this freeze's
+        // own deadline counted from the request: a FIFREEZE that never returns cannot keep the
+        // guest frozen past it.
+        let budget = FreezeBudget(stepNanos: UInt64(min(config.freezeStepTimeoutMs, timeoutMs)) * 1_000_000,
+                                  deadline: start + UInt64(timeoutMs) * 1_000_000)
+        let outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget)
         switch outcome {
         case .failure(let failure):
             LogGate.shared.release()
@@ -438,4 +463,12 @@ public actor AgentState {
             }
         }
     }
+}
+
+/// A count of tasks running on their own threads, readable from anywhere.
+final class InFlight: Sendable {
+    private let value = Atomic<Int>(0)
+    func enter() { value.add(1, ordering: .relaxed) }
+    func leave() { value.subtract(1, ordering: .relaxed) }
+    var count: Int { value.load(ordering: .relaxed) }
 }

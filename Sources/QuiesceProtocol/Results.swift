@@ -403,6 +403,39 @@ public struct AutoThawReport: WireObject, Equatable {
     }
 }
 
+/// A kernel call that a freeze gave up waiting for and that has not returned yet: a FIFREEZE
+/// or syncfs blocked in the kernel, because the filesystem's storage stopped completing writes
+/// or because it rests on a filesystem that was frozen before it. When it returns, the agent
+/// thaws what it froze at once.
+public struct StuckCallReport: WireObject, Equatable {
+    public var mountPoint: String
+    /// "FIFREEZE" or "syncfs".
+    public var call: String
+    /// The operation that made the call.
+    public var opID: String
+    /// Wall-clock ms since the epoch when the call was made.
+    public var sinceMs: Int64
+
+    public init(mountPoint: String, call: String, opID: String, sinceMs: Int64) {
+        self.mountPoint = mountPoint
+        self.call = call
+        self.opID = opID
+        self.sinceMs = sinceMs
+    }
+
+    public var json: JSONObject {
+        ["mountpoint": .string(mountPoint), "call": .string(call), "op_id": .string(opID), "since_ms": .int(sinceMs)]
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        mountPoint = try f.required("mountpoint", try f.string("mountpoint"))
+        call = try f.string("call") ?? ""
+        opID = try f.string("op_id") ?? ""
+        sinceMs = try f.int("since_ms") ?? 0
+    }
+}
+
 /// `status`'s result.
 public struct StatusResult: WireObject, Equatable {
     public var state: AgentStateName
@@ -416,10 +449,12 @@ public struct StatusResult: WireObject, Equatable {
     /// The peer that asked for the current freeze, e.g. "unix uid=0 pid=812" or "vsock cid=2".
     public var requestedBy: String?
     public var lastAutoThaw: AutoThawReport?
+    /// Kernel calls of abandoned freezes still blocked (omitted on the wire when none).
+    public var stuck: [StuckCallReport]
 
     public init(state: AgentStateName, opID: String? = nil, mode: FreezeMode? = nil, filesystems: [String] = [],
                 sinceMs: Int64? = nil, deadlineMs: Int64? = nil, remainingMs: Int64? = nil,
-                requestedBy: String? = nil, lastAutoThaw: AutoThawReport? = nil) {
+                requestedBy: String? = nil, lastAutoThaw: AutoThawReport? = nil, stuck: [StuckCallReport] = []) {
         self.state = state
         self.opID = opID
         self.mode = mode
@@ -429,6 +464,7 @@ public struct StatusResult: WireObject, Equatable {
         self.remainingMs = remainingMs
         self.requestedBy = requestedBy
         self.lastAutoThaw = lastAutoThaw
+        self.stuck = stuck
     }
 
     public var json: JSONObject {
@@ -442,6 +478,7 @@ public struct StatusResult: WireObject, Equatable {
         o.set("remaining_ms", remainingMs)
         o.set("requested_by", requestedBy)
         if let lastAutoThaw { o["last_auto_thaw"] = .object(lastAutoThaw.json) }
+        if !stuck.isEmpty { o.set("stuck", stuck) }
         return o
     }
 
@@ -458,5 +495,6 @@ public struct StatusResult: WireObject, Equatable {
         remainingMs = try f.int("remaining_ms", min: Int64.min)
         requestedBy = try f.string("requested_by")
         if let o = json["last_auto_thaw"]?.objectValue { lastAutoThaw = try AutoThawReport(json: o) }
+        stuck = try f.objects("stuck", as: StuckCallReport.self)
     }
 }

@@ -17,6 +17,9 @@ static const unsigned long QS_IOCTL_VM_SOCKETS_GET_LOCAL_CID = IOCTL_VM_SOCKETS_
 static const unsigned int QS_VMADDR_CID_ANY = VMADDR_CID_ANY;
 static const unsigned int QS_VMADDR_CID_HOST = VMADDR_CID_HOST;
 static const int QS_AF_VSOCK = AF_VSOCK;
+/* open(2)'s O_PATH (include/uapi/asm-generic/fcntl.h, x86_64 and arm64): glibc exposes it only
+   under _GNU_SOURCE, which Swift's Glibc module is not built with. */
+static const int QS_O_PATH = 010000000;
 
 /// FIFREEZE / FITHAW on an open fd. Returns 0 or -1 with errno set.
 static inline int qs_fifreeze(int fd) { return ioctl(fd, FIFREEZE, 0); }
