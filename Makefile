@@ -4,7 +4,7 @@ SWIFT ?= swift
 RELEASE_FLAGS = -c release --static-swift-stdlib
 RELEASE_BIN = .build/release
 
-.PHONY: all build release deps test unit bench-smoke vm-test fuzz-smoke fuzz bench demo demo-vm clean
+.PHONY: all build release deps test unit bench-smoke vm-test fuzz-smoke fuzz bench demo demo-vm deb deb-check clean
 
 all: build
 
@@ -22,8 +22,8 @@ release:
 # Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
 # QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), 30 s of protocol
 # fuzzing, then the Swift suites (protocol vectors, plan fixtures, the agent and coordinator on
-# real loop filesystems).
-test: deps bench-smoke vm-test fuzz-smoke unit
+# real loop filesystems), and the Debian packages' checks.
+test: deps bench-smoke vm-test fuzz-smoke unit deb-check
 
 unit:
 	$(SWIFT) test
@@ -57,5 +57,15 @@ demo: deps release
 # proves the disk copy consistent (see scripts/vm/run-guest-test for every check it prints).
 demo-vm: vm-test
 
+# The Debian packages quiesce-agent and quiesce-host, from the release binaries above (no second
+# compile), into build/deb/; prints their paths. See packaging/README.md.
+deb: deps release
+	scripts/build-deb --bin $(RELEASE_BIN)
+
+# lintian, systemd-analyze verify on the unit, what each package must contain, and
+# install / reinstall / remove / purge on this machine (skipped if the packages are installed).
+deb-check: deb
+	scripts/check-deb --install
+
 clean:
-	rm -rf .build .build-*
+	rm -rf .build .build-* build
