@@ -1,7 +1,8 @@
 # Entry points. `make demo` runs the main job on a built-in lab; `make test` runs every test.
 SWIFT ?= swift
-# Static Swift runtime: the agent goes into guests that have no Swift installed.
-RELEASE_FLAGS = -c release --static-swift-stdlib
+# Static Swift runtime: the agent goes into guests that have no Swift installed. Symbols bound
+# at start (-z now), as Debian hardens its daemons (packaging/debian/rules uses the same flags).
+RELEASE_FLAGS = -c release --static-swift-stdlib -Xlinker -z -Xlinker now
 RELEASE_BIN = .build/release
 
 .PHONY: all build release deps test unit bench-smoke vm-test fuzz-smoke fuzz bench demo demo-vm deb deb-check clean
