@@ -3,7 +3,7 @@
 extension ProtocolLimits {
     /// No array in a reply or an event holds more items than this (the same bound as a
     /// request's `mounts`): a longer list is cut to its first items, and `KEY_total` beside it
-    /// gives the full count. PROTOCOL.md section 11.
+    /// gives the full count. PROTOCOL.md sections 2.1 and 11.
     public static let maxListItems = 1024
     /// The largest reply or event frame the agent writes, in bytes without the newline. Half of
     /// the 1 MiB a client should accept, so a reply and an event fit the agent's 1 MiB send queue.
