@@ -256,7 +256,8 @@ struct Freeze: ParsableCommand {
                                     opID: opID ?? CheckpointPlan.makeOpID(), mode: .detached)
         let replyMs = max(g.replyTimeout.milliseconds, min(timeout?.milliseconds ?? 0, 300_000))
         let calls = try g.callAgents(stage: .freeze) { c throws(AgentError) in
-            try c.freeze(request, replyTimeoutMs: replyMs)
+            // A reply that cannot be read leaves the outcome unknown: undo the freeze by its op id.
+            try c.freezeOrUndo(request, replyTimeoutMs: replyMs)
         }
         try Output.finish("freeze", calls, json: g.json, result: { .object($0.json) }) { _, r in
             Describe.freeze(r, nowWallMs: wallClockMillis())
@@ -275,10 +276,11 @@ struct Thaw: ParsableCommand {
         let g = root.global
         let op = opID
         let calls = try g.callAgents(stage: .thaw) { c throws(AgentError) in
-            try c.thaw(opID: op)
+            try c.thawConfirmed(opID: op)
         }
-        try Output.finish("thaw", calls, json: g.json, refusedCode: ExitCodes.thawFailed, result: { .object($0.json) }) { _, r in
-            Describe.thaw(r)
+        try Output.finish("thaw", calls, json: g.json, refusedCode: ExitCodes.thawFailed, result: { $0.json }) { _, t in
+            if let r = t.result { return Describe.thaw(r) }
+            return ["thawed: \(t.confirmation ?? "")"]
         }
     }
 }
