@@ -356,6 +356,11 @@ struct Checkpoint: ParsableCommand {
     @Option(name: .customLong("op-id"), help: ArgumentHelp("Name the operation (default: a fresh id).", valueName: "ID"))
     var opID: String?
 
+    @Option(name: .customLong("freeze-wait"),
+            help: ArgumentHelp("Once one guest is frozen, how long it waits for the others to freeze (default: --reply-timeout, at most 10s). A guest not frozen by then counts as failed (--on-agent-failure decides) and its connection is dropped, so one slow guest cannot keep the others frozen.", valueName: "D"),
+            transform: { try duration($0, flag: "--freeze-wait") })
+    var freezeWait: TimeSpan?
+
     @Argument(parsing: .postTerminator, help: ArgumentHelp("The checkpoint command and its arguments, after --.", valueName: "COMMAND"))
     var command: [String] = []
 
@@ -369,6 +374,7 @@ struct Checkpoint: ParsableCommand {
             guard lease <= timeout else { throw ValidationError("--lease (\(lease)) must not be longer than --timeout (\(timeout))") }
         }
         if let id = opID, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+        if let w = freezeWait, w.milliseconds == 0 { throw ValidationError("--freeze-wait must be longer than 0") }
         // Refuse a COMMAND that cannot run before any guest is frozen for it.
         if let e = Subprocess.cannotRun(command[0]) {
             throw ValidationError(e == .ENOENT
@@ -390,7 +396,7 @@ struct Checkpoint: ParsableCommand {
             opID: opID ?? CheckpointPlan.makeOpID(), agents: agents, mounts: mountList(mounts),
             timeoutMs: timeout.milliseconds, leaseMs: lease?.milliseconds, killGraceMs: killGrace.milliseconds,
             policy: onAgentFailure, connectTimeoutMs: g.connectTimeout.milliseconds, replyTimeoutMs: g.replyTimeout.milliseconds,
-            command: command, commandStdoutToStderr: json, baseEnvironment: Subprocess.currentEnvironment())
+            freezeWaitMs: freezeWait?.milliseconds, command: command, commandStdoutToStderr: json, baseEnvironment: Subprocess.currentEnvironment())
         let checkpoint = QuiesceHost.Checkpoint(plan: plan) { entry in
             if !json { Output.err(entry.human) }
         }
