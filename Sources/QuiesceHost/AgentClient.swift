@@ -336,10 +336,12 @@ extension AgentClient {
     /// op id on a fresh connection. The error then says what became of it: undone, or (when it
     /// cannot be undone) that the guest may stay frozen until its deadline, with the command
     /// that thaws it. Without an op id nothing can be undone safely: the error says so.
-    public func freezeOrUndo(_ request: FreezeRequest, replyTimeoutMs wait: Int64? = nil) throws(AgentError) -> FreezeResult {
+    /// `undo` is asked first; when it says no, the error is thrown as it came.
+    public func freezeOrUndo(_ request: FreezeRequest, replyTimeoutMs wait: Int64? = nil,
+                             undo: () -> Bool = { true }) throws(AgentError) -> FreezeResult {
         do {
             return try freeze(request, replyTimeoutMs: wait)
-        } catch where error.code != .refused && error.code != .unreachable {
+        } catch where error.code != .refused && error.code != .unreachable && undo() {
             let original = error
             let until = request.timeoutMs.map { "for up to \(TimeSpan(milliseconds: $0).human) (its deadline)" } ?? "until the agent's --max-freeze deadline"
             guard let op = request.opID else {

@@ -159,7 +159,9 @@ final class AgentSession: Sendable {
     let index: Int
     let address: AgentAddress
     let orders = Mailbox<Order>()
-    /// 0 running, 1 cancelled (do not freeze), 2 forced (drop the connection at once).
+    /// 0 running, 1 cancelled (do not freeze), 2 forced (drop the connection at once), 3 given
+    /// up on (the connection dropped because the agent did not freeze in time; its freeze is
+    /// still undone by op id if it got through).
     let mode = Atomic<Int>(0)
     /// Monotonic time at which COMMAND is stopped (0: not known yet); caps the keepalive leases.
     let hardDeadline = Atomic<UInt64>(0)
@@ -172,11 +174,17 @@ final class AgentSession: Sendable {
 
     func attach(_ c: Connection) {
         connection.withLock { $0 = c }
-        if mode.load(ordering: .acquiring) == 2 { c.shutdown() }
+        if mode.load(ordering: .acquiring) >= 2 { c.shutdown() }
     }
 
     func force() {
         mode.store(2, ordering: .releasing)
+        connection.withLock { $0?.shutdown() }
+    }
+
+    /// Drops the connection of an agent that did not freeze in time (see `mode` 3).
+    func giveUp() {
+        mode.store(3, ordering: .releasing)
         connection.withLock { $0?.shutdown() }
     }
 
@@ -212,9 +220,13 @@ final class AgentSession: Sendable {
         let request = FreezeRequest(mounts: plan.mounts, timeoutMs: lease, opID: plan.opID, mode: .bound)
         let result: FreezeResult
         do {
-            result = try client.freeze(request, replyTimeoutMs: max(plan.replyTimeoutMs, plan.timeoutMs))
+            // A freeze whose outcome is unknown (its reply unreadable or late, the connection
+            // dropped) is undone by op id on a new connection: a bound freeze also ends when this
+            // connection closes, but qemu-ga's do not, and the undo confirms it either way. Not
+            // after a second signal, which asks to stop at once.
+            result = try client.freezeOrUndo(request, replyTimeoutMs: max(plan.replyTimeoutMs, plan.timeoutMs),
+                                             undo: { self.mode.load(ordering: .acquiring) != 2 })
         } catch {
-            // Closing the connection makes the agent thaw whatever a late freeze took (bound mode).
             events.post(.failed(i, .freeze, error, monotonicNanos()))
             return
         }
@@ -367,6 +379,8 @@ final class CheckpointRun {
     var childExited = false
     /// Agents given up on because they did not freeze within `freezeWaitMs` of the first one.
     var abandoned: Set<Int> = []
+    /// Of those, the ones whose session has not ended yet (it is undoing a late freeze).
+    var undoPending: Set<Int> = []
 
     init(plan: CheckpointPlan, events: Mailbox<CheckpointEvent>, onTimeline: @escaping @Sendable (TimelineEntry) -> Void) {
         self.plan = plan
@@ -429,7 +443,7 @@ final class CheckpointRun {
 
         // 3. Thaw whatever is still frozen, in parallel, and wait for every answer.
         startThaw()
-        while !thawPending.isEmpty || (pid != nil && !childExited) {
+        while !thawPending.isEmpty || !undoPending.isEmpty || (pid != nil && !childExited) {
             guard let e = events.receive(deadlineNanos: killDeadline) else {
                 escalateKill()
                 continue
@@ -540,12 +554,13 @@ final class CheckpointRun {
         let now = monotonicNanos()
         for i in late.sorted() {
             abandoned.insert(i)
+            undoPending.insert(i)
             let error = AgentError(.timeout, "did not freeze within \(TimeSpan(milliseconds: plan.freezeWaitMs).human) of the first guest "
                                    + "(--freeze-wait): dropped its connection (a late bound freeze thaws on disconnect) so the other guests do not wait for it")
             report.agents[i].failure = AgentFailure(stage: .freeze, error: error)
             report.agents[i].consistency = .crash
             note(now, i, "freeze-failed", "cannot freeze: \(error.message)")
-            sessions[i].force()
+            sessions[i].giveUp()
         }
     }
 
@@ -553,9 +568,20 @@ final class CheckpointRun {
 
     func handle(_ e: CheckpointEvent) {
         if let i = e.agent, abandoned.contains(i) {
-            // Its session ends on its own; a freeze that got through just before the drop is
-            // told to thaw at once (the dropped connection has already made the agent thaw it).
-            if case .frozen = e { sessions[i].orders.post(.thaw) }
+            // Its session ends on its own, undoing a late freeze by op id; one that got through
+            // just before the drop is told to thaw at once. The run ends when it has.
+            switch e {
+            case .frozen: sessions[i].orders.post(.thaw)
+            case .failed(_, _, let error, let at):
+                undoPending.remove(i)
+                note(at, i, "gave-up", "after giving up: \(error.message)")
+            case .thawed(_, let outcome, let at):
+                undoPending.remove(i)
+                note(at, i, outcome.error == nil ? "thawed" : "thaw-failed",
+                     outcome.error.map { "THAW FAILED after giving up: \($0.message)" } ?? "thawed the freeze that came after giving up")
+                if let error = outcome.error { report.agents[i].thawError = error }
+            default: break
+            }
             return
         }
         switch e {
