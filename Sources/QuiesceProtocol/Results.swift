@@ -13,6 +13,10 @@ extension Fields {
         return value
     }
 
+    /// `KEY_total`: the full length of the list `KEY` when the agent cut it to a sample
+    /// (ReplyBudget); nil when the list is complete.
+    func total(_ key: String) throws(ProtocolError) -> Int64? { try int(key + "_total") }
+
     func objects<T: WireObject>(_ key: String, as: T.Type) throws(ProtocolError) -> [T] {
         guard let v = object[key], !v.isNull else { return [] }
         guard let items = v.arrayValue else { throw ProtocolError(.badRequest, "\"\(key)\" must be an array") }
@@ -30,6 +34,9 @@ extension JSONObject {
     mutating func set(_ key: String, _ value: Int64?) { if let value { self[key] = .int(value) } }
     mutating func set(_ key: String, _ value: [String]) { self[key] = .array(value.map(JSON.string)) }
     mutating func set<T: WireObject>(_ key: String, _ value: [T]) { self[key] = .array(value.map { .object($0.json) }) }
+    /// `KEY_total` after a list, when the list is a sample.
+    mutating func setTotal(_ key: String, _ total: Int64?) { set(key + "_total", total) }
+    mutating func setTruncated(_ truncated: Bool) { if truncated { self["truncated"] = true } }
 }
 
 /// One filesystem (one superblock) in a plan, a freeze, a thaw or a sync, with the timings of
@@ -40,12 +47,17 @@ public struct FilesystemReport: WireObject, Equatable {
     /// The block device, "major:minor".
     public var device: String
     public var source: String
-    /// Other mountpoints of the same superblock (bind mounts, btrfs subvolumes).
+    /// Other mountpoints of the same superblock (bind mounts, btrfs subvolumes); a sample of
+    /// them when `otherMountsTotal` is set.
     public var otherMounts: [String]
+    /// How many other mountpoints there are, when `otherMounts` holds only the first of them.
+    public var otherMountsTotal: Int64?
     /// The dependency wave: wave 0 freezes first, thaw runs the waves backwards.
     public var wave: Int64?
     /// Mountpoints of filesystems this one is stacked on (frozen after it, thawed before it).
     public var dependsOn: [String]
+    /// How many filesystems this one depends on, when `dependsOn` is a sample.
+    public var dependsOnTotal: Int64?
     public var presyncUs: Int64?
     public var freezeUs: Int64?
     /// When this filesystem was frozen, counted from the start of the freeze phase.
@@ -54,6 +66,9 @@ public struct FilesystemReport: WireObject, Equatable {
     public var syncUs: Int64?
     /// What went wrong with this filesystem, e.g. "EIO: Input/output error".
     public var error: String?
+
+    /// How many mountpoints this superblock has in all: its own and every other one.
+    public var mountCount: Int64 { 1 + (otherMountsTotal ?? Int64(otherMounts.count)) }
 
     public init(mountPoint: String, type: String, device: String, source: String, otherMounts: [String] = [],
                 wave: Int64? = nil, dependsOn: [String] = []) {
@@ -72,9 +87,11 @@ public struct FilesystemReport: WireObject, Equatable {
         o.set("type", type)
         o.set("device", device)
         o.set("source", source)
-        if !otherMounts.isEmpty { o.set("mounts", otherMounts) }
+        if !otherMounts.isEmpty || otherMountsTotal != nil { o.set("mounts", otherMounts) }
+        o.setTotal("mounts", otherMountsTotal)
         o.set("wave", wave)
-        if !dependsOn.isEmpty { o.set("depends_on", dependsOn) }
+        if !dependsOn.isEmpty || dependsOnTotal != nil { o.set("depends_on", dependsOn) }
+        o.setTotal("depends_on", dependsOnTotal)
         o.set("presync_us", presyncUs)
         o.set("freeze_us", freezeUs)
         o.set("frozen_at_us", frozenAtUs)
@@ -91,8 +108,10 @@ public struct FilesystemReport: WireObject, Equatable {
         device = try f.string("device") ?? ""
         source = try f.string("source") ?? ""
         otherMounts = try f.strings("mounts") ?? []
+        otherMountsTotal = try f.total("mounts")
         wave = try f.int("wave")
         dependsOn = try f.strings("depends_on") ?? []
+        dependsOnTotal = try f.total("depends_on")
         presyncUs = try f.int("presync_us")
         freezeUs = try f.int("freeze_us")
         frozenAtUs = try f.int("frozen_at_us")
@@ -210,6 +229,11 @@ public struct HelloResult: WireObject, Equatable {
 public struct FilesystemsResult: WireObject, Equatable {
     public var filesystems: [FilesystemReport]
     public var skipped: [SkippedReport]
+    /// Full counts when the lists are samples (`truncated`).
+    public var filesystemsTotal: Int64?
+    public var skippedTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
 
     public init(filesystems: [FilesystemReport], skipped: [SkippedReport]) {
         self.filesystems = filesystems
@@ -219,14 +243,20 @@ public struct FilesystemsResult: WireObject, Equatable {
     public var json: JSONObject {
         var o = JSONObject()
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         o.set("skipped", skipped)
+        o.setTotal("skipped", skippedTotal)
+        o.setTruncated(truncated)
         return o
     }
 
     public init(json: JSONObject) throws(ProtocolError) {
         let f = Fields(object: json)
         filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        filesystemsTotal = try f.total("filesystems")
         skipped = try f.objects("skipped", as: SkippedReport.self)
+        skippedTotal = try f.total("skipped")
+        truncated = try f.bool("truncated") ?? false
     }
 }
 
@@ -248,6 +278,18 @@ public struct FreezeResult: WireObject, Equatable {
     public var deadlineMs: Int64
     /// True when this reply repeats the result of an earlier request with the same op_id.
     public var replayed: Bool
+    /// Full counts when the lists are samples (`truncated`).
+    public var filesystemsTotal: Int64?
+    public var skippedTotal: Int64?
+    public var hooksTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
+
+    /// How many filesystems (superblocks) were frozen, also when `filesystems` is a sample.
+    public var filesystemCount: Int64 { filesystemsTotal ?? Int64(filesystems.count) }
+    /// How many mountpoints the frozen filesystems have in all, as far as this result tells
+    /// (bind mounts included; a lower bound when `filesystems` itself is a sample).
+    public var mountCount: Int64 { filesystems.reduce(0) { $0 + $1.mountCount } }
 
     public init(opID: String, mode: FreezeMode, filesystems: [FilesystemReport], skipped: [SkippedReport],
                 hooks: [HookReport], presyncUs: Int64, freezeUs: Int64, stallUs: Int64, totalUs: Int64,
@@ -271,8 +313,11 @@ public struct FreezeResult: WireObject, Equatable {
         o.set("op_id", opID)
         o.set("mode", mode.rawValue)
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         o.set("skipped", skipped)
+        o.setTotal("skipped", skippedTotal)
         o.set("hooks", hooks)
+        o.setTotal("hooks", hooksTotal)
         o.set("presync_us", presyncUs)
         o.set("freeze_us", freezeUs)
         o.set("stall_us", stallUs)
@@ -280,6 +325,7 @@ public struct FreezeResult: WireObject, Equatable {
         o.set("timeout_ms", timeoutMs)
         o.set("deadline_ms", deadlineMs)
         o["replayed"] = .bool(replayed)
+        o.setTruncated(truncated)
         return o
     }
 
@@ -288,8 +334,11 @@ public struct FreezeResult: WireObject, Equatable {
         opID = try f.required("op_id", try f.string("op_id"))
         mode = FreezeMode(rawValue: try f.string("mode") ?? "") ?? .bound
         filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        filesystemsTotal = try f.total("filesystems")
         skipped = try f.objects("skipped", as: SkippedReport.self)
+        skippedTotal = try f.total("skipped")
         hooks = try f.objects("hooks", as: HookReport.self)
+        hooksTotal = try f.total("hooks")
         presyncUs = try f.int("presync_us") ?? 0
         freezeUs = try f.int("freeze_us") ?? 0
         stallUs = try f.int("stall_us") ?? 0
@@ -297,6 +346,7 @@ public struct FreezeResult: WireObject, Equatable {
         timeoutMs = try f.int("timeout_ms") ?? 0
         deadlineMs = try f.int("deadline_ms") ?? 0
         replayed = try f.bool("replayed") ?? false
+        truncated = try f.bool("truncated") ?? false
     }
 }
 
@@ -309,6 +359,14 @@ public struct ThawResult: WireObject, Equatable {
     public var totalUs: Int64
     /// How long the filesystems were frozen.
     public var frozenUs: Int64?
+    /// Full counts when the lists are samples (`truncated`).
+    public var filesystemsTotal: Int64?
+    public var hooksTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
+
+    /// How many filesystems were thawed, also when `filesystems` is a sample.
+    public var filesystemCount: Int64 { filesystemsTotal ?? Int64(filesystems.count) }
 
     public init(opID: String?, wasFrozen: Bool, filesystems: [FilesystemReport], hooks: [HookReport] = [],
                 totalUs: Int64, frozenUs: Int64?) {
@@ -325,9 +383,12 @@ public struct ThawResult: WireObject, Equatable {
         o.set("op_id", opID)
         o["was_frozen"] = .bool(wasFrozen)
         o.set("filesystems", filesystems)
-        if !hooks.isEmpty { o.set("hooks", hooks) }
+        o.setTotal("filesystems", filesystemsTotal)
+        if !hooks.isEmpty || hooksTotal != nil { o.set("hooks", hooks) }
+        o.setTotal("hooks", hooksTotal)
         o.set("total_us", totalUs)
         o.set("frozen_us", frozenUs)
+        o.setTruncated(truncated)
         return o
     }
 
@@ -336,9 +397,12 @@ public struct ThawResult: WireObject, Equatable {
         opID = try f.string("op_id")
         wasFrozen = try f.bool("was_frozen") ?? false
         filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        filesystemsTotal = try f.total("filesystems")
         hooks = try f.objects("hooks", as: HookReport.self)
+        hooksTotal = try f.total("hooks")
         totalUs = try f.int("total_us") ?? 0
         frozenUs = try f.int("frozen_us")
+        truncated = try f.bool("truncated") ?? false
     }
 }
 
@@ -346,6 +410,10 @@ public struct ThawResult: WireObject, Equatable {
 public struct SyncResult: WireObject, Equatable {
     public var filesystems: [FilesystemReport]
     public var totalUs: Int64
+    /// The full count when `filesystems` is a sample (`truncated`).
+    public var filesystemsTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
 
     public init(filesystems: [FilesystemReport], totalUs: Int64) {
         self.filesystems = filesystems
@@ -355,14 +423,18 @@ public struct SyncResult: WireObject, Equatable {
     public var json: JSONObject {
         var o = JSONObject()
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         o.set("total_us", totalUs)
+        o.setTruncated(truncated)
         return o
     }
 
     public init(json: JSONObject) throws(ProtocolError) {
         let f = Fields(object: json)
         filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        filesystemsTotal = try f.total("filesystems")
         totalUs = try f.int("total_us") ?? 0
+        truncated = try f.bool("truncated") ?? false
     }
 }
 
@@ -377,6 +449,8 @@ public struct AutoThawReport: WireObject, Equatable {
     public var opID: String
     public var atMs: Int64
     public var filesystems: [String]
+    /// The full count when `filesystems` is a sample.
+    public var filesystemsTotal: Int64?
 
     public init(reason: String, opID: String, atMs: Int64, filesystems: [String]) {
         self.reason = reason
@@ -391,6 +465,7 @@ public struct AutoThawReport: WireObject, Equatable {
         o.set("op_id", opID)
         o.set("at_ms", atMs)
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         return o
     }
 
@@ -400,6 +475,7 @@ public struct AutoThawReport: WireObject, Equatable {
         opID = try f.string("op_id") ?? ""
         atMs = try f.int("at_ms") ?? 0
         filesystems = try f.strings("filesystems") ?? []
+        filesystemsTotal = try f.total("filesystems")
     }
 }
 
@@ -451,6 +527,10 @@ public struct StatusResult: WireObject, Equatable {
     public var lastAutoThaw: AutoThawReport?
     /// Kernel calls of abandoned freezes still blocked (omitted on the wire when none).
     public var stuck: [StuckCallReport]
+    /// The full count when `filesystems` is a sample (`truncated`).
+    public var filesystemsTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
 
     public init(state: AgentStateName, opID: String? = nil, mode: FreezeMode? = nil, filesystems: [String] = [],
                 sinceMs: Int64? = nil, deadlineMs: Int64? = nil, remainingMs: Int64? = nil,
@@ -473,12 +553,14 @@ public struct StatusResult: WireObject, Equatable {
         o.set("op_id", opID)
         o.set("mode", mode?.rawValue)
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         o.set("since_ms", sinceMs)
         o.set("deadline_ms", deadlineMs)
         o.set("remaining_ms", remainingMs)
         o.set("requested_by", requestedBy)
         if let lastAutoThaw { o["last_auto_thaw"] = .object(lastAutoThaw.json) }
         if !stuck.isEmpty { o.set("stuck", stuck) }
+        o.setTruncated(truncated)
         return o
     }
 
@@ -490,11 +572,13 @@ public struct StatusResult: WireObject, Equatable {
         opID = try f.string("op_id")
         mode = (try f.string("mode")).flatMap(FreezeMode.init(rawValue:))
         filesystems = try f.strings("filesystems") ?? []
+        filesystemsTotal = try f.total("filesystems")
         sinceMs = try f.int("since_ms")
         deadlineMs = try f.int("deadline_ms")
         remainingMs = try f.int("remaining_ms", min: Int64.min)
         requestedBy = try f.string("requested_by")
         if let o = json["last_auto_thaw"]?.objectValue { lastAutoThaw = try AutoThawReport(json: o) }
         stuck = try f.objects("stuck", as: StuckCallReport.self)
+        truncated = try f.bool("truncated") ?? false
     }
 }
