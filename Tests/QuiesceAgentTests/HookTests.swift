@@ -79,6 +79,29 @@ struct HookPhaseTests {
         }
     }
 
+    @Test("SIGTERM while the hooks run: the freeze is given up, the hooks get freeze-failed, the agent exits")
+    func stoppingDuringHooks() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-slow": journaling("10-slow", log, then: "[ \"$1\" = freeze ] && sleep 1; exit 0"),
+                "20-next": journaling("20-next", log),
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let path = agent.socketPath
+            let freezer = BackgroundCall { try TestClient(path: path).call(["op": "freeze", "mode": "detached"]) }
+            let probe = try TestClient(path: path)
+            try waitUntil(timeoutMs: 1000) { try probe.result(["op": "status"])["state"] == "freezing" }
+            agent.signal(SIGTERM)
+            #expect(agent.waitForExit(timeoutMs: 10_000) == 0)
+            let reply = try? freezer.wait(timeoutMs: 2000)
+            #expect(reply?.outcome.failureCode == .hookFailed)
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["10-slow freeze", "10-slow freeze-failed"])
+        }
+    }
+
     @Test("a hanging hook is killed with its process group at its own timeout; ping and status stay prompt")
     func ownTimeout() async throws {
         try await LoopLab.with { lab in
