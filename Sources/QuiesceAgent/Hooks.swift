@@ -111,7 +111,7 @@ public struct Hooks: Sendable {
             guard (st.st_mode & S_IFMT) == S_IFREG else { continue }
             if st.st_mode & 0o111 == 0 { refused.append(RefusedHook(name: name, reason: "not executable")); continue }
             if let why = Hooks.unsafeOwnership(st) { refused.append(RefusedHook(name: name, reason: why)); continue }
-            let head = (try? FD.readWholeFile(atPath: path, maxBytes: 1 << 20)).map { Array($0.prefix(4096)) } ?? []
+            let head = Hooks.readHead(path)
             switch HookSpec.parseHeader(head) {
             case .failure(let e):
                 refused.append(RefusedHook(name: name, reason: e.description))
@@ -125,6 +125,22 @@ public struct Hooks: Sendable {
             }
         }
         return (specs, Array(refused.prefix(HookReport.maxHooks)))
+    }
+
+    /// The first 4 KiB of a file (where the header is), empty when it cannot be read.
+    static func readHead(_ path: String) -> [UInt8] {
+        guard let fd = try? FD.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) else { return [] }
+        defer { FD.close(fd) }
+        var head = [UInt8](repeating: 0, count: 4096)
+        var filled = 0
+        while filled < head.count {
+            let n = head.withUnsafeMutableBytes { p in
+                (try? FD.read(fd, into: UnsafeMutableRawBufferPointer(rebasing: p[filled...]))) ?? 0
+            }
+            if n <= 0 { break }
+            filled += n
+        }
+        return Array(head[0..<filled])
     }
 
     /// Why a file or directory is unsafe to trust, or nil: not owned by root, or writable by
@@ -217,6 +233,7 @@ public struct Hooks: Sendable {
         } catch {
             return (report(spec, "freeze", start, .failed, error: "could not start: \(error)"), nil)
         }
+        if !spec.hold { run.child.closeStdin() }  // only a holding hook is told anything there
         let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
         switch run.waitReadyOrExit(deadline: deadline) {
         case .ready:
