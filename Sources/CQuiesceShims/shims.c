@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <signal.h>
 #include <sys/syscall.h>
+#include <spawn.h>
 #include "quiesce_shims.h"
 
 int qs_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
@@ -28,4 +29,8 @@ int qs_pidfd_open(int pid) {
     errno = ENOSYS;
     return -1;
 #endif
+}
+
+int qs_spawn_closefrom(void *actions, int lowfd) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, lowfd);
 }

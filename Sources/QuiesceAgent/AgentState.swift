@@ -259,7 +259,8 @@ public actor AgentState {
             let targets = plan.targets
             let outcome = await hooks.runFreeze(listing.hooks, context: hookContext,
                                                 abandon: { await self.abandonReason(opID: opID) },
-                                                onOwed: { owed in try? record.write(opID: opID, targets: targets, hooksOwed: owed.map(\.spec.name)) })
+                                                onOwed: { owed in try? record.write(opID: opID, targets: targets, hooksOwed: owed.map(\.spec.name)) },
+                                                onReport: { reports in await self.noteHookReports(reports, opID: opID) })
             hookReports = outcome.reports
             hooksOwed = outcome.owed
             if let failure = outcome.failure {
@@ -326,6 +327,14 @@ public actor AgentState {
             return "the requester went away during the freeze"
         }
         return nil
+    }
+
+    /// Keeps the hook reports of a freeze being taken, for `status`.
+    private func noteHookReports(_ reports: [HookReport], opID: String) {
+        if case .freezing(var p) = phase, p.opID == opID {
+            p.hookReports = reports
+            phase = .freezing(p)
+        }
     }
 
     private func hookDetails(_ reports: [HookReport], _ refused: [RefusedHook]) -> JSONObject {

@@ -165,7 +165,8 @@ public struct Hooks: Sendable {
     /// crash record).
     public func runFreeze(_ specs: [HookSpec], context: HookContext,
                           abandon: @Sendable () async -> String? = { nil },
-                          onOwed: @Sendable ([ActiveHook]) async -> Void = { _ in }) async -> FreezeOutcome {
+                          onOwed: @Sendable ([ActiveHook]) async -> Void = { _ in },
+                          onReport: @Sendable ([HookReport]) async -> Void = { _ in }) async -> FreezeOutcome {
         var out = FreezeOutcome(reports: [], owed: [], failure: nil)
         for spec in specs {
             if let why = await abandon() {
@@ -175,6 +176,7 @@ public struct Hooks: Sendable {
             let (report, holder) = await Threads.run { Hooks.runFreezeBlocking(spec, context: context) }
             log(report)
             out.reports.append(report)
+            await onReport(out.reports)
             if report.succeeded {
                 out.owed.append(ActiveHook(spec: spec, holder: holder))
                 await onOwed(out.owed)
@@ -316,7 +318,16 @@ public struct Hooks: Sendable {
                                error: String? = nil, output: [UInt8] = []) -> HookReport {
         HookReport(name: spec.name, phase: phase, exitCode: exitCode, durationUs: Int64((monotonicNanos() - start) / 1000),
                    error: error, outcome: outcome, hold: spec.hold, optional: spec.optional,
-                   output: String(decoding: output.suffix(HookReport.maxOutputBytes), as: UTF8.self))
+                   output: printable(output.suffix(HookReport.maxOutputBytes)))
+    }
+
+    /// Output as text for a reply: UTF-8 (invalid bytes replaced), control characters other
+    /// than newline and tab shown as "?", so the JSON escaping cannot blow up its size.
+    static func printable(_ bytes: some Collection<UInt8>) -> String {
+        String(decoding: bytes, as: UTF8.self).map { c -> Character in
+            guard let a = c.asciiValue else { return c }
+            return a < 0x20 && a != 0x0A && a != 0x09 || a == 0x7F ? "?" : c
+        }.reduce(into: "") { $0.append($1) }
     }
 }
 

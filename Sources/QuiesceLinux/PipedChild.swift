@@ -9,6 +9,8 @@ import Synchronization
 /// standard output and standard error into one pipe. Its end is watched through a pidfd
 /// (`pidfd_open`, Linux 5.3+), so a thread can `poll` output and exit together without a timer.
 ///
+/// The child inherits no descriptor beyond 0, 1 and 2.
+///
 /// Reaping and signalling the group are serialised: `killGroup` never signals after the child
 /// was reaped, so it can never hit a process group that reused the pid.
 public final class PipedChild: @unchecked Sendable {
@@ -58,6 +60,9 @@ public final class PipedChild: @unchecked Sendable {
         posix_spawn_file_actions_adddup2(&actions, input[0], 0)
         posix_spawn_file_actions_adddup2(&actions, output[1], 1)
         posix_spawn_file_actions_adddup2(&actions, output[1], 2)
+        // Nothing else: not the agent's sockets (activated ones are not close-on-exec), not
+        // descriptors its own parent leaked to it.
+        _ = qs_spawn_closefrom(&actions, 3)
 
         let argv = arguments.map { strdup($0) } + [nil]
         let envp = environment.map { strdup($0) } + [nil]

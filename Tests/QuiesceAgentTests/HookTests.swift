@@ -224,6 +224,31 @@ struct HookPhaseTests {
         }
     }
 
+    @Test("after a crash during the freeze hooks, the restarted agent ends the hooks whose freeze succeeded with freeze-failed")
+    func crashDuringHooks() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let pidFile = "\(lab.root)/hanging-pid"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-db": journaling("10-db", log),
+                "20-hangs": journaling("20-hangs", log, then: "echo $$ > '\(pidFile)'; [ \"$1\" = freeze ] && sleep 30; exit 0"),
+            ])
+            defer { _ = try? sh("kill -9 -$(cat '\(pidFile)') 2>/dev/null", allowFailure: true) }  // its group, orphaned by the crash
+            let state = "\(lab.root)/shared-state"
+            let args = ["--include", "\(lab.root)/*", "--hooks-dir", hooks]
+            let agent = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            try TestClient(path: agent.socketPath).sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"detached\"}\n".utf8))
+            try waitUntil(timeoutMs: 3000) { lines(log).contains("20-hangs freeze") }
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let again = try AgentProcess(in: lab.root, name: "agent2", arguments: args, stateDir: state)
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["10-db freeze", "20-hangs freeze", "10-db freeze-failed"])
+            again.stop()
+        }
+    }
+
     @Test("after a crash while frozen, the restarted agent thaws and ends the owed hooks with thaw")
     func crashRecoveryEndsHooks() async throws {
         try await LoopLab.with { lab in
