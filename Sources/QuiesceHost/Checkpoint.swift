@@ -40,15 +40,15 @@ public enum Consistency: String, Sendable, CaseIterable, Comparable {
     public static func of(_ freeze: FreezeResult?, thaw: ThawResult? = nil) -> Consistency {
         guard let freeze else { return .crash }
         let hooks = freeze.hooks.filter { $0.phase == "freeze" || $0.phase.isEmpty }
-        if !hooks.isEmpty && notHeld(freeze, thaw: thaw).isEmpty { return .application }
+        if !hooks.isEmpty && notHeld(freeze, thaw: thaw).isEmpty { return .application }  // a refused hook counts against
         return .filesystem
     }
 
     /// The hooks that did not keep their application consistent through the snapshot, one
-    /// "NAME: why" each: a freeze hook that failed (optional) and a holding hook that ended
-    /// while frozen.
+    /// "NAME: why" each: a hook file the agent refused to run (its application was not asked),
+    /// a freeze hook that failed (optional) and a holding hook that ended while frozen.
     public static func notHeld(_ freeze: FreezeResult, thaw: ThawResult? = nil) -> [String] {
-        var out: [String] = []
+        var out: [String] = freeze.hooksRefused.map { "\($0.name): refused (\($0.reason))" }
         for h in freeze.hooks where (h.phase == "freeze" || h.phase.isEmpty) && !h.succeeded {
             out.append("\(h.name): \(h.error ?? h.effectiveOutcome.rawValue)\(h.optional ? " (optional)" : "")")
         }
@@ -687,7 +687,7 @@ public enum CommandEnvironment {
         ("QUIESCE_CRASH_CONSISTENT_AGENTS", "agents that could not freeze (only with --on-agent-failure crash-consistent), separated by ';'; empty when none"),
         ("QUIESCE_AGENT_CONSISTENCY", "per agent, ADDR=application|filesystem|crash separated by ';'"),
         ("QUIESCE_DEADLINE_MS", "wall-clock time (ms since the epoch) at which COMMAND is stopped and the guests thawed"),
-        ("QUIESCE_HOOKS_NOT_HELD", "per agent, ADDR=HOOK,HOOK for the hooks that did not make it application-consistent (an optional hook that failed), separated by ';'; empty when none"),
+        ("QUIESCE_HOOKS_NOT_HELD", "per agent, ADDR=HOOK,HOOK for the hooks that did not make it application-consistent (an optional hook that failed, a hook file the agent refused to run), separated by ';'; empty when none"),
         ("QUIESCE_FROZEN_JSON", "the same facts, exact whatever the paths contain: {\"ADDR\": {\"consistency\": C, \"frozen\": [MOUNT, ...], \"hooks_not_held\": [\"HOOK: why\", ...]}, ...}"),
     ]
 
@@ -708,7 +708,8 @@ public enum CommandEnvironment {
             ("QUIESCE_AGENT_CONSISTENCY", agents.map { "\($0.address)=\(($0.failure == nil ? Consistency.of($0.freeze) : .crash).rawValue)" }.joined(separator: ";")),
             ("QUIESCE_DEADLINE_MS", String(deadlineWallMs)),
             ("QUIESCE_HOOKS_NOT_HELD", frozen.compactMap { a -> String? in
-                let names = a.freeze!.hooks.filter { ($0.phase == "freeze" || $0.phase.isEmpty) && !$0.succeeded }.map(\.name)
+                let names = a.freeze!.hooksRefused.map(\.name)
+                    + a.freeze!.hooks.filter { ($0.phase == "freeze" || $0.phase.isEmpty) && !$0.succeeded }.map(\.name)
                 return names.isEmpty ? nil : "\(a.address)=\(names.joined(separator: ","))"
             }.joined(separator: ";")),
             ("QUIESCE_FROZEN_JSON", frozenJSON(agents)),

@@ -80,5 +80,8 @@ struct CheckpointHookTests {
                               hooks: [HookReport(name: "db", phase: "thaw", exitCode: 3, durationUs: 1, error: "ended", outcome: .lost)],
                               totalUs: 0, frozenUs: 0)
         #expect(Consistency.of(freeze([holding]), thaw: thaw) == .filesystem)
+        var refused = freeze([holding])
+        refused.hooksRefused = [RefusedHook(name: "50-mariadb", reason: "writable by group or others (mode 775)")]
+        #expect(Consistency.of(refused) == .filesystem, "a refused hook's application was never asked")
     }
 }
