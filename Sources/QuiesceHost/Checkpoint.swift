@@ -33,12 +33,29 @@ public enum Consistency: String, Sendable, CaseIterable, Comparable {
 
     public static func < (a: Consistency, b: Consistency) -> Bool { a.rank < b.rank }
 
-    /// The consistency a freeze gives: application when freeze hooks ran and all succeeded.
-    public static func of(_ freeze: FreezeResult?) -> Consistency {
+    /// The consistency a freeze gives: application when freeze hooks ran and every one
+    /// succeeded or holds (an optional hook that failed leaves its application only
+    /// filesystem-consistent), lowered to filesystem when the thaw says a holding hook ended
+    /// while frozen (`lost`).
+    public static func of(_ freeze: FreezeResult?, thaw: ThawResult? = nil) -> Consistency {
         guard let freeze else { return .crash }
-        let hooks = freeze.hooks.filter { $0.phase != "thaw" }
-        if !hooks.isEmpty && hooks.allSatisfy({ $0.error == nil && ($0.exitCode ?? 0) == 0 }) { return .application }
+        let hooks = freeze.hooks.filter { $0.phase == "freeze" || $0.phase.isEmpty }
+        if !hooks.isEmpty && notHeld(freeze, thaw: thaw).isEmpty { return .application }  // a refused hook counts against
         return .filesystem
+    }
+
+    /// The hooks that did not keep their application consistent through the snapshot, one
+    /// "NAME: why" each: a hook file the agent refused to run (its application was not asked),
+    /// a freeze hook that failed (optional) and a holding hook that ended while frozen.
+    public static func notHeld(_ freeze: FreezeResult, thaw: ThawResult? = nil) -> [String] {
+        var out: [String] = freeze.hooksRefused.map { "\($0.name): refused (\($0.reason))" }
+        for h in freeze.hooks where (h.phase == "freeze" || h.phase.isEmpty) && !h.succeeded {
+            out.append("\(h.name): \(h.error ?? h.effectiveOutcome.rawValue)\(h.optional ? " (optional)" : "")")
+        }
+        for h in thaw?.hooks ?? [] where h.effectiveOutcome == .lost {
+            out.append("\(h.name): \(h.error ?? "ended while holding")")
+        }
+        return out
     }
 
     /// "application-consistent".
@@ -599,6 +616,10 @@ final class CheckpointRun {
             report.agents[i].frozenNs = at - start
             report.agents[i].consistency = Consistency.of(r)
             note(at, i, "frozen", Describe.frozen(r))
+            let notHeld = Consistency.notHeld(r)
+            if !notHeld.isEmpty {
+                note(at, i, "hooks-not-held", "only filesystem-consistent for: \(notHeld.joined(separator: "; "))")
+            }
 
         case .failed(let i, let stage, let error, let at):
             report.agents[i].failure = AgentFailure(stage: stage, error: error)
@@ -645,6 +666,15 @@ final class CheckpointRun {
             report.agents[i].thaw = outcome.result
             report.agents[i].thawError = outcome.error
             report.agents[i].keepalives = outcome.keepalives
+            if let freeze = report.agents[i].freeze, let thaw = outcome.result,
+               thaw.hooks.contains(where: { $0.effectiveOutcome == .lost }) {
+                // A holding hook ended while frozen: its lock did not cover the snapshot.
+                let lost = thaw.hooks.filter { $0.effectiveOutcome == .lost }.map(\.name)
+                report.agents[i].consistency = min(report.agents[i].consistency, Consistency.of(freeze, thaw: thaw))
+                if let told = report.consistency { report.consistency = min(told, report.agents[i].consistency) }
+                note(at, i, "hook-lost", "WARNING: \(lost.joined(separator: ", ")) ended while holding: the snapshot is only "
+                     + "filesystem-consistent for \(lost.count == 1 ? "that application" : "those applications") (COMMAND was told otherwise)")
+            }
             if outcome.alreadyThawed && report.agents[i].freezeLost == nil {
                 report.agents[i].freezeLost = "the agent had already thawed when asked to (deadline or lost connection)"
             }
@@ -738,7 +768,8 @@ public enum CommandEnvironment {
         ("QUIESCE_CRASH_CONSISTENT_AGENTS", "agents that could not freeze (only with --on-agent-failure crash-consistent), separated by ';'; empty when none"),
         ("QUIESCE_AGENT_CONSISTENCY", "per agent, ADDR=application|filesystem|crash separated by ';'"),
         ("QUIESCE_DEADLINE_MS", "wall-clock time (ms since the epoch) at which COMMAND is stopped and the guests thawed"),
-        ("QUIESCE_FROZEN_JSON", "the same facts, exact whatever the paths contain: {\"ADDR\": {\"consistency\": C, \"frozen\": [MOUNT, ...]}, ...}"),
+        ("QUIESCE_HOOKS_NOT_HELD", "per agent, ADDR=HOOK,HOOK for the hooks that did not make it application-consistent (an optional hook that failed, a hook file the agent refused to run), separated by ';'; empty when none"),
+        ("QUIESCE_FROZEN_JSON", "the same facts, exact whatever the paths contain: {\"ADDR\": {\"consistency\": C, \"frozen\": [MOUNT, ...], \"hooks_not_held\": [\"HOOK: why\", ...]}, ...}"),
     ]
 
     public static func overallConsistency(_ agents: [AgentReport]) -> Consistency {
@@ -757,6 +788,11 @@ public enum CommandEnvironment {
             ("QUIESCE_CRASH_CONSISTENT_AGENTS", crash.map(\.address.description).joined(separator: ";")),
             ("QUIESCE_AGENT_CONSISTENCY", agents.map { "\($0.address)=\(($0.failure == nil ? Consistency.of($0.freeze) : .crash).rawValue)" }.joined(separator: ";")),
             ("QUIESCE_DEADLINE_MS", String(deadlineWallMs)),
+            ("QUIESCE_HOOKS_NOT_HELD", frozen.compactMap { a -> String? in
+                let names = a.freeze!.hooksRefused.map(\.name)
+                    + a.freeze!.hooks.filter { ($0.phase == "freeze" || $0.phase.isEmpty) && !$0.succeeded }.map(\.name)
+                return names.isEmpty ? nil : "\(a.address)=\(names.joined(separator: ","))"
+            }.joined(separator: ";")),
             ("QUIESCE_FROZEN_JSON", frozenJSON(agents)),
         ]
     }
@@ -768,7 +804,9 @@ public enum CommandEnvironment {
         for a in agents {
             let frozen = a.failure == nil ? (a.freeze?.filesystems.map(\.mountPoint) ?? []) : []
             let consistency = (a.failure == nil ? Consistency.of(a.freeze) : .crash).rawValue
-            o[a.address.description] = ["consistency": .string(consistency), "frozen": .array(frozen.map(JSON.string))]
+            let notHeld = a.failure == nil ? (a.freeze.map { Consistency.notHeld($0) } ?? []) : []
+            o[a.address.description] = ["consistency": .string(consistency), "frozen": .array(frozen.map(JSON.string)),
+                                        "hooks_not_held": .array(notHeld.map(JSON.string))]
         }
         return JSON.object(o).text
     }

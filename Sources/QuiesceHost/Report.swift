@@ -183,7 +183,8 @@ public struct CheckpointReport: Sendable {
     public var leaseMs: Int64
     public var agents: [AgentReport]
     public var command: CommandReport?
-    /// What COMMAND was told (QUIESCE_CONSISTENCY); nil when it did not run.
+    /// What COMMAND was told (QUIESCE_CONSISTENCY), lowered after the thaw when a holding hook
+    /// turned out to have ended while frozen; nil when COMMAND did not run.
     public var consistency: Consistency?
     public var outcome: CheckpointOutcome = .success
     public var interruptedBy: String?
@@ -283,8 +284,8 @@ public enum Describe {
         let mountpoints = r.mountCount
         if mountpoints > Int64(mounts.count) { s += ", \(mountpoints)\(r.filesystemsTotal != nil ? "+" : "") mountpoints with bind mounts" }
         s += " in \(TimeSpan.human(microseconds: r.totalUs)), writers stalled \(TimeSpan.human(microseconds: r.stallUs))"
-        let hooks = r.hooks.filter { $0.phase != "thaw" }
-        s += hooks.isEmpty ? ", no hooks" : ", hooks: " + hooks.map { "\($0.name) \($0.error == nil && ($0.exitCode ?? 0) == 0 ? "ok" : "failed")" }.joined(separator: ", ")
+        s += ", " + hooks(r.hooks.filter { $0.phase == "freeze" || $0.phase.isEmpty })
+        if !r.hooksRefused.isEmpty { s += ", hooks refused: " + r.hooksRefused.map { "\($0.name) (\($0.reason))" }.joined(separator: ", ") }
         let skipped = r.skippedTotal ?? Int64(r.skipped.count)
         if skipped > 0 { s += ", \(skipped) skipped" }
         if r.truncated { s += " (the agent's reply lists a sample of each long list, with full counts)" }
@@ -292,10 +293,22 @@ public enum Describe {
         return s
     }
 
+    /// "no hooks", or "hooks: NAME OUTCOME (duration[, optional][, error]), ...".
+    public static func hooks(_ hs: [HookReport]) -> String {
+        if hs.isEmpty { return "no hooks" }
+        return "hooks: " + hs.map { h in
+            var s = "\(h.name) \(h.effectiveOutcome.rawValue) (\(TimeSpan.human(microseconds: h.durationUs))"
+            if h.optional { s += ", optional" }
+            if !h.succeeded, let e = h.error { s += ", \(e)" }
+            return s + ")"
+        }.joined(separator: ", ")
+    }
+
     public static func thawed(_ r: ThawResult?, frozenUs: Int64?, reconnected: Bool = false) -> String {
         var s = "thawed"
         if let r {
             s += " \(r.filesystemCount) filesystem\(r.filesystemCount == 1 ? "" : "s") in \(TimeSpan.human(microseconds: r.totalUs))"
+            if !r.hooks.isEmpty { s += ", \(r.hooks.first!.phase) " + hooks(r.hooks) }
         }
         if let frozenUs { s += ", frozen for \(TimeSpan.human(microseconds: frozenUs))" }
         if reconnected { s += " (after reconnecting)" }
@@ -332,6 +345,8 @@ public enum Describe {
         if let r = s.remainingMs { lines.append("auto-thaw in: \(TimeSpan.human(microseconds: max(0, r) * 1000))") }
         else if let d = s.deadlineMs { lines.append("auto-thaw in: \(TimeSpan.human(microseconds: max(0, d - nowWallMs) * 1000))") }
         if let by = s.requestedBy { lines.append("requested by: \(by)") }
+        if !s.hooks.isEmpty { lines.append(hooks(s.hooks)) }
+        for r in s.hooksRefused { lines.append("hook refused: \(r.name): \(r.reason)") }
         if let a = s.lastAutoThaw {
             lines.append("last auto-thaw: \(a.reason), op \(a.opID), \(TimeSpan.human(microseconds: max(0, nowWallMs - a.atMs) * 1000)) ago, \(a.filesystemsTotal ?? Int64(a.filesystems.count)) filesystem\((a.filesystemsTotal ?? Int64(a.filesystems.count)) == 1 ? "" : "s")")
         }

@@ -151,27 +151,72 @@ public struct SkippedReport: WireObject, Equatable {
     }
 }
 
-/// One hook run around a freeze.
+/// What became of one hook run (`outcome` in a hook report).
+public enum HookOutcome: String, Sendable, CaseIterable {
+    /// Exited 0.
+    case ok
+    /// A hold-style hook said `ready` and keeps running (its lock is held) until told to finish.
+    case holding
+    /// Exited non-zero, was killed by a signal, or could not start.
+    case failed
+    /// Outlived its timeout; its whole process group was killed.
+    case timedOut = "timed-out"
+    /// A hold-style hook ended before it was told to finish: whatever it held (a lock) was
+    /// gone for part of the freeze, so the snapshot is not application-consistent for it.
+    case lost
+}
+
+/// One hook run around a freeze. Hook reports are bounded: `output` is at most
+/// `HookReport.maxOutputBytes` bytes (the end of what the hook wrote, stdout and stderr
+/// together), and a reply carries at most `HookReport.maxHooks` hooks per phase.
 public struct HookReport: WireObject, Equatable {
+    public static let maxOutputBytes = 512
+    public static let maxHooks = 16
+
     public var name: String
-    /// "freeze" or "thaw".
+    /// "freeze", "thaw" or "freeze-failed".
     public var phase: String
     public var exitCode: Int64?
     public var durationUs: Int64
     public var error: String?
+    /// Nil from agents before hook outcomes were reported: derive it from `error` and `exitCode`.
+    public var outcome: HookOutcome?
+    /// Declared hold-style in its header.
+    public var hold: Bool
+    /// Declared optional: its failure lets the freeze go on, filesystem-consistent for it.
+    public var optional: Bool
+    /// The end of the hook's output (UTF-8, invalid bytes replaced), empty when none.
+    public var output: String
 
-    public init(name: String, phase: String, exitCode: Int64?, durationUs: Int64, error: String? = nil) {
+    public init(name: String, phase: String, exitCode: Int64?, durationUs: Int64, error: String? = nil,
+                outcome: HookOutcome? = nil, hold: Bool = false, optional: Bool = false, output: String = "") {
         self.name = name
         self.phase = phase
         self.exitCode = exitCode
         self.durationUs = durationUs
         self.error = error
+        self.outcome = outcome
+        self.hold = hold
+        self.optional = optional
+        self.output = output
     }
+
+    /// The outcome, derived for agents that do not report one.
+    public var effectiveOutcome: HookOutcome {
+        outcome ?? (error == nil && (exitCode ?? 0) == 0 ? .ok : .failed)
+    }
+
+    /// Whether this run kept its application consistent: ok, or holding.
+    public var succeeded: Bool { effectiveOutcome == .ok || effectiveOutcome == .holding }
 
     public var json: JSONObject {
         var o: JSONObject = ["name": .string(name), "phase": .string(phase), "duration_us": .int(durationUs)]
+        o.set("outcome", outcome?.rawValue)
         o.set("exit_code", exitCode)
         o.set("error", error)
+        if hold { o["hold"] = .bool(true) }
+        if optional { o["optional"] = .bool(true) }
+        if !output.isEmpty { o["output"] = .string(output) }
         return o
     }
 
@@ -182,6 +227,29 @@ public struct HookReport: WireObject, Equatable {
         exitCode = try f.int("exit_code", min: Int64.min)
         durationUs = try f.int("duration_us") ?? 0
         error = try f.string("error")
+        outcome = (try f.string("outcome")).flatMap(HookOutcome.init(rawValue:))
+        hold = try f.bool("hold") ?? false
+        optional = try f.bool("optional") ?? false
+        output = try f.string("output") ?? ""
+    }
+}
+
+/// A file in the hooks directory that the agent refused to run, with the reason.
+public struct RefusedHook: WireObject, Equatable {
+    public var name: String
+    public var reason: String
+
+    public init(name: String, reason: String) {
+        self.name = name
+        self.reason = reason
+    }
+
+    public var json: JSONObject { ["name": .string(name), "reason": .string(reason)] }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        name = try f.required("name", try f.string("name"))
+        reason = try f.string("reason") ?? ""
     }
 }
 
@@ -269,6 +337,8 @@ public struct FreezeResult: WireObject, Equatable {
     public var filesystems: [FilesystemReport]
     public var skipped: [SkippedReport]
     public var hooks: [HookReport]
+    /// Hook files that were not run (unsafe ownership or mode, bad header), at most `HookReport.maxHooks`.
+    public var hooksRefused: [RefusedHook]
     public var presyncUs: Int64
     public var freezeUs: Int64
     public var stallUs: Int64
@@ -293,8 +363,9 @@ public struct FreezeResult: WireObject, Equatable {
 
     public init(opID: String, mode: FreezeMode, filesystems: [FilesystemReport], skipped: [SkippedReport],
                 hooks: [HookReport], presyncUs: Int64, freezeUs: Int64, stallUs: Int64, totalUs: Int64,
-                timeoutMs: Int64, deadlineMs: Int64, replayed: Bool = false) {
+                timeoutMs: Int64, deadlineMs: Int64, replayed: Bool = false, hooksRefused: [RefusedHook] = []) {
         self.opID = opID
+        self.hooksRefused = hooksRefused
         self.mode = mode
         self.filesystems = filesystems
         self.skipped = skipped
@@ -318,6 +389,7 @@ public struct FreezeResult: WireObject, Equatable {
         o.setTotal("skipped", skippedTotal)
         o.set("hooks", hooks)
         o.setTotal("hooks", hooksTotal)
+        if !hooksRefused.isEmpty { o.set("hooks_refused", hooksRefused) }
         o.set("presync_us", presyncUs)
         o.set("freeze_us", freezeUs)
         o.set("stall_us", stallUs)
@@ -339,6 +411,7 @@ public struct FreezeResult: WireObject, Equatable {
         skippedTotal = try f.total("skipped")
         hooks = try f.objects("hooks", as: HookReport.self)
         hooksTotal = try f.total("hooks")
+        hooksRefused = try f.objects("hooks_refused", as: RefusedHook.self)
         presyncUs = try f.int("presync_us") ?? 0
         freezeUs = try f.int("freeze_us") ?? 0
         stallUs = try f.int("stall_us") ?? 0
@@ -531,11 +604,18 @@ public struct StatusResult: WireObject, Equatable {
     public var filesystemsTotal: Int64?
     /// The agent cut some list of this result to fit the protocol's limits.
     public var truncated = false
+    /// The current freeze's hooks (freeze phase; a holding hook that has died shows `lost`).
+    public var hooks: [HookReport]
+    /// Hook files the agent refuses to run, as of the last look at the hooks directory.
+    public var hooksRefused: [RefusedHook]
 
     public init(state: AgentStateName, opID: String? = nil, mode: FreezeMode? = nil, filesystems: [String] = [],
                 sinceMs: Int64? = nil, deadlineMs: Int64? = nil, remainingMs: Int64? = nil,
-                requestedBy: String? = nil, lastAutoThaw: AutoThawReport? = nil, stuck: [StuckCallReport] = []) {
+                requestedBy: String? = nil, lastAutoThaw: AutoThawReport? = nil,
+                hooks: [HookReport] = [], hooksRefused: [RefusedHook] = [], stuck: [StuckCallReport] = []) {
         self.state = state
+        self.hooks = hooks
+        self.hooksRefused = hooksRefused
         self.opID = opID
         self.mode = mode
         self.filesystems = filesystems
@@ -561,6 +641,8 @@ public struct StatusResult: WireObject, Equatable {
         if let lastAutoThaw { o["last_auto_thaw"] = .object(lastAutoThaw.json) }
         if !stuck.isEmpty { o.set("stuck", stuck) }
         o.setTruncated(truncated)
+        if !hooks.isEmpty { o.set("hooks", hooks) }
+        if !hooksRefused.isEmpty { o.set("hooks_refused", hooksRefused) }
         return o
     }
 
@@ -580,5 +662,7 @@ public struct StatusResult: WireObject, Equatable {
         if let o = json["last_auto_thaw"]?.objectValue { lastAutoThaw = try AutoThawReport(json: o) }
         stuck = try f.objects("stuck", as: StuckCallReport.self)
         truncated = try f.bool("truncated") ?? false
+        hooks = try f.objects("hooks", as: HookReport.self)
+        hooksRefused = try f.objects("hooks_refused", as: RefusedHook.self)
     }
 }

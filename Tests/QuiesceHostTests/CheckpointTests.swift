@@ -297,8 +297,9 @@ struct EnvironmentTests {
         #expect(vars["QUIESCE_DEADLINE_MS"] == "1234")
         #expect(vars["QUIESCE_OP_ID"] == "op-1")
         let exact = try JSON.parse(try #require(vars["QUIESCE_FROZEN_JSON"]))
-        #expect(exact == ["vsock:42:5123": ["consistency": "application", "frozen": ["/a"]],
-                          "unix:/run/b.sock": ["consistency": "crash", "frozen": []]])
+        #expect(exact == ["vsock:42:5123": ["consistency": "application", "frozen": ["/a"], "hooks_not_held": []],
+                          "unix:/run/b.sock": ["consistency": "crash", "frozen": [], "hooks_not_held": []]])
+        #expect(vars["QUIESCE_HOOKS_NOT_HELD"] == "")
         let merged = CommandEnvironment.merge(base: ["PATH=/bin", "QUIESCE_OP_ID=stale", "HOME=/root"], [("QUIESCE_OP_ID", "op-1")])
         #expect(merged == ["PATH=/bin", "HOME=/root", "QUIESCE_OP_ID=op-1"])
     }

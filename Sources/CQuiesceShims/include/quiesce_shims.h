@@ -77,4 +77,15 @@ int qs_syncfs(int fd);
 /// ioctl with an int argument (variadic ioctl cannot be called from Swift).
 static inline int qs_ioctl_int(int fd, unsigned long request, int arg) { return ioctl(fd, request, arg); }
 
+/// pipe2(O_CLOEXEC): both ends close on exec, so no other child inherits them by accident.
+int qs_pipe_cloexec(int fds[2]);
+
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34+): the child closes every fd from
+/// `lowfd` up, so it inherits nothing the parent holds (inherited or activated sockets).
+/// `actions` is a posix_spawn_file_actions_t *. Returns 0 or an errno value.
+int qs_spawn_closefrom(void *actions, int lowfd);
+
+/// pidfd_open(2) (Linux 5.3+): an fd that polls readable when the process ends. -1 with errno.
+int qs_pidfd_open(int pid);
+
 #endif
