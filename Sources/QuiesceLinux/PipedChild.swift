@@ -64,14 +64,8 @@ public final class PipedChild: @unchecked Sendable {
         // descriptors its own parent leaked to it.
         _ = qs_spawn_closefrom(&actions, 3)
 
-        let argv = arguments.map { strdup($0) } + [nil]
-        let envp = environment.map { strdup($0) } + [nil]
-        defer {
-            for p in argv { free(p) }
-            for p in envp { free(p) }
-        }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, program, &actions, &attr, argv, envp)
+        let rc = withCArrays(arguments, environment) { argv, envp in posix_spawn(&pid, program, &actions, &attr, argv, envp) }
         FD.close(input[0])
         FD.close(output[1])
         guard rc == 0 else {

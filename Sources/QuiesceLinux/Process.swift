@@ -171,16 +171,12 @@ public enum Subprocess {
         posix_spawnattr_setsigdefault(&attr, &defaults)
         if stdoutToStderr { posix_spawn_file_actions_adddup2(&actions, 2, 1) }
 
-        let argv = arguments.map { strdup($0) } + [nil]
-        let envp = environment.map { strdup($0) } + [nil]
-        defer {
-            for p in argv { free(p) }
-            for p in envp { free(p) }
-        }
         var pid: pid_t = 0
-        let rc = program.contains("/")
-            ? posix_spawn(&pid, program, &actions, &attr, argv, envp)
-            : posix_spawnp(&pid, program, &actions, &attr, argv, envp)
+        let rc = withCArrays(arguments, environment) { argv, envp in
+            program.contains("/")
+                ? posix_spawn(&pid, program, &actions, &attr, argv, envp)
+                : posix_spawnp(&pid, program, &actions, &attr, argv, envp)
+        }
         guard rc == 0 else { throw SystemError("spawn", program, Errno(rc)) }
         return pid
     }
@@ -224,6 +220,19 @@ public enum Subprocess {
         _ = try retryingEINTR("waitpid", "process \(pid)") { waitpid(pid, &status, 0) }
         return ExitStatus(waitStatus: status)
     }
+}
+
+/// Runs `body` with `arguments` and `environment` as NULL-terminated C string arrays, as
+/// posix_spawn(3) takes them, freed afterwards.
+func withCArrays<T>(_ arguments: [String], _ environment: [String],
+                    _ body: ([UnsafeMutablePointer<CChar>?], [UnsafeMutablePointer<CChar>?]) -> T) -> T {
+    let argv = arguments.map { strdup($0) } + [nil]
+    let envp = environment.map { strdup($0) } + [nil]
+    defer {
+        for p in argv { free(p) }
+        for p in envp { free(p) }
+    }
+    return body(argv, envp)
 }
 
 /// A thread-safe FIFO that one or more threads post to and one thread receives from, with a
