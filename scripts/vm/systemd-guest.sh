@@ -4,12 +4,14 @@
 #
 #   sg_boot DIR DEBS_DIR [agent-port-at-boot=yes|no]
 #       builds or reuses the cached image, makes in DIR a qcow2 overlay over it, a fresh 256 MiB
-#       ext4 data disk (/data in the guest) and a read-only disk holding DEBS_DIR's .deb files,
+#       ext4 data disk (/data in the guest) and a read-only disk holding DEBS_DIR (its .deb files),
 #       boots QEMU (TCG) and waits for the guest's command channel. Sets SG_DIR, SG_QMP,
 #       SG_AGENT_SOCK, SG_VSOCK_CID (empty when the host has no usable /dev/vhost-vsock and
 #       SG_VSOCK_SKIP says why), SG_BOOT_MS.
 #   sg_run TIMEOUT_S SCRIPT   runs SCRIPT with bash in the guest (as root); prints its output,
-#                             returns its exit code (124 on timeout, 125 if the channel failed)
+#                             returns its exit code (124 on timeout, 125 if the channel failed).
+#                             Call it directly or in $(...), never in a pipeline: bash closes a
+#                             coprocess's descriptors in pipeline members (and loses them).
 #   sg_qmp ARGS...            scripts/vm/qmp on the guest's QMP socket
 #   sg_add_agent_port         hot-adds the agent's virtio-serial port (QMP device_add)
 #   sg_cleanup                kills QEMU and the channel; removes DIR unless SG_KEEP is set
@@ -21,7 +23,7 @@
 # (DIR/shell.sock, for a human: socat -,raw,echo=0 UNIX-CONNECT:DIR/shell.sock).
 
 SG_DIR= SG_QEMU_PID= SG_QMP= SG_AGENT_SOCK= SG_VSOCK_CID= SG_VSOCK_SKIP= SG_BOOT_MS= SG_SEQ=0
-SG_CMD_PID= SG_KEEP=${SG_KEEP:-}
+SG_CHANNEL_PID= SG_KEEP=${SG_KEEP:-}
 
 sg_ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 
@@ -41,10 +43,8 @@ sg_boot() {
     qemu-img create -q -f qcow2 -F raw -b "$base" "$dir/system.qcow2"
     truncate -s 256M "$dir/data.img"
     mkfs.ext4 -q -F -L quiesce-data "$dir/data.img"
-    mkdir -p "$dir/debs"
-    cp "$debs"/*.deb "$dir/debs/"
     truncate -s 128M "$dir/debs.img"
-    mkfs.ext4 -q -F -L quiesce-debs -d "$dir/debs" "$dir/debs.img"
+    mkfs.ext4 -q -F -L quiesce-debs -d "$debs" "$dir/debs.img"
 
     SG_QMP=$dir/qmp.sock
     SG_AGENT_SOCK=$dir/agent.sock
@@ -86,7 +86,7 @@ sg_boot() {
     # One connection for the whole run: bytes sent while the guest has not opened its port are
     # dropped by QEMU, so the guest announces READY first.
     coproc SG_CMD { exec socat - "UNIX-CONNECT:$dir/cmd.sock"; }
-    SG_CMD_PID=$SG_CMD_PID
+    SG_CHANNEL_PID=$SG_CMD_PID
     local line deadline=$(( $(date +%s) + ${SG_BOOT_TIMEOUT:-300} )) next=30
     while :; do
         if IFS= read -r -t 5 line <&"${SG_CMD[0]}"; then
@@ -115,7 +115,10 @@ sg_run() {
     printf 'RUN %s %s %s\n' "$id" "$limit" "$(printf '%s\n' "$script" | base64 -w0)" >&"${SG_CMD[1]}" || return 125
     local deadline=$(( $(date +%s) + limit + 15 ))
     while [ "$(date +%s)" -lt "$deadline" ]; do
-        IFS=' ' read -r -t 5 verb rid rc out <&"${SG_CMD[0]}" || continue
+        if ! IFS=' ' read -r -t 5 verb rid rc out <&"${SG_CMD[0]}"; then
+            kill -0 "$SG_CHANNEL_PID" 2>/dev/null || { echo "(the command channel to the guest is gone)"; return 125; }
+            continue
+        fi
         [ "$verb" = DONE ] && [ "$rid" = "$id" ] || continue
         printf '%s' "$out" | base64 -d
         return "$rc"
@@ -131,11 +134,11 @@ sg_add_agent_port() {
 }
 
 sg_cleanup() {
-    [ -n "$SG_CMD_PID" ] && kill "$SG_CMD_PID" 2>/dev/null
+    [ -n "$SG_CHANNEL_PID" ] && kill "$SG_CHANNEL_PID" 2>/dev/null
     stop_qemu "$SG_QEMU_PID"
     SG_QEMU_PID=
-    [ -n "$SG_CMD_PID" ] && wait "$SG_CMD_PID" 2>/dev/null
-    SG_CMD_PID=
+    [ -n "$SG_CHANNEL_PID" ] && wait "$SG_CHANNEL_PID" 2>/dev/null
+    SG_CHANNEL_PID=
     if [ -n "$SG_DIR" ] && [ -d "$SG_DIR" ]; then
         [ -f "$SG_DIR/console.log" ] && cp -f "$SG_DIR/console.log" "$ROOT/.vm-cache/last-systemd-console.log" 2>/dev/null
         if [ -n "$SG_KEEP" ]; then
@@ -145,4 +148,102 @@ sg_cleanup() {
         fi
     fi
     return 0
+}
+
+# --- The workload and the snapshots (shared by run-e2e scenario 2 and demo-guest) -------------
+
+# sg_install_packages: installs quiesce-agent and quiesce-host from the package disk inside the
+# guest, with apt, as a user would (`apt install ./file.deb`). Prints apt's tail.
+sg_install_packages() {
+    sg_run 300 '
+        set -e
+        mkdir -p /media/debs
+        mountpoint -q /media/debs || mount -o ro LABEL=quiesce-debs /media/debs
+        cd /media/debs
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q ./quiesce-agent_*.deb ./quiesce-host_*.deb 2>&1 | tail -n 4
+        dpkg-query -W -f="installed: \${Package} \${Version}\n" quiesce-agent quiesce-host'
+}
+
+# sg_start_workload: a writer appending fixed-format records to /data/records.log, each written
+# and fsynced by dd (conv=fsync) before its id and time are logged to /run/workload.acks (tmpfs).
+# Record N is one line: "record", N as 8 digits, those 8 digits eight times over, "end".
+sg_start_workload() {
+    sg_run 30 '
+        rm -f /data/records.log /run/workload.acks
+        systemd-run --quiet --unit=quiesce-workload --property=StandardOutput=null bash -c '\''
+            i=0
+            while :; do
+                p=$(printf "%08d" $i)
+                printf "record %s %s%s%s%s%s%s%s%s end\n" $p $p $p $p $p $p $p $p $p |
+                    dd of=/data/records.log oflag=append conv=notrunc,fsync status=none || exit 1
+                echo "$i $(date +%s%N)" >> /run/workload.acks
+                i=$((i + 1))
+            done'\''
+        for _ in $(seq 100); do [ -s /run/workload.acks ] && exit 0; sleep 0.1; done
+        echo "the workload acknowledged no record in 10 s"; exit 1'
+}
+
+# sg_last_ack: "ID TIME_NS" of the last record the workload has acknowledged (guest clock).
+sg_last_ack() { sg_run 20 'tail -n 1 /run/workload.acks'; }
+
+# sg_records IMAGE: "COUNT WHOLE" for /records.log in an ext4 image, read with debugfs (no
+# journal replay). WHOLE=1 when the COUNT lines are records 0..COUNT-1, each complete and exact.
+sg_records() {
+    debugfs -R 'cat /records.log' "$1" 2>/dev/null | awk '
+        BEGIN { ok = 1 }
+        { p = sprintf("%08d", NR - 1)
+          if ($0 != "record " p " " p p p p p p p p " end") ok = 0 }
+        END { print NR, (NR > 0 && ok) }'
+}
+
+# sg_needs_recovery IMAGE: succeeds when ext4 says its journal must be replayed.
+sg_needs_recovery() { dumpe2fs -h "$1" 2>/dev/null | grep -q '^Filesystem features:.*needs_recovery'; }
+
+# sg_crash_snapshot IMAGE: the data disk copied by QMP drive-backup with no agent involved, while
+# the workload writes. Sets SG_CRASH_ACKED (the last record acknowledged before the copy began).
+sg_crash_snapshot() {
+    SG_CRASH_ACKED=$(sg_last_ack)
+    SG_CRASH_ACKED=${SG_CRASH_ACKED%% *}
+    sg_qmp backup data "$1"
+}
+
+# sg_checkpoint_snapshot IMAGE [QUIESCECTL ARGS...]: quiescectl checkpoint over the agent's
+# virtio-serial port around a QMP drive-backup of the data disk to IMAGE. While the guest is
+# frozen, reads the workload's last acknowledged record (SG_ACKED), then starts the copy.
+# Sets SG_CK_RC (quiescectl's exit code), SG_CK_OUT (its report), SG_CK_T0/SG_CK_T1 (guest
+# clock in ns around the checkpoint) and SG_BACKUP_MS.
+sg_checkpoint_snapshot() {
+    local img=$1
+    shift
+    local flag=$SG_DIR/ck-frozen done=$SG_DIR/ck-done
+    rm -f "$flag" "$done"
+    SG_CK_T0=$(sg_run 10 'date +%s%N')
+    # COMMAND runs when every agent reports frozen: it tells this shell, and waits until the
+    # copy has been made (the command channel is this shell's, so the copy is made from here).
+    "$SG_QUIESCECTL" --agent "serial:$SG_AGENT_SOCK" checkpoint --timeout 120s "$@" -- \
+        sh -c 'touch "$1"; while [ ! -e "$2" ]; do sleep 0.05; done' sh "$flag" "$done" \
+        >"$SG_DIR/checkpoint.out" 2>&1 &
+    local ck=$!
+    local _
+    for _ in $(seq 600); do [ -e "$flag" ] && break; kill -0 "$ck" 2>/dev/null || break; sleep 0.05; done
+    SG_ACKED=
+    if [ -e "$flag" ]; then
+        SG_ACKED=$(sg_last_ack)
+        SG_ACKED=${SG_ACKED%% *}
+        local t0
+        t0=$(date +%s%N)
+        sg_qmp backup data "$img" || echo "QMP drive-backup failed" >>"$SG_DIR/checkpoint.out"
+        SG_BACKUP_MS=$(sg_ms_since "$t0")
+    fi
+    touch "$done"
+    SG_CK_RC=0
+    wait "$ck" || SG_CK_RC=$?
+    SG_CK_OUT=$(cat "$SG_DIR/checkpoint.out")
+    SG_CK_T1=$(sg_run 10 'date +%s%N')
+}
+
+# sg_writer_stall T0 T1: the longest gap, in ms, between two acknowledgements of the workload
+# from T0 until 2 s after T1 (guest clock, ns): how long the application was held up.
+sg_writer_stall() {
+    sg_run 20 "awk -v t0=$1 -v t1=$(( $2 + 2000000000 )) '\$2 >= t0 && \$2 <= t1 { if (prev && \$2 - prev > gap) gap = \$2 - prev; prev = \$2 } END { printf \"%d\\n\", gap / 1000000 }' /run/workload.acks"
 }
