@@ -1,10 +1,11 @@
 # Entry points. `make demo` runs the main job on a built-in lab; `make test` runs every test.
 SWIFT ?= swift
-# Static Swift runtime: the agent goes into guests that have no Swift installed.
-RELEASE_FLAGS = -c release --static-swift-stdlib
+# Static Swift runtime: the agent goes into guests that have no Swift installed. Symbols bound
+# at start (-z now), as Debian hardens its daemons (packaging/debian/rules uses the same flags).
+RELEASE_FLAGS = -c release --static-swift-stdlib -Xlinker -z -Xlinker now
 RELEASE_BIN = .build/release
 
-.PHONY: all build release deps test unit bench-smoke vm-test fuzz-smoke fuzz bench demo demo-vm clean
+.PHONY: all build release deps test unit bench-smoke vm-test fuzz-smoke fuzz bench demo demo-vm deb deb-check clean
 
 all: build
 
@@ -22,8 +23,8 @@ release:
 # Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
 # QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), 30 s of protocol
 # fuzzing, then the Swift suites (protocol vectors, plan fixtures, the agent and coordinator on
-# real loop filesystems).
-test: deps bench-smoke vm-test fuzz-smoke unit
+# real loop filesystems), and the Debian packages' checks.
+test: deps bench-smoke vm-test fuzz-smoke unit deb-check
 
 unit:
 	$(SWIFT) test
@@ -57,5 +58,15 @@ demo: deps release
 # proves the disk copy consistent (see scripts/vm/run-guest-test for every check it prints).
 demo-vm: vm-test
 
+# The Debian packages quiesce-agent and quiesce-host, from the release binaries above (no second
+# compile), into build/deb/; prints their paths. See packaging/README.md.
+deb: deps release
+	scripts/build-deb --bin $(RELEASE_BIN)
+
+# lintian, systemd-analyze verify on the unit, what each package must contain, and
+# install / reinstall / remove / purge on this machine (skipped if the packages are installed).
+deb-check: deb
+	scripts/check-deb --install
+
 clean:
-	rm -rf .build .build-*
+	rm -rf .build .build-* build

@@ -9,7 +9,7 @@ import Logging
 import Synchronization
 
 /// The agent's version, reported by `hello`.
-public let agentVersion = "0.1.0"
+public let agentVersion = QuiesceRelease.version
 
 /// Accepts connections on every listener, enforces limits and peer rules, and routes requests.
 ///

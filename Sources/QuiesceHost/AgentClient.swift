@@ -7,7 +7,7 @@ import Glibc
 
 /// The version of quiescectl and the host library, sent in `hello`.
 public enum QuiesceHostVersion {
-    public static let string = "0.1.0"
+    public static let string = QuiesceRelease.version
 }
 
 /// A client for one agent. Not thread-safe: one thread owns it and issues requests one at a

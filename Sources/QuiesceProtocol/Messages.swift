@@ -6,6 +6,13 @@ public enum ProtocolVersion {
     public static let oldestSupported: Int64 = 1
 }
 
+/// The release number of quiesced and quiescectl alike (their `--version`, `hello`, qemu-ga's
+/// `guest-info`). packaging/debian/changelog carries the same number; `scripts/check-deb`
+/// fails when the packaged binaries report another one.
+public enum QuiesceRelease {
+    public static let version = "0.1.0"
+}
+
 /// How a freeze relates to the connection that asked for it.
 public enum FreezeMode: String, Sendable, Equatable {
     /// Thawed when the requesting connection closes (and at the deadline).

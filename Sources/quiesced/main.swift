@@ -8,8 +8,7 @@ import QuiesceLinux
 import QuiesceProtocol
 
 let usage = """
-USAGE: quiesced [--listen ADDR]... [--config FILE] [--state-dir DIR] [--include GLOB]... [--exclude GLOB]...
-                [--max-freeze DURATION] [--hooks-dir DIR] [--hook-timeout DURATION] [options]
+USAGE: quiesced [--listen ADDR]... [--config FILE] [options]
        quiesced --recover [--state-dir DIR]
        quiesced --check-config [--config FILE] [options]
 
@@ -38,7 +37,12 @@ Every setting can also be written in the config file as `key = value` (one per l
 """
 
 extension String {
-    func padding(_ width: Int) -> String { count >= width ? self + " " : self + String(repeating: " ", count: width - count) }
+    /// Pads to `width` columns, keeping two spaces before the help (help2man needs them); a longer
+    /// option gets its help on the next line, indented to `width`.
+    func padding(_ width: Int) -> String {
+        count <= width - 2 ? self + String(repeating: " ", count: width - count)
+                      : self + "\n" + String(repeating: " ", count: width)
+    }
 }
 
 func fail(_ message: String, code: Int32 = 2) -> Never {

@@ -557,6 +557,22 @@ struct SystemdAndConfigTests {
         #expect(flagWins.contains("unix:/tmp/x.sock") && !flagWins.contains("vsock:5123"), "a flag replaces the file's list")
     }
 
+    @Test("--version names the release, and --help keeps each option's text apart (help2man makes quiesced(8) from it)")
+    func helpAndVersion() throws {
+        let version = try sh("'\(buildProductsDir)/quiesced' --version")
+        #expect(version == "quiesced \(QuiesceRelease.version) (protocol \(ProtocolVersion.current))\n")
+        let lines = try sh("'\(buildProductsDir)/quiesced' --help").split(separator: "\n", omittingEmptySubsequences: false)
+        #expect(lines.first?.hasPrefix("USAGE: quiesced ") == true)
+        let options = Array(lines.drop(while: { $0 != "OPTIONS:" }).dropFirst().prefix(while: { !$0.isEmpty }))
+        #expect(options.count >= 20, "\(options)")
+        for (i, line) in options.enumerated() where line.hasPrefix("  -") {
+            // Either "  --flag VALUE  help" or the help alone on the next, indented line.
+            let apart = line.dropFirst(2).contains("  ")
+                || (i + 1 < options.count && options[i + 1].hasPrefix(String(repeating: " ", count: 20)))
+            #expect(apart, "\(line)")
+        }
+    }
+
     @Test("bad flags are refused with exit 2 and a message naming the flag and the problem",
           arguments: [
               ("--frobnicate", "unknown option --frobnicate"),
