@@ -1,4 +1,5 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034,SC2016
+# SC2034: the SG_ variables are for the caller; SC2016: guest scripts are single-quoted on purpose.
 # Boots and drives the systemd guest of scripts/vm/build-systemd-guest (sourced by run-e2e and
 # demo-guest). Needs lib.sh sourced first, ROOT set, and a caller that traps EXIT to sg_cleanup.
 #
@@ -22,8 +23,8 @@
 # SG_AGENT_SOCK); ttyS0 the console (DIR/console.log), ttyS1 an autologin root shell
 # (DIR/shell.sock, for a human: socat -,raw,echo=0 UNIX-CONNECT:DIR/shell.sock).
 
-SG_DIR= SG_QEMU_PID= SG_QMP= SG_AGENT_SOCK= SG_VSOCK_CID= SG_VSOCK_SKIP= SG_BOOT_MS= SG_SEQ=0
-SG_CHANNEL_PID= SG_KEEP=${SG_KEEP:-}
+SG_DIR='' SG_QEMU_PID='' SG_QMP='' SG_AGENT_SOCK='' SG_VSOCK_CID='' SG_VSOCK_SKIP='' SG_BOOT_MS=''
+SG_SEQ=0 SG_CHANNEL_PID='' SG_KEEP=${SG_KEEP:-}
 
 sg_ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 
@@ -49,7 +50,7 @@ sg_boot() {
     SG_QMP=$dir/qmp.sock
     SG_AGENT_SOCK=$dir/agent.sock
     local vsock=()
-    SG_VSOCK_CID= SG_VSOCK_SKIP=
+    SG_VSOCK_CID='' SG_VSOCK_SKIP=''
     if [ ! -c /dev/vhost-vsock ]; then
         SG_VSOCK_SKIP="the host has no /dev/vhost-vsock (vhost_vsock not loaded or not built), so QEMU cannot give the guest a host-reachable vsock"
     elif ! : 2>/dev/null <>/dev/vhost-vsock; then
@@ -60,6 +61,7 @@ sg_boot() {
         vsock=(-device "vhost-vsock-pci,guest-cid=$SG_VSOCK_CID")
     fi
     local agent_dev=()
+    # shellcheck disable=SC2054  # commas separate QEMU's -device properties
     [ "$port_at_boot" = yes ] && agent_dev=(-device virtserialport,bus=vser0.0,chardev=agent,name=org.quiesce.agent.0,id=agentport)
 
     echo "== boot the guest (QEMU TCG, systemd as PID 1)"
