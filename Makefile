@@ -5,7 +5,7 @@ SWIFT ?= swift
 RELEASE_FLAGS = -c release --static-swift-stdlib -Xlinker -z -Xlinker now
 RELEASE_BIN = .build/release
 
-.PHONY: all build release deps test unit bench-smoke vm-test e2e fuzz-smoke fuzz bench demo demo-local demo-vm deb deb-check clean
+.PHONY: all build release deps test unit bench-smoke vm-test e2e fuzz-smoke fuzz bench demo demo-local demo-vm deb deb-check db-proof clean
 
 all: build
 
@@ -23,9 +23,9 @@ release:
 # Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
 # QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), 30 s of protocol
 # fuzzing, then the Swift suites (protocol vectors, plan fixtures, the agent and coordinator on
-# real loop filesystems), the Debian packages' checks, and the end-to-end scenarios in a
-# systemd guest that installs those packages (e2e).
-test: deps bench-smoke vm-test fuzz-smoke unit deb-check e2e
+# real loop filesystems), the databases behind the shipped hooks, the Debian packages' checks,
+# and the end-to-end scenarios in a systemd guest that installs those packages (e2e).
+test: deps bench-smoke vm-test fuzz-smoke unit db-proof deb-check e2e
 
 unit:
 	$(SWIFT) test
@@ -45,6 +45,12 @@ fuzz:
 # what the host cannot show (vsock connect, a real virtio-serial port, freeze-everything in scope).
 vm-test: release
 	scripts/vm/run-guest-test --bin $(RELEASE_BIN)
+
+# The shipped database hooks on Debian's real MariaDB and PostgreSQL (installed by the script if
+# missing, never auto-started): raw copies taken by `quiescectl checkpoint` are judged with and
+# without the hooks. About 20 s.
+db-proof: release
+	scripts/db-proof --bin $(RELEASE_BIN)
 
 # The full side-by-side benchmark with the targets checked (16 filesystems, 8 MiB dirty each).
 bench: release

@@ -8,6 +8,9 @@
 // - a decoded request encodes to JSON that decodes to the same request;
 // - a refused frame still gets a reply that is itself valid wire output;
 // - parsed JSON encodes and parses back to the same value;
+// - the parser's duplicate-key checks cost at most one comparison per byte (linear parsing,
+//   whatever the shape of the objects; a hostile agent's reply cannot stall the host);
+// - a reply fitted to the reply budget (ReplyBudget) fits it and still decodes;
 // - a parsed duration's canonical form parses back to the same duration;
 // - qemu-ga's dialect answers every frame with a reply that parses.
 
@@ -62,6 +65,21 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         }
         precondition((try? JSON.parse(qgaReply.dropLast(), maxDepth: ProtocolLimits.maxDepth + 2)) != nil,
                      "a qemu-ga reply is not valid JSON")
+        var keyWork = 0
+        _ = try? JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth, keyWork: &keyWork)
+        precondition(keyWork <= frame.count, "\(keyWork) key comparisons for a \(frame.count)-byte frame")
+        // (One level less: the reply wraps the body in one more object.)
+        if case .object(let body)? = try? JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth - 1) {
+            // Fitted to a tiny budget, a reply still decodes, and fits unless the last resort
+            // (only the short scalar fields kept) was needed.
+            let fitted = ReplyBudget.frame(body: body, maxBytes: 512) { Reply(id: 1, result: $0).json }
+            guard case .reply(let r)? = try? AgentMessage.decode(frame: Array(fitted.dropLast())),
+                  case .success(let result) = r.outcome else {
+                preconditionFailure("a fitted reply is not valid wire output")
+            }
+            let lastResort = result["truncated"] == true && !result.contains { $0.value.arrayValue != nil || $0.value.objectValue != nil }
+            precondition(fitted.count - 1 <= 512 || lastResort, "a fitted reply of \(fitted.count) bytes passed its 512-byte budget")
+        }
         if let value = try? JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth) {
             let back = try? JSON.parse(value.encoded(), maxDepth: ProtocolLimits.maxDepth)
             precondition(back.map(numbersNormalised) == numbersNormalised(value), "JSON changed through encode and parse")

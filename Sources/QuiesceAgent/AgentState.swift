@@ -2,6 +2,7 @@
 import QuiesceLinux
 import QuiesceProtocol
 import Logging
+import Synchronization
 
 /// Identifies a connection (a serial port gets a new one each time the host reconnects).
 public typealias ConnectionID = UInt64
@@ -28,7 +29,9 @@ public actor AgentState {
         var requestedBy: String
         var held: HeldFreeze
         var result: FreezeResult
-        var hooksRan: [String]
+        /// Hooks whose `freeze` succeeded: each is owed a `thaw` or `freeze-failed`.
+        var hooksOwed: [ActiveHook]
+        var hookContext: HookContext
         var sinceMs: Int64
         var frozenAt: UInt64  // monotonic ns, when the last filesystem froze
         var timeoutMs: Int64
@@ -43,6 +46,7 @@ public actor AgentState {
         var mountPoints: [String]
         var sinceMs: Int64
         var ownerGone = false
+        var hookReports: [HookReport] = []
         var waiters: [CheckedContinuation<Reply, Never>] = []
     }
 
@@ -58,6 +62,10 @@ public actor AgentState {
     private var lastAutoThaw: AutoThawReport?
     private var opCounter: UInt64 = 0
     private var shuttingDown = false
+    /// Plans running on their threads (one that outlived its budget stays counted until it returns).
+    private let planning = InFlight()
+    /// Hook files refused at the last look at the hooks directory (for `status`).
+    private var hooksRefused: [RefusedHook] = []
 
     let config: AgentConfig
     let discovery: Discovery
@@ -79,7 +87,7 @@ public actor AgentState {
         self.discovery = Discovery(scope: config.scope)
         self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere)
         self.record = FreezeRecord(stateDir: config.stateDir)
-        self.hooks = config.hooksDir.map { Hooks(directory: $0, timeoutMs: config.hookTimeoutMs) }
+        self.hooks = config.hooksDir.map { Hooks(directory: $0, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger) }
         self.logger = logger
         self.guardian = DeadlineGuard { [logger] opID, mounts in
             logger.critical("deadline guard thawed \(mounts.joined(separator: ", ")) itself: the agent missed the deadline",
@@ -121,11 +129,26 @@ public actor AgentState {
         }
     }
 
-    /// Plans on a dedicated thread: discovery reads /proc and sysfs and may stat a loop's
-    /// backing file, which could hang on a dead network filesystem; the actor must not.
+    /// Plans on a dedicated thread: discovery reads /proc and sysfs and opens a loop device's
+    /// backing file, which blocks for as long as the server of a FUSE or network filesystem
+    /// does not answer; the actor must not. The wait is bounded by the step timeout. A plan
+    /// still blocked from an earlier request makes the next one fail at once instead of piling
+    /// up another blocked thread.
     private func plan(explicitMounts: [String]?) async -> Result<(targets: [FreezeTarget], skipped: [SkippedReport]), ProtocolError> {
+        if planning.count > 0 {
+            return .failure(ProtocolError(.busy, "an earlier reading of the mounts and block devices is still blocked (a FUSE or network filesystem's server is not answering); try again later"))
+        }
         let discovery = self.discovery
-        return await Threads.run { Result { () throws(ProtocolError) in try discovery.plan(explicitMounts: explicitMounts) } }
+        let stuck = engine.stuck.devices
+        let budgetMs = config.freezeStepTimeoutMs
+        let planning = self.planning
+        planning.enter()
+        let result = await Threads.run(until: monotonicNanos() + UInt64(budgetMs) * 1_000_000) {
+            defer { planning.leave() }
+            return Result { () throws(ProtocolError) in try discovery.plan(explicitMounts: explicitMounts, avoiding: stuck) }
+        }
+        return result ?? .failure(ProtocolError(
+            .busy, "reading the mounts and block devices did not finish within \(budgetMs) ms (a FUSE or network filesystem's server is not answering?); nothing was frozen"))
     }
 
     // MARK: - Status
@@ -133,15 +156,26 @@ public actor AgentState {
     public func status() -> StatusResult {
         switch phase {
         case .thawed:
-            return StatusResult(state: .thawed, lastAutoThaw: lastAutoThaw)
+            return StatusResult(state: .thawed, lastAutoThaw: lastAutoThaw, hooksRefused: hooksRefused,
+                                stuck: engine.stuck.current)
         case .freezing(let p):
             return StatusResult(state: .freezing, opID: p.opID, mode: p.mode, filesystems: p.mountPoints,
-                                sinceMs: p.sinceMs, requestedBy: p.requestedBy, lastAutoThaw: lastAutoThaw)
+                                sinceMs: p.sinceMs, requestedBy: p.requestedBy, lastAutoThaw: lastAutoThaw,
+                                hooks: p.hookReports, hooksRefused: hooksRefused, stuck: engine.stuck.current)
         case .frozen(let f), .thawing(let f):
             let remainingMs = Int64((Int64(bitPattern: f.deadline) - Int64(bitPattern: monotonicNanos())) / 1_000_000)
             return StatusResult(state: isThawing ? .thawing : .frozen, opID: f.opID, mode: f.mode,
                                 filesystems: f.held.mountPoints, sinceMs: f.sinceMs, deadlineMs: f.result.deadlineMs,
-                                remainingMs: max(0, remainingMs), requestedBy: f.requestedBy, lastAutoThaw: lastAutoThaw)
+                                remainingMs: max(0, remainingMs), requestedBy: f.requestedBy, lastAutoThaw: lastAutoThaw,
+                                hooks: liveHookReports(f), hooksRefused: hooksRefused, stuck: engine.stuck.current)
+        }
+    }
+
+    /// The freeze's hook reports as they stand: a holding hook that has ended shows `lost`.
+    private func liveHookReports(_ f: Freeze) -> [HookReport] {
+        f.result.hooks.map { r in
+            guard r.outcome == .holding, let owed = f.hooksOwed.first(where: { $0.spec.name == r.name }) else { return r }
+            return owed.liveReport(r)
         }
     }
 
@@ -229,33 +263,54 @@ public actor AgentState {
             return finishFailedFreeze(ProtocolError(.internal, "cannot write the freeze record: \(error)"), id: id, log: log)
         }
 
-        // Freeze hooks run before any filesystem freezes (applications flush and pause).
+        // Freeze hooks run before any filesystem freezes (applications flush and pause, or take
+        // a lock that a hold-style hook keeps until its ending).
         var hookReports: [HookReport] = []
-        var hooksRan: [String] = []
+        var hooksOwed: [ActiveHook] = []
+        var refused: [RefusedHook] = []
+        let hookContext = HookContext(opID: opID, mounts: mountPoints, freezeTimeoutMs: timeoutMs)
         if let hooks {
-            let outcome = await hooks.runFreeze(opID: opID)
+            let listing = await Threads.run { hooks.list() }
+            refused = listing.refused
+            hooksRefused = refused
+            for r in refused { log.warning("hook \(r.name) refused: \(r.reason)") }
+            let record = self.record
+            let targets = plan.targets
+            let outcome = await hooks.runFreeze(listing.hooks, context: hookContext,
+                                                abandon: { await self.abandonReason(opID: opID) },
+                                                onOwed: { owed in try? record.write(opID: opID, targets: targets, hooksOwed: owed.map(\.spec.name)) },
+                                                onReport: { reports in await self.noteHookReports(reports, opID: opID) })
             hookReports = outcome.reports
-            hooksRan = outcome.ran
+            hooksOwed = outcome.owed
             if let failure = outcome.failure {
-                let undo = await hooks.runThaw(opID: opID, names: hooksRan)
-                hookReports += undo
+                hookReports += await hooks.end(hooksOwed, phase: "freeze-failed", context: hookContext)
                 record.remove()
-                return finishFailedFreeze(ProtocolError(.hookFailed, failure, details: ["hooks": .array(hookReports.map { .object($0.json) })]),
+                return finishFailedFreeze(ProtocolError(.hookFailed, failure, details: hookDetails(hookReports, refused)),
                                           id: id, log: log)
+            }
+            if !hooksOwed.isEmpty {
+                try? record.write(opID: opID, targets: plan.targets, hooksOwed: hooksOwed.map(\.spec.name), filesystemsFreezing: true)
             }
         }
 
         LogGate.shared.hold()
-        let outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil)
+        // The kernel side is bounded by the step timeout and, whatever happens, by this freeze's
+        // own deadline counted from the request: a FIFREEZE that never returns cannot keep the
+        // guest frozen past it.
+        let budget = FreezeBudget(stepNanos: UInt64(min(config.freezeStepTimeoutMs, timeoutMs)) * 1_000_000,
+                                  deadline: start + UInt64(timeoutMs) * 1_000_000)
+        let outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget)
         switch outcome {
         case .failure(let failure):
             LogGate.shared.release()
-            if let hooks { hookReports += await hooks.runThaw(opID: opID, names: hooksRan) }
+            if let hooks { hookReports += await hooks.end(hooksOwed, phase: "freeze-failed", context: hookContext) }
             record.remove()
             var error = failure.error
-            if !hookReports.isEmpty {
+            if !hookReports.isEmpty || !refused.isEmpty {
                 var d = error.details ?? [:]
-                d["hooks"] = .array(hookReports.map { .object($0.json) })
+                let extra = hookDetails(hookReports, refused)
+                d["hooks"] = extra["hooks"]
+                if let r = extra["hooks_refused"] { d["hooks_refused"] = r }
                 error.details = d
             }
             return finishFailedFreeze(error, id: id, log: log)
@@ -264,10 +319,11 @@ public actor AgentState {
             let result = FreezeResult(
                 opID: opID, mode: r.mode, filesystems: done.filesystems, skipped: plan.skipped + done.skipped,
                 hooks: hookReports, presyncUs: done.presyncUs, freezeUs: done.freezeUs, stallUs: done.stallUs,
-                totalUs: micros(since: start), timeoutMs: timeoutMs, deadlineMs: wallClockMillis() + timeoutMs)
+                totalUs: micros(since: start), timeoutMs: timeoutMs, deadlineMs: wallClockMillis() + timeoutMs,
+                hooksRefused: refused)
             guard case .freezing(let pending) = phase else { preconditionFailure("phase changed during freeze") }
             let freeze = Freeze(opID: opID, mode: r.mode, owner: context.connection, requestedBy: context.peer.description,
-                                held: done.held, result: result, hooksRan: hooksRan, sinceMs: sinceMs,
+                                held: done.held, result: result, hooksOwed: hooksOwed, hookContext: hookContext, sinceMs: sinceMs,
                                 frozenAt: monotonicNanos(), timeoutMs: timeoutMs, deadline: deadline)
             phase = .frozen(freeze)
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
@@ -279,12 +335,36 @@ public actor AgentState {
             for w in pending.waiters { w.resume(returning: Reply(id: nil, result: replay.json)) }
             Task { await self.enforceDeadline(opID: opID) }
             if shuttingDown {
-                _ = await thaw(opID: opID, reason: .signal)
+                _ = await thaw(opID: opID, reason: .signal, abandoned: true)
             } else if pending.ownerGone && r.mode == .bound && config.thawOnDisconnect {
-                _ = await thaw(opID: opID, reason: .disconnect)
+                _ = await thaw(opID: opID, reason: .disconnect, abandoned: true)
             }
             return Reply(id: id, result: result.json)
         }
+    }
+
+    /// Why a freeze being taken should be given up between hooks: its requester left (a bound
+    /// freeze that thaws on disconnect), or the agent is stopping. Nil to go on.
+    private func abandonReason(opID: String) -> String? {
+        if shuttingDown { return "the agent is stopping" }
+        if case .freezing(let p) = phase, p.opID == opID, p.ownerGone, p.mode == .bound, config.thawOnDisconnect {
+            return "the requester went away during the freeze"
+        }
+        return nil
+    }
+
+    /// Keeps the hook reports of a freeze being taken, for `status`.
+    private func noteHookReports(_ reports: [HookReport], opID: String) {
+        if case .freezing(var p) = phase, p.opID == opID {
+            p.hookReports = reports
+            phase = .freezing(p)
+        }
+    }
+
+    private func hookDetails(_ reports: [HookReport], _ refused: [RefusedHook]) -> JSONObject {
+        var d: JSONObject = ["hooks": .array(reports.map { .object($0.json) })]
+        if !refused.isEmpty { d["hooks_refused"] = .array(refused.map { .object($0.json) }) }
+        return d
     }
 
     private func finishFailedFreeze(_ error: ProtocolError, id: JSON?, log: Logger) -> Reply {
@@ -347,7 +427,9 @@ public actor AgentState {
     // MARK: - Thaw
 
     /// Thaws the current freeze. Idempotent: thawing when thawed succeeds with `wasFrozen` false.
-    public func thaw(opID: String?, reason: ThawReason) async -> Result<ThawResult, ProtocolError> {
+    /// `abandoned`: the freeze was given up before its requester had it; its hooks get
+    /// `freeze-failed` instead of `thaw`.
+    public func thaw(opID: String?, reason: ThawReason, abandoned: Bool = false) async -> Result<ThawResult, ProtocolError> {
         let f: Freeze
         switch phase {
         case .thawed:
@@ -369,13 +451,18 @@ public actor AgentState {
         var log = logger
         log[metadataKey: "op_id"] = "\(f.opID)"
         var hookReports: [HookReport] = []
-        if let hooks, !f.hooksRan.isEmpty { hookReports = await hooks.runThaw(opID: f.opID, names: f.hooksRan) }
+        if let hooks, !f.hooksOwed.isEmpty {
+            hookReports = await hooks.end(f.hooksOwed, phase: abandoned ? "freeze-failed" : "thaw", context: f.hookContext)
+            // Ended once: a retry of a failed thaw must not end them again.
+            if case .thawing(var t) = phase { t.hooksOwed = []; phase = .thawing(t) }
+        }
         let frozenUs = micros(since: f.frozenAt)
         let result = ThawResult(opID: f.opID, wasFrozen: true, filesystems: outcome.filesystems, hooks: hookReports,
                                 totalUs: outcome.totalUs, frozenUs: frozenUs)
         if !outcome.remaining.isEmpty {
             // Keep holding what did not thaw; the deadline loop retries.
             var still = f
+            still.hooksOwed = []
             still.held = outcome.remaining
             still.deadline = min(still.deadline, monotonicNanos() + 1_000_000_000)
             phase = .frozen(still)
@@ -438,4 +525,12 @@ public actor AgentState {
             }
         }
     }
+}
+
+/// A count of tasks running on their own threads, readable from anywhere.
+final class InFlight: Sendable {
+    private let value = Atomic<Int>(0)
+    func enter() { value.add(1, ordering: .relaxed) }
+    func leave() { value.subtract(1, ordering: .relaxed) }
+    var count: Int { value.load(ordering: .relaxed) }
 }

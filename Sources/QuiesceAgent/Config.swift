@@ -81,6 +81,10 @@ public struct AgentConfig: Sendable {
     public var scope = FreezeScope()
     /// The longest a freeze may last without a keepalive; every requested timeout is capped by it.
     public var maxFreezeMs: Int64 = 600_000
+    /// The longest the presync, or one wave of FIFREEZE calls, may take before the freeze is
+    /// abandoned and everything it froze is thawed (10 s: Windows VSS holds writes for at most
+    /// 10 s too). Never longer than the freeze's own timeout.
+    public var freezeStepTimeoutMs: Int64 = 10_000
     public var hooksDir: String? = nil
     public var hookTimeoutMs: Int64 = 30_000
     /// Whether a freeze bound to a connection thaws when that connection closes.
@@ -106,8 +110,9 @@ public struct AgentConfig: Sendable {
         ("include-type", "TYPE", "only these filesystem types are eligible (repeatable)"),
         ("exclude-type", "TYPE", "these filesystem types are never frozen (repeatable)"),
         ("max-freeze", "DURATION", "longest freeze without a keepalive; caps every timeout (default 10m)"),
-        ("hooks-dir", "DIR", "run the executables in DIR around each freeze (freeze / thaw)"),
-        ("hook-timeout", "DURATION", "how long one hook may run (default 30s)"),
+        ("freeze-step-timeout", "DURATION", "longest the presync or one freeze wave may take before the freeze is abandoned and thawed (default 10s)"),
+        ("hooks-dir", "DIR", "run the hooks in DIR around each freeze (freeze, thaw, freeze-failed)"),
+        ("hook-timeout", "DURATION", "how long one hook phase may run unless its header says (default 30s)"),
         ("thaw-on-disconnect", "yes|no", "thaw a bound freeze when its connection closes (default yes)"),
         ("allow-vsock-cid", "CID", "vsock peers allowed to connect (repeatable; default 2, the host)"),
         ("allow-uid", "UID", "Unix socket peers allowed to connect, by uid (repeatable; default 0)"),
@@ -155,6 +160,9 @@ public struct AgentConfig: Sendable {
         case "max-freeze":
             maxFreezeMs = try duration(value)
             guard maxFreezeMs <= Request.maxTimeoutMs else { throw ConfigError("max-freeze: at most 24h") }
+        case "freeze-step-timeout":
+            freezeStepTimeoutMs = try duration(value)
+            guard freezeStepTimeoutMs <= Request.maxTimeoutMs else { throw ConfigError("freeze-step-timeout: at most 24h") }
         case "hooks-dir":
             guard value.hasPrefix("/") else { throw ConfigError("hooks-dir: \"\(value)\" must be an absolute path") }
             hooksDir = value

@@ -24,7 +24,13 @@ public struct Discovery: Sendable {
 
     /// The plan as engine targets in freeze order, plus what was passed over.
     /// `explicitMounts` asks for exactly those mountpoints (the scope does not apply then).
-    public func plan(explicitMounts: [String]? = nil) throws(ProtocolError) -> (targets: [FreezeTarget], skipped: [SkippedReport]) {
+    ///
+    /// `avoiding` names filesystems (`st_dev`) whose block devices must not be read: those with
+    /// a FIFREEZE or syncfs still blocked in the kernel, where a read of the superblock would
+    /// block behind the same stuck I/O.
+    public func plan(explicitMounts: [String]? = nil, avoiding stuck: Set<DeviceNumber> = []) throws(ProtocolError)
+        -> (targets: [FreezeTarget], skipped: [SkippedReport])
+    {
         let mounts: [MountEntry]
         do {
             mounts = try MountInfo.read(path: mountInfoPath)
@@ -48,18 +54,43 @@ public struct Discovery: Sendable {
                     && scope.exclusion(mountPoint: $0.mountPoint, fsType: $0.fsType) == nil
             }
         }
-        var starts = Set(candidates.compactMap(device))
-        var topology = BlockTopology.read(startingFrom: starts.sorted())
+        // An external log or journal device is written by its filesystem's freeze: walk from it too.
+        var external: [DeviceNumber: [DeviceNumber]] = [:]
+        for m in candidates where !stuck.contains(m.device) {
+            guard let d = device(m), external[d] == nil, !stuck.contains(d) else { continue }
+            let more = BlockTopology.externalDevices(of: m, device: d)
+            if !more.isEmpty { external[d] = more }
+        }
+        var starts = Set(candidates.compactMap(device)).union(external.values.joined())
+        var overlayUpper: [DeviceNumber: BlockTopology.PathLocation] = [:]
+        // Touching a file on a FUSE or network filesystem waits for its server, which may never
+        // answer: find such paths by mountpoint prefix alone.
+        let served = ServedMounts(mounts)
+        var topology = BlockTopology.read(startingFrom: starts.sorted(), servedMount: served.containing)
         // A loop image on a btrfs (anonymous st_dev) is matched by mount ID: walk on beneath
-        // that filesystem's real device too, until nothing new turns up.
+        // that filesystem's real device too. A loop image in an overlay is written through to
+        // the overlay's upper directory: walk on beneath that directory's filesystem. Repeat
+        // until nothing new turns up.
         while true {
-            let more = Set(topology.loopBackingMount.values.compactMap { id in
-                mounts.first(where: { $0.mountID == id }).flatMap(device)
-            }).subtracting(starts)
+            var more = Set<DeviceNumber>()
+            for id in Set(topology.loopBackingMount.values) {
+                guard let m = mounts.first(where: { $0.mountID == id }) else { continue }
+                if let d = device(m) { more.insert(d) }
+                if overlayUpper[m.device] == nil, let dir = BlockTopology.overlayUpperDirectory(m), served.containing(dir) == nil,
+                   let upper = BlockTopology.location(ofPath: dir) {
+                    overlayUpper[m.device] = upper
+                    let holder = upper.mountID.flatMap { id in mounts.first { $0.mountID == id } }
+                        ?? mounts.first { $0.device == upper.device }
+                    if let d = holder.flatMap(device) { more.insert(d) }
+                }
+            }
+            more.subtract(starts)
             if more.isEmpty { break }
             starts.formUnion(more)
-            topology = BlockTopology.read(startingFrom: starts.sorted())
+            topology = BlockTopology.read(startingFrom: starts.sorted(), servedMount: served.containing)
         }
+        topology.externalDevices = external
+        topology.overlayUpper = overlayUpper
         let plan: FreezePlan
         do {
             plan = try FreezePlan.make(mounts: mounts, topology: topology, scope: scope,
@@ -93,5 +124,31 @@ public struct Discovery: Sendable {
             SkippedReport(mountPoint: $0.mountPoint, type: $0.fsType, reason: $0.reason.rawValue, detail: $0.detail)
         }
         return (targets, skipped)
+    }
+}
+
+/// Which mount a path lies under, by the longest mountpoint that prefixes it (no syscall), when
+/// that mount is served by a process: FUSE or a network filesystem.
+struct ServedMounts {
+    private let byMountPoint: [String: MountEntry]
+    private let any: Bool
+
+    init(_ mounts: [MountEntry]) {
+        var map: [String: MountEntry] = [:]
+        for m in mounts { map[m.mountPoint] = m }  // the last mount at a path is the visible one
+        byMountPoint = map
+        any = mounts.contains { FreezePlan.servedFilesystem($0.fsType) }
+    }
+
+    func containing(_ path: String) -> BlockTopology.PathLocation? {
+        guard any, path.hasPrefix("/") else { return nil }
+        var candidate = FreezePlan.normalise(path)
+        while true {
+            if let m = byMountPoint[candidate] {
+                return FreezePlan.servedFilesystem(m.fsType) ? BlockTopology.PathLocation(device: m.device, mountID: m.mountID) : nil
+            }
+            guard candidate != "/", let slash = candidate.lastIndex(of: "/") else { return nil }
+            candidate = slash == candidate.startIndex ? "/" : String(candidate[..<slash])
+        }
     }
 }

@@ -1,6 +1,7 @@
 // Executes a freeze plan: presync in parallel, freeze wave by wave (each wave in parallel), thaw in reverse.
 import QuiesceLinux
 import QuiesceProtocol
+import Synchronization
 
 /// One filesystem the engine may freeze: where to open it, how to recognise it, and its wave.
 public struct FreezeTarget: Sendable, Equatable {
@@ -63,10 +64,84 @@ public struct ThawOutcome: Sendable {
     public var errors: [String] { filesystems.compactMap { fs in fs.error.map { "\(fs.mountPoint): \($0)" } } }
 }
 
+/// How long the kernel side of a freeze may take before it is abandoned and rolled back.
+///
+/// A FIFREEZE cannot be interrupted: when the filesystem's storage stops completing writes,
+/// or when it rests on a filesystem this freeze already froze through a dependency the plan
+/// could not see, it blocks in the kernel for as long as that lasts. The budget bounds how
+/// long the engine waits for it, so the guest is never held frozen past it.
+public struct FreezeBudget: Sendable {
+    /// The longest the presync, or one wave of FIFREEZE calls, may take, in nanoseconds.
+    public var stepNanos: UInt64
+    /// Monotonic nanoseconds (`monotonicNanos()`) after which no step is waited for: the
+    /// freeze's own deadline.
+    public var deadline: UInt64
+
+    public init(stepNanos: UInt64, deadline: UInt64) {
+        self.stepNanos = stepNanos
+        self.deadline = deadline
+    }
+
+    /// Unbounded (tests of other behaviour).
+    public static let unbounded = FreezeBudget(stepNanos: .max / 2, deadline: .max)
+
+    /// When a step starting now must be done by.
+    func stepDeadline() -> UInt64 {
+        let now = monotonicNanos()
+        return min(deadline, now > UInt64.max - stepNanos ? .max : now + stepNanos)
+    }
+}
+
+/// Kernel calls that a freeze gave up waiting for and that have not returned yet. Shared by
+/// every operation of one engine: a later freeze of the same filesystem is refused at once
+/// (it would block behind the first), and `status` lists them.
+public final class StuckCalls: Sendable {
+    struct Entry: Sendable {
+        var report: StuckCallReport
+        var devices: Set<DeviceNumber>
+    }
+    private let entries = Mutex<[UInt64: Entry]>([:])
+    private let nextToken = Atomic<UInt64>(0)
+
+    public init() {}
+
+    func add(_ target: FreezeTarget, call: String, opID: String, sinceMs: Int64) -> UInt64 {
+        let token = nextToken.add(1, ordering: .relaxed).newValue
+        let entry = Entry(report: StuckCallReport(mountPoint: target.mountPoint, call: call, opID: opID, sinceMs: sinceMs),
+                          devices: target.devices)
+        entries.withLock { $0[token] = entry }
+        return token
+    }
+
+    func remove(_ token: UInt64) {
+        _ = entries.withLock { $0.removeValue(forKey: token) }
+    }
+
+    /// Every call still blocked, oldest first.
+    public var current: [StuckCallReport] {
+        entries.withLock { $0.sorted { $0.key < $1.key }.map(\.value.report) }
+    }
+
+    /// The superblocks (`st_dev` values) that blocked calls are on: reading their devices
+    /// could block too.
+    public var devices: Set<DeviceNumber> {
+        entries.withLock { $0.values.reduce(into: Set<DeviceNumber>()) { $0.formUnion($1.devices) } }
+    }
+
+    /// The blocked call on the same superblock as `target`, if any.
+    func blocking(_ target: FreezeTarget) -> StuckCallReport? {
+        entries.withLock { e in
+            e.sorted { $0.key < $1.key }.first { !$0.value.devices.isDisjoint(with: target.devices) }?.value.report
+        }
+    }
+}
+
 /// Runs the kernel side of freeze, thaw and sync. Every blocking call runs on dedicated threads,
 /// never on the Swift concurrency pool, so `ping` and `status` stay answerable during a freeze.
 public struct FreezeEngine: Sendable {
     public var onFrozenElsewhere: FrozenElsewherePolicy
+    /// Calls of abandoned freezes still blocked in the kernel.
+    public let stuck = StuckCalls()
 
     public init(onFrozenElsewhere: FrozenElsewherePolicy = .fail) {
         self.onFrozenElsewhere = onFrozenElsewhere
@@ -74,9 +149,16 @@ public struct FreezeEngine: Sendable {
 
     /// Freezes `targets`. In `explicit` mode every target must freeze; in scope mode filesystems
     /// that cannot freeze (EOPNOTSUPP) or that vanished are skipped and reported.
-    public func freeze(_ targets: [FreezeTarget], explicit: Bool) async -> Result<FreezeOutcome, FreezeFailure> {
-        let policy = onFrozenElsewhere
-        return await Threads.run { Self.freezeBlocking(targets, explicit: explicit, policy: policy) }
+    ///
+    /// The presync and each wave must finish within `budget`. When one does not, the freeze is
+    /// abandoned: everything already frozen is thawed (which also releases a FIFREEZE blocked
+    /// behind it), the failure names the filesystems whose call did not return, and such a
+    /// call, when it does return, thaws what it froze on its own thread. Nothing stays frozen.
+    public func freeze(_ targets: [FreezeTarget], explicit: Bool, opID: String = "",
+                       budget: FreezeBudget = .unbounded) async -> Result<FreezeOutcome, FreezeFailure> {
+        let run = FreezeRun(targets: targets, explicit: explicit, policy: onFrozenElsewhere, opID: opID,
+                            budget: budget, stuck: stuck)
+        return await Threads.run { run.execute() }
     }
 
     /// Thaws in reverse waves, each wave in parallel. Best effort: a failure never stops the rest.
@@ -107,128 +189,6 @@ public struct FreezeEngine: Sendable {
     }
 
     // MARK: - Blocking implementation
-
-    private static func freezeBlocking(_ targets: [FreezeTarget], explicit: Bool, policy: FrozenElsewherePolicy)
-        -> Result<FreezeOutcome, FreezeFailure>
-    {
-        var reports = targets.map(\.report)
-        var skipped: [SkippedReport] = []
-        var fds = [Int32?](repeating: nil, count: targets.count)
-
-        func closeAll() { for fd in fds { if let fd { FD.close(fd) } } }
-
-        // Open every mountpoint first: nothing is frozen yet, so a failure costs nothing.
-        for (i, t) in targets.enumerated() {
-            do {
-                fds[i] = try FilesystemOps.open(t.mountPoint, expectedDevices: t.devices)
-            } catch {
-                if explicit {
-                    closeAll()
-                    reports[i].error = "\(error)"
-                    return .failure(FreezeFailure(
-                        error: ProtocolError(.freezeFailed, "\(error)", details: details(t, error.errno)),
-                        filesystems: reports))
-                }
-                skipped.append(SkippedReport(mountPoint: t.mountPoint, type: t.report.type, reason: "vanished", detail: "\(error)"))
-            }
-        }
-
-        // Presync: flush every filesystem in parallel while writers still run.
-        let opened = fds
-        let presyncStart = monotonicNanos()
-        let presync = Threads.parallelMap(targets.count) { i -> (Int64, Errno?) in
-            guard let fd = opened[i] else { return (0, nil) }
-            let t = monotonicNanos()
-            let e = FilesystemOps.syncfs(fd)
-            return (micros(since: t), e)
-        }
-        let presyncUs = micros(since: presyncStart)
-        for (i, (us, e)) in presync.enumerated() where fds[i] != nil {
-            reports[i].presyncUs = us
-            if let e { reports[i].error = "presync: syncfs: \(e)" }
-        }
-
-        // Freeze wave by wave; each wave in parallel.
-        let freezeStart = monotonicNanos()
-        var frozen: [Int] = []  // indexes into targets, in freeze order
-        var firstStart: UInt64 = .max
-        var lastEnd: UInt64 = 0
-        let waves = Dictionary(grouping: targets.indices.filter { fds[$0] != nil }, by: { targets[$0].wave })
-        for wave in waves.keys.sorted() {
-            let members = waves[wave]!
-            let results = Threads.parallelMap(members.count) { k -> (start: UInt64, end: UInt64, error: Errno?) in
-                let i = members[k]
-                let s = monotonicNanos()
-                let e = FilesystemOps.freeze(opened[i]!)
-                return (s, monotonicNanos(), e)
-            }
-            var failure: (index: Int, errno: Errno)?
-            for (k, r) in results.enumerated() {
-                let i = members[k]
-                reports[i].freezeUs = Int64((r.end - r.start) / 1000)
-                if let e = r.error {
-                    if e == .EOPNOTSUPP && !explicit {
-                        skipped.append(SkippedReport(mountPoint: targets[i].mountPoint, type: targets[i].report.type,
-                                                     reason: "unsupported", detail: "FIFREEZE: \(e)"))
-                        continue
-                    }
-                    if e == .EBUSY && policy == .skip {
-                        skipped.append(SkippedReport(mountPoint: targets[i].mountPoint, type: targets[i].report.type,
-                                                     reason: "frozen-elsewhere", detail: "FIFREEZE: \(e)"))
-                        continue
-                    }
-                    reports[i].error = "FIFREEZE: \(e)"
-                    if failure == nil { failure = (i, e) }
-                    continue
-                }
-                frozen.append(i)
-                firstStart = min(firstStart, r.start)
-                lastEnd = max(lastEnd, r.end)
-                reports[i].frozenAtUs = Int64((r.end - freezeStart) / 1000)
-            }
-            if let failure {
-                // Roll back everything this operation froze, in reverse order.
-                let held = HeldFreeze(entries: frozen.map { HeldFreeze.Entry(target: targets[$0], fd: fds[$0]!) })
-                let rollback = thawBlocking(held)
-                for fd in fds { if let fd, !held.entries.contains(where: { $0.fd == fd }) { FD.close(fd) } }
-                let t = targets[failure.index]
-                let code: ErrorCode
-                var message: String
-                switch failure.errno {
-                case .EBUSY:
-                    code = .frozenElsewhere
-                    message = "\(t.mountPoint) is already frozen by someone else (FIFREEZE: \(failure.errno))"
-                case .EPERM, .EACCES:
-                    code = .permissionDenied
-                    message = "freeze \(t.mountPoint): \(failure.errno); the agent needs CAP_SYS_ADMIN"
-                case .EOPNOTSUPP:
-                    code = .ineligibleMount
-                    message = "\(t.mountPoint) (\(t.report.type)) cannot be frozen (FIFREEZE: \(failure.errno))"
-                default:
-                    code = .freezeFailed
-                    message = "freeze \(t.mountPoint): \(failure.errno)"
-                }
-                let rolledBack = rollback.filesystems.map(\.mountPoint)
-                if !rolledBack.isEmpty { message += "; thawed again: \(rolledBack.joined(separator: ", "))" }
-                if !rollback.remaining.isEmpty {
-                    message += "; COULD NOT THAW: \(rollback.errors.joined(separator: "; "))"
-                }
-                var d = details(t, failure.errno)
-                if code == .ineligibleMount { d["reason"] = "unsupported" }
-                d["rolled_back"] = .array(rolledBack.map(JSON.string))
-                return .failure(FreezeFailure(error: ProtocolError(code, message, details: d), filesystems: reports))
-            }
-        }
-        let freezeUs = micros(since: freezeStart)
-        let stallUs = frozen.isEmpty ? 0 : Int64((lastEnd - firstStart) / 1000)
-        // Close the fds of targets that were skipped; keep the frozen ones for the thaw.
-        let frozenSet = Set(frozen)
-        for (i, fd) in fds.enumerated() where !frozenSet.contains(i) { if let fd { FD.close(fd) } }
-        let held = HeldFreeze(entries: frozen.map { HeldFreeze.Entry(target: targets[$0], fd: fds[$0]!) })
-        return .success(FreezeOutcome(
-            held: held, filesystems: frozen.map { reports[$0] }, skipped: skipped,
-            presyncUs: presyncUs, freezeUs: freezeUs, stallUs: stallUs))
-    }
 
     static func thawBlocking(_ held: HeldFreeze) -> ThawOutcome {
         let start = monotonicNanos()
@@ -261,8 +221,234 @@ public struct FreezeEngine: Sendable {
                            totalUs: micros(since: start))
     }
 
-    private static func details(_ t: FreezeTarget, _ errno: Errno) -> JSONObject {
+    static func details(_ t: FreezeTarget, _ errno: Errno) -> JSONObject {
         ["mountpoint": .string(t.mountPoint), "errno": .string(errno.name)]
+    }
+}
+
+/// One freeze operation on its dedicated thread: open, presync, waves, and the rollback.
+private struct FreezeRun: Sendable {
+    let targets: [FreezeTarget]
+    let explicit: Bool
+    let policy: FrozenElsewherePolicy
+    let opID: String
+    let budget: FreezeBudget
+    let stuck: StuckCalls
+
+    /// What one FIFREEZE did.
+    struct Call: Sendable {
+        var start: UInt64
+        var end: UInt64
+        var error: Errno?
+    }
+
+    func execute() -> Result<FreezeOutcome, FreezeFailure> {
+        var reports = targets.map(\.report)
+        var skipped: [SkippedReport] = []
+        var fds = [Int32?](repeating: nil, count: targets.count)
+        /// Targets whose fd belongs to an abandoned call's thread (it closes it when the call returns).
+        var abandoned = Set<Int>()
+
+        func closeAll(except keep: Set<Int> = []) {
+            for (i, fd) in fds.enumerated() where !keep.contains(i) && !abandoned.contains(i) { if let fd { FD.close(fd) } }
+        }
+
+        // A call of an earlier, abandoned freeze still blocked on one of these superblocks:
+        // another FIFREEZE would only queue behind it.
+        for (i, t) in targets.enumerated() {
+            if let blocked = stuck.blocking(t) {
+                reports[i].error = "\(blocked.call) of operation \(blocked.opID) has not returned"
+                let seconds = max(0, (wallClockMillis() - blocked.sinceMs) / 1000)
+                return .failure(FreezeFailure(
+                    error: ProtocolError(.freezeFailed,
+                                         "\(t.mountPoint): the \(blocked.call) of operation \(blocked.opID) has been blocked in the kernel for \(seconds) s (its storage is not completing writes); nothing was frozen",
+                                         details: ["mountpoint": .string(t.mountPoint), "errno": .string(Errno.EBUSY.name),
+                                                   "stuck": .array([.object(blocked.json)])]),
+                    filesystems: reports))
+            }
+        }
+
+        // Open every mountpoint first: nothing is frozen yet, so a failure costs nothing.
+        for (i, t) in targets.enumerated() {
+            do {
+                fds[i] = try FilesystemOps.open(t.mountPoint, expectedDevices: t.devices)
+            } catch {
+                if explicit {
+                    closeAll()
+                    reports[i].error = "\(error)"
+                    return .failure(FreezeFailure(
+                        error: ProtocolError(.freezeFailed, "\(error)", details: FreezeEngine.details(t, error.errno)),
+                        filesystems: reports))
+                }
+                skipped.append(SkippedReport(mountPoint: t.mountPoint, type: t.report.type, reason: "vanished", detail: "\(error)"))
+            }
+        }
+
+        // Presync: flush every filesystem in parallel while writers still run. A syncfs that
+        // does not return within the budget means storage that is not completing writes: give
+        // up before anything is frozen (a FIFREEZE would block on the same flush, with writers stalled).
+        let opened = fds
+        let presyncStart = monotonicNanos()
+        let presync = bounded(targets.indices.filter { opened[$0] != nil }, call: "syncfs") { i -> Call in
+            let t = monotonicNanos()
+            return Call(start: t, end: monotonicNanos(), error: FilesystemOps.syncfs(opened[i]!))
+        } late: { _, _ in }  // the fd stays with this operation: a late syncfs leaves nothing to undo
+        let presyncUs = micros(since: presyncStart)
+        for (i, r) in presync.finished {
+            reports[i].presyncUs = Int64((r.end - r.start) / 1000)
+            if let e = r.error { reports[i].error = "presync: syncfs: \(e)" }
+        }
+        if !presync.unfinished.isEmpty {
+            closeAll()
+            return .failure(timedOut(presync.unfinished, call: "syncfs", rolledBack: [], couldNotThaw: [], reports: &reports))
+        }
+
+        // Freeze wave by wave; each wave in parallel, within the budget.
+        let freezeStart = monotonicNanos()
+        var frozen: [Int] = []  // indexes into targets, in freeze order
+        var firstStart: UInt64 = .max
+        var lastEnd: UInt64 = 0
+        let waves = Dictionary(grouping: targets.indices.filter { fds[$0] != nil }, by: { targets[$0].wave })
+        for wave in waves.keys.sorted() {
+            let members = waves[wave]!
+            let results = bounded(members, call: "FIFREEZE") { i -> Call in
+                let s = monotonicNanos()
+                let e = FilesystemOps.freeze(opened[i]!)
+                return Call(start: s, end: monotonicNanos(), error: e)
+            } late: { i, call in
+                // Abandoned: this freeze was rolled back while the call was blocked. Undo what it did.
+                if call.error == nil { _ = FilesystemOps.thaw(opened[i]!) }
+                FD.close(opened[i]!)
+            }
+            abandoned.formUnion(results.unfinished)
+            var failure: (index: Int, errno: Errno)?
+            for (i, r) in results.finished {
+                reports[i].freezeUs = Int64((r.end - r.start) / 1000)
+                if let e = r.error {
+                    if e == .EOPNOTSUPP && !explicit {
+                        skipped.append(SkippedReport(mountPoint: targets[i].mountPoint, type: targets[i].report.type,
+                                                     reason: "unsupported", detail: "FIFREEZE: \(e)"))
+                        continue
+                    }
+                    if e == .EBUSY && policy == .skip {
+                        skipped.append(SkippedReport(mountPoint: targets[i].mountPoint, type: targets[i].report.type,
+                                                     reason: "frozen-elsewhere", detail: "FIFREEZE: \(e)"))
+                        continue
+                    }
+                    reports[i].error = "FIFREEZE: \(e)"
+                    if failure == nil { failure = (i, e) }
+                    continue
+                }
+                frozen.append(i)
+                firstStart = min(firstStart, r.start)
+                lastEnd = max(lastEnd, r.end)
+                reports[i].frozenAtUs = Int64((r.end - freezeStart) / 1000)
+            }
+            if failure != nil || !results.unfinished.isEmpty {
+                // Roll back everything this operation froze, in reverse order. Thawing also
+                // releases a FIFREEZE that was blocked behind one of them; its thread then thaws
+                // its own filesystem.
+                let held = HeldFreeze(entries: frozen.map { HeldFreeze.Entry(target: targets[$0], fd: fds[$0]!) })
+                let rollback = FreezeEngine.thawBlocking(held)
+                // thawBlocking closed the fds it thawed; one it could not thaw stays open, as before.
+                closeAll(except: Set(frozen))
+                let rolledBack = rollback.filesystems.filter { $0.error == nil }.map(\.mountPoint)
+                if !results.unfinished.isEmpty {
+                    return .failure(timedOut(results.unfinished, call: "FIFREEZE", rolledBack: rolledBack,
+                                             couldNotThaw: rollback.errors, reports: &reports))
+                }
+                return .failure(refused(failure!.index, failure!.errno, rolledBack: rolledBack,
+                                        couldNotThaw: rollback.errors, reports: reports))
+            }
+        }
+        let freezeUs = micros(since: freezeStart)
+        let stallUs = frozen.isEmpty ? 0 : Int64((lastEnd - firstStart) / 1000)
+        // Close the fds of targets that were skipped; keep the frozen ones for the thaw.
+        closeAll(except: Set(frozen))
+        let held = HeldFreeze(entries: frozen.map { HeldFreeze.Entry(target: targets[$0], fd: fds[$0]!) })
+        return .success(FreezeOutcome(
+            held: held, filesystems: frozen.map { reports[$0] }, skipped: skipped,
+            presyncUs: presyncUs, freezeUs: freezeUs, stallUs: stallUs))
+    }
+
+    /// Runs `call` on each target in parallel until the step's deadline. A call still blocked
+    /// then is registered as stuck until it returns, and `late` runs on its thread when it does.
+    private func bounded(
+        _ indexes: [Int], call name: String, _ call: @escaping @Sendable (Int) -> Call,
+        late: @escaping @Sendable (Int, Call) -> Void
+    ) -> (finished: [(Int, Call)], unfinished: [Int]) {
+        // Per call: registered as stuck (with its token), or returned after it was abandoned.
+        // One lock orders the two, whichever comes first.
+        enum Late: Sendable { case registered(UInt64), returned }
+        let late_ = Mutex<[Int: Late]>([:])
+        let targets = self.targets, opID = self.opID, stuck = self.stuck
+        let sinceMs = wallClockMillis()
+        let results = Threads.parallelMap(indexes.count, until: budget.stepDeadline()) { k in
+            call(indexes[k])
+        } late: { k, result in
+            late(indexes[k], result)
+            late_.withLock { state in
+                if case .registered(let token)? = state[k] { stuck.remove(token) } else { state[k] = .returned }
+            }
+        }
+        var finished: [(Int, Call)] = []
+        var unfinished: [Int] = []
+        for (k, r) in results.enumerated() {
+            guard let r else {
+                unfinished.append(indexes[k])
+                late_.withLock { state in
+                    if state[k] == nil { state[k] = .registered(stuck.add(targets[indexes[k]], call: name, opID: opID, sinceMs: sinceMs)) }
+                }
+                continue
+            }
+            finished.append((indexes[k], r))
+        }
+        return (finished, unfinished)
+    }
+
+    /// The failure for a step that did not finish within its budget.
+    private func timedOut(_ unfinished: [Int], call: String, rolledBack: [String], couldNotThaw: [String],
+                          reports: inout [FilesystemReport]) -> FreezeFailure {
+        let names = unfinished.map { targets[$0].mountPoint }
+        let budgetMs = budget.stepNanos / 1_000_000
+        for i in unfinished { reports[i].error = "\(call) did not return within \(budgetMs) ms" }
+        var message = "\(call) of \(names.joined(separator: ", ")) did not return within \(budgetMs) ms"
+            + " (its storage is not completing writes, or it rests on a filesystem frozen before it); the freeze was abandoned"
+        if !rolledBack.isEmpty { message += "; thawed again: \(rolledBack.joined(separator: ", "))" }
+        if call == "FIFREEZE" { message += "; a FIFREEZE that returns later is thawed at once" }
+        if !couldNotThaw.isEmpty { message += "; COULD NOT THAW: \(couldNotThaw.joined(separator: "; "))" }
+        var d = FreezeEngine.details(targets[unfinished[0]], .ETIMEDOUT)
+        d["stuck"] = .array(names.map(JSON.string))
+        d["rolled_back"] = .array(rolledBack.map(JSON.string))
+        return FreezeFailure(error: ProtocolError(.freezeFailed, message, details: d), filesystems: reports)
+    }
+
+    /// The failure for a FIFREEZE that answered with an error.
+    private func refused(_ index: Int, _ errno: Errno, rolledBack: [String], couldNotThaw: [String],
+                         reports: [FilesystemReport]) -> FreezeFailure {
+        let t = targets[index]
+        let code: ErrorCode
+        var message: String
+        switch errno {
+        case .EBUSY:
+            code = .frozenElsewhere
+            message = "\(t.mountPoint) is already frozen by someone else (FIFREEZE: \(errno))"
+        case .EPERM, .EACCES:
+            code = .permissionDenied
+            message = "freeze \(t.mountPoint): \(errno); the agent needs CAP_SYS_ADMIN"
+        case .EOPNOTSUPP:
+            code = .ineligibleMount
+            message = "\(t.mountPoint) (\(t.report.type)) cannot be frozen (FIFREEZE: \(errno))"
+        default:
+            code = .freezeFailed
+            message = "freeze \(t.mountPoint): \(errno)"
+        }
+        if !rolledBack.isEmpty { message += "; thawed again: \(rolledBack.joined(separator: ", "))" }
+        if !couldNotThaw.isEmpty { message += "; COULD NOT THAW: \(couldNotThaw.joined(separator: "; "))" }
+        var d = FreezeEngine.details(t, errno)
+        if code == .ineligibleMount { d["reason"] = "unsupported" }
+        d["rolled_back"] = .array(rolledBack.map(JSON.string))
+        return FreezeFailure(error: ProtocolError(code, message, details: d), filesystems: reports)
     }
 }
 

@@ -224,6 +224,13 @@ public struct FreezePlan: Sendable, Equatable {
         "vboxsf", "vmhgfs", "davfs", "dlm",
     ]
 
+    /// Whether files of this type are served by a process the guest cannot vouch for (a FUSE
+    /// daemon, a network server): opening a path on it waits for that server.
+    public static func servedFilesystem(_ fsType: String) -> Bool {
+        let base = fsType.split(separator: ".", maxSplits: 1).first.map(String.init) ?? fsType
+        return base == "fuse" || base == "fuseblk" || networkFilesystemTypes.contains(fsType) || networkFilesystemTypes.contains(base)
+    }
+
     /// Builds the plan.
     ///
     /// - Parameters:
@@ -493,11 +500,16 @@ private struct MountTable {
     // MARK: Ordering
 
     /// The superblock keys that the superblock `start` rests on: walk from its device through
-    /// `lower` and loop backing filesystems (found by the backing file's mount ID, else by its
-    /// st_dev among mountinfo devices), through any mounted superblock, planned or not.
+    /// `lower`, its external log or journal devices, and loop backing filesystems (found by the
+    /// backing file's mount ID, else by its st_dev among mountinfo devices), through any mounted
+    /// superblock, planned or not. A backing file in an overlay leads on to the filesystem of
+    /// the overlay's upper directory, where its writes land.
     private func restsOn(_ start: DeviceNumber, topology: BlockTopology, byDevice: [DeviceNumber: DeviceNumber],
                          byMountDevice: [DeviceNumber: DeviceNumber], byMountID: [Int: Int]) -> Set<DeviceNumber> {
         guard let origin = superblocks[start]?.device else { return [] }
+        func superblock(at location: BlockTopology.PathLocation) -> DeviceNumber? {
+            location.mountID.flatMap { byMountID[$0] }.map { key[$0] } ?? byMountDevice[location.device]
+        }
         var result = Set<DeviceNumber>()
         var pending = [origin]
         var seen = Set<DeviceNumber>()
@@ -505,12 +517,17 @@ private struct MountTable {
             guard seen.insert(device).inserted else { continue }
             if device != origin, let holder = byDevice[device] { result.insert(holder) }
             pending.append(contentsOf: topology.lower[device] ?? [])
+            pending.append(contentsOf: topology.externalDevices[device] ?? [])
             let backingMount = topology.loopBackingMount[device].flatMap { byMountID[$0] }
             if let backing = topology.loopBacking[device] ?? backingMount.map({ mounts[$0].device }) {
                 // The mount the backing file's path leads to is exact (btrfs subvolumes have
                 // st_dev values mountinfo does not show); else match st_dev against mountinfo.
-                if let holder = backingMount.map({ key[$0] }) ?? byMountDevice[backing] {
-                    result.insert(holder)
+                if var holder = backingMount.map({ key[$0] }) ?? byMountDevice[backing] {
+                    // Through overlays (each at most once) to a filesystem with a device.
+                    while result.insert(holder).inserted, superblocks[holder]?.device == nil,
+                          let upper = topology.overlayUpper[holder].flatMap(superblock(at:)) {
+                        holder = upper
+                    }
                     if let next = superblocks[holder]?.device { pending.append(next) }
                 } else if backing.major != 0 {
                     // The backing filesystem is not visible here; its device may still lead further.

@@ -25,10 +25,15 @@ public struct FreezeRecord: Sendable {
 
     static func path(stateDir: String, pid: Int32) -> String { "\(stateDir)/freeze-\(pid).json" }
 
-    public func write(opID: String, targets: [FreezeTarget]) throws(SystemError) {
+    /// Writes the record. `hooksOwed` names the hooks whose `freeze` succeeded (owed a `thaw` or
+    /// `freeze-failed`), in order; `filesystemsFreezing` is true from just before the first
+    /// FIFREEZE: recovery then ends the hooks with `thaw`, else with `freeze-failed`.
+    public func write(opID: String, targets: [FreezeTarget], hooksOwed: [String] = [], filesystemsFreezing: Bool = false) throws(SystemError) {
         _ = mkdir(stateDir, 0o700)
         let body: JSON = [
             "op_id": .string(opID),
+            "hooks_owed": .array(hooksOwed.map(JSON.string)),
+            "stage": .string(filesystemsFreezing ? "filesystems" : "hooks"),
             "pid": .int(Int64(getpid())),
             "at_ms": .int(wallClockMillis()),
             "filesystems": .array(targets.map { t in
@@ -62,7 +67,7 @@ public struct FreezeRecord: Sendable {
     }
 
     /// Reads the record at `path`, if there is one. A damaged record gives its error.
-    static func read(path: String) -> Result<(opID: String, entries: [Entry])?, ProtocolError> {
+    static func read(path: String) -> Result<(opID: String, entries: [Entry], hooksOwed: [String], filesystemsFreezing: Bool)?, ProtocolError> {
         guard let bytes = try? FD.readWholeFile(atPath: path) else { return .success(nil) }
         let text = String(decoding: bytes, as: UTF8.self)
         do {
@@ -74,7 +79,8 @@ public struct FreezeRecord: Sendable {
                 let devs = (fs["devices"]?.arrayValue ?? []).compactMap { $0.stringValue.flatMap { DeviceNumber(parsing: $0) } }
                 entries.append(Entry(mountPoint: mp, devices: Set(devs)))
             }
-            return .success((opID, entries))
+            let owed = (json["hooks_owed"]?.arrayValue ?? []).compactMap(\.stringValue)
+            return .success((opID, entries, owed, json["stage"]?.stringValue != "hooks"))
         } catch {
             return .failure(ProtocolError(.internal, "damaged freeze record \(path): \(error)"))
         }
@@ -84,6 +90,9 @@ public struct FreezeRecord: Sendable {
     public struct Recovery: Sendable {
         /// Records of agents that are gone, thawed: the op id and one line per filesystem.
         public var recovered: [(opID: String, lines: [String])] = []
+        /// Hooks those agents owed an ending, per operation, with the phase to end them with:
+        /// `thaw` when the filesystems had begun to freeze, else `freeze-failed`.
+        public var hooksOwed: [(opID: String, phase: String, names: [String])] = []
         /// Pids of running agents whose records were left alone.
         public var liveOwners: [Int32] = []
     }
@@ -107,6 +116,9 @@ public struct FreezeRecord: Sendable {
             if let pid = owner, pid != getpid(), isRunningAgent(pid) {
                 recovery.liveOwners.append(pid)
                 continue
+            }
+            if case .success(let r?) = read(path: path), !r.hooksOwed.isEmpty {
+                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? "thaw" : "freeze-failed", r.hooksOwed))
             }
             if let r = recover(path: path) { recovery.recovered.append(r) }
         }

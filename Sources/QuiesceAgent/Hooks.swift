@@ -1,92 +1,490 @@
-// Freeze and thaw hooks: executables in a directory, run in lexical order with a timeout.
+// Application hooks, the Linux counterpart of VSS writers: freeze, thaw and freeze-failed phases,
+// hold-style hooks that keep a session (a lock) open across the freeze, timeouts per hook.
 #if canImport(Glibc)
 import Glibc
 #endif
+import Logging
 import QuiesceLinux
 import QuiesceProtocol
+import Synchronization
 
-/// Runs the hooks of a directory around a freeze: each executable with the argument `freeze`
-/// in lexical order before the filesystems freeze, and with `thaw` in reverse order after they
-/// thaw. A hook that fails or outlives its timeout fails the freeze, and the hooks that already
-/// ran get their `thaw`. Only root-owned files that nobody else can write are run.
+/// One hook file and the settings its header declares.
+///
+/// The header is a comment line among the file's first 10 lines (and 4 KiB):
+/// `# quiesce: timeout=20s hold optional`. Words: `timeout=DURATION` (this hook's timeout
+/// instead of --hook-timeout, capped at max-freeze), `hold` (hold-style), `optional` (a failing
+/// freeze lets the freeze go on). An unknown word refuses the hook, so a typo never runs a hook
+/// with settings it did not ask for.
+public struct HookSpec: Sendable, Equatable {
+    public var name: String
+    public var path: String
+    public var timeoutMs: Int64
+    public var hold: Bool
+    public var optional: Bool
+
+    /// Parses the header from the start of a hook file. Nil settings when there is no header line.
+    /// Errors name the offending word.
+    public static func parseHeader(_ head: [UInt8]) -> Result<(timeoutMs: Int64?, hold: Bool, optional: Bool), HookHeaderError> {
+        var timeout: Int64?
+        var hold = false
+        var optional = false
+        let text = String(decoding: head.prefix(4096), as: UTF8.self)
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false).prefix(10) {
+            var rest = line.drop { $0 == " " || $0 == "\t" }
+            guard rest.hasPrefix("#") else { continue }
+            rest = rest.dropFirst().drop { $0 == " " || $0 == "\t" }
+            guard rest.hasPrefix("quiesce:") else { continue }
+            for word in rest.dropFirst("quiesce:".count).split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\r" }) {
+                if word == "hold" { hold = true }
+                else if word == "optional" { optional = true }
+                else if word.hasPrefix("timeout=") {
+                    guard let t = try? TimeSpan(parsing: String(word.dropFirst(8))), t.milliseconds > 0 else {
+                        return .failure(HookHeaderError("bad timeout \"\(word.dropFirst(8))\" in its quiesce: header"))
+                    }
+                    timeout = t.milliseconds
+                } else {
+                    return .failure(HookHeaderError("unknown setting \"\(word)\" in its quiesce: header"))
+                }
+            }
+        }
+        return .success((timeout, hold, optional))
+    }
+}
+
+public struct HookHeaderError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+    init(_ d: String) { description = d }
+}
+
+/// Runs the hooks of a directory around a freeze.
+///
+/// - `freeze`: in lexical order before any filesystem freezes. A hold-style hook keeps
+///   running after it writes a line `ready` on its standard output; the freeze starts once
+///   every hold-style hook is ready.
+/// - `thaw`: in reverse order after the filesystems thaw, to every hook whose `freeze` succeeded.
+/// - `freeze-failed`: in reverse order, to every hook whose `freeze` succeeded, when the freeze
+///   is abandoned (a later hook failed, a FIFREEZE failed, the requester left, the agent stops).
+///
+/// A one-shot hook gets the phase as its argument. A holding hook is told its ending by one
+/// line on its standard input (`thaw` or `freeze-failed`), after which its standard input is
+/// closed; it must finish within its timeout. At any timeout the hook's process group is killed.
+/// Only root-owned files that nobody else can write, in a root-owned directory nobody else can
+/// write, run; others are refused and reported.
 public struct Hooks: Sendable {
     public let directory: String
     public let timeoutMs: Int64
+    /// No hook may run longer than this (the agent's max-freeze).
+    public let maxTimeoutMs: Int64
+    let logger: Logger
 
-    public init(directory: String, timeoutMs: Int64) {
+    /// Bytes of each hook's output kept for the log (the reply carries the last
+    /// `HookReport.maxOutputBytes` of them).
+    static let outputTailBytes = 4096
+
+    public init(directory: String, timeoutMs: Int64, maxTimeoutMs: Int64 = 600_000, logger: Logger = Logger(label: "quiesced")) {
         self.directory = directory
         self.timeoutMs = timeoutMs
+        self.maxTimeoutMs = maxTimeoutMs
+        self.logger = logger
     }
 
-    /// The hooks to run, in lexical order, and the files passed over with the reason.
-    public func list() -> (hooks: [String], ignored: [(String, String)]) {
-        var names: [String] = []
-        var ignored: [(String, String)] = []
-        for name in FD.directoryEntries(atPath: directory) ?? [] {
+    /// The hooks to run, in lexical order, and the files refused with the reason (both bounded
+    /// by `HookReport.maxHooks`: hooks past it are refused).
+    public func list() -> (hooks: [HookSpec], refused: [RefusedHook]) {
+        var dirStat = stat()
+        guard lstat(directory, &dirStat) == 0 else { return ([], []) }  // no directory: no hooks
+        if (dirStat.st_mode & S_IFMT) != S_IFDIR {
+            return ([], [RefusedHook(name: directory, reason: "the hooks directory is not a directory")])
+        }
+        if let why = Hooks.unsafeOwnership(dirStat) {
+            return ([], [RefusedHook(name: directory, reason: "the hooks directory is \(why): no hook in it runs")])
+        }
+        var specs: [HookSpec] = []
+        var refused: [RefusedHook] = []
+        for name in (FD.directoryEntries(atPath: directory) ?? []).sorted() {
             if name.hasPrefix(".") || name.hasSuffix("~") || name.contains(".dpkg-") || name.hasSuffix(".disabled")
                 || name.hasSuffix(".sample") || name == "README" { continue }
+            let path = directory + "/" + name
             var st = stat()
-            guard stat(directory + "/" + name, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
-            if st.st_mode & 0o111 == 0 { ignored.append((name, "not executable")); continue }
-            if st.st_uid != 0 { ignored.append((name, "not owned by root")); continue }
-            if st.st_mode & 0o022 != 0 { ignored.append((name, "writable by group or others")); continue }
-            names.append(name)
+            guard lstat(path, &st) == 0 else { continue }
+            if (st.st_mode & S_IFMT) == S_IFLNK { refused.append(RefusedHook(name: name, reason: "a symbolic link")); continue }
+            guard (st.st_mode & S_IFMT) == S_IFREG else { continue }
+            if st.st_mode & 0o111 == 0 { refused.append(RefusedHook(name: name, reason: "not executable")); continue }
+            if let why = Hooks.unsafeOwnership(st) { refused.append(RefusedHook(name: name, reason: why)); continue }
+            let head = Hooks.readHead(path)
+            switch HookSpec.parseHeader(head) {
+            case .failure(let e):
+                refused.append(RefusedHook(name: name, reason: e.description))
+            case .success(let h):
+                if specs.count >= HookReport.maxHooks {
+                    refused.append(RefusedHook(name: name, reason: "more than \(HookReport.maxHooks) hooks"))
+                    continue
+                }
+                specs.append(HookSpec(name: name, path: path, timeoutMs: min(h.timeoutMs ?? timeoutMs, maxTimeoutMs),
+                                      hold: h.hold, optional: h.optional))
+            }
         }
-        return (names.sorted(), ignored)
+        return (specs, Array(refused.prefix(HookReport.maxHooks)))
     }
 
+    /// The first 4 KiB of a file (where the header is), empty when it cannot be read.
+    static func readHead(_ path: String) -> [UInt8] {
+        guard let fd = try? FD.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) else { return [] }
+        defer { FD.close(fd) }
+        var head = [UInt8](repeating: 0, count: 4096)
+        var filled = 0
+        while filled < head.count {
+            let n = head.withUnsafeMutableBytes { p in
+                (try? FD.read(fd, into: UnsafeMutableRawBufferPointer(rebasing: p[filled...]))) ?? 0
+            }
+            if n <= 0 { break }
+            filled += n
+        }
+        return Array(head[0..<filled])
+    }
+
+    /// Why a file or directory is unsafe to trust, or nil: not owned by root, or writable by
+    /// group or others.
+    static func unsafeOwnership(_ st: stat) -> String? {
+        if st.st_uid != 0 { return "not owned by root (uid \(st.st_uid))" }
+        if st.st_mode & 0o022 != 0 { return "writable by group or others (mode \(String(st.st_mode & 0o7777, radix: 8)))" }
+        return nil
+    }
+
+    /// What the hooks of one freeze left behind: reports, the hooks owed an ending (in the order
+    /// their `freeze` succeeded), and why the freeze must not go on.
     public struct FreezeOutcome: Sendable {
         public var reports: [HookReport]
-        /// Hooks whose `freeze` succeeded (they get a `thaw`).
-        public var ran: [String]
+        public var owed: [ActiveHook]
         public var failure: String?
     }
 
-    public func runFreeze(opID: String) async -> FreezeOutcome {
-        let (names, _) = list()
-        var reports: [HookReport] = []
-        var ran: [String] = []
-        for name in names {
-            let report = await run(name, phase: "freeze", opID: opID)
-            reports.append(report)
-            if report.error != nil {
-                return FreezeOutcome(reports: reports, ran: ran, failure: "freeze hook \(name): \(report.error!)")
+    /// Runs `freeze` for every hook in order. Stops at the first failing non-optional hook, or
+    /// when `abandon` says the freeze is no longer wanted (checked between hooks); the caller then
+    /// ends `owed` with `freeze-failed`. `onOwed` is told each time the owed list grows (for the
+    /// crash record).
+    public func runFreeze(_ specs: [HookSpec], context: HookContext,
+                          abandon: @Sendable () async -> String? = { nil },
+                          onOwed: @Sendable ([ActiveHook]) async -> Void = { _ in },
+                          onReport: @Sendable ([HookReport]) async -> Void = { _ in }) async -> FreezeOutcome {
+        var out = FreezeOutcome(reports: [], owed: [], failure: nil)
+        for spec in specs {
+            if let why = await abandon() {
+                out.failure = why
+                return out
             }
-            ran.append(name)
+            let (report, holder) = await Threads.run { Hooks.runFreezeBlocking(spec, context: context) }
+            log(report)
+            out.reports.append(report)
+            await onReport(out.reports)
+            if report.succeeded {
+                out.owed.append(ActiveHook(spec: spec, holder: holder))
+                await onOwed(out.owed)
+            } else if !spec.optional {
+                out.failure = "freeze hook \(spec.name) \(report.error ?? report.effectiveOutcome.rawValue)"
+                return out
+            }
         }
-        return FreezeOutcome(reports: reports, ran: ran, failure: nil)
+        if let why = await abandon() { out.failure = why }
+        return out
     }
 
-    /// Runs `thaw` for the named hooks in reverse order; failures are reported, never fatal.
-    public func runThaw(opID: String, names: [String]) async -> [HookReport] {
+    /// Ends every owed hook with `phase` ("thaw" or "freeze-failed"), in reverse order.
+    /// Failures are reported, never fatal.
+    public func end(_ owed: [ActiveHook], phase: String, context: HookContext) async -> [HookReport] {
         var reports: [HookReport] = []
-        for name in names.reversed() { reports.append(await run(name, phase: "thaw", opID: opID)) }
+        for hook in owed.reversed() {
+            let report = await Threads.run { Hooks.endBlocking(hook, phase: phase, context: context) }
+            log(report)
+            reports.append(report)
+        }
         return reports
     }
 
-    private func run(_ name: String, phase: String, opID: String) async -> HookReport {
-        let path = directory + "/" + name
-        let timeout = timeoutMs
-        return await Threads.run {
-            let start = monotonicNanos()
-            let env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                       "QUIESCE_PHASE=\(phase)", "QUIESCE_OP_ID=\(opID)"]
-            do {
-                let pid = try Subprocess.spawn(arguments: [path, phase], environment: env, newProcessGroup: true)
-                let (status, timedOut) = Subprocess.wait(pid, timeoutMs: timeout)
-                let us = micros(since: start)
-                if timedOut {
-                    return HookReport(name: name, phase: phase, exitCode: nil, durationUs: us,
-                                      error: "timed out after \(TimeSpan(milliseconds: timeout)) and was stopped")
-                }
-                switch status {
-                case .exited(0): return HookReport(name: name, phase: phase, exitCode: 0, durationUs: us)
-                case .exited(let c): return HookReport(name: name, phase: phase, exitCode: Int64(c), durationUs: us, error: "\(status)")
-                case .signaled: return HookReport(name: name, phase: phase, exitCode: nil, durationUs: us, error: "\(status)")
-                }
-            } catch {
-                return HookReport(name: name, phase: phase, exitCode: nil, durationUs: micros(since: start), error: "\(error)")
+    private func log(_ r: HookReport) {
+        var meta: Logger.Metadata = ["hook": "\(r.name)", "phase": "\(r.phase)", "outcome": "\(r.effectiveOutcome.rawValue)",
+                                     "duration_us": "\(r.durationUs)"]
+        if let e = r.error { meta["error"] = "\(e)" }
+        if !r.output.isEmpty { meta["output"] = "\(r.output)" }
+        if r.succeeded { logger.info("hook \(r.name) \(r.phase): \(r.effectiveOutcome.rawValue)", metadata: meta) }
+        else { logger.warning("hook \(r.name) \(r.phase): \(r.error ?? r.effectiveOutcome.rawValue)", metadata: meta) }
+    }
+
+    // MARK: - Running one hook (blocking; on a dedicated thread)
+
+    static func environment(_ spec: HookSpec, phase: String, context: HookContext, deadlineWallMs: Int64) -> [String] {
+        var env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8",
+                   "QUIESCE_PHASE=\(phase)", "QUIESCE_OP_ID=\(context.opID)",
+                   "QUIESCE_MOUNTS_JSON=\(JSON.array(context.mounts.map(JSON.string)).text)",
+                   "QUIESCE_MOUNTS=\(context.mounts.joined(separator: "\n"))",
+                   "QUIESCE_FREEZE_TIMEOUT_MS=\(context.freezeTimeoutMs)",
+                   "QUIESCE_HOOK_TIMEOUT_MS=\(spec.timeoutMs)",
+                   "QUIESCE_HOOK_DEADLINE_MS=\(deadlineWallMs)"]
+        if spec.hold { env.append("QUIESCE_HOLD=1") }
+        if context.recovery { env.append("QUIESCE_RECOVERY=1") }
+        return env
+    }
+
+    /// `freeze` for one hook. A holding hook is returned still running, with its run.
+    static func runFreezeBlocking(_ spec: HookSpec, context: HookContext) -> (HookReport, HookRun?) {
+        let start = monotonicNanos()
+        let env = environment(spec, phase: "freeze", context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
+        let run: HookRun
+        do {
+            run = try HookRun(spec: spec, arguments: [spec.path, "freeze"], environment: env, watchReady: spec.hold)
+        } catch {
+            return (report(spec, "freeze", start, .failed, error: "could not start: \(error)"), nil)
+        }
+        if !spec.hold { run.child.closeStdin() }  // only a holding hook is told anything there
+        let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
+        switch run.waitReadyOrExit(deadline: deadline) {
+        case .ready:
+            return (report(spec, "freeze", start, .holding, output: run.outputTail()), run)
+        case .exited(let status):
+            return (finished(spec, "freeze", start, status, run: run), nil)
+        case .timedOut:
+            return (report(spec, "freeze", start, .timedOut, error: "timed out after \(TimeSpan(milliseconds: spec.timeoutMs)); its process group was killed",
+                           output: run.outputTail()), nil)
+        }
+    }
+
+    /// Ends one owed hook: tells a holding one to finish, runs a one-shot one with `phase`.
+    static func endBlocking(_ hook: ActiveHook, phase: String, context: HookContext) -> HookReport {
+        let spec = hook.spec
+        let start = monotonicNanos()
+        let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
+        if let run = hook.holder {
+            if let died = run.exitedEarly() {
+                // Its session (its lock) ended while it should have held it.
+                return report(spec, phase, start, .lost, exitCode: died.code,
+                              error: "ended while holding (\(died.status)) \(TimeSpan.human(microseconds: run.heldUs)) after it was ready: not application-consistent",
+                              output: run.outputTail())
+            }
+            run.child.writeStdin(Array("\(phase)\n".utf8))
+            run.child.closeStdin()
+            switch run.waitExit(deadline: deadline) {
+            case .exited(let status): return finished(spec, phase, start, status, run: run)
+            case .timedOut, .ready:
+                return report(spec, phase, start, .timedOut, error: "did not finish within \(TimeSpan(milliseconds: spec.timeoutMs)); its process group was killed",
+                              output: run.outputTail())
             }
         }
+        let env = environment(spec, phase: phase, context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
+        let run: HookRun
+        do {
+            run = try HookRun(spec: spec, arguments: [spec.path, phase], environment: env, watchReady: false)
+        } catch {
+            return report(spec, phase, start, .failed, error: "could not start: \(error)")
+        }
+        run.child.closeStdin()
+        switch run.waitExit(deadline: deadline) {
+        case .exited(let status): return finished(spec, phase, start, status, run: run)
+        case .timedOut, .ready:
+            return report(spec, phase, start, .timedOut, error: "timed out after \(TimeSpan(milliseconds: spec.timeoutMs)); its process group was killed",
+                          output: run.outputTail())
+        }
+    }
+
+    /// Runs `phase` for each named hook in reverse order, as one-shot runs: crash recovery's
+    /// ending for hooks a dead agent owed one. Blocking.
+    public func recover(names: [String], phase: String, opID: String) -> [HookReport] {
+        let (specs, _) = list()
+        let context = HookContext(opID: opID, mounts: [], freezeTimeoutMs: 0, recovery: true)
+        var reports: [HookReport] = []
+        for name in names.reversed() {
+            guard let spec = specs.first(where: { $0.name == name }) else {
+                reports.append(HookReport(name: name, phase: phase, exitCode: nil, durationUs: 0,
+                                          error: "no longer a runnable hook in \(directory)", outcome: .failed))
+                continue
+            }
+            var oneShot = spec
+            oneShot.hold = false
+            let r = Hooks.endBlocking(ActiveHook(spec: oneShot, holder: nil), phase: phase, context: context)
+            log(r)
+            reports.append(r)
+        }
+        return reports
+    }
+
+    private static func finished(_ spec: HookSpec, _ phase: String, _ start: UInt64, _ status: ExitStatus, run: HookRun) -> HookReport {
+        let code: Int64? = if case .exited(let c) = status { Int64(c) } else { nil }
+        if status.succeeded { return report(spec, phase, start, .ok, exitCode: 0, output: run.outputTail()) }
+        var why = "\(status)"
+        if spec.hold && phase == "freeze" { why += " before it was ready" }
+        return report(spec, phase, start, .failed, exitCode: code, error: why, output: run.outputTail())
+    }
+
+    private static func report(_ spec: HookSpec, _ phase: String, _ start: UInt64, _ outcome: HookOutcome, exitCode: Int64? = nil,
+                               error: String? = nil, output: [UInt8] = []) -> HookReport {
+        HookReport(name: spec.name, phase: phase, exitCode: exitCode, durationUs: Int64((monotonicNanos() - start) / 1000),
+                   error: error, outcome: outcome, hold: spec.hold, optional: spec.optional,
+                   output: printable(output.suffix(HookReport.maxOutputBytes)))
+    }
+
+    /// Output as text for a reply: UTF-8 (invalid bytes replaced), control characters other
+    /// than newline and tab shown as "?", so the JSON escaping cannot blow up its size.
+    static func printable(_ bytes: some Collection<UInt8>) -> String {
+        String(decoding: bytes, as: UTF8.self).map { c -> Character in
+            guard let a = c.asciiValue else { return c }
+            return a < 0x20 && a != 0x0A && a != 0x09 || a == 0x7F ? "?" : c
+        }.reduce(into: "") { $0.append($1) }
+    }
+}
+
+/// What every hook of one operation is told.
+public struct HookContext: Sendable {
+    public var opID: String
+    /// The mountpoints about to be frozen (or that were), in freeze order.
+    public var mounts: [String]
+    /// How long the filesystems stay frozen at most (the freeze's timeout).
+    public var freezeTimeoutMs: Int64
+    /// Run by crash recovery, not by a live freeze.
+    public var recovery: Bool = false
+
+    public init(opID: String, mounts: [String], freezeTimeoutMs: Int64, recovery: Bool = false) {
+        self.opID = opID
+        self.mounts = mounts
+        self.freezeTimeoutMs = freezeTimeoutMs
+        self.recovery = recovery
+    }
+}
+
+/// A hook whose `freeze` succeeded and which is owed a `thaw` or `freeze-failed`; `holder` is
+/// the still-running process of a hold-style hook.
+public struct ActiveHook: Sendable {
+    public var spec: HookSpec
+    var holder: HookRun?
+
+    /// The hook's report now: `holding`, or `lost` once a holding hook has ended by itself.
+    func liveReport(_ freezeReport: HookReport) -> HookReport {
+        guard let holder, let died = holder.exitedEarly() else { return freezeReport }
+        var r = freezeReport
+        r.outcome = .lost
+        r.exitCode = died.code
+        r.error = "ended while holding (\(died.status)): not application-consistent"
+        return r
+    }
+}
+
+/// One running hook process: a dedicated thread reads its output (keeping the last 4 KiB),
+/// spots a `ready` line, and reaps it when its pidfd says it ended. Waiters receive events.
+final class HookRun: @unchecked Sendable {
+    enum Wait: Sendable {
+        case ready
+        case exited(ExitStatus)
+        case timedOut
+    }
+
+    private struct State {
+        var tail: [UInt8] = []
+        var line: [UInt8] = []
+        var ready = false
+        var exit: ExitStatus?
+        var toldToFinish = false
+        var readyAt: UInt64 = 0
+        var exitedAt: UInt64 = 0
+    }
+
+    let spec: HookSpec
+    let child: PipedChild
+    private let state = Mutex(State())
+    private let events = Mailbox<Wait>()
+    /// How long a holding hook held before it ended by itself, in µs (0 when it did not).
+    var heldUs: Int64 {
+        state.withLock { s in s.exitedAt > s.readyAt && s.readyAt > 0 ? Int64((s.exitedAt - s.readyAt) / 1000) : 0 }
+    }
+
+    init(spec: HookSpec, arguments: [String], environment: [String], watchReady: Bool) throws(SystemError) {
+        self.spec = spec
+        child = try PipedChild.start(arguments: arguments, environment: environment)
+        let this = self
+        Threads.detach { this.monitor(watchReady: watchReady) }
+    }
+
+    private func monitor(watchReady: Bool) {
+        var fds = [pollfd(fd: child.outputFD, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: child.pidFD, events: Int16(POLLIN), revents: 0)]
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = poll(&fds, 2, -1)
+            if n < 0 { if errno == EINTR { continue }; break }
+            if fds[0].revents != 0 {
+                let got = buffer.withUnsafeMutableBytes { Glibc.read(child.outputFD, $0.baseAddress, $0.count) }
+                if got > 0 { take(Array(buffer[0..<got]), watchReady: watchReady) }
+                else if got == 0 || (errno != EAGAIN && errno != EINTR) { fds[0].fd = -1 }  // EOF: only the pidfd left
+            }
+            if fds[1].revents != 0 { break }
+        }
+        let status = child.reap()  // kills what it left in its group, so the pipe reaches EOF
+        // Drain what is still in the pipe, bounded: a grandchild outside the group may keep it open.
+        let drainUntil = monotonicNanos() + 200_000_000
+        while fds[0].fd >= 0, monotonicNanos() < drainUntil {
+            var one = [pollfd(fd: child.outputFD, events: Int16(POLLIN), revents: 0)]
+            guard poll(&one, 1, 50) > 0 else { continue }
+            let got = buffer.withUnsafeMutableBytes { Glibc.read(child.outputFD, $0.baseAddress, $0.count) }
+            if got > 0 { take(Array(buffer[0..<got]), watchReady: false) } else { break }
+        }
+        state.withLock { s in
+            s.exit = status
+            s.exitedAt = monotonicNanos()
+        }
+        events.post(.exited(status))
+    }
+
+    private func take(_ bytes: [UInt8], watchReady: Bool) {
+        var becameReady = false
+        state.withLock { s in
+            s.tail.append(contentsOf: bytes)
+            if s.tail.count > Hooks.outputTailBytes { s.tail.removeFirst(s.tail.count - Hooks.outputTailBytes) }
+            guard watchReady, !s.ready else { return }
+            for b in bytes {
+                if b == 0x0A {
+                    var line = s.line
+                    if line.last == 0x0D { line.removeLast() }
+                    s.line = []
+                    if line == Array("ready".utf8) { s.ready = true; s.readyAt = monotonicNanos(); becameReady = true; break }
+                } else if s.line.count < 256 {
+                    s.line.append(b)
+                }
+            }
+        }
+        if becameReady { events.post(.ready) }
+    }
+
+    func outputTail() -> [UInt8] { state.withLock { $0.tail } }
+
+    /// The exit of a holding hook that was not told to finish: its hold ended early.
+    func exitedEarly() -> (status: ExitStatus, code: Int64?)? {
+        state.withLock { s in
+            guard let e = s.exit, !s.toldToFinish else { return nil }
+            if case .exited(let c) = e { return (e, Int64(c)) }
+            return (e, nil)
+        }
+    }
+
+    func waitReadyOrExit(deadline: UInt64) -> Wait {
+        if let e = events.receive(deadlineNanos: deadline) { return e }
+        child.killGroup()
+        _ = waitExitAfterKill()
+        return .timedOut
+    }
+
+    /// Waits for the end after the hook was told to finish; kills its group at the deadline.
+    func waitExit(deadline: UInt64) -> Wait {
+        state.withLock { $0.toldToFinish = true }
+        while let e = events.receive(deadlineNanos: deadline) {
+            if case .exited = e { return e }
+        }
+        child.killGroup()
+        _ = waitExitAfterKill()
+        return .timedOut
+    }
+
+    private func waitExitAfterKill() -> ExitStatus? {
+        // SIGKILL is certain unless the process sits in the kernel (e.g. on a frozen filesystem).
+        while let e = events.receive(timeoutMs: 5000) {
+            if case .exited(let s) = e { return s }
+        }
+        return nil
     }
 }

@@ -386,7 +386,17 @@ final class Connection: Sendable {
         // The peer may only have closed its sending side (`echo … | socat`): answer what it
         // asked before closing. A peer that is really gone fails the write and is cut off.
         queue.finish()
-        while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) { usleep(2000) }
+        var toldGone = false
+        while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) {
+            // POLLHUP (both directions shut): the peer is really gone, not half-closed. Tell the
+            // state now, so a freeze being taken for it is given up (its hooks get freeze-failed).
+            if !toldGone, let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: 0), ev & Int16(POLLHUP) != 0 {
+                toldGone = true
+                let state = server.state, id = self.id
+                Task { await state.connectionClosed(id) }
+            }
+            usleep(2000)
+        }
         finish()
         stopWriter(writer)
         Socket.shutdown(fd)

@@ -238,7 +238,7 @@ public final class AgentClient {
             return nil
         case .tooLarge:
             if isSerial { discardedFrames += 1; return nil }
-            throw AgentError(.protocolViolation, "\(address.spoken) sent a frame larger than \(ProtocolLimits.maxFrameBytes) bytes")
+            throw AgentError(.protocolViolation, "\(address.spoken) sent a frame larger than \(decoder.maxFrameBytes) bytes")
         case .frame(let bytes):
             let message: AgentMessage
             do {
@@ -289,3 +289,92 @@ public final class AgentClient {
     }
 }
 
+
+// MARK: - Outcomes a reply could not tell
+
+/// A thaw that may have been confirmed by `status` instead of by its own reply.
+public struct ConfirmedThaw: Sendable {
+    /// The agent's thaw result, when its reply could be read.
+    public var result: ThawResult?
+    /// When the reply could not be read: how the thaw was confirmed instead.
+    public var confirmation: String?
+
+    public var json: JSON {
+        var o = result?.json ?? [:]
+        if let confirmation { o["confirmed_by_status"] = .string(confirmation) }
+        return .object(o)
+    }
+}
+
+extension AgentClient {
+    /// Thaws (the freeze `opID`, or any), and when the agent's reply cannot be read (an agent
+    /// whose reply breaks the protocol's limits, a garbled frame) asks `status` on a fresh
+    /// connection: if nothing (or another operation) holds a freeze, the thaw happened and that
+    /// is reported, not a failure. Errors the agent sent, timeouts and lost connections are thrown.
+    public func thawConfirmed(opID: String?) throws(AgentError) -> ConfirmedThaw {
+        do {
+            return ConfirmedThaw(result: try thaw(opID: opID), confirmation: nil)
+        } catch where error.code == .protocolViolation {
+            let unreadable = error
+            let status: StatusResult
+            do {
+                let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs)
+                defer { again.close() }
+                status = try again.status()
+            } catch {
+                throw AgentError(.protocolViolation, "\(unreadable.message); and status could not confirm the thaw: \(error.message)")
+            }
+            if status.state == .thawed || (opID != nil && status.opID != opID) {
+                return ConfirmedThaw(result: nil, confirmation: "the thaw reply could not be read (\(error.message)); status confirms \(opID.map { "operation \($0) no longer holds a freeze" } ?? "nothing is frozen")")
+            }
+            throw AgentError(.protocolViolation, "\(error.message); status says the guest is still \(status.state.rawValue) by \(status.opID ?? "?")")
+        }
+    }
+
+    /// Freezes; when the outcome is unknown (the reply could not be read, did not come in
+    /// time, or the connection dropped) the guest may be frozen, so the freeze is undone by its
+    /// op id on a fresh connection. The error then says what became of it: undone, or (when it
+    /// cannot be undone) that the guest may stay frozen until its deadline, with the command
+    /// that thaws it. Without an op id nothing can be undone safely: the error says so.
+    /// `undo` is asked first; when it says no, the error is thrown as it came.
+    public func freezeOrUndo(_ request: FreezeRequest, replyTimeoutMs wait: Int64? = nil,
+                             undo: () -> Bool = { true }) throws(AgentError) -> FreezeResult {
+        do {
+            return try freeze(request, replyTimeoutMs: wait)
+        } catch where error.code != .refused && error.code != .unreachable && undo() {
+            let original = error
+            let until = request.timeoutMs.map { "for up to \(TimeSpan(milliseconds: $0).human) (its deadline)" } ?? "until the agent's --max-freeze deadline"
+            guard let op = request.opID else {
+                throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `quiescectl --agent \(address) thaw`")
+            }
+            let giveUp = monotonicNanos() + UInt64(max(replyTimeoutMs, 1000)) * 1_000_000
+            var undo: Result<String, AgentError>
+            while true {
+                do {
+                    let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs)
+                    defer { again.close() }
+                    let t = try again.thawConfirmed(opID: op)
+                    undo = .success(t.result.map { $0.wasFrozen ? "thawed \($0.filesystemCount) filesystem\($0.filesystemCount == 1 ? "" : "s")" : "nothing was frozen" }
+                                    ?? (t.confirmation ?? "thawed"))
+                } catch {
+                    if error.remote?.code == .notFrozen {
+                        undo = .success("the agent says the operation holds no freeze (not-frozen)")
+                    } else if error.remote?.code == .busy && monotonicNanos() < giveUp {
+                        // The freeze is still being taken: ask again once it is done.
+                        usleep(200_000)
+                        continue
+                    } else {
+                        undo = .failure(error)
+                    }
+                }
+                break
+            }
+            switch undo {
+            case .success(let what):
+                throw AgentError(original.code, "\(original.message). The freeze \(op) was undone: \(what); nothing is frozen by it")
+            case .failure(let e):
+                throw AgentError(original.code, "\(original.message). The guest MAY BE FROZEN \(until): undoing the freeze failed (\(e.message)); thaw it with `quiescectl --agent \(address) thaw --op-id \(op)`")
+            }
+        }
+    }
+}

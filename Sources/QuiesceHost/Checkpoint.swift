@@ -33,12 +33,29 @@ public enum Consistency: String, Sendable, CaseIterable, Comparable {
 
     public static func < (a: Consistency, b: Consistency) -> Bool { a.rank < b.rank }
 
-    /// The consistency a freeze gives: application when freeze hooks ran and all succeeded.
-    public static func of(_ freeze: FreezeResult?) -> Consistency {
+    /// The consistency a freeze gives: application when freeze hooks ran and every one
+    /// succeeded or holds (an optional hook that failed leaves its application only
+    /// filesystem-consistent), lowered to filesystem when the thaw says a holding hook ended
+    /// while frozen (`lost`).
+    public static func of(_ freeze: FreezeResult?, thaw: ThawResult? = nil) -> Consistency {
         guard let freeze else { return .crash }
-        let hooks = freeze.hooks.filter { $0.phase != "thaw" }
-        if !hooks.isEmpty && hooks.allSatisfy({ $0.error == nil && ($0.exitCode ?? 0) == 0 }) { return .application }
+        let hooks = freeze.hooks.filter { $0.phase == "freeze" || $0.phase.isEmpty }
+        if !hooks.isEmpty && notHeld(freeze, thaw: thaw).isEmpty { return .application }  // a refused hook counts against
         return .filesystem
+    }
+
+    /// The hooks that did not keep their application consistent through the snapshot, one
+    /// "NAME: why" each: a hook file the agent refused to run (its application was not asked),
+    /// a freeze hook that failed (optional) and a holding hook that ended while frozen.
+    public static func notHeld(_ freeze: FreezeResult, thaw: ThawResult? = nil) -> [String] {
+        var out: [String] = freeze.hooksRefused.map { "\($0.name): refused (\($0.reason))" }
+        for h in freeze.hooks where (h.phase == "freeze" || h.phase.isEmpty) && !h.succeeded {
+            out.append("\(h.name): \(h.error ?? h.effectiveOutcome.rawValue)\(h.optional ? " (optional)" : "")")
+        }
+        for h in thaw?.hooks ?? [] where h.effectiveOutcome == .lost {
+            out.append("\(h.name): \(h.error ?? "ended while holding")")
+        }
+        return out
     }
 
     /// "application-consistent".
@@ -63,6 +80,11 @@ public struct CheckpointPlan: Sendable {
     public var policy: AgentFailurePolicy
     public var connectTimeoutMs: Int64
     public var replyTimeoutMs: Int64
+    /// How long guests already frozen wait for the others: once the first agent is frozen, an
+    /// agent that has not answered its freeze within this time counts as failed (`policy`
+    /// decides), and its connection is dropped so that a late freeze thaws. One slow or hostile
+    /// agent cannot keep the other guests frozen beyond this.
+    public var freezeWaitMs: Int64
     /// COMMAND and its arguments.
     public var command: [String]
     /// Send COMMAND's standard output to our standard error (keeps --json output clean).
@@ -73,6 +95,7 @@ public struct CheckpointPlan: Sendable {
     public init(opID: String = CheckpointPlan.makeOpID(), agents: [AgentAddress], mounts: [String]? = nil,
                 timeoutMs: Int64 = 60_000, leaseMs: Int64? = nil, killGraceMs: Int64 = 5000,
                 policy: AgentFailurePolicy = .fail, connectTimeoutMs: Int64 = 5000, replyTimeoutMs: Int64 = 30_000,
+                freezeWaitMs: Int64? = nil,
                 command: [String], commandStdoutToStderr: Bool = false, baseEnvironment: [String] = []) {
         self.opID = opID
         self.agents = agents
@@ -83,10 +106,14 @@ public struct CheckpointPlan: Sendable {
         self.policy = policy
         self.connectTimeoutMs = connectTimeoutMs
         self.replyTimeoutMs = replyTimeoutMs
+        self.freezeWaitMs = freezeWaitMs ?? CheckpointPlan.defaultFreezeWait(replyTimeoutMs: replyTimeoutMs)
         self.command = command
         self.commandStdoutToStderr = commandStdoutToStderr
         self.baseEnvironment = baseEnvironment
     }
+
+    /// The freeze wait when none is given: the reply timeout, but at most 10 s.
+    public static func defaultFreezeWait(replyTimeoutMs: Int64) -> Int64 { min(replyTimeoutMs, 10_000) }
 
     /// The lease when none is given: the timeout, but at most 10 s.
     public static func defaultLease(timeoutMs: Int64) -> Int64 { min(timeoutMs, 10_000) }
@@ -119,6 +146,17 @@ enum CheckpointEvent: Sendable {
     case thawed(Int, ThawOutcome, UInt64)
     case childExited(UInt64)
     case signal(Int32, UInt64)
+
+    /// The agent session the event comes from, if any.
+    var agent: Int? {
+        switch self {
+        case .connected(let i, _, _), .frozen(let i, _, _), .failed(let i, _, _, _), .keepaliveFailed(let i, _, _),
+             .keepaliveLate(let i, _, _), .connectionLost(let i, _, _), .agentEvent(let i, _, _), .thawed(let i, _, _):
+            return i
+        case .childExited, .signal:
+            return nil
+        }
+    }
 }
 
 /// The end of one agent's freeze.
@@ -138,7 +176,9 @@ final class AgentSession: Sendable {
     let index: Int
     let address: AgentAddress
     let orders = Mailbox<Order>()
-    /// 0 running, 1 cancelled (do not freeze), 2 forced (drop the connection at once).
+    /// 0 running, 1 cancelled (do not freeze), 2 forced (drop the connection at once), 3 given
+    /// up on (the connection dropped because the agent did not freeze in time; its freeze is
+    /// still undone by op id if it got through).
     let mode = Atomic<Int>(0)
     /// Monotonic time at which COMMAND is stopped (0: not known yet); caps the keepalive leases.
     let hardDeadline = Atomic<UInt64>(0)
@@ -151,11 +191,17 @@ final class AgentSession: Sendable {
 
     func attach(_ c: Connection) {
         connection.withLock { $0 = c }
-        if mode.load(ordering: .acquiring) == 2 { c.shutdown() }
+        if mode.load(ordering: .acquiring) >= 2 { c.shutdown() }
     }
 
     func force() {
         mode.store(2, ordering: .releasing)
+        connection.withLock { $0?.shutdown() }
+    }
+
+    /// Drops the connection of an agent that did not freeze in time (see `mode` 3).
+    func giveUp() {
+        mode.store(3, ordering: .releasing)
         connection.withLock { $0?.shutdown() }
     }
 
@@ -191,9 +237,13 @@ final class AgentSession: Sendable {
         let request = FreezeRequest(mounts: plan.mounts, timeoutMs: lease, opID: plan.opID, mode: .bound)
         let result: FreezeResult
         do {
-            result = try client.freeze(request, replyTimeoutMs: max(plan.replyTimeoutMs, plan.timeoutMs))
+            // A freeze whose outcome is unknown (its reply unreadable or late, the connection
+            // dropped) is undone by op id on a new connection: a bound freeze also ends when this
+            // connection closes, but qemu-ga's do not, and the undo confirms it either way. Not
+            // after a second signal, which asks to stop at once.
+            result = try client.freezeOrUndo(request, replyTimeoutMs: max(plan.replyTimeoutMs, plan.timeoutMs),
+                                             undo: { self.mode.load(ordering: .acquiring) != 2 })
         } catch {
-            // Closing the connection makes the agent thaw whatever a late freeze took (bound mode).
             events.post(.failed(i, .freeze, error, monotonicNanos()))
             return
         }
@@ -344,6 +394,10 @@ final class CheckpointRun {
     var thawPending: Set<Int> = []
     var pid: pid_t?
     var childExited = false
+    /// Agents given up on because they did not freeze within `freezeWaitMs` of the first one.
+    var abandoned: Set<Int> = []
+    /// Of those, the ones whose session has not ended yet (it is undoing a late freeze).
+    var undoPending: Set<Int> = []
 
     init(plan: CheckpointPlan, events: Mailbox<CheckpointEvent>, onTimeline: @escaping @Sendable (TimelineEntry) -> Void) {
         self.plan = plan
@@ -370,11 +424,21 @@ final class CheckpointRun {
             Threads.detach { s.run(plan: plan, events: events) }
         }
 
-        // 1. Every agent connects and freezes, in parallel.
+        // 1. Every agent connects and freezes, in parallel. Once one guest is frozen, the others
+        //    have freezeWaitMs to follow; a slow or hostile agent is given up on, not waited for.
         var settling = Set(0..<n)
+        var waitEnd: UInt64?
         while !settling.isEmpty {
-            guard let e = events.receive() else { continue }
-            if case .frozen(let i, _, _) = e { settling.remove(i); thawPending.insert(i) }
+            guard let e = events.receive(deadlineNanos: waitEnd) else {
+                abandon(settling)
+                settling.removeAll()
+                continue
+            }
+            if case .frozen(let i, _, let at) = e {
+                settling.remove(i)
+                thawPending.insert(i)
+                if waitEnd == nil { waitEnd = at + UInt64(max(0, plan.freezeWaitMs)) * 1_000_000 }
+            }
             if case .failed(let i, _, _, _) = e { settling.remove(i) }
             handle(e)
         }
@@ -396,7 +460,7 @@ final class CheckpointRun {
 
         // 3. Thaw whatever is still frozen, in parallel, and wait for every answer.
         startThaw()
-        while !thawPending.isEmpty || (pid != nil && !childExited) {
+        while !thawPending.isEmpty || !undoPending.isEmpty || (pid != nil && !childExited) {
             guard let e = events.receive(deadlineNanos: killDeadline) else {
                 escalateKill()
                 continue
@@ -501,9 +565,42 @@ final class CheckpointRun {
         for i in thawPending { sessions[i].orders.post(.thaw) }
     }
 
+    /// Gives up on agents that did not freeze in time: each counts as failed, and its connection
+    /// is dropped, which ends its session and makes the agent thaw a freeze it takes late.
+    func abandon(_ late: Set<Int>) {
+        let now = monotonicNanos()
+        for i in late.sorted() {
+            abandoned.insert(i)
+            undoPending.insert(i)
+            let error = AgentError(.timeout, "did not freeze within \(TimeSpan(milliseconds: plan.freezeWaitMs).human) of the first guest "
+                                   + "(--freeze-wait): dropped its connection (a late bound freeze thaws on disconnect) so the other guests do not wait for it")
+            report.agents[i].failure = AgentFailure(stage: .freeze, error: error)
+            report.agents[i].consistency = .crash
+            note(now, i, "freeze-failed", "cannot freeze: \(error.message)")
+            sessions[i].giveUp()
+        }
+    }
+
     // MARK: Events
 
     func handle(_ e: CheckpointEvent) {
+        if let i = e.agent, abandoned.contains(i) {
+            // Its session ends on its own, undoing a late freeze by op id; one that got through
+            // just before the drop is told to thaw at once. The run ends when it has.
+            switch e {
+            case .frozen: sessions[i].orders.post(.thaw)
+            case .failed(_, _, let error, let at):
+                undoPending.remove(i)
+                note(at, i, "gave-up", "after giving up: \(error.message)")
+            case .thawed(_, let outcome, let at):
+                undoPending.remove(i)
+                note(at, i, outcome.error == nil ? "thawed" : "thaw-failed",
+                     outcome.error.map { "THAW FAILED after giving up: \($0.message)" } ?? "thawed the freeze that came after giving up")
+                if let error = outcome.error { report.agents[i].thawError = error }
+            default: break
+            }
+            return
+        }
         switch e {
         case .connected(let i, let hello, let at):
             report.agents[i].hello = hello
@@ -519,6 +616,10 @@ final class CheckpointRun {
             report.agents[i].frozenNs = at - start
             report.agents[i].consistency = Consistency.of(r)
             note(at, i, "frozen", Describe.frozen(r))
+            let notHeld = Consistency.notHeld(r)
+            if !notHeld.isEmpty {
+                note(at, i, "hooks-not-held", "only filesystem-consistent for: \(notHeld.joined(separator: "; "))")
+            }
 
         case .failed(let i, let stage, let error, let at):
             report.agents[i].failure = AgentFailure(stage: stage, error: error)
@@ -555,7 +656,8 @@ final class CheckpointRun {
                 if lostHere { report.agents[i].freezeLost = "the agent thawed by itself (\(reason))" }
                 if listed || lostHere { note(at, i, "agent-thawed", "the agent thawed by itself (reason: \(reason))") }
             } else if listed {
-                note(at, i, "agent-event", "event \(ev.name): \(JSON.object(ev.fields).text)")
+                let text = JSON.object(ev.fields).text
+                note(at, i, "agent-event", "event \(ev.name): \(text.utf8.count <= 300 ? text : String(decoding: text.utf8.prefix(300), as: UTF8.self) + "…")")
             }
 
         case .thawed(let i, let outcome, let at):
@@ -564,6 +666,15 @@ final class CheckpointRun {
             report.agents[i].thaw = outcome.result
             report.agents[i].thawError = outcome.error
             report.agents[i].keepalives = outcome.keepalives
+            if let freeze = report.agents[i].freeze, let thaw = outcome.result,
+               thaw.hooks.contains(where: { $0.effectiveOutcome == .lost }) {
+                // A holding hook ended while frozen: its lock did not cover the snapshot.
+                let lost = thaw.hooks.filter { $0.effectiveOutcome == .lost }.map(\.name)
+                report.agents[i].consistency = min(report.agents[i].consistency, Consistency.of(freeze, thaw: thaw))
+                if let told = report.consistency { report.consistency = min(told, report.agents[i].consistency) }
+                note(at, i, "hook-lost", "WARNING: \(lost.joined(separator: ", ")) ended while holding: the snapshot is only "
+                     + "filesystem-consistent for \(lost.count == 1 ? "that application" : "those applications") (COMMAND was told otherwise)")
+            }
             if outcome.alreadyThawed && report.agents[i].freezeLost == nil {
                 report.agents[i].freezeLost = "the agent had already thawed when asked to (deadline or lost connection)"
             }
@@ -657,7 +768,8 @@ public enum CommandEnvironment {
         ("QUIESCE_CRASH_CONSISTENT_AGENTS", "agents that could not freeze (only with --on-agent-failure crash-consistent), separated by ';'; empty when none"),
         ("QUIESCE_AGENT_CONSISTENCY", "per agent, ADDR=application|filesystem|crash separated by ';'"),
         ("QUIESCE_DEADLINE_MS", "wall-clock time (ms since the epoch) at which COMMAND is stopped and the guests thawed"),
-        ("QUIESCE_FROZEN_JSON", "the same facts, exact whatever the paths contain: {\"ADDR\": {\"consistency\": C, \"frozen\": [MOUNT, ...]}, ...}"),
+        ("QUIESCE_HOOKS_NOT_HELD", "per agent, ADDR=HOOK,HOOK for the hooks that did not make it application-consistent (an optional hook that failed, a hook file the agent refused to run), separated by ';'; empty when none"),
+        ("QUIESCE_FROZEN_JSON", "the same facts, exact whatever the paths contain: {\"ADDR\": {\"consistency\": C, \"frozen\": [MOUNT, ...], \"hooks_not_held\": [\"HOOK: why\", ...]}, ...}"),
     ]
 
     public static func overallConsistency(_ agents: [AgentReport]) -> Consistency {
@@ -676,6 +788,11 @@ public enum CommandEnvironment {
             ("QUIESCE_CRASH_CONSISTENT_AGENTS", crash.map(\.address.description).joined(separator: ";")),
             ("QUIESCE_AGENT_CONSISTENCY", agents.map { "\($0.address)=\(($0.failure == nil ? Consistency.of($0.freeze) : .crash).rawValue)" }.joined(separator: ";")),
             ("QUIESCE_DEADLINE_MS", String(deadlineWallMs)),
+            ("QUIESCE_HOOKS_NOT_HELD", frozen.compactMap { a -> String? in
+                let names = a.freeze!.hooksRefused.map(\.name)
+                    + a.freeze!.hooks.filter { ($0.phase == "freeze" || $0.phase.isEmpty) && !$0.succeeded }.map(\.name)
+                return names.isEmpty ? nil : "\(a.address)=\(names.joined(separator: ","))"
+            }.joined(separator: ";")),
             ("QUIESCE_FROZEN_JSON", frozenJSON(agents)),
         ]
     }
@@ -687,7 +804,9 @@ public enum CommandEnvironment {
         for a in agents {
             let frozen = a.failure == nil ? (a.freeze?.filesystems.map(\.mountPoint) ?? []) : []
             let consistency = (a.failure == nil ? Consistency.of(a.freeze) : .crash).rawValue
-            o[a.address.description] = ["consistency": .string(consistency), "frozen": .array(frozen.map(JSON.string))]
+            let notHeld = a.failure == nil ? (a.freeze.map { Consistency.notHeld($0) } ?? []) : []
+            o[a.address.description] = ["consistency": .string(consistency), "frozen": .array(frozen.map(JSON.string)),
+                                        "hooks_not_held": .array(notHeld.map(JSON.string))]
         }
         return JSON.object(o).text
     }

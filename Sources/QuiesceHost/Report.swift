@@ -183,7 +183,8 @@ public struct CheckpointReport: Sendable {
     public var leaseMs: Int64
     public var agents: [AgentReport]
     public var command: CommandReport?
-    /// What COMMAND was told (QUIESCE_CONSISTENCY); nil when it did not run.
+    /// What COMMAND was told (QUIESCE_CONSISTENCY), lowered after the thaw when a holding hook
+    /// turned out to have ended while frozen; nil when COMMAND did not run.
     public var consistency: Consistency?
     public var outcome: CheckpointOutcome = .success
     public var interruptedBy: String?
@@ -277,28 +278,48 @@ func ms(_ ns: UInt64) -> JSON { .double((Double(ns) / 100_000).rounded() / 10) }
 public enum Describe {
     public static func frozen(_ r: FreezeResult) -> String {
         let mounts = r.filesystems.map(\.mountPoint)
-        var s = "frozen \(mounts.count) filesystem\(mounts.count == 1 ? "" : "s")"
-        if !mounts.isEmpty { s += " (\(list(mounts)))" }
+        let count = Int(r.filesystemCount)
+        var s = "frozen \(count) filesystem\(count == 1 ? "" : "s")"
+        if !mounts.isEmpty { s += " (\(list(mounts, total: count)))" }
+        let mountpoints = r.mountCount
+        if mountpoints > Int64(mounts.count) { s += ", \(mountpoints)\(r.filesystemsTotal != nil ? "+" : "") mountpoints with bind mounts" }
         s += " in \(TimeSpan.human(microseconds: r.totalUs)), writers stalled \(TimeSpan.human(microseconds: r.stallUs))"
-        let hooks = r.hooks.filter { $0.phase != "thaw" }
-        s += hooks.isEmpty ? ", no hooks" : ", hooks: " + hooks.map { "\($0.name) \($0.error == nil && ($0.exitCode ?? 0) == 0 ? "ok" : "failed")" }.joined(separator: ", ")
-        if !r.skipped.isEmpty { s += ", \(r.skipped.count) skipped" }
-        if mounts.isEmpty { s += " (WARNING: nothing to freeze)" }
+        s += ", " + hooks(r.hooks.filter { $0.phase == "freeze" || $0.phase.isEmpty })
+        if !r.hooksRefused.isEmpty { s += ", hooks refused: " + r.hooksRefused.map { "\($0.name) (\($0.reason))" }.joined(separator: ", ") }
+        let skipped = r.skippedTotal ?? Int64(r.skipped.count)
+        if skipped > 0 { s += ", \(skipped) skipped" }
+        if r.truncated { s += " (the agent's reply lists a sample of each long list, with full counts)" }
+        if count == 0 { s += " (WARNING: nothing to freeze)" }
         return s
+    }
+
+    /// "no hooks", or "hooks: NAME OUTCOME (duration[, optional][, error]), ...".
+    public static func hooks(_ hs: [HookReport]) -> String {
+        if hs.isEmpty { return "no hooks" }
+        return "hooks: " + hs.map { h in
+            var s = "\(h.name) \(h.effectiveOutcome.rawValue) (\(TimeSpan.human(microseconds: h.durationUs))"
+            if h.optional { s += ", optional" }
+            if !h.succeeded, let e = h.error { s += ", \(e)" }
+            return s + ")"
+        }.joined(separator: ", ")
     }
 
     public static func thawed(_ r: ThawResult?, frozenUs: Int64?, reconnected: Bool = false) -> String {
         var s = "thawed"
         if let r {
-            s += " \(r.filesystems.count) filesystem\(r.filesystems.count == 1 ? "" : "s") in \(TimeSpan.human(microseconds: r.totalUs))"
+            s += " \(r.filesystemCount) filesystem\(r.filesystemCount == 1 ? "" : "s") in \(TimeSpan.human(microseconds: r.totalUs))"
+            if !r.hooks.isEmpty { s += ", \(r.hooks.first!.phase) " + hooks(r.hooks) }
         }
         if let frozenUs { s += ", frozen for \(TimeSpan.human(microseconds: frozenUs))" }
         if reconnected { s += " (after reconnecting)" }
         return s
     }
 
-    static func list(_ items: [String], limit: Int = 6) -> String {
-        items.count <= limit ? items.joined(separator: ", ") : items.prefix(limit).joined(separator: ", ") + ", … (\(items.count - limit) more)"
+    /// At most `limit` items, then how many more there are (of `total` when `items` is a sample).
+    static func list(_ items: [String], limit: Int = 6, total: Int? = nil) -> String {
+        let all = max(total ?? items.count, items.count)
+        return all <= limit && items.count == all ? items.joined(separator: ", ")
+            : items.prefix(limit).joined(separator: ", ") + ", … (\(all - min(limit, items.count)) more)"
     }
 
     public static func info(_ h: HelloResult) -> [String] {
@@ -317,30 +338,36 @@ public enum Describe {
         if let op = s.opID { head += ", op \(op)" }
         if let m = s.mode { head += " (\(m.rawValue))" }
         lines.append(head)
-        if !s.filesystems.isEmpty { lines.append("filesystems: \(s.filesystems.joined(separator: ", "))") }
+        if !s.filesystems.isEmpty {
+            lines.append("filesystems: \(list(s.filesystems, limit: 32, total: s.filesystemsTotal.map(Int.init)))")
+        }
         if let since = s.sinceMs { lines.append("since: \(TimeSpan.human(microseconds: max(0, nowWallMs - since) * 1000)) ago") }
         if let r = s.remainingMs { lines.append("auto-thaw in: \(TimeSpan.human(microseconds: max(0, r) * 1000))") }
         else if let d = s.deadlineMs { lines.append("auto-thaw in: \(TimeSpan.human(microseconds: max(0, d - nowWallMs) * 1000))") }
         if let by = s.requestedBy { lines.append("requested by: \(by)") }
+        if !s.hooks.isEmpty { lines.append(hooks(s.hooks)) }
+        for r in s.hooksRefused { lines.append("hook refused: \(r.name): \(r.reason)") }
         if let a = s.lastAutoThaw {
-            lines.append("last auto-thaw: \(a.reason), op \(a.opID), \(TimeSpan.human(microseconds: max(0, nowWallMs - a.atMs) * 1000)) ago, \(a.filesystems.count) filesystem\(a.filesystems.count == 1 ? "" : "s")")
+            lines.append("last auto-thaw: \(a.reason), op \(a.opID), \(TimeSpan.human(microseconds: max(0, nowWallMs - a.atMs) * 1000)) ago, \(a.filesystemsTotal ?? Int64(a.filesystems.count)) filesystem\((a.filesystemsTotal ?? Int64(a.filesystems.count)) == 1 ? "" : "s")")
         }
         return lines
     }
 
     public static func filesystems(_ r: FilesystemsResult) -> [String] {
         var lines: [String] = []
-        lines.append(r.filesystems.isEmpty ? "nothing to freeze" : "freeze order (\(r.filesystems.count) filesystem\(r.filesystems.count == 1 ? "" : "s"); thaw runs the waves backwards):")
+        let count = r.filesystemsTotal ?? Int64(r.filesystems.count)
+        lines.append(count == 0 ? "nothing to freeze" : "freeze order (\(count) filesystem\(count == 1 ? "" : "s"); thaw runs the waves backwards):")
         let width = r.filesystems.map(\.mountPoint.count).max() ?? 0
         for f in r.filesystems {
             var s = "  wave \(f.wave.map(String.init) ?? "?")  \(f.mountPoint.padding(width))  \(f.type)  \(f.device)  \(f.source)"
-            if !f.otherMounts.isEmpty { s += "  (also mounted at \(f.otherMounts.joined(separator: ", ")))" }
+            if !f.otherMounts.isEmpty { s += "  (also mounted at \(list(f.otherMounts, total: f.otherMountsTotal.map(Int.init))))" }
             if !f.dependsOn.isEmpty { s += "  depends on \(f.dependsOn.joined(separator: ", "))" }
             if let e = f.error { s += "  error: \(e)" }
             lines.append(s)
         }
+        if r.filesystems.count < count { lines.append("  … and \(count - Int64(r.filesystems.count)) more (the agent listed a sample)") }
         if !r.skipped.isEmpty {
-            lines.append("skipped (\(r.skipped.count)):")
+            lines.append("skipped (\(r.skippedTotal ?? Int64(r.skipped.count))\(r.skippedTotal != nil ? ", \(r.skipped.count) listed" : "")):")
             let w = r.skipped.map(\.mountPoint.count).max() ?? 0
             for k in r.skipped {
                 lines.append("  \(k.mountPoint.padding(w))  \(k.type)  \(k.reason)\(k.detail.isEmpty ? "" : ": \(k.detail)")")
@@ -357,6 +384,7 @@ public enum Describe {
             var s = "  \(f.mountPoint.padding(width))"
             if let us = f.freezeUs { s += "  freeze \(TimeSpan.human(microseconds: us))" }
             if let us = f.frozenAtUs { s += "  frozen at +\(TimeSpan.human(microseconds: us))" }
+            if f.mountCount > 1 { s += "  (+\(f.mountCount - 1) other mountpoint\(f.mountCount == 2 ? "" : "s") of the same filesystem)" }
             lines.append(s)
         }
         return lines
@@ -371,7 +399,8 @@ public enum Describe {
     }
 
     public static func sync(_ r: SyncResult) -> [String] {
-        var lines = ["synced \(r.filesystems.count) filesystem\(r.filesystems.count == 1 ? "" : "s") in \(TimeSpan.human(microseconds: r.totalUs))"]
+        let count = r.filesystemsTotal ?? Int64(r.filesystems.count)
+        var lines = ["synced \(count) filesystem\(count == 1 ? "" : "s") in \(TimeSpan.human(microseconds: r.totalUs))"]
         let width = r.filesystems.map(\.mountPoint.count).max() ?? 0
         for f in r.filesystems {
             var s = "  \(f.mountPoint.padding(width))"

@@ -28,14 +28,37 @@ public struct BlockTopology: Sendable, Equatable {
     /// backing file on btrfs has an `st_dev` found in no mountinfo line; its mount ID finds
     /// the filesystem all the same.
     public var loopBackingMount: [DeviceNumber: Int]
+    /// A filesystem's block device -> the other block devices it writes to: an xfs external log
+    /// or realtime device (`logdev=`, `rtdev=` in mountinfo's super options) and an ext3/ext4
+    /// external journal (`s_journal_dev` in its superblock). Its freeze flushes into them, so it
+    /// rests on whatever they rest on. Filled by `externalDevices(of:device:)`.
+    public var externalDevices: [DeviceNumber: [DeviceNumber]]
+    /// An overlay mount's `major:minor` (mountinfo) -> where its upper directory lives. Every
+    /// write to a file in the overlay (a loop image's too) lands in the upper directory's
+    /// filesystem. Filled by `location(ofPath:)` on the `upperdir=` super option.
+    public var overlayUpper: [DeviceNumber: PathLocation]
 
     public init(
         lower: [DeviceNumber: [DeviceNumber]] = [:], loopBacking: [DeviceNumber: DeviceNumber] = [:],
-        loopBackingMount: [DeviceNumber: Int] = [:]
+        loopBackingMount: [DeviceNumber: Int] = [:], externalDevices: [DeviceNumber: [DeviceNumber]] = [:],
+        overlayUpper: [DeviceNumber: PathLocation] = [:]
     ) {
         self.lower = lower
         self.loopBacking = loopBacking
         self.loopBackingMount = loopBackingMount
+        self.externalDevices = externalDevices
+        self.overlayUpper = overlayUpper
+    }
+
+    /// Where a path lives: its filesystem's `st_dev` and the ID of the mount it is reached
+    /// through (exact even for btrfs subvolumes, whose `st_dev` mountinfo does not show).
+    public struct PathLocation: Sendable, Equatable {
+        public var device: DeviceNumber
+        public var mountID: Int?
+        public init(device: DeviceNumber, mountID: Int? = nil) {
+            self.device = device
+            self.mountID = mountID
+        }
     }
 
     /// Walks sysfs from each of `devices`, recursively through slaves, partition parents
@@ -52,8 +75,13 @@ public struct BlockTopology: Sendable, Equatable {
     /// - Parameters:
     ///   - sysfsRoot: where sysfs is mounted; tests point it at a fake tree.
     ///   - devRoot: where devtmpfs is mounted; tests point it at a directory without device nodes.
+    ///   - servedMount: the FUSE or network mount a path lies under (by mountpoint prefix, no
+    ///     syscall), or nil. Every call that touches a file there (even the loop driver's
+    ///     `LOOP_GET_STATUS64`, which stats its backing file) waits for a server that may never
+    ///     answer, so a loop device whose backing file is there is recorded from that mount alone.
     public static func read(
-        startingFrom devices: [DeviceNumber], sysfsRoot: String = "/sys", devRoot: String = "/dev"
+        startingFrom devices: [DeviceNumber], sysfsRoot: String = "/sys", devRoot: String = "/dev",
+        servedMount: (String) -> PathLocation? = { _ in nil }
     ) -> BlockTopology {
         var topology = BlockTopology()
         var pending = devices
@@ -78,7 +106,7 @@ public struct BlockTopology: Sendable, Equatable {
             }
 
             if exists("\(directory)/loop") {
-                let (backing, mountID) = loopBackingFile(device, directory: directory, devRoot: devRoot)
+                let (backing, mountID) = loopBackingFile(device, directory: directory, devRoot: devRoot, servedMount: servedMount)
                 if let backing {
                     topology.loopBacking[device] = backing
                     // The backing filesystem's own block device (when it is one) may rest on more.
@@ -102,25 +130,83 @@ public struct BlockTopology: Sendable, Equatable {
         return DeviceNumber(UInt64(st.st_rdev))
     }
 
+    /// The block devices besides `device` that the filesystem of `mount` writes to: an xfs
+    /// filesystem's `logdev=` and `rtdev=` (mountinfo super options, see xfs(5)), an ext3/ext4
+    /// filesystem's external journal (`s_journal_dev`, read from its superblock on the device).
+    /// Empty when there are none or they cannot be read.
+    public static func externalDevices(of mount: MountEntry, device: DeviceNumber, devRoot: String = "/dev",
+                                       sysfsRoot: String = "/sys") -> [DeviceNumber] {
+        switch mount.fsType {
+        case "xfs":
+            return mount.superOptions.compactMap { option -> DeviceNumber? in
+                for key in ["logdev=", "rtdev="] where option.hasPrefix(key) {
+                    return blockDevice(ofSource: String(option.dropFirst(key.count)))
+                }
+                return nil
+            }
+        case "ext3", "ext4":
+            guard let fd = openBlockNode(device, directory: "\(sysfsRoot)/dev/block/\(device)", devRoot: devRoot) else { return [] }
+            defer { close(fd) }
+            var bytes = [UInt8](repeating: 0, count: Ext4Superblock.size)
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, Ext4Superblock.offset) }
+            guard n == Ext4Superblock.size, let journal = Ext4Superblock.externalJournal(bytes), journal != device else { return [] }
+            return [journal]
+        default:
+            return []
+        }
+    }
+
+    /// Where `path` lives (`st_dev` and mount ID), or nil when it cannot be opened.
+    public static func location(ofPath path: String) -> PathLocation? {
+        guard path.hasPrefix("/"), case .success(let fd) = syscallResult({ open(path, QS_O_PATH | O_CLOEXEC) }) else { return nil }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return nil }
+        return PathLocation(device: DeviceNumber(UInt64(st.st_dev)), mountID: mountID(ofDescriptor: fd))
+    }
+
+    /// The upper directory of an overlay mount (its `upperdir=` super option), nil for a
+    /// read-only overlay or another filesystem type.
+    public static func overlayUpperDirectory(_ mount: MountEntry) -> String? {
+        guard mount.fsType == "overlay" else { return nil }
+        return mount.superOptions.first { $0.hasPrefix("upperdir=") }.map { String($0.dropFirst("upperdir=".count)) }
+    }
+
     // MARK: - sysfs helpers
+
+    /// Opens the node of block device `device` read-only: /dev/block/M:m where udev runs, else
+    /// /dev/DEVNAME (devtmpfs's name, from sysfs `uevent`). Nil unless the node really is that
+    /// device: a stale or foreign /dev must not answer for it.
+    private static func openBlockNode(_ device: DeviceNumber, directory: String, devRoot: String) -> Int32? {
+        var nodes = ["\(devRoot)/block/\(device)"]
+        if let name = deviceName(directory) { nodes.append("\(devRoot)/\(name)") }
+        for node in nodes {
+            guard case .success(let fd) = syscallResult({ open(node, O_RDONLY | O_CLOEXEC) }) else { continue }
+            var st = stat()
+            if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK, DeviceNumber(UInt64(st.st_rdev)) == device { return fd }
+            close(fd)
+        }
+        return nil
+    }
 
     /// The `st_dev` of a loop device's backing file, and the mount ID its sysfs path leads to.
     private static func loopBackingFile(
-        _ device: DeviceNumber, directory: String, devRoot: String
+        _ device: DeviceNumber, directory: String, devRoot: String, servedMount: (String) -> PathLocation?
     ) -> (device: DeviceNumber?, mountID: Int?) {
+        // The path sysfs shows, as seen by whoever set the loop up.
+        var path: String?
+        if let bytes = try? FD.readWholeFile(atPath: "\(directory)/loop/backing_file") {
+            var p = String(decoding: bytes, as: UTF8.self)
+            if p.hasSuffix("\n") { p.removeLast() }
+            if p.hasPrefix("/") { path = p }
+        }
+        if let path, let served = servedMount(path) { return (served.device, served.mountID) }
+
         // Exact: ask the loop driver (dev and inode of the file it really uses).
         // The node is /dev/block/M:m where udev runs, else /dev/DEVNAME (devtmpfs's name, from uevent).
         var fromDriver: (device: UInt64, inode: UInt64)?
-        var nodes = ["\(devRoot)/block/\(device)"]
-        if let name = deviceName(directory) { nodes.append("\(devRoot)/\(name)") }
-        for node in nodes where fromDriver == nil {
-            guard case .success(let fd) = syscallResult({ open(node, O_RDONLY | O_CLOEXEC) }) else { continue }
+        if let fd = openBlockNode(device, directory: directory, devRoot: devRoot) {
             defer { close(fd) }
-            // The node must really be this loop device: a stale or foreign /dev must not answer.
-            var st = stat()
-            guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFBLK, DeviceNumber(UInt64(st.st_rdev)) == device else {
-                continue
-            }
             var backingDevice: UInt64 = 0
             var backingInode: UInt64 = 0
             if case .success = syscallResult({ qs_loop_backing(fd, &backingDevice, &backingInode) }) {
@@ -128,14 +214,11 @@ public struct BlockTopology: Sendable, Equatable {
             }
         }
 
-        // The path sysfs shows, as seen by whoever set the loop up: it may be stale, deleted or
-        // in another mount namespace, so it only counts when it is the same file.
+        // The path may be stale, deleted or in another mount namespace: it only counts when it
+        // is the same file.
         var fromPath: (device: DeviceNumber, mountID: Int?)?
-        if let bytes = try? FD.readWholeFile(atPath: "\(directory)/loop/backing_file") {
-            var path = String(decoding: bytes, as: UTF8.self)
-            if path.hasSuffix("\n") { path.removeLast() }
-            if path.hasPrefix("/"),
-               case .success(let fd) = syscallResult({ open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC) }) {
+        if let path {
+            if case .success(let fd) = syscallResult({ open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC) }) {
                 defer { close(fd) }
                 var st = stat()
                 if fstat(fd, &st) == 0,
@@ -200,5 +283,30 @@ public struct BlockTopology: Sendable, Equatable {
     private static func parentDirectory(_ path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }
         return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+}
+
+/// The fields of an ext2/3/4 superblock that say where its journal is (the kernel's
+/// `struct ext4_super_block`, fs/ext4/ext4.h). The superblock is 1024 bytes at byte 1024 of
+/// the device, little-endian.
+public enum Ext4Superblock {
+    public static let offset: Int = 1024
+    public static let size = 1024
+    static let magic: UInt16 = 0xEF53                 // s_magic at 0x38
+    static let featureCompatHasJournal: UInt32 = 0x4  // EXT4_FEATURE_COMPAT_HAS_JOURNAL, s_feature_compat at 0x5C
+
+    /// The external journal device of the filesystem whose superblock is `bytes`, or nil when
+    /// it has no journal, an internal one (`s_journal_inum` at 0xE0 is non-zero), or `bytes` is
+    /// not an ext superblock. `s_journal_dev` (0xE4) holds the device as `new_encode_dev` packs
+    /// it (include/linux/kdev_t.h); the kernel rewrites it at mount when the journal was found
+    /// elsewhere (`journal_path=`), so on a mounted filesystem it is current.
+    public static func externalJournal(_ bytes: [UInt8]) -> DeviceNumber? {
+        guard bytes.count >= 0xE8 else { return nil }
+        func u16(_ at: Int) -> UInt16 { UInt16(bytes[at]) | UInt16(bytes[at + 1]) << 8 }
+        func u32(_ at: Int) -> UInt32 { UInt32(u16(at)) | UInt32(u16(at + 2)) << 16 }
+        guard u16(0x38) == magic, u32(0x5C) & featureCompatHasJournal != 0, u32(0xE0) == 0 else { return nil }
+        let encoded = u32(0xE4)
+        guard encoded != 0 else { return nil }
+        return DeviceNumber(major: (encoded & 0xfff00) >> 8, minor: (encoded & 0xff) | ((encoded >> 12) & 0xfff00))
     }
 }

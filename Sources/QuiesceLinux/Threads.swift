@@ -55,10 +55,72 @@ public enum Threads {
         return results.values()
     }
 
+    /// Runs `body(i)` for every i in 0..<count, each on its own detached thread, and waits for
+    /// them until `deadline` (monotonic ns). Returns the results in order, nil for a task still
+    /// running at the deadline.
+    ///
+    /// A task that has not finished by then is abandoned, not cancelled: its thread runs on,
+    /// and when `body` returns, `late(i, result)` runs on that thread instead of the result
+    /// being delivered. Exactly one of the two happens for each task, so whoever owns what the
+    /// task touched (an fd, a frozen filesystem) is never in doubt.
+    public static func parallelMap<T: Sendable>(
+        _ count: Int, until deadline: UInt64, _ body: @escaping @Sendable (Int) -> T,
+        late: @escaping @Sendable (Int, T) -> Void
+    ) -> [T?] {
+        if count == 0 { return [] }
+        let slots = AbandonableSlots<T>(count)
+        let finished = Mailbox<Int>()
+        for i in 0..<count {
+            detach {
+                let value = body(i)
+                if slots.deliver(i, value) { finished.post(i) } else { late(i, value) }
+            }
+        }
+        // The wait costs no wakeup: a condition variable with the deadline (Mailbox).
+        var done = 0
+        while done < count, finished.receive(deadlineNanos: deadline) != nil { done += 1 }
+        return slots.closeAndCollect()
+    }
+
+    /// Runs blocking `body` on a dedicated thread and resumes the caller with its result, or
+    /// with nil at `deadline` (monotonic ns) if it has not returned by then. The thread is not
+    /// cancelled: it runs on, and its result is dropped.
+    public static func run<T: Sendable>(until deadline: UInt64, _ body: @escaping @Sendable () -> T) async -> T? {
+        await withCheckedContinuation { (c: CheckedContinuation<T?, Never>) in
+            detach {
+                let result = parallelMap(1, until: deadline, { _ in body() }, late: { _, _ in })
+                c.resume(returning: result[0])
+            }
+        }
+    }
+
     /// Runs blocking `body` on a dedicated thread and resumes the caller with its result.
     public static func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
         await withCheckedContinuation { (c: CheckedContinuation<T, Never>) in
             detach { c.resume(returning: body()) }
+        }
+    }
+}
+
+/// Slots that distinct threads fill until the reader closes them; a value that comes after
+/// that is refused, and its thread handles it itself.
+private final class AbandonableSlots<T: Sendable>: @unchecked Sendable {
+    private var slots: [T?]
+    private var closed = false
+    private let lock = Mutex(())
+    init(_ count: Int) { slots = Array(repeating: nil, count: count) }
+    /// False when the reader has already given up on this slot.
+    func deliver(_ i: Int, _ value: T) -> Bool {
+        lock.withLock { _ in
+            if closed { return false }
+            slots[i] = value
+            return true
+        }
+    }
+    func closeAndCollect() -> [T?] {
+        lock.withLock { _ in
+            closed = true
+            return slots
         }
     }
 }

@@ -45,6 +45,10 @@ public struct JSONObject: Sendable, Hashable, ExpressibleByDictionaryLiteral, Se
     public private(set) var pairs: [(key: String, value: JSON)] = []
 
     public init() {}
+
+    /// Pairs whose keys the caller has already checked to be distinct (the parser).
+    init(distinctPairs: [(key: String, value: JSON)]) { pairs = distinctPairs }
+
     public init(dictionaryLiteral elements: (String, JSON)...) {
         for (k, v) in elements { self[k] = v }
     }
@@ -128,10 +132,24 @@ public struct JSONParseError: Error, Sendable, Equatable, CustomStringConvertibl
 extension JSON {
     /// Parses one complete JSON value from UTF-8 bytes. Rejects nesting deeper than `maxDepth`,
     /// duplicate keys and anything after the value but white space.
+    ///
+    /// The cost is linear in the number of bytes, whatever their shape: a peer's frame is hostile
+    /// input (an object with 100 000 keys must not cost 10^10 key comparisons).
     public static func parse(_ bytes: some Collection<UInt8>, maxDepth: Int = 32) throws(JSONParseError) -> JSON {
+        var work = 0
+        return try parse(bytes, maxDepth: maxDepth, keyWork: &work)
+    }
+
+    /// `parse`, also counting the key comparisons and set look-ups the duplicate-key check made
+    /// (in `keyWork`, even when parsing fails): the deterministic measure of the parser's cost
+    /// that tests and the fuzzer hold against the input's size.
+    static func parse(_ bytes: some Collection<UInt8>, maxDepth: Int, keyWork: inout Int) throws(JSONParseError) -> JSON {
         let array = Array(bytes)
+        var work = 0
+        defer { keyWork += work }
         return try array.withUnsafeBufferPointer { (buf) throws(JSONParseError) -> JSON in
             var p = Parser(bytes: buf, maxDepth: maxDepth)
+            defer { work = p.keyWork }
             p.skipWhitespace()
             let value = try p.parseValue(depth: 0)
             p.skipWhitespace()
@@ -149,6 +167,10 @@ private struct Parser {
     let bytes: UnsafeBufferPointer<UInt8>
     let maxDepth: Int
     var pos = 0
+    /// Key comparisons and set look-ups made to refuse duplicate keys.
+    var keyWork = 0
+    /// Up to this many keys, an object's keys are compared one by one; beyond, a set is faster.
+    static let linearKeyCount = 8
 
     init(bytes: UnsafeBufferPointer<UInt8>, maxDepth: Int) {
         self.bytes = bytes
@@ -199,24 +221,39 @@ private struct Parser {
     mutating func parseObject(depth: Int) throws(JSONParseError) -> JSON {
         if depth > maxDepth { throw fail(.tooDeep) }
         pos += 1
-        var object = JSONObject()
+        var pairs: [(key: String, value: JSON)] = []
+        // Small objects (every request) compare keys one by one; larger ones keep a set, so an
+        // object of n keys costs O(n), not O(n^2).
+        var seen: Set<String>? = nil
         skipWhitespace()
-        if try peek() == UInt8(ascii: "}") { pos += 1; return .object(object) }
+        if try peek() == UInt8(ascii: "}") { pos += 1; return .object(JSONObject()) }
         while true {
             skipWhitespace()
             guard try peek() == UInt8(ascii: "\"") else { throw fail(.unexpectedByte) }
             let keyOffset = pos
             let key = try parseString()
-            if object[key] != nil { throw fail(.duplicateKey, at: keyOffset) }
+            if seen != nil {
+                keyWork += 1
+                if !seen!.insert(key).inserted { throw fail(.duplicateKey, at: keyOffset) }
+            } else {
+                for pair in pairs {
+                    keyWork += 1
+                    if pair.key == key { throw fail(.duplicateKey, at: keyOffset) }
+                }
+                if pairs.count + 1 == Parser.linearKeyCount {
+                    keyWork += pairs.count + 1
+                    seen = Set(pairs.map(\.key) + [key])
+                }
+            }
             skipWhitespace()
             guard try peek() == UInt8(ascii: ":") else { throw fail(.unexpectedByte) }
             pos += 1
             skipWhitespace()
-            object[key] = try parseValue(depth: depth)
+            pairs.append((key, try parseValue(depth: depth)))
             skipWhitespace()
             switch try peek() {
             case UInt8(ascii: ","): pos += 1
-            case UInt8(ascii: "}"): pos += 1; return .object(object)
+            case UInt8(ascii: "}"): pos += 1; return .object(JSONObject(distinctPairs: pairs))
             default: throw fail(.unexpectedByte)
             }
         }

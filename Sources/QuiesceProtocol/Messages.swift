@@ -274,8 +274,24 @@ public struct Reply: Sendable, Equatable {
         return .object(o)
     }
 
-    /// The frame bytes to send: the compact JSON followed by "\n".
-    public var frame: [UInt8] { var b = json.encoded(); b.append(0x0A); return b }
+    /// The frame bytes to send: the compact JSON followed by "\n", fitted to the reply limits
+    /// (`ReplyBudget`: lists of at most 1024 items, at most `maxReplyBytes` bytes).
+    public var frame: [UInt8] {
+        switch outcome {
+        case .success(let result):
+            return ReplyBudget.frame(body: result) { Reply(id: id, result: $0).json }
+        case .failure(let error):
+            var shortened = error
+            if shortened.message.utf8.count > 4096 {
+                shortened.message = String(decoding: shortened.message.utf8.prefix(4096), as: UTF8.self) + " (message truncated)"
+            }
+            return ReplyBudget.frame(body: shortened.details ?? [:]) { details in
+                var e = shortened
+                e.details = details.count == 0 ? nil : details
+                return Reply(id: id, error: e).json
+            }
+        }
+    }
 }
 
 /// Why the agent thawed without being asked by the freeze's requester.
@@ -310,7 +326,10 @@ public struct Event: Sendable, Equatable {
         return .object(o)
     }
 
-    public var frame: [UInt8] { var b = json.encoded(); b.append(0x0A); return b }
+    /// The frame bytes to send, fitted to the reply limits like a reply's (`ReplyBudget`).
+    public var frame: [UInt8] {
+        ReplyBudget.frame(body: fields) { Event(name: name, fields: $0).json }
+    }
 }
 
 /// What a client can receive: a reply or an event.

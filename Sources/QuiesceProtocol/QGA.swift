@@ -133,20 +133,30 @@ public enum QGA {
         }
     }
 
-    /// `{"return": value}` with the request's id, as one line.
+    /// `{"return": value}` with the request's id, as one line. A reply that would pass
+    /// `ProtocolLimits.maxReplyBytes` becomes a `GenericError` saying so.
     public static func returnFrame(_ value: JSON, id: JSON?) -> [UInt8] {
         var o: JSONObject = ["return": value]
         if let id { o["id"] = id }
         var bytes = JSON.object(o).encoded()
+        guard bytes.count <= ProtocolLimits.maxReplyBytes else {
+            return errorFrame(Failure("the reply (\(bytes.count) bytes) exceeds \(ProtocolLimits.maxReplyBytes) bytes"), id: id)
+        }
         bytes.append(0x0A)
         return bytes
     }
 
-    /// `{"error": {"class": …, "desc": …}}` with the request's id, as one line.
+    /// `{"error": {"class": …, "desc": …}}` with the request's id, as one line. The description
+    /// is cut to 4096 bytes, and an id that would make the line pass `maxReplyBytes` is dropped.
     public static func errorFrame(_ failure: Failure, id: JSON?) -> [UInt8] {
+        var failure = failure
+        if failure.desc.utf8.count > 4096 {
+            failure.desc = String(decoding: failure.desc.utf8.prefix(4096), as: UTF8.self) + " (truncated)"
+        }
         var o: JSONObject = ["error": failure.json]
         if let id { o["id"] = id }
         var bytes = JSON.object(o).encoded()
+        if bytes.count > ProtocolLimits.maxReplyBytes { bytes = JSON.object(["error": failure.json]).encoded() }
         bytes.append(0x0A)
         return bytes
     }

@@ -13,6 +13,10 @@ extension Fields {
         return value
     }
 
+    /// `KEY_total`: the full length of the list `KEY` when the agent cut it to a sample
+    /// (ReplyBudget); nil when the list is complete.
+    func total(_ key: String) throws(ProtocolError) -> Int64? { try int(key + "_total") }
+
     func objects<T: WireObject>(_ key: String, as: T.Type) throws(ProtocolError) -> [T] {
         guard let v = object[key], !v.isNull else { return [] }
         guard let items = v.arrayValue else { throw ProtocolError(.badRequest, "\"\(key)\" must be an array") }
@@ -30,6 +34,9 @@ extension JSONObject {
     mutating func set(_ key: String, _ value: Int64?) { if let value { self[key] = .int(value) } }
     mutating func set(_ key: String, _ value: [String]) { self[key] = .array(value.map(JSON.string)) }
     mutating func set<T: WireObject>(_ key: String, _ value: [T]) { self[key] = .array(value.map { .object($0.json) }) }
+    /// `KEY_total` after a list, when the list is a sample.
+    mutating func setTotal(_ key: String, _ total: Int64?) { set(key + "_total", total) }
+    mutating func setTruncated(_ truncated: Bool) { if truncated { self["truncated"] = true } }
 }
 
 /// One filesystem (one superblock) in a plan, a freeze, a thaw or a sync, with the timings of
@@ -40,12 +47,17 @@ public struct FilesystemReport: WireObject, Equatable {
     /// The block device, "major:minor".
     public var device: String
     public var source: String
-    /// Other mountpoints of the same superblock (bind mounts, btrfs subvolumes).
+    /// Other mountpoints of the same superblock (bind mounts, btrfs subvolumes); a sample of
+    /// them when `otherMountsTotal` is set.
     public var otherMounts: [String]
+    /// How many other mountpoints there are, when `otherMounts` holds only the first of them.
+    public var otherMountsTotal: Int64?
     /// The dependency wave: wave 0 freezes first, thaw runs the waves backwards.
     public var wave: Int64?
     /// Mountpoints of filesystems this one is stacked on (frozen after it, thawed before it).
     public var dependsOn: [String]
+    /// How many filesystems this one depends on, when `dependsOn` is a sample.
+    public var dependsOnTotal: Int64?
     public var presyncUs: Int64?
     public var freezeUs: Int64?
     /// When this filesystem was frozen, counted from the start of the freeze phase.
@@ -54,6 +66,9 @@ public struct FilesystemReport: WireObject, Equatable {
     public var syncUs: Int64?
     /// What went wrong with this filesystem, e.g. "EIO: Input/output error".
     public var error: String?
+
+    /// How many mountpoints this superblock has in all: its own and every other one.
+    public var mountCount: Int64 { 1 + (otherMountsTotal ?? Int64(otherMounts.count)) }
 
     public init(mountPoint: String, type: String, device: String, source: String, otherMounts: [String] = [],
                 wave: Int64? = nil, dependsOn: [String] = []) {
@@ -72,9 +87,11 @@ public struct FilesystemReport: WireObject, Equatable {
         o.set("type", type)
         o.set("device", device)
         o.set("source", source)
-        if !otherMounts.isEmpty { o.set("mounts", otherMounts) }
+        if !otherMounts.isEmpty || otherMountsTotal != nil { o.set("mounts", otherMounts) }
+        o.setTotal("mounts", otherMountsTotal)
         o.set("wave", wave)
-        if !dependsOn.isEmpty { o.set("depends_on", dependsOn) }
+        if !dependsOn.isEmpty || dependsOnTotal != nil { o.set("depends_on", dependsOn) }
+        o.setTotal("depends_on", dependsOnTotal)
         o.set("presync_us", presyncUs)
         o.set("freeze_us", freezeUs)
         o.set("frozen_at_us", frozenAtUs)
@@ -91,8 +108,10 @@ public struct FilesystemReport: WireObject, Equatable {
         device = try f.string("device") ?? ""
         source = try f.string("source") ?? ""
         otherMounts = try f.strings("mounts") ?? []
+        otherMountsTotal = try f.total("mounts")
         wave = try f.int("wave")
         dependsOn = try f.strings("depends_on") ?? []
+        dependsOnTotal = try f.total("depends_on")
         presyncUs = try f.int("presync_us")
         freezeUs = try f.int("freeze_us")
         frozenAtUs = try f.int("frozen_at_us")
@@ -132,27 +151,72 @@ public struct SkippedReport: WireObject, Equatable {
     }
 }
 
-/// One hook run around a freeze.
+/// What became of one hook run (`outcome` in a hook report).
+public enum HookOutcome: String, Sendable, CaseIterable {
+    /// Exited 0.
+    case ok
+    /// A hold-style hook said `ready` and keeps running (its lock is held) until told to finish.
+    case holding
+    /// Exited non-zero, was killed by a signal, or could not start.
+    case failed
+    /// Outlived its timeout; its whole process group was killed.
+    case timedOut = "timed-out"
+    /// A hold-style hook ended before it was told to finish: whatever it held (a lock) was
+    /// gone for part of the freeze, so the snapshot is not application-consistent for it.
+    case lost
+}
+
+/// One hook run around a freeze. Hook reports are bounded: `output` is at most
+/// `HookReport.maxOutputBytes` bytes (the end of what the hook wrote, stdout and stderr
+/// together), and a reply carries at most `HookReport.maxHooks` hooks per phase.
 public struct HookReport: WireObject, Equatable {
+    public static let maxOutputBytes = 512
+    public static let maxHooks = 16
+
     public var name: String
-    /// "freeze" or "thaw".
+    /// "freeze", "thaw" or "freeze-failed".
     public var phase: String
     public var exitCode: Int64?
     public var durationUs: Int64
     public var error: String?
+    /// Nil from agents before hook outcomes were reported: derive it from `error` and `exitCode`.
+    public var outcome: HookOutcome?
+    /// Declared hold-style in its header.
+    public var hold: Bool
+    /// Declared optional: its failure lets the freeze go on, filesystem-consistent for it.
+    public var optional: Bool
+    /// The end of the hook's output (UTF-8, invalid bytes replaced), empty when none.
+    public var output: String
 
-    public init(name: String, phase: String, exitCode: Int64?, durationUs: Int64, error: String? = nil) {
+    public init(name: String, phase: String, exitCode: Int64?, durationUs: Int64, error: String? = nil,
+                outcome: HookOutcome? = nil, hold: Bool = false, optional: Bool = false, output: String = "") {
         self.name = name
         self.phase = phase
         self.exitCode = exitCode
         self.durationUs = durationUs
         self.error = error
+        self.outcome = outcome
+        self.hold = hold
+        self.optional = optional
+        self.output = output
     }
+
+    /// The outcome, derived for agents that do not report one.
+    public var effectiveOutcome: HookOutcome {
+        outcome ?? (error == nil && (exitCode ?? 0) == 0 ? .ok : .failed)
+    }
+
+    /// Whether this run kept its application consistent: ok, or holding.
+    public var succeeded: Bool { effectiveOutcome == .ok || effectiveOutcome == .holding }
 
     public var json: JSONObject {
         var o: JSONObject = ["name": .string(name), "phase": .string(phase), "duration_us": .int(durationUs)]
+        o.set("outcome", outcome?.rawValue)
         o.set("exit_code", exitCode)
         o.set("error", error)
+        if hold { o["hold"] = .bool(true) }
+        if optional { o["optional"] = .bool(true) }
+        if !output.isEmpty { o["output"] = .string(output) }
         return o
     }
 
@@ -163,6 +227,29 @@ public struct HookReport: WireObject, Equatable {
         exitCode = try f.int("exit_code", min: Int64.min)
         durationUs = try f.int("duration_us") ?? 0
         error = try f.string("error")
+        outcome = (try f.string("outcome")).flatMap(HookOutcome.init(rawValue:))
+        hold = try f.bool("hold") ?? false
+        optional = try f.bool("optional") ?? false
+        output = try f.string("output") ?? ""
+    }
+}
+
+/// A file in the hooks directory that the agent refused to run, with the reason.
+public struct RefusedHook: WireObject, Equatable {
+    public var name: String
+    public var reason: String
+
+    public init(name: String, reason: String) {
+        self.name = name
+        self.reason = reason
+    }
+
+    public var json: JSONObject { ["name": .string(name), "reason": .string(reason)] }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        name = try f.required("name", try f.string("name"))
+        reason = try f.string("reason") ?? ""
     }
 }
 
@@ -210,6 +297,11 @@ public struct HelloResult: WireObject, Equatable {
 public struct FilesystemsResult: WireObject, Equatable {
     public var filesystems: [FilesystemReport]
     public var skipped: [SkippedReport]
+    /// Full counts when the lists are samples (`truncated`).
+    public var filesystemsTotal: Int64?
+    public var skippedTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
 
     public init(filesystems: [FilesystemReport], skipped: [SkippedReport]) {
         self.filesystems = filesystems
@@ -219,14 +311,20 @@ public struct FilesystemsResult: WireObject, Equatable {
     public var json: JSONObject {
         var o = JSONObject()
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         o.set("skipped", skipped)
+        o.setTotal("skipped", skippedTotal)
+        o.setTruncated(truncated)
         return o
     }
 
     public init(json: JSONObject) throws(ProtocolError) {
         let f = Fields(object: json)
         filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        filesystemsTotal = try f.total("filesystems")
         skipped = try f.objects("skipped", as: SkippedReport.self)
+        skippedTotal = try f.total("skipped")
+        truncated = try f.bool("truncated") ?? false
     }
 }
 
@@ -239,6 +337,8 @@ public struct FreezeResult: WireObject, Equatable {
     public var filesystems: [FilesystemReport]
     public var skipped: [SkippedReport]
     public var hooks: [HookReport]
+    /// Hook files that were not run (unsafe ownership or mode, bad header), at most `HookReport.maxHooks`.
+    public var hooksRefused: [RefusedHook]
     public var presyncUs: Int64
     public var freezeUs: Int64
     public var stallUs: Int64
@@ -248,11 +348,24 @@ public struct FreezeResult: WireObject, Equatable {
     public var deadlineMs: Int64
     /// True when this reply repeats the result of an earlier request with the same op_id.
     public var replayed: Bool
+    /// Full counts when the lists are samples (`truncated`).
+    public var filesystemsTotal: Int64?
+    public var skippedTotal: Int64?
+    public var hooksTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
+
+    /// How many filesystems (superblocks) were frozen, also when `filesystems` is a sample.
+    public var filesystemCount: Int64 { filesystemsTotal ?? Int64(filesystems.count) }
+    /// How many mountpoints the frozen filesystems have in all, as far as this result tells
+    /// (bind mounts included; a lower bound when `filesystems` itself is a sample).
+    public var mountCount: Int64 { filesystems.reduce(0) { $0 + $1.mountCount } }
 
     public init(opID: String, mode: FreezeMode, filesystems: [FilesystemReport], skipped: [SkippedReport],
                 hooks: [HookReport], presyncUs: Int64, freezeUs: Int64, stallUs: Int64, totalUs: Int64,
-                timeoutMs: Int64, deadlineMs: Int64, replayed: Bool = false) {
+                timeoutMs: Int64, deadlineMs: Int64, replayed: Bool = false, hooksRefused: [RefusedHook] = []) {
         self.opID = opID
+        self.hooksRefused = hooksRefused
         self.mode = mode
         self.filesystems = filesystems
         self.skipped = skipped
@@ -271,8 +384,12 @@ public struct FreezeResult: WireObject, Equatable {
         o.set("op_id", opID)
         o.set("mode", mode.rawValue)
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         o.set("skipped", skipped)
+        o.setTotal("skipped", skippedTotal)
         o.set("hooks", hooks)
+        o.setTotal("hooks", hooksTotal)
+        if !hooksRefused.isEmpty { o.set("hooks_refused", hooksRefused) }
         o.set("presync_us", presyncUs)
         o.set("freeze_us", freezeUs)
         o.set("stall_us", stallUs)
@@ -280,6 +397,7 @@ public struct FreezeResult: WireObject, Equatable {
         o.set("timeout_ms", timeoutMs)
         o.set("deadline_ms", deadlineMs)
         o["replayed"] = .bool(replayed)
+        o.setTruncated(truncated)
         return o
     }
 
@@ -288,8 +406,12 @@ public struct FreezeResult: WireObject, Equatable {
         opID = try f.required("op_id", try f.string("op_id"))
         mode = FreezeMode(rawValue: try f.string("mode") ?? "") ?? .bound
         filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        filesystemsTotal = try f.total("filesystems")
         skipped = try f.objects("skipped", as: SkippedReport.self)
+        skippedTotal = try f.total("skipped")
         hooks = try f.objects("hooks", as: HookReport.self)
+        hooksTotal = try f.total("hooks")
+        hooksRefused = try f.objects("hooks_refused", as: RefusedHook.self)
         presyncUs = try f.int("presync_us") ?? 0
         freezeUs = try f.int("freeze_us") ?? 0
         stallUs = try f.int("stall_us") ?? 0
@@ -297,6 +419,7 @@ public struct FreezeResult: WireObject, Equatable {
         timeoutMs = try f.int("timeout_ms") ?? 0
         deadlineMs = try f.int("deadline_ms") ?? 0
         replayed = try f.bool("replayed") ?? false
+        truncated = try f.bool("truncated") ?? false
     }
 }
 
@@ -309,6 +432,14 @@ public struct ThawResult: WireObject, Equatable {
     public var totalUs: Int64
     /// How long the filesystems were frozen.
     public var frozenUs: Int64?
+    /// Full counts when the lists are samples (`truncated`).
+    public var filesystemsTotal: Int64?
+    public var hooksTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
+
+    /// How many filesystems were thawed, also when `filesystems` is a sample.
+    public var filesystemCount: Int64 { filesystemsTotal ?? Int64(filesystems.count) }
 
     public init(opID: String?, wasFrozen: Bool, filesystems: [FilesystemReport], hooks: [HookReport] = [],
                 totalUs: Int64, frozenUs: Int64?) {
@@ -325,9 +456,12 @@ public struct ThawResult: WireObject, Equatable {
         o.set("op_id", opID)
         o["was_frozen"] = .bool(wasFrozen)
         o.set("filesystems", filesystems)
-        if !hooks.isEmpty { o.set("hooks", hooks) }
+        o.setTotal("filesystems", filesystemsTotal)
+        if !hooks.isEmpty || hooksTotal != nil { o.set("hooks", hooks) }
+        o.setTotal("hooks", hooksTotal)
         o.set("total_us", totalUs)
         o.set("frozen_us", frozenUs)
+        o.setTruncated(truncated)
         return o
     }
 
@@ -336,9 +470,12 @@ public struct ThawResult: WireObject, Equatable {
         opID = try f.string("op_id")
         wasFrozen = try f.bool("was_frozen") ?? false
         filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        filesystemsTotal = try f.total("filesystems")
         hooks = try f.objects("hooks", as: HookReport.self)
+        hooksTotal = try f.total("hooks")
         totalUs = try f.int("total_us") ?? 0
         frozenUs = try f.int("frozen_us")
+        truncated = try f.bool("truncated") ?? false
     }
 }
 
@@ -346,6 +483,10 @@ public struct ThawResult: WireObject, Equatable {
 public struct SyncResult: WireObject, Equatable {
     public var filesystems: [FilesystemReport]
     public var totalUs: Int64
+    /// The full count when `filesystems` is a sample (`truncated`).
+    public var filesystemsTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
 
     public init(filesystems: [FilesystemReport], totalUs: Int64) {
         self.filesystems = filesystems
@@ -355,14 +496,18 @@ public struct SyncResult: WireObject, Equatable {
     public var json: JSONObject {
         var o = JSONObject()
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         o.set("total_us", totalUs)
+        o.setTruncated(truncated)
         return o
     }
 
     public init(json: JSONObject) throws(ProtocolError) {
         let f = Fields(object: json)
         filesystems = try f.objects("filesystems", as: FilesystemReport.self)
+        filesystemsTotal = try f.total("filesystems")
         totalUs = try f.int("total_us") ?? 0
+        truncated = try f.bool("truncated") ?? false
     }
 }
 
@@ -377,6 +522,8 @@ public struct AutoThawReport: WireObject, Equatable {
     public var opID: String
     public var atMs: Int64
     public var filesystems: [String]
+    /// The full count when `filesystems` is a sample.
+    public var filesystemsTotal: Int64?
 
     public init(reason: String, opID: String, atMs: Int64, filesystems: [String]) {
         self.reason = reason
@@ -391,6 +538,7 @@ public struct AutoThawReport: WireObject, Equatable {
         o.set("op_id", opID)
         o.set("at_ms", atMs)
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         return o
     }
 
@@ -400,6 +548,40 @@ public struct AutoThawReport: WireObject, Equatable {
         opID = try f.string("op_id") ?? ""
         atMs = try f.int("at_ms") ?? 0
         filesystems = try f.strings("filesystems") ?? []
+        filesystemsTotal = try f.total("filesystems")
+    }
+}
+
+/// A kernel call that a freeze gave up waiting for and that has not returned yet: a FIFREEZE
+/// or syncfs blocked in the kernel, because the filesystem's storage stopped completing writes
+/// or because it rests on a filesystem that was frozen before it. When it returns, the agent
+/// thaws what it froze at once.
+public struct StuckCallReport: WireObject, Equatable {
+    public var mountPoint: String
+    /// "FIFREEZE" or "syncfs".
+    public var call: String
+    /// The operation that made the call.
+    public var opID: String
+    /// Wall-clock ms since the epoch when the call was made.
+    public var sinceMs: Int64
+
+    public init(mountPoint: String, call: String, opID: String, sinceMs: Int64) {
+        self.mountPoint = mountPoint
+        self.call = call
+        self.opID = opID
+        self.sinceMs = sinceMs
+    }
+
+    public var json: JSONObject {
+        ["mountpoint": .string(mountPoint), "call": .string(call), "op_id": .string(opID), "since_ms": .int(sinceMs)]
+    }
+
+    public init(json: JSONObject) throws(ProtocolError) {
+        let f = Fields(object: json)
+        mountPoint = try f.required("mountpoint", try f.string("mountpoint"))
+        call = try f.string("call") ?? ""
+        opID = try f.string("op_id") ?? ""
+        sinceMs = try f.int("since_ms") ?? 0
     }
 }
 
@@ -416,11 +598,24 @@ public struct StatusResult: WireObject, Equatable {
     /// The peer that asked for the current freeze, e.g. "unix uid=0 pid=812" or "vsock cid=2".
     public var requestedBy: String?
     public var lastAutoThaw: AutoThawReport?
+    /// Kernel calls of abandoned freezes still blocked (omitted on the wire when none).
+    public var stuck: [StuckCallReport]
+    /// The full count when `filesystems` is a sample (`truncated`).
+    public var filesystemsTotal: Int64?
+    /// The agent cut some list of this result to fit the protocol's limits.
+    public var truncated = false
+    /// The current freeze's hooks (freeze phase; a holding hook that has died shows `lost`).
+    public var hooks: [HookReport]
+    /// Hook files the agent refuses to run, as of the last look at the hooks directory.
+    public var hooksRefused: [RefusedHook]
 
     public init(state: AgentStateName, opID: String? = nil, mode: FreezeMode? = nil, filesystems: [String] = [],
                 sinceMs: Int64? = nil, deadlineMs: Int64? = nil, remainingMs: Int64? = nil,
-                requestedBy: String? = nil, lastAutoThaw: AutoThawReport? = nil) {
+                requestedBy: String? = nil, lastAutoThaw: AutoThawReport? = nil,
+                hooks: [HookReport] = [], hooksRefused: [RefusedHook] = [], stuck: [StuckCallReport] = []) {
         self.state = state
+        self.hooks = hooks
+        self.hooksRefused = hooksRefused
         self.opID = opID
         self.mode = mode
         self.filesystems = filesystems
@@ -429,6 +624,7 @@ public struct StatusResult: WireObject, Equatable {
         self.remainingMs = remainingMs
         self.requestedBy = requestedBy
         self.lastAutoThaw = lastAutoThaw
+        self.stuck = stuck
     }
 
     public var json: JSONObject {
@@ -437,11 +633,16 @@ public struct StatusResult: WireObject, Equatable {
         o.set("op_id", opID)
         o.set("mode", mode?.rawValue)
         o.set("filesystems", filesystems)
+        o.setTotal("filesystems", filesystemsTotal)
         o.set("since_ms", sinceMs)
         o.set("deadline_ms", deadlineMs)
         o.set("remaining_ms", remainingMs)
         o.set("requested_by", requestedBy)
         if let lastAutoThaw { o["last_auto_thaw"] = .object(lastAutoThaw.json) }
+        if !stuck.isEmpty { o.set("stuck", stuck) }
+        o.setTruncated(truncated)
+        if !hooks.isEmpty { o.set("hooks", hooks) }
+        if !hooksRefused.isEmpty { o.set("hooks_refused", hooksRefused) }
         return o
     }
 
@@ -453,10 +654,15 @@ public struct StatusResult: WireObject, Equatable {
         opID = try f.string("op_id")
         mode = (try f.string("mode")).flatMap(FreezeMode.init(rawValue:))
         filesystems = try f.strings("filesystems") ?? []
+        filesystemsTotal = try f.total("filesystems")
         sinceMs = try f.int("since_ms")
         deadlineMs = try f.int("deadline_ms")
         remainingMs = try f.int("remaining_ms", min: Int64.min)
         requestedBy = try f.string("requested_by")
         if let o = json["last_auto_thaw"]?.objectValue { lastAutoThaw = try AutoThawReport(json: o) }
+        stuck = try f.objects("stuck", as: StuckCallReport.self)
+        truncated = try f.bool("truncated") ?? false
+        hooks = try f.objects("hooks", as: HookReport.self)
+        hooksRefused = try f.objects("hooks_refused", as: RefusedHook.self)
     }
 }

@@ -256,7 +256,8 @@ struct Freeze: ParsableCommand {
                                     opID: opID ?? CheckpointPlan.makeOpID(), mode: .detached)
         let replyMs = max(g.replyTimeout.milliseconds, min(timeout?.milliseconds ?? 0, 300_000))
         let calls = try g.callAgents(stage: .freeze) { c throws(AgentError) in
-            try c.freeze(request, replyTimeoutMs: replyMs)
+            // A reply that cannot be read leaves the outcome unknown: undo the freeze by its op id.
+            try c.freezeOrUndo(request, replyTimeoutMs: replyMs)
         }
         try Output.finish("freeze", calls, json: g.json, result: { .object($0.json) }) { _, r in
             Describe.freeze(r, nowWallMs: wallClockMillis())
@@ -275,10 +276,11 @@ struct Thaw: ParsableCommand {
         let g = root.global
         let op = opID
         let calls = try g.callAgents(stage: .thaw) { c throws(AgentError) in
-            try c.thaw(opID: op)
+            try c.thawConfirmed(opID: op)
         }
-        try Output.finish("thaw", calls, json: g.json, refusedCode: ExitCodes.thawFailed, result: { .object($0.json) }) { _, r in
-            Describe.thaw(r)
+        try Output.finish("thaw", calls, json: g.json, refusedCode: ExitCodes.thawFailed, result: { $0.json }) { _, t in
+            if let r = t.result { return Describe.thaw(r) }
+            return ["thawed: \(t.confirmation ?? "")"]
         }
     }
 }
@@ -354,6 +356,11 @@ struct Checkpoint: ParsableCommand {
     @Option(name: .customLong("op-id"), help: ArgumentHelp("Name the operation (default: a fresh id).", valueName: "ID"))
     var opID: String?
 
+    @Option(name: .customLong("freeze-wait"),
+            help: ArgumentHelp("Once one guest is frozen, how long it waits for the others to freeze (default: --reply-timeout, at most 10s). A guest not frozen by then counts as failed (--on-agent-failure decides) and its connection is dropped, so one slow guest cannot keep the others frozen.", valueName: "D"),
+            transform: { try duration($0, flag: "--freeze-wait") })
+    var freezeWait: TimeSpan?
+
     @Argument(parsing: .postTerminator, help: ArgumentHelp("The checkpoint command and its arguments, after --.", valueName: "COMMAND"))
     var command: [String] = []
 
@@ -367,6 +374,7 @@ struct Checkpoint: ParsableCommand {
             guard lease <= timeout else { throw ValidationError("--lease (\(lease)) must not be longer than --timeout (\(timeout))") }
         }
         if let id = opID, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+        if let w = freezeWait, w.milliseconds == 0 { throw ValidationError("--freeze-wait must be longer than 0") }
         // Refuse a COMMAND that cannot run before any guest is frozen for it.
         if let e = Subprocess.cannotRun(command[0]) {
             throw ValidationError(e == .ENOENT
@@ -388,7 +396,7 @@ struct Checkpoint: ParsableCommand {
             opID: opID ?? CheckpointPlan.makeOpID(), agents: agents, mounts: mountList(mounts),
             timeoutMs: timeout.milliseconds, leaseMs: lease?.milliseconds, killGraceMs: killGrace.milliseconds,
             policy: onAgentFailure, connectTimeoutMs: g.connectTimeout.milliseconds, replyTimeoutMs: g.replyTimeout.milliseconds,
-            command: command, commandStdoutToStderr: json, baseEnvironment: Subprocess.currentEnvironment())
+            freezeWaitMs: freezeWait?.milliseconds, command: command, commandStdoutToStderr: json, baseEnvironment: Subprocess.currentEnvironment())
         let checkpoint = QuiesceHost.Checkpoint(plan: plan) { entry in
             if !json { Output.err(entry.human) }
         }

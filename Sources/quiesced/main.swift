@@ -136,6 +136,20 @@ for r in recovery.recovered {
     logger.warning("found a freeze record left by an earlier run (op \(r.opID)); thawed: \(r.lines.joined(separator: "; "))",
                    metadata: ["op_id": "\(r.opID)"])
 }
+// Hooks a dead agent owed an ending get it now, after the thaw above (every hook that got
+// `freeze` gets exactly one of `thaw` or `freeze-failed`).
+if let dir = config.hooksDir {
+    let hooks = Hooks(directory: dir, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger)
+    for owed in recovery.hooksOwed {
+        let reports = hooks.recover(names: owed.names, phase: owed.phase, opID: owed.opID)
+        logger.warning("ended the hooks op \(owed.opID) owed: \(reports.map { "\($0.name) \($0.phase) \($0.effectiveOutcome.rawValue)" }.joined(separator: ", "))",
+                       metadata: ["op_id": "\(owed.opID)"])
+    }
+} else {
+    for owed in recovery.hooksOwed {
+        logger.error("op \(owed.opID) owed hooks \(owed.names.joined(separator: ", ")) a \(owed.phase), but no hooks-dir is configured")
+    }
+}
 for pid in recovery.liveOwners {
     logger.notice("state dir \(config.stateDir) is also used by the running quiesced pid \(pid); its freeze record is left to it")
 }

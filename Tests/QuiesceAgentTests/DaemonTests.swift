@@ -202,20 +202,20 @@ struct NeverLeftFrozenTests {
         }
     }
 
-    @Test("a failing freeze hook fails the freeze, freezes nothing, and thaws the hooks that ran")
+    @Test("a failing freeze hook fails the freeze, freezes nothing, and ends the hooks that ran with freeze-failed")
     func failingHookFreezesNothing() async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
             let marker = "\(lab.root)/thawed-by-10"
             let hooks = try makeHooks(in: lab.root, [
-                "10-ok": "[ \"$1\" = thaw ] && touch '\(marker)'; exit 0",
+                "10-ok": "[ \"$1\" = freeze-failed ] && touch '\(marker)'; exit 0",
                 "20-fails": "[ \"$1\" = freeze ] && exit 3; exit 0",
             ])
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
             let reply = try TestClient(path: agent.socketPath).call(["op": "freeze"])
             #expect(reply.outcome.failureCode == .hookFailed)
             #expect(try !isFrozen(a))
-            #expect(FileManager.default.fileExists(atPath: marker), "10-ok got its thaw")
+            #expect(FileManager.default.fileExists(atPath: marker), "10-ok got its freeze-failed")
             agent.stop()
         }
     }
@@ -684,6 +684,7 @@ final class NotifyListener {
 
 extension Result where Failure == ProtocolError {
     var failureCode: ErrorCode? { if case .failure(let e) = self { return e.code }; return nil }
+    var failureDetails: JSONObject? { if case .failure(let e) = self { return e.details }; return nil }
 }
 
 @Suite("Concurrent requests", .enabled(if: canUseLoopDevices, "needs root and loop devices"))

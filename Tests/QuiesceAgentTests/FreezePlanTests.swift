@@ -401,4 +401,78 @@ struct FreezePlanTests {
         #expect(a.waves == b.waves)
         for wave in a.waves { #expect(wave.map(\.mountPoint) == wave.map(\.mountPoint).sorted()) }
     }
+
+    // MARK: Dependencies beyond sysfs
+
+    /// /srv on vdb; /data is xfs on vdc with its log on loop0, an image on /srv; an ext4 on
+    /// vdd keeps its journal on loop1, also an image on /srv; /ct is an overlay whose upper
+    /// directory is on /srv, and loop2 is an image inside it, mounted at /img.
+    static let hidden = """
+        21 1 254:3 / / rw - ext4 /dev/vda3 rw
+        30 21 254:16 / /srv rw - ext4 /dev/vdb rw
+        31 21 254:32 / /data rw - xfs /dev/vdc rw,logdev=/dev/loop0,noquota
+        32 21 254:48 / /journaled rw - ext4 /dev/vdd rw
+        33 21 0:50 / /ct rw - overlay overlay rw,lowerdir=/base,upperdir=/srv/ct/upper,workdir=/srv/ct/work
+        34 21 7:2 / /img rw - ext4 /dev/loop2 rw
+
+        """
+    static let hiddenTopology = BlockTopology(
+        loopBacking: [dev(7, 0): dev(254, 16), dev(7, 1): dev(254, 16), dev(7, 2): dev(0, 51)],
+        loopBackingMount: [dev(7, 2): 33],
+        externalDevices: [dev(254, 32): [dev(7, 0)], dev(254, 48): [dev(7, 1)]],
+        overlayUpper: [dev(0, 50): BlockTopology.PathLocation(device: dev(254, 16), mountID: 30)])
+
+    @Test("an external log or journal, and a loop image inside an overlay, put their filesystem before the one they write into")
+    func externalDevicesAndOverlayUpper() throws {
+        let plan = try FreezePlan.make(mounts: mounts(Self.hidden), topology: Self.hiddenTopology, scope: FreezeScope())
+        #expect(plan.mountPointsByWave == [["/", "/data", "/img", "/journaled"], ["/srv"]])
+        for mp in ["/data", "/img", "/journaled"] { #expect(plan.planned(mp)?.dependsOn == ["/srv"], "\(mp)") }
+        // Without those facts the same mounts fall into one wave: the deadlock of issue 13.
+        let blind = try FreezePlan.make(mounts: mounts(Self.hidden), topology: BlockTopology(
+            loopBacking: Self.hiddenTopology.loopBacking, loopBackingMount: Self.hiddenTopology.loopBackingMount), scope: FreezeScope())
+        #expect(blind.waves.count == 1)
+    }
+
+    @Test("an overlay upper directory on a btrfs subvolume is found by its mount ID")
+    func overlayUpperByMountID() throws {
+        let text = """
+            21 1 254:3 / / rw - ext4 /dev/vda3 rw
+            40 21 0:45 /@containers /var/lib/containers rw - btrfs /dev/vdb rw,subvol=/@containers
+            41 21 0:50 / /ct rw - overlay overlay rw,upperdir=/var/lib/containers/u,workdir=/var/lib/containers/w
+            42 21 7:3 / /img rw - ext4 /dev/loop3 rw
+
+            """
+        let topology = BlockTopology(loopBacking: [dev(7, 3): dev(0, 51)], loopBackingMount: [dev(7, 3): 41],
+                                     overlayUpper: [dev(0, 50): BlockTopology.PathLocation(device: dev(0, 46), mountID: 40)])
+        let plan = try FreezePlan.make(mounts: mounts(text), topology: topology, scope: FreezeScope(),
+                                       resolveDevice: resolving(["/dev/vdb": dev(254, 16)]))
+        #expect(plan.planned("/img")?.dependsOn == ["/var/lib/containers"])
+        #expect(plan.mountPointsByWave == [["/", "/img"], ["/var/lib/containers"]])
+    }
+}
+
+@Suite("ext4 superblock")
+struct Ext4SuperblockTests {
+    /// A superblock (the 1024 bytes at offset 1024) with the fields the parser reads.
+    private func superblock(magic: UInt16 = 0xEF53, compat: UInt32, journalInode: UInt32, journalDevice: UInt32) -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: 1024)
+        func put(_ v: UInt32, at: Int, bytes: Int) { for i in 0..<bytes { b[at + i] = UInt8((v >> (8 * i)) & 0xff) } }
+        put(UInt32(magic), at: 0x38, bytes: 2)
+        put(compat, at: 0x5C, bytes: 4)
+        put(journalInode, at: 0xE0, bytes: 4)
+        put(journalDevice, at: 0xE4, bytes: 4)
+        return b
+    }
+
+    @Test("s_journal_dev is decoded as new_encode_dev packs it, only for an external journal")
+    func externalJournal() {
+        // dumpe2fs shows "Journal device: 0x0704" for /dev/loop4 (7:4).
+        #expect(Ext4Superblock.externalJournal(superblock(compat: 0x4, journalInode: 0, journalDevice: 0x0704)) == DeviceNumber(major: 7, minor: 4))
+        // Minor numbers past 255 (new_encode_dev: minor's high bits go above the major).
+        #expect(Ext4Superblock.externalJournal(superblock(compat: 0x4, journalInode: 0, journalDevice: (259 << 8) | 0x12 | (0x3 << 20))) == DeviceNumber(major: 259, minor: 0x312))
+        #expect(Ext4Superblock.externalJournal(superblock(compat: 0x4, journalInode: 8, journalDevice: 0)) == nil, "internal journal")
+        #expect(Ext4Superblock.externalJournal(superblock(compat: 0x0, journalInode: 0, journalDevice: 0x0704)) == nil, "no journal")
+        #expect(Ext4Superblock.externalJournal(superblock(magic: 0x1234, compat: 0x4, journalInode: 0, journalDevice: 0x0704)) == nil)
+        #expect(Ext4Superblock.externalJournal([0, 1, 2]) == nil)
+    }
 }

@@ -297,9 +297,32 @@ struct EnvironmentTests {
         #expect(vars["QUIESCE_DEADLINE_MS"] == "1234")
         #expect(vars["QUIESCE_OP_ID"] == "op-1")
         let exact = try JSON.parse(try #require(vars["QUIESCE_FROZEN_JSON"]))
-        #expect(exact == ["vsock:42:5123": ["consistency": "application", "frozen": ["/a"]],
-                          "unix:/run/b.sock": ["consistency": "crash", "frozen": []]])
+        #expect(exact == ["vsock:42:5123": ["consistency": "application", "frozen": ["/a"], "hooks_not_held": []],
+                          "unix:/run/b.sock": ["consistency": "crash", "frozen": [], "hooks_not_held": []]])
+        #expect(vars["QUIESCE_HOOKS_NOT_HELD"] == "")
         let merged = CommandEnvironment.merge(base: ["PATH=/bin", "QUIESCE_OP_ID=stale", "HOME=/root"], [("QUIESCE_OP_ID", "op-1")])
         #expect(merged == ["PATH=/bin", "HOME=/root", "QUIESCE_OP_ID=op-1"])
+    }
+}
+
+@Suite("Checkpoint: a late agent in a group")
+struct FreezeWaitTests {
+    @Test("an agent that never answers its freeze holds the group only --freeze-wait; it is then undone by op id")
+    func silentAgentIsGivenUpOn() throws {
+        let dir = TempDir()
+        let good = try FakeAgent(in: dir, name: "good")
+        let silent = try FakeAgent(in: dir, name: "silent", .init(silentOn: .freeze))
+        let marker = dir.file("ran")
+        let start = monotonicNanos()
+        let r = try Ctl.run(["--agent", "unix:\(dir.file("good.sock"))", "--agent", "unix:\(dir.file("silent.sock"))",
+                             "--json", "checkpoint", "--freeze-wait", "500ms", "--op-id", "group-1", "--", "touch", marker], in: dir)
+        let elapsed = monotonicNanos() - start
+        #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+        #expect(elapsed < 5_000_000_000, "took \(elapsed / 1_000_000) ms; the freeze reply timeout is 60 s")
+        #expect(!FileManager.default.fileExists(atPath: marker))
+        #expect(!good.frozen && good.thawReasons == ["request"])
+        #expect(silent.thawOps == ["group-1"], "the given-up agent is asked to thaw that op: \(silent.thawOps)")
+        let events = r.json?["timeline"]?.arrayValue?.compactMap { $0["event"]?.stringValue } ?? []
+        #expect(events.contains("gave-up"), "\(events)")
     }
 }

@@ -119,6 +119,34 @@ final class FakeAgent: @unchecked Sendable {
         var freezeBarrier: Barrier? = nil
         /// Push this many (meaningless) events right after answering a freeze: a flooding agent.
         var eventsAfterFreeze = 0
+        /// Take the freeze (or the thaw) but answer with this instead of a valid reply: a broken
+        /// or hostile agent.
+        var freezeAbuse: Abuse? = nil
+        var thawAbuse: Abuse? = nil
+    }
+
+    enum Abuse: Sendable {
+        /// A success reply line of this many bytes (past the client's 1 MiB frame limit when large).
+        case oversized(Int)
+        /// A 1 MiB reply written one byte every `intervalMs`, until the client hangs up.
+        case trickle(intervalMs: Int)
+        /// A frame that is not valid JSON (a duplicate key).
+        case malformed
+
+        func send(on c: PeerConnection, id: JSON?) {
+            let head = Array(#"{"id":\#((id ?? .null).text),"ok":true,"result":{"op_id":"x","pad":""#.utf8)
+            switch self {
+            case .oversized(let n):
+                c.send(head + [UInt8](repeating: UInt8(ascii: "a"), count: max(0, n - head.count - 4)) + Array("\"}}\n".utf8))
+            case .trickle(let ms):
+                for b in head + [UInt8](repeating: UInt8(ascii: "a"), count: 1 << 20) {
+                    guard (try? FD.writeAll(c.fd, [b], timeoutMs: 1000)) != nil else { return }
+                    usleep(UInt32(ms) * 1000)
+                }
+            case .malformed:
+                c.send(#"{"id":\#((id ?? .null).text),"ok":true,"ok":true,"result":{}}"# + "\n")
+            }
+        }
     }
 
     private struct State {
@@ -127,6 +155,7 @@ final class FakeAgent: @unchecked Sendable {
         var frozenBy: String? = nil
         var thawReasons: [String] = []
         var keepaliveTimes: [UInt64] = []
+        var thawOps: [String?] = []
     }
 
     private final class Shared: Sendable {
@@ -147,6 +176,8 @@ final class FakeAgent: @unchecked Sendable {
     var thawReasons: [String] { shared.state.withLock { $0.thawReasons } }
     var keepaliveTimeouts: [Int64?] { shared.state.withLock { $0.keepalives } }
     var keepaliveTimes: [UInt64] { shared.state.withLock { $0.keepaliveTimes } }
+    /// The op_id of each thaw request, in order (nil: a thaw of anything).
+    var thawOps: [String?] { shared.state.withLock { $0.thawOps } }
 
     private static func serve(_ c: PeerConnection, _ b: Behavior, _ shared: Shared) {
         var boundOp: String?
@@ -182,6 +213,7 @@ final class FakeAgent: @unchecked Sendable {
                 let op = f.opID ?? "fake-op"
                 shared.state.withLock { $0.frozenBy = op }
                 if f.mode == .bound { boundOp = op }
+                if let abuse = b.freezeAbuse { abuse.send(on: c, id: r.id); continue }
                 let result = FreezeResult(
                     opID: op, mode: f.mode,
                     filesystems: b.mounts.map { FilesystemReport(mountPoint: $0, type: "ext4", device: "7:0", source: "/dev/loop0") },
@@ -209,6 +241,7 @@ final class FakeAgent: @unchecked Sendable {
                 }
             case .thaw(let op):
                 if let e = b.thawError { c.send(Reply(id: r.id, error: e)); continue }
+                shared.state.withLock { $0.thawOps.append(op) }
                 let was = shared.state.withLock { s -> Bool in
                     guard let by = s.frozenBy, op == nil || op == by else { return false }
                     s.frozenBy = nil
@@ -216,6 +249,7 @@ final class FakeAgent: @unchecked Sendable {
                     return true
                 }
                 if was { boundOp = nil }
+                if let abuse = b.thawAbuse { abuse.send(on: c, id: r.id); continue }
                 c.send(Reply(id: r.id, result: ThawResult(opID: op, wasFrozen: was, filesystems: [], totalUs: 500, frozenUs: was ? 10_000 : nil).json))
             case .sync:
                 c.send(Reply(id: r.id, result: SyncResult(filesystems: [], totalUs: 100).json))

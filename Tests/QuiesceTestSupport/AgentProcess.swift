@@ -23,20 +23,28 @@ public final class AgentProcess: @unchecked Sendable {
 
     /// Starts quiesced with `--listen unix:<dir>/agent.sock --state-dir <dir>/state` plus `arguments`
     /// (tests always add an include scope or explicit mounts), and waits until it answers.
+    /// `launcher`, when given, runs first and is handed quiesced's path and arguments (e.g.
+    /// `unshare -m ... sh -c 'SETUP; exec "$@"' sh`); `startTimeoutMs` bounds the wait.
     public init(in dir: String, name: String = "agent", arguments: [String], environment: [String: String]? = nil,
-                stateDir: String? = nil) throws {
+                stateDir: String? = nil, launcher: [String] = [], startTimeoutMs: Int = 10_000) throws {
         socketPath = "\(dir)/\(name).sock"
         self.stateDir = stateDir ?? "\(dir)/\(name)-state"
         logPath = "\(dir)/\(name).log"
         FileManager.default.createFile(atPath: logPath, contents: nil)
-        process.executableURL = URL(fileURLWithPath: "\(buildProductsDir)/quiesced")
-        process.arguments = ["--config", "/dev/null", "--listen", "unix:\(socketPath)", "--state-dir", self.stateDir] + arguments
+        let agentArguments = ["--config", "/dev/null", "--listen", "unix:\(socketPath)", "--state-dir", self.stateDir] + arguments
+        if let first = launcher.first {
+            process.executableURL = URL(fileURLWithPath: first)
+            process.arguments = Array(launcher.dropFirst()) + ["\(buildProductsDir)/quiesced"] + agentArguments
+        } else {
+            process.executableURL = URL(fileURLWithPath: "\(buildProductsDir)/quiesced")
+            process.arguments = agentArguments
+        }
         if let environment { process.environment = environment }
         let log = FileHandle(forWritingAtPath: logPath)!
         process.standardError = log
         process.standardOutput = log
         try process.run()
-        try waitUntilAnswering()
+        try waitUntilAnswering(timeoutMs: startTimeoutMs)
     }
 
     public func waitUntilAnswering(timeoutMs: Int = 10_000) throws {

@@ -116,6 +116,13 @@ public final class LoopLab: @unchecked Sendable {
         return mp
     }
 
+    /// Attaches an image file to a free loop device, detached again at cleanup. Returns "/dev/loopN".
+    public func attach(_ image: String) throws -> String {
+        let loop = try sh("losetup --find --show '\(image)'").trimmingCharacters(in: .whitespacesAndNewlines)
+        track(loop: loop)
+        return loop
+    }
+
     /// Lazily unmounts one of the lab's mounts (used to reorder mountinfo).
     public func lazyUnmount(_ mp: String) throws {
         try sh("umount -l '\(mp)'")
@@ -127,8 +134,10 @@ public final class LoopLab: @unchecked Sendable {
         try sh("dd if=/dev/urandom of='\(mp)/\(file)' bs=1M count=\(mb) status=none")
     }
 
-    func track(mount: String) { lock.withLock { mountPoints.append(mount) } }
-    func track(loop: String) { lock.withLock { loopDevices.append(loop) } }
+    /// Registers a mount made outside this lab's helpers (a FUSE server) for cleanup.
+    public func track(mount: String) { lock.withLock { mountPoints.append(mount) } }
+    /// Registers a loop device for cleanup.
+    public func track(loop: String) { lock.withLock { loopDevices.append(loop) } }
 
     /// Thaws, unmounts (reverse order, lazily if busy), detaches and removes everything.
     public func cleanup() {

@@ -17,6 +17,9 @@ static const unsigned long QS_IOCTL_VM_SOCKETS_GET_LOCAL_CID = IOCTL_VM_SOCKETS_
 static const unsigned int QS_VMADDR_CID_ANY = VMADDR_CID_ANY;
 static const unsigned int QS_VMADDR_CID_HOST = VMADDR_CID_HOST;
 static const int QS_AF_VSOCK = AF_VSOCK;
+/* open(2)'s O_PATH (include/uapi/asm-generic/fcntl.h, x86_64 and arm64): glibc exposes it only
+   under _GNU_SOURCE, which Swift's Glibc module is not built with. */
+static const int QS_O_PATH = 010000000;
 
 /// FIFREEZE / FITHAW on an open fd. Returns 0 or -1 with errno set.
 static inline int qs_fifreeze(int fd) { return ioctl(fd, FIFREEZE, 0); }
@@ -73,5 +76,16 @@ int qs_syncfs(int fd);
 
 /// ioctl with an int argument (variadic ioctl cannot be called from Swift).
 static inline int qs_ioctl_int(int fd, unsigned long request, int arg) { return ioctl(fd, request, arg); }
+
+/// pipe2(O_CLOEXEC): both ends close on exec, so no other child inherits them by accident.
+int qs_pipe_cloexec(int fds[2]);
+
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34+): the child closes every fd from
+/// `lowfd` up, so it inherits nothing the parent holds (inherited or activated sockets).
+/// `actions` is a posix_spawn_file_actions_t *. Returns 0 or an errno value.
+int qs_spawn_closefrom(void *actions, int lowfd);
+
+/// pidfd_open(2) (Linux 5.3+): an fd that polls readable when the process ends. -1 with errno.
+int qs_pidfd_open(int pid);
 
 #endif

@@ -1,0 +1,272 @@
+// Hooks as writers: every phase on real loop filesystems with a real quiesced and real hook processes.
+import Foundation
+import QuiesceLinux
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+/// A hook body that appends "NAME PHASE" to `log` (one line per run) and then runs `then`.
+func journaling(_ name: String, _ log: String, then: String = "exit 0") -> String {
+    "echo \"\(name) $1\" >> '\(log)'\n\(then)"
+}
+
+func lines(_ path: String) -> [String] {
+    ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+}
+
+@Suite("hooks: freeze, thaw, freeze-failed, hold", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct HookPhaseTests {
+    @Test("freeze in order, thaw in reverse; the environment names the mounts exactly")
+    func orderAndEnvironment() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let odd = try lab.filesystem("b \"odd\"\nline")  // a quote and a newline in the path
+            let log = "\(lab.root)/phases"
+            let env = "\(lab.root)/env"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-first": journaling("10-first", log, then: "[ \"$1\" = freeze ] && printf '%s' \"$QUIESCE_MOUNTS_JSON\" > '\(env)'; exit 0"),
+                "20-second": journaling("20-second", log),
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let c = try TestClient(path: agent.socketPath)
+            let r = try c.result(["op": "freeze", "mode": "detached"])
+            #expect(r["hooks"]?.arrayValue?.compactMap { $0["outcome"]?.stringValue } == ["ok", "ok"])
+            #expect(try isFrozen(a))
+            let t = try c.result(["op": "thaw"])
+            #expect(t["hooks"]?.arrayValue?.compactMap { $0["phase"]?.stringValue } == ["thaw", "thaw"])
+            #expect(lines(log) == ["10-first freeze", "20-second freeze", "20-second thaw", "10-first thaw"])
+            let mounts = try JSON.parse(String(contentsOfFile: env, encoding: .utf8)).arrayValue?.compactMap(\.stringValue)
+            #expect(Set(mounts ?? []) == [a, odd], "exact, whatever the paths hold")
+            agent.stop()
+        }
+    }
+
+    @Test("a FIFREEZE that fails (filesystem frozen by someone else) ends the hooks with freeze-failed")
+    func fifreezeFails() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, ["10-db": journaling("10-db", log)])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            _ = try sh("fsfreeze -f '\(a)'")  // only our own lab mount
+            defer { _ = try? sh("fsfreeze -u '\(a)'", allowFailure: true) }
+            let reply = try TestClient(path: agent.socketPath).call(["op": "freeze"])
+            _ = try sh("fsfreeze -u '\(a)'")
+            #expect(reply.outcome.failureCode != nil)
+            #expect(lines(log) == ["10-db freeze", "10-db freeze-failed"])
+            agent.stop()
+        }
+    }
+
+    @Test("the requester leaving mid-freeze: the freeze is given up after the running hook, hooks get freeze-failed, nothing stays frozen")
+    func requesterLeaves() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-slow": journaling("10-slow", log, then: "[ \"$1\" = freeze ] && sleep 1; exit 0"),
+                "20-next": journaling("20-next", log),
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let c = try TestClient(path: agent.socketPath)
+            try c.sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"bound\"}\n".utf8))
+            let probe = try TestClient(path: agent.socketPath)
+            try waitUntil(timeoutMs: 1000) { try probe.result(["op": "status"])["state"] == "freezing" }
+            c.close()
+            try waitUntil(timeoutMs: 5000) { try probe.result(["op": "status"])["state"] == "thawed" }
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["10-slow freeze", "10-slow freeze-failed"], "20-next never ran; 10-slow was ended")
+            agent.stop()
+        }
+    }
+
+    @Test("SIGTERM while the hooks run: the freeze is given up, the hooks get freeze-failed, the agent exits")
+    func stoppingDuringHooks() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-slow": journaling("10-slow", log, then: "[ \"$1\" = freeze ] && sleep 1; exit 0"),
+                "20-next": journaling("20-next", log),
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let path = agent.socketPath
+            let freezer = BackgroundCall { try TestClient(path: path).call(["op": "freeze", "mode": "detached"]) }
+            let probe = try TestClient(path: path)
+            try waitUntil(timeoutMs: 1000) { try probe.result(["op": "status"])["state"] == "freezing" }
+            agent.signal(SIGTERM)
+            #expect(agent.waitForExit(timeoutMs: 10_000) == 0)
+            let reply = try? freezer.wait(timeoutMs: 2000)
+            #expect(reply?.outcome.failureCode == .hookFailed)
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["10-slow freeze", "10-slow freeze-failed"])
+        }
+    }
+
+    @Test("a hanging hook is killed with its process group at its own timeout; ping and status stay prompt")
+    func ownTimeout() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let pidFile = "\(lab.root)/grandchild"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-hangs": "# quiesce: timeout=1s\nsleep 60 & echo $! > '\(pidFile)'; sleep 60",
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks, "--hook-timeout", "30s"])
+            let path = agent.socketPath
+            let t0 = Date()
+            let freezer = BackgroundCall { try TestClient(path: path).call(["op": "freeze"]) }
+            let probe = try TestClient(path: path)
+            try waitUntil(timeoutMs: 800) { try probe.result(["op": "status"])["state"] == "freezing" }
+            let p0 = Date()
+            _ = try probe.result(["op": "ping"], timeoutMs: 300)
+            _ = try probe.result(["op": "status"], timeoutMs: 300)
+            #expect(Date().timeIntervalSince(p0) < 0.3)
+            let reply = try freezer.wait(timeoutMs: 10_000)
+            let took = Date().timeIntervalSince(t0)
+            #expect(reply.outcome.failureCode == .hookFailed)
+            #expect(took < 3, "failed at the hook's own 1 s timeout, not --hook-timeout's 30 s (took \(took) s)")
+            let report = reply.outcome.failureDetails?["hooks"]?.arrayValue?.first
+            #expect(report?["outcome"] == "timed-out")
+            let grandchild = (try? String(contentsOfFile: pidFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+            // Gone or a zombie (killed; reaped by whoever adopted it): never still sleeping.
+            let st = (try? String(contentsOfFile: "/proc/\(grandchild)/stat", encoding: .utf8)) ?? ""
+            let alive = st.split(separator: ")").last.map { $0.trimmingCharacters(in: .whitespaces).first != "Z" } ?? false
+            #expect(!grandchild.isEmpty && !alive, "the hook's background child was killed too: \(st)")
+            #expect(try !isFrozen(a))
+            agent.stop()
+        }
+    }
+
+    @Test("unsafe hooks and unsafe directories are refused, reported, never run")
+    func unsafeRefused() async throws {
+        try await LoopLab.with { lab in
+            _ = try lab.filesystem("a")
+            let ran = "\(lab.root)/ran"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-group-writable": "touch '\(ran)'",
+                "20-ok": "exit 0",
+                "30-bad-header": "# quiesce: hodl\ntouch '\(ran)'",
+            ])
+            _ = try sh("chmod 775 '\(hooks)/10-group-writable'")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let c = try TestClient(path: agent.socketPath)
+            let r = try c.result(["op": "freeze", "mode": "detached"])
+            let refused = r["hooks_refused"]?.arrayValue?.compactMap { $0["name"]?.stringValue }
+            #expect(refused == ["10-group-writable", "30-bad-header"])
+            #expect(r["hooks"]?.arrayValue?.compactMap { $0["name"]?.stringValue } == ["20-ok"])
+            let status = try c.result(["op": "status"])
+            #expect(status["hooks_refused"]?.arrayValue?.count == 2)
+            _ = try c.result(["op": "thaw"])
+            #expect(!FileManager.default.fileExists(atPath: ran))
+
+            // A directory others can write: nothing in it runs.
+            _ = try sh("chmod 777 '\(hooks)'")
+            let r2 = try c.result(["op": "freeze", "mode": "detached"])
+            #expect(r2["hooks"]?.arrayValue?.isEmpty == true)
+            #expect(r2["hooks_refused"]?.arrayValue?.first?["reason"]?.stringValue?.contains("writable by group or others") == true)
+            _ = try c.result(["op": "thaw"])
+            agent.stop()
+        }
+    }
+
+    @Test("an optional hook that fails lets the freeze go on and says so")
+    func optionalFails() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-optional": "# quiesce: optional\n" + journaling("10-optional", log, then: "[ \"$1\" = freeze ] && { echo 'no server'; exit 4; }; exit 0"),
+                "20-ok": journaling("20-ok", log),
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let c = try TestClient(path: agent.socketPath)
+            let r = try c.result(["op": "freeze", "mode": "detached"])
+            #expect(try isFrozen(a))
+            let first = r["hooks"]?.arrayValue?.first
+            #expect(first?["outcome"] == "failed")
+            #expect(first?["optional"] == true)
+            #expect(first?["output"]?.stringValue?.contains("no server") == true)
+            _ = try c.result(["op": "thaw"])
+            #expect(lines(log) == ["10-optional freeze", "20-ok freeze", "20-ok thaw"], "a failed hook gets no ending")
+            agent.stop()
+        }
+    }
+
+    @Test("a hold hook holds across the freeze and is told thaw on stdin; one that dies while frozen is reported lost")
+    func holdHooks() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, [
+                // Holds until told: one line on stdin, then end of file.
+                "10-hold": "# quiesce: hold timeout=5s\necho \"10-hold $1 $QUIESCE_HOLD\" >> '\(log)'\necho ready\n"
+                    + "read line; echo \"10-hold told $line\" >> '\(log)'",
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let c = try TestClient(path: agent.socketPath)
+            let r = try c.result(["op": "freeze", "mode": "detached"])
+            #expect(r["hooks"]?.arrayValue?.first?["outcome"] == "holding")
+            #expect(try isFrozen(a))
+            #expect(try c.result(["op": "status"])["hooks"]?.arrayValue?.first?["outcome"] == "holding")
+            let t = try c.result(["op": "thaw"])
+            #expect(t["hooks"]?.arrayValue?.first?["outcome"] == "ok")
+            #expect(lines(log) == ["10-hold freeze 1", "10-hold told thaw"])
+
+            // Dies while frozen: status and the thaw reply say `lost`.
+            try "#!/bin/sh\n# quiesce: hold\necho ready\nsleep 0.3\nexit 9\n".write(toFile: "\(hooks)/10-hold", atomically: true, encoding: .utf8)
+            _ = try sh("chmod 755 '\(hooks)/10-hold'")
+            _ = try c.result(["op": "freeze", "mode": "detached"])
+            try waitUntil(timeoutMs: 2000) { try c.result(["op": "status"])["hooks"]?.arrayValue?.first?["outcome"] == "lost" }
+            let t2 = try c.result(["op": "thaw"])
+            let lost = t2["hooks"]?.arrayValue?.first
+            #expect(lost?["outcome"] == "lost")
+            #expect(lost?["exit_code"] == 9)
+            agent.stop()
+        }
+    }
+
+    @Test("after a crash during the freeze hooks, the restarted agent ends the hooks whose freeze succeeded with freeze-failed")
+    func crashDuringHooks() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let pidFile = "\(lab.root)/hanging-pid"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-db": journaling("10-db", log),
+                "20-hangs": journaling("20-hangs", log, then: "echo $$ > '\(pidFile)'; [ \"$1\" = freeze ] && sleep 30; exit 0"),
+            ])
+            defer { _ = try? sh("kill -9 -$(cat '\(pidFile)') 2>/dev/null", allowFailure: true) }  // its group, orphaned by the crash
+            let state = "\(lab.root)/shared-state"
+            let args = ["--include", "\(lab.root)/*", "--hooks-dir", hooks]
+            let agent = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            try TestClient(path: agent.socketPath).sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"detached\"}\n".utf8))
+            try waitUntil(timeoutMs: 3000) { lines(log).contains("20-hangs freeze") }
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let again = try AgentProcess(in: lab.root, name: "agent2", arguments: args, stateDir: state)
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["10-db freeze", "20-hangs freeze", "10-db freeze-failed"])
+            again.stop()
+        }
+    }
+
+    @Test("after a crash while frozen, the restarted agent thaws and ends the owed hooks with thaw")
+    func crashRecoveryEndsHooks() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, ["10-db": journaling("10-db", log, then: "echo \"recovery=$QUIESCE_RECOVERY\" >> '\(log)'")])
+            let state = "\(lab.root)/shared-state"
+            let args = ["--include", "\(lab.root)/*", "--hooks-dir", hooks]
+            let agent = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached"])
+            #expect(try isFrozen(a))
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let again = try AgentProcess(in: lab.root, name: "agent2", arguments: args, stateDir: state)
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["10-db freeze", "recovery=", "10-db thaw", "recovery=1"])
+            again.stop()
+        }
+    }
+}

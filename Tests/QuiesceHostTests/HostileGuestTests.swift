@@ -1,0 +1,173 @@
+// Guests that break the protocol's limits or stall on purpose, against the real quiescectl:
+// thousands of bind mounts on a real agent, and in-test hostile agents beside real ones.
+import Foundation
+import QuiesceHost
+import QuiesceLinux
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+/// A directory path of about `length` bytes under `base` (components of at most 250 bytes).
+private func deepDirectory(_ base: String, length: Int) -> String {
+    var path = base
+    while path.utf8.count + 251 < length { path += "/" + String(repeating: "x", count: 250) }
+    let rest = length - path.utf8.count - 1
+    if rest > 0 { path += "/" + String(repeating: "y", count: rest) }
+    return path
+}
+
+/// Safety: every agent runs with --include limited to the lab; the hostile ones are in-test peers.
+@Suite("Hostile and oversized guests", .serialized)
+struct HostileGuestTests {
+    // MARK: Replies the host cannot read (in-test peers)
+
+    @Test("a freeze reply quiescectl cannot read is undone by its op id; exit 70 says the freeze failed and nothing is frozen",
+          arguments: [FakeAgent.Abuse.oversized(2 << 20), .malformed])
+    func unreadableFreezeReplyIsUndone(_ abuse: FakeAgent.Abuse) throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir, .init(freezeAbuse: abuse))
+        let r = try Ctl.run(["--agent", "unix:\(dir.file("fake.sock"))", "freeze", "--op-id", "hostile-1", "--timeout", "60s"], in: dir)
+        #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+        #expect(agent.thawOps == ["hostile-1"], "thawed by its op id: \(agent.thawOps)")
+        #expect(!agent.frozen)
+        #expect(r.stderr.contains("was undone") && r.stderr.contains("nothing is frozen by it"), "\(r.stderr)")
+    }
+
+    @Test("when the undo fails too, quiescectl says the guest may be frozen until its deadline and prints the thaw command")
+    func unreadableFreezeReplyAndFailedUndo() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir, .init(thawError: ProtocolError(.internal, "thaw broke"), freezeAbuse: .oversized(2 << 20)))
+        let address = "unix:\(dir.file("fake.sock"))"
+        let r = try Ctl.run(["--agent", address, "freeze", "--op-id", "hostile-2", "--timeout", "60s"], in: dir)
+        #expect(r.status == ExitCodes.freezeFailed)
+        #expect(r.stderr.contains("MAY BE FROZEN for up to 1 min"), "\(r.stderr)")
+        #expect(r.stderr.contains("quiescectl --agent \(address) thaw --op-id hostile-2"), "\(r.stderr)")
+        #expect(agent.frozen)
+    }
+
+    @Test("a thaw whose reply cannot be read but which status confirms exits 0 and says how it was confirmed")
+    func unreadableThawReplyConfirmedByStatus() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir, .init(thawAbuse: .oversized(2 << 20)))
+        let address = "unix:\(dir.file("fake.sock"))"
+        let frozen = try Ctl.run(["--agent", address, "freeze"], in: dir)
+        #expect(frozen.status == 0 && agent.frozen, "\(frozen.stderr)")
+        let r = try Ctl.run(["--agent", address, "thaw"], in: dir)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("status confirms nothing is frozen"), "\(r.stdout)")
+        #expect(!agent.frozen)
+    }
+
+    // MARK: Thousands of bind mounts on a real agent
+
+    /// 2500 bind mounts of one ext4 filesystem at ~1100-byte paths and 1200 tmpfs mounts, made
+    /// in a private mount namespace that only the agent lives in (it vanishes with the agent).
+    /// Unfitted, the freeze reply would hold 2500 items and about 2.8 MB: past the 1024-item
+    /// limit and the 1 MiB frame limit of the host.
+    @Test("2500 bind mounts and 1200 tmpfs at long paths: freeze exits 0 with the counts, status and thaw exit 0, nothing stays frozen",
+          .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+    func thousandsOfBindMounts() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let binds = 2500, tmpfs = 1200
+            let bindBase = deepDirectory("\(lab.root)/j", length: 1090)
+            let tmpBase = deepDirectory("\(lab.root)/t", length: 1090)
+            let setup = """
+                set -e
+                i=0; while [ $i -lt \(binds) ]; do mkdir -p "$B/b$i"; mount --bind "$A" "$B/b$i"; i=$((i+1)); done
+                i=0; while [ $i -lt \(tmpfs) ]; do mkdir -p "$T/t$i"; mount -t tmpfs -o size=64k tmpfs "$T/t$i"; i=$((i+1)); done
+                exec "$@"
+                """
+            let start = monotonicNanos()
+            let agent = try AgentProcess(
+                in: lab.root, arguments: ["--include", "\(lab.root)/*"],
+                environment: ["A": a, "B": bindBase, "T": tmpBase, "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"],
+                launcher: ["/usr/bin/unshare", "-m", "--propagation", "private", "/bin/sh", "-c", setup, "sh"],
+                startTimeoutMs: 300_000)
+            defer { agent.stop() }
+            print("bind-mount lab: \(binds) binds + \(tmpfs) tmpfs mounted in \(TimeSpan.human(nanoseconds: monotonicNanos() - start))")
+            let dir = TempDir()
+            let ctl = ["--agent", "unix:\(agent.socketPath)"]
+
+            let plan = try Ctl.run(ctl + ["--json", "filesystems"], in: dir, timeoutMs: 60_000)
+            #expect(plan.status == 0, "\(plan.stderr)")
+            let planned = try #require(plan.json?["agents"]?.arrayValue?.first?["result"])
+            #expect(planned["filesystems"]?.arrayValue?.first?["mounts_total"] == .int(Int64(binds)), "\(plan.stdout.prefix(400))")
+            #expect(planned["skipped_total"] == .int(Int64(tmpfs)))
+            #expect(planned["truncated"] == true)
+            #expect(plan.stdout.utf8.count < 1 << 20)
+
+            let t0 = monotonicNanos()
+            let frozen = try Ctl.run(ctl + ["freeze", "--timeout", "120s"], in: dir, timeoutMs: 60_000)
+            print("freeze of \(binds + 1) mounts: \(TimeSpan.human(nanoseconds: monotonicNanos() - t0)), exit \(frozen.status): \(frozen.stdout.split(separator: "\n").first ?? "")")
+            #expect(frozen.status == 0, "\(frozen.stderr)")
+            #expect(frozen.stdout.contains("frozen 1 filesystem"), "\(frozen.stdout.prefix(400))")
+            #expect(frozen.stdout.contains("\(binds + 1) mountpoints with bind mounts"), "\(frozen.stdout.prefix(400))")
+            #expect(frozen.stdout.contains("\(tmpfs) skipped"))
+            #expect(try isFrozen(a))
+
+            let status = try Ctl.run(ctl + ["status"], in: dir)
+            #expect(status.status == 0 && status.stdout.contains("state: frozen"), "\(status.stdout)\(status.stderr)")
+
+            let thawed = try Ctl.run(ctl + ["thaw"], in: dir, timeoutMs: 60_000)
+            #expect(thawed.status == 0, "\(thawed.stderr)")
+            #expect(thawed.stdout.contains("thawed 1 filesystem"), "\(thawed.stdout)")
+            #expect(try !isFrozen(a))
+        }
+    }
+
+    // MARK: One hostile agent in a group of real ones
+
+    /// Two real agents on their own loop filesystems, and one in-test agent that takes the freeze
+    /// but never gets its reply out (it trickles a 1 MiB reply a byte every 10 ms, or says
+    /// nothing). The real guests may wait --freeze-wait (1 s) for it, no longer.
+    @Test("one agent that trickles or withholds its freeze reply cannot keep the other guests frozen past --freeze-wait",
+          .enabled(if: canUseLoopDevices, "needs root and loop devices"),
+          arguments: ["trickle", "silent"])
+    func hostileAgentInGroup(_ kind: String) async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a"), b = try lab.filesystem("b")
+            let agentA = try AgentProcess(in: lab.root, name: "agentA", arguments: ["--include", a])
+            let agentB = try AgentProcess(in: lab.root, name: "agentB", arguments: ["--include", b])
+            defer { agentA.stop(); agentB.stop() }
+            let dir = TempDir()
+            let behavior: FakeAgent.Behavior = kind == "trickle"
+                ? .init(freezeAbuse: .trickle(intervalMs: 10)) : .init(silentOn: .freeze)
+            let hostile = try FakeAgent(in: dir, name: "hostile", behavior)
+            let agents = ["--agent", "unix:\(agentA.socketPath)", "--agent", "unix:\(dir.file("hostile.sock"))",
+                          "--agent", "unix:\(agentB.socketPath)"]
+            let marker = dir.file("ran")
+
+            // Policy fail: COMMAND does not run, the real guests are thawed after at most the wait.
+            let start = monotonicNanos()
+            let r = try Ctl.run(agents + ["--json", "checkpoint", "--freeze-wait", "1s", "--timeout", "60s",
+                                          "--", "touch", marker], in: dir, timeoutMs: 30_000)
+            let elapsed = monotonicNanos() - start
+            #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: marker))
+            let report = try #require(r.json?["agents"]?.arrayValue)
+            for i in [0, 2] {
+                let frozenUs = try #require(report[i]["thaw"]?["frozen_us"]?.intValue, "\(report[i])")
+                print("\(kind): real agent \(i) frozen for \(frozenUs / 1000) ms (freeze-wait 1 s)")
+                #expect(frozenUs < 2_500_000, "a real guest stayed frozen \(frozenUs) us")
+            }
+            #expect(report[1]["error"]?["message"]?.stringValue?.contains("did not freeze within 1 s") == true, "\(report[1])")
+            #expect(elapsed < 10_000_000_000, "the checkpoint took \(elapsed / 1_000_000) ms")
+            #expect(try !isFrozen(a) && !isFrozen(b))
+            #expect(eventually(withinMs: 3000) { !hostile.frozen }, "the dropped connection thaws the hostile agent's bound freeze")
+
+            // Crash-consistent: COMMAND runs for the real guests, which are frozen for the wait
+            // plus COMMAND, not for the hostile agent's 60 s reply timeout.
+            let ck = try Ctl.run(agents + ["--json", "checkpoint", "--freeze-wait", "1s", "--timeout", "60s",
+                                           "--on-agent-failure", "crash-consistent", "--",
+                                           "sh", "-c", "fsfreeze -f '\(a)' 2>/dev/null || fsfreeze -f '\(b)' 2>/dev/null || touch '\(marker)'"],
+                                 in: dir, timeoutMs: 30_000)
+            #expect(ck.status == 0, "\(ck.stderr)")
+            #expect(FileManager.default.fileExists(atPath: marker), "COMMAND ran while both real guests were frozen")
+            #expect(ck.json?["consistency"] == "crash" && ck.json?["crash_consistent_agents"]?.arrayValue?.count == 1)
+            let frozenA = try #require(ck.json?["agents"]?.arrayValue?.first?["thaw"]?["frozen_us"]?.intValue)
+            #expect(frozenA < 3_000_000, "frozen \(frozenA) us")
+            #expect(try !isFrozen(a) && !isFrozen(b))
+        }
+    }
+}
