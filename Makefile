@@ -1,11 +1,11 @@
-# Entry points. `make demo` runs the main job on a built-in lab; `make test` runs every test.
+# Entry points. `make demo` runs the main job in a real guest; `make test` runs every test.
 SWIFT ?= swift
 # Static Swift runtime: the agent goes into guests that have no Swift installed. Symbols bound
 # at start (-z now), as Debian hardens its daemons (packaging/debian/rules uses the same flags).
 RELEASE_FLAGS = -c release --static-swift-stdlib -Xlinker -z -Xlinker now
 RELEASE_BIN = .build/release
 
-.PHONY: all build release deps test unit bench-smoke vm-test fuzz-smoke fuzz bench demo demo-vm deb deb-check db-proof clean
+.PHONY: all build release deps test unit bench-smoke vm-test e2e fuzz-smoke fuzz bench demo demo-local demo-vm deb deb-check db-proof clean
 
 all: build
 
@@ -23,8 +23,9 @@ release:
 # Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
 # QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), 30 s of protocol
 # fuzzing, then the Swift suites (protocol vectors, plan fixtures, the agent and coordinator on
-# real loop filesystems), the databases behind the shipped hooks, and the Debian packages' checks.
-test: deps bench-smoke vm-test fuzz-smoke unit db-proof deb-check
+# real loop filesystems), the databases behind the shipped hooks, the Debian packages' checks,
+# and the end-to-end scenarios in a systemd guest that installs those packages (e2e).
+test: deps bench-smoke vm-test fuzz-smoke unit db-proof deb-check e2e
 
 unit:
 	$(SWIFT) test
@@ -55,10 +56,23 @@ db-proof: release
 bench: release
 	bench/freeze-bench --check --quiesced $(RELEASE_BIN)/quiesced
 
-# The main job on a built-in default: loop filesystems it makes, quiesced serving them, and
+# The main job: a Debian 12 guest with systemd (built once, cached in .vm-cache/) gets the
+# packages from `make deb` installed with apt; the host runs quiescectl checkpoint around a QMP
+# snapshot of the guest's data disk while a workload writes, and proves the snapshot consistent
+# beside a crash-consistent one.
+demo: deps deb
+	scripts/vm/demo-guest --debs build/deb
+
+# The same job on loop filesystems on this machine (no VM): quiesced serving them and
 # quiescectl checkpointing a raw copy that it proves consistent. Cleans up after itself.
-demo: deps release
+demo-local: deps release
 	scripts/demo $(RELEASE_BIN)
+
+# Scenarios 1-6 of issue 8 in that guest: udev starts the agent, a consistent QMP snapshot,
+# freeze-everything while journald/rsyslog write, SIGKILL while frozen, reinstall and upgrade
+# while frozen, vsock. See scripts/vm/run-e2e.
+e2e: deps deb
+	scripts/vm/run-e2e --debs build/deb
 
 # The same job in a throwaway QEMU guest: the host checkpoints the guest over virtio-serial and
 # proves the disk copy consistent (see scripts/vm/run-guest-test for every check it prints).
