@@ -21,7 +21,7 @@ public final class Server: Sendable {
     let config: AgentConfig
     let logger: Logger
     private let connections = Mutex<[ConnectionID: Connection]>([:])
-    private let nextID = Atomic<UInt64>(1)
+    let nextID = Atomic<UInt64>(1)
     private let stateBox = Mutex<AgentState?>(nil)
 
     public init(config: AgentConfig, logger: Logger) {
@@ -120,7 +120,7 @@ public final class Server: Sendable {
             return config.allowedUIDs.contains(uid) ? nil : "uid \(uid) is not allowed (allow-uid)"
         case .vsock(let cid, _):
             return config.allowedVsockCIDs.contains(cid) ? nil : "vsock CID \(cid) is not allowed (allow-vsock-cid)"
-        case .serial:
+        case .serial, .hvVSS:
             return nil
         case .unknown:
             return "unknown peer"

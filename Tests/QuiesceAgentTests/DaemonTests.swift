@@ -582,6 +582,7 @@ struct SystemdAndConfigTests {
               ("--listen vsock:abc", "port \"abc\" is not a number"),
               ("--listen tcp:1", "unknown kind \"tcp\""),
               ("--listen qga+serial:ttyS1", "the device path must be absolute"),
+              ("--listen hv-vss:hv_vss", "the device path must be absolute"),
               ("stray", "unexpected argument \"stray\""),
           ])
     func badFlags(flags: String, message: String) throws {
