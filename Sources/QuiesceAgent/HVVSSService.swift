@@ -25,8 +25,11 @@ extension Server {
 ///   fails the host's pending request when the device is closed), unless thaw-on-disconnect=no.
 /// - THAW thaws that freeze. If the agent already ended it by itself (deadline, lost device,
 ///   signal), THAW is answered HV_E_FAIL and the log says when and why: the host's checkpoint
-///   was not quiesced throughout. A THAW with no freeze of ours (the driver fakes one before
-///   hibernating) is answered HV_S_OK and thaws nothing, as hv_vss_daemon does.
+///   was not quiesced throughout. A THAW with no freeze of ours (this agent restarted since the
+///   FREEZE, or took over the device from hv_vss_daemon mid-backup) thaws nothing and is answered
+///   HV_E_FAIL too, for the same reason; hv_vss_daemon answers HV_S_OK there. (The THAW the
+///   driver fakes before hibernating is never answered at all: the driver refuses the write and
+///   the device is reopened.)
 /// - HOT_BACKUP is answered HV_S_OK: the guest supports backup (the driver adds the
 ///   "no auto-recovery" flag itself). Any other operation is answered HV_E_FAIL and logged
 ///   (hv_vss_daemon answers HV_S_OK to what it does not know; we never claim what we did not do).
@@ -137,8 +140,8 @@ final class HVVSSChannel {
             }
         case .thaw?:
             guard let op = opID else {
-                logger.notice("Hyper-V VSS: THAW with no freeze of ours: answered HV_S_OK, nothing thawed")
-                return HVVSS.ok
+                logger.warning("Hyper-V VSS: THAW with no FREEZE of this agent before it (restarted, or took the device over mid-backup): answered HV_E_FAIL, nothing thawed")
+                return HVVSS.fail
             }
             opID = nil
             switch blockingAwait({ await state.thaw(opID: op, reason: .request) }) {

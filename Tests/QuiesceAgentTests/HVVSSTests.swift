@@ -152,8 +152,11 @@ struct HVVSSTests {
             #expect(agent.log.contains("GET_DM_INFO is not handled here: answered HV_E_FAIL"))
             #expect(agent.log.contains("operation 200 is not handled here"))
 
-            // A THAW with no freeze of ours (the driver fakes one before hibernating): OK, nothing done.
-            #expect(try driver.request(thawOp).error == hvOK)
+            // A THAW with no FREEZE of ours before it (the agent restarted mid-backup): we held
+            // nothing for the host, so it is told the snapshot was not quiesced by us.
+            #expect(try driver.request(thawOp).error == hvFail)
+            #expect(agent.log.contains("THAW with no FREEZE of this agent before it"))
+            #expect(try !isFrozen(a))
             #expect(try driver.silent(forMs: 200), "one answer per request")
         }
     }
@@ -171,9 +174,16 @@ struct HVVSSTests {
             _ = try driver.register()
             #expect(try driver.request(freezeOp).error == hvOK)
             #expect(try isFrozen(a))
-            try waitUntil(timeoutMs: 4000) { try !isFrozen(a) }
-            let status = try TestClient(path: agent.socketPath).result(["op": "status"])
-            #expect(status["last_auto_thaw"]?["reason"] == "deadline")
+            // Watched through the agent's status rather than by probing the filesystem every few
+            // milliseconds while it is frozen.
+            let watcher = try TestClient(path: agent.socketPath)
+            var status: JSONObject = [:]
+            try waitUntil(timeoutMs: 4000) {
+                status = try watcher.result(["op": "status"])
+                return status["state"] == "thawed"
+            }
+            #expect(status["last_auto_thaw"]?["reason"] == "deadline", "\(status)\n\(agent.log)")
+            #expect(try !isFrozen(a))
 
             #expect(try driver.request(thawOp).error == hvFail)
             #expect(agent.log.contains("THAW answered HV_E_FAIL"))
@@ -211,6 +221,33 @@ struct HVVSSTests {
             #expect(try second.request(freezeOp).error == hvOK)
             #expect(try isFrozen(a))
             #expect(try second.request(thawOp).error == hvOK)
+            #expect(try !isFrozen(a))
+        }
+    }
+
+    @Test("an agent restarted between FREEZE and THAW registers again and answers the THAW HV_E_FAIL: it held nothing for the host")
+    func restartMidBackup() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let device = "\(lab.root)/hv_vss"
+            let driver = try HVVSSDriverStandIn(link: device)
+            defer { driver.unplug() }
+            let args = ["--include", "\(lab.root)/*", "--listen", "hv-vss:\(device)"]
+            let first = try AgentProcess(in: lab.root, arguments: args)
+            defer { first.stop() }
+            _ = try driver.register()
+            #expect(try driver.request(freezeOp).error == hvOK)
+            #expect(try isFrozen(a))
+            first.signal(SIGTERM)
+            #expect(first.waitForExit() == 0)
+            #expect(try !isFrozen(a), "SIGTERM thaws")
+
+            let second = try AgentProcess(in: lab.root, name: "agent2", arguments: args)
+            defer { second.stop() }
+            #expect(try driver.register() == HVVSS.registerMessage)
+            #expect(try driver.request(thawOp).error == hvFail)
+            #expect(try driver.request(freezeOp).error == hvOK)
+            #expect(try driver.request(thawOp).error == hvOK)
             #expect(try !isFrozen(a))
         }
     }
