@@ -58,7 +58,11 @@ public actor AgentState {
     }
 
     private var phase: Phase = .thawed
-    private var endedOps: [(opID: String, reason: ThawReason)] = []
+    /// Operations that ended, newest last (at most 64): why and when (wall clock ms).
+    private var endedOps: [(opID: String, reason: ThawReason, atMs: Int64, timeoutMs: Int64)] = []
+    /// The last freeze taken through qemu-ga's dialect that no `guest-fsfreeze-thaw` has answered
+    /// for yet: the host's thaw is checked against it (see `qgaThaw`).
+    private var qgaOpID: String?
     private var lastAutoThaw: AutoThawReport?
     private var opCounter: UInt64 = 0
     private var shuttingDown = false
@@ -433,14 +437,22 @@ public actor AgentState {
         let f: Freeze
         switch phase {
         case .thawed:
-            if let opID, !endedOps.contains(where: { $0.opID == opID }) {
-                return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold a freeze"))
+            if let opID {
+                guard let ended = endedOps.last(where: { $0.opID == opID }) else {
+                    return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold a freeze"))
+                }
+                if ended.reason != .request {
+                    return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                }
             }
             return .success(ThawResult(opID: opID, wasFrozen: false, filesystems: [], totalUs: 0, frozenUs: nil))
         case .freezing, .thawing:
             return .failure(ProtocolError(.busy, "a freeze or thaw is in progress; try again"))
         case .frozen(let current):
             if let opID, opID != current.opID {
+                if let ended = endedOps.last(where: { $0.opID == opID }), ended.reason != .request {
+                    return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                }
                 return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(current.opID) does)"))
             }
             f = current
@@ -475,7 +487,7 @@ public actor AgentState {
         phase = .thawed
         guardian.disarm()
         record.remove()
-        endedOps.append((f.opID, reason))
+        endedOps.append((f.opID, reason, wallClockMillis(), f.timeoutMs))
         if endedOps.count > 64 { endedOps.removeFirst() }
         log.info("thawed", metadata: ["reason": "\(reason.rawValue)", "frozen_us": "\(frozenUs)", "thaw_us": "\(outcome.totalUs)"])
         if reason != .request {
@@ -485,6 +497,55 @@ public actor AgentState {
         }
         reportStatus(statusLine())
         return .success(result)
+    }
+
+    /// The error for a thaw that came after the agent had already ended its operation by itself:
+    /// the requester's snapshot may have been taken partly unfrozen, and must hear so (libvirt
+    /// fails a snapshot whose thaw fails). Code `not-frozen`, details `op_id`, `thawed_reason`
+    /// (a `ThawReason`), `thawed_at_ms` (wall clock, ms since the epoch).
+    static func endedEarly(opID: String, reason: ThawReason, atMs: Int64, timeoutMs: Int64) -> ProtocolError {
+        let why = switch reason {
+        case .deadline: "its deadline passed (\(timeoutMs) ms without a thaw or keepalive; --max-freeze caps it)"
+        case .disconnect: "the connection (or device session) it was bound to closed"
+        case .signal: "the agent was stopped"
+        case .restart: "the agent restarted"
+        case .request: "a thaw request"
+        }
+        let seconds = max(0, wallClockMillis() - atMs) / 1000
+        return ProtocolError(.notFrozen,
+            "operation \(opID) was thawed by the agent before this thaw: at \(atMs) ms since the epoch (\(seconds) s ago), because \(why); a snapshot taken after that was not quiesced",
+            details: ["op_id": .string(opID), "thawed_reason": .string(reason.rawValue), "thawed_at_ms": .int(atMs)])
+    }
+
+    // MARK: - qemu-ga's dialect
+
+    /// `guest-fsfreeze-freeze[-list]`: a detached freeze with the agent's max-freeze, remembered
+    /// so that the host's later `guest-fsfreeze-thaw` can be told if it came too late.
+    public func qgaFreeze(mounts: [String]?, context: RequestContext) async -> Reply {
+        let reply = await freeze(FreezeRequest(mounts: mounts, timeoutMs: nil, opID: nil, mode: .detached), context: context, id: nil)
+        if case .success(let result) = reply.outcome, case .string(let op)? = result["op_id"] { qgaOpID = op }
+        return reply
+    }
+
+    /// `guest-fsfreeze-thaw`. qemu-ga's thaw has no operation id; this one stands for the last
+    /// freeze taken through qemu-ga's dialect. If the agent ended that freeze by itself
+    /// (deadline, signal) before the host's thaw came, the thaw fails saying when and why, once;
+    /// otherwise it thaws whatever the agent holds (0 filesystems when nothing).
+    public func qgaThaw() async -> Result<ThawResult, ProtocolError> {
+        if let op = qgaOpID {
+            switch phase {
+            case .freezing, .thawing: return .failure(ProtocolError(.busy, "a freeze or thaw is in progress; try again"))
+            case .frozen(let f) where f.opID == op:
+                qgaOpID = nil
+                return await thaw(opID: op, reason: .request)
+            case .frozen, .thawed:
+                qgaOpID = nil
+                if let ended = endedOps.last(where: { $0.opID == op }), ended.reason != .request {
+                    return .failure(AgentState.endedEarly(opID: op, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                }
+            }
+        }
+        return await thaw(opID: nil, reason: .request)
     }
 
     // MARK: - Sync

@@ -21,7 +21,7 @@ public final class Server: Sendable {
     let config: AgentConfig
     let logger: Logger
     private let connections = Mutex<[ConnectionID: Connection]>([:])
-    private let nextID = Atomic<UInt64>(1)
+    let nextID = Atomic<UInt64>(1)
     private let stateBox = Mutex<AgentState?>(nil)
 
     public init(config: AgentConfig, logger: Logger) {
@@ -120,7 +120,7 @@ public final class Server: Sendable {
             return config.allowedUIDs.contains(uid) ? nil : "uid \(uid) is not allowed (allow-uid)"
         case .vsock(let cid, _):
             return config.allowedVsockCIDs.contains(cid) ? nil : "vsock CID \(cid) is not allowed (allow-vsock-cid)"
-        case .serial:
+        case .serial, .hvVSS:
             return nil
         case .unknown:
             return "unknown peer"
@@ -257,6 +257,15 @@ public enum Dialect: Sendable {
     case quiesce
     case qga
 
+    /// How requests are cut from the stream: lines for ours; for qemu-ga's, JSON values with no
+    /// newline needed between them, as qemu-ga itself parses.
+    var framing: Framing {
+        switch self {
+        case .quiesce: .lines
+        case .qga: .jsonValues
+        }
+    }
+
     /// An error that is nobody's reply (framing, limits, refusals), in this dialect.
     func errorFrame(_ error: ProtocolError, id: JSON?) -> [UInt8] {
         switch self {
@@ -372,7 +381,7 @@ final class Connection: Sendable {
     func runStream() {
         let writer = startWriter()
         startWorker()
-        var decoder = FrameDecoder()
+        var decoder = FrameDecoder(framing: dialect.framing)
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
         var buffer = [UInt8](repeating: 0, count: 16384)
         reading: while true {
@@ -408,7 +417,7 @@ final class Connection: Sendable {
     func runSerialSession(first: [UInt8] = []) -> Bool {
         let writer = startWriter()
         startWorker()
-        var decoder = FrameDecoder()
+        var decoder = FrameDecoder(framing: dialect.framing)
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
         decoder.feed(first[...])
         while let event = decoder.next() { _ = handle(event, limiter: &limiter) }
@@ -445,7 +454,7 @@ final class Connection: Sendable {
             return true
         case .tooLarge:
             send(dialect.errorFrame(ProtocolError(.frameTooLarge,
-                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next line")"), id: nil))
+                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")"), id: nil))
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {

@@ -9,6 +9,8 @@ public enum Peer: Sendable, Equatable, CustomStringConvertible {
     case unix(pid: Int32, uid: UInt32, gid: UInt32)
     case vsock(cid: UInt32, port: UInt32)
     case serial(path: String)
+    /// The kernel's Hyper-V VSS driver, on its character device (`/dev/vmbus/hv_vss`).
+    case hvVSS(path: String)
     case unknown
 
     public var description: String {
@@ -16,6 +18,7 @@ public enum Peer: Sendable, Equatable, CustomStringConvertible {
         case .unix(let pid, let uid, _): "unix uid=\(uid) pid=\(pid)"
         case .vsock(let cid, let port): "vsock cid=\(cid) port=\(port)"
         case .serial(let path): "serial \(path)"
+        case .hvVSS(let path): "hv-vss \(path)"
         case .unknown: "unknown peer"
         }
     }

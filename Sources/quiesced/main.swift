@@ -20,7 +20,9 @@ before exiting, and a restarted agent thaws what a crashed one left frozen.
 
 ADDR is unix:PATH, vsock:PORT (any CID), vsock:CID:PORT or serial:DEVICE (a virtio-serial
 port such as /dev/virtio-ports/org.quiesce.agent.0). qga+unix:PATH and qga+serial:DEVICE speak
-qemu-ga's protocol instead, for hosts that drive qemu-guest-agent (libvirt, Proxmox). Without
+qemu-ga's protocol instead, for hosts that drive qemu-guest-agent (libvirt, Proxmox).
+hv-vss:DEVICE (hv-vss: alone is /dev/vmbus/hv_vss) answers Hyper-V's backup requests from the
+kernel's hv_utils driver in place of hv_vss_daemon (Hyper-V and Azure guests). Without
 --listen, the config file's listen lines, socket activation, or unix:/run/quiesce/quiesced.sock
 are used.
 DURATION is 500ms, 30s, 5m, 1h or plain seconds.
@@ -201,6 +203,8 @@ for address in config.listen {
             server.serve(listener: try Socket.listenVsock(cid: cid ?? UInt32.max, port: port), name: address.description)
         case .serial(let device), .qgaSerial(let device):
             server.serve(serialDevice: device, dialect: address.dialect)
+        case .hvVSS(let device):
+            server.serve(hvVSSDevice: device)
         }
         logger.info("listening on \(address)")
     } catch {

@@ -25,6 +25,25 @@ struct NeverLeftFrozenTests {
             let status = try client.result(["op": "status"])
             #expect(status["state"] == "thawed")
             #expect(status["last_auto_thaw"]?["reason"] == "deadline")
+
+            // The requester's late thaw, naming its operation, is told the freeze ended early:
+            // its snapshot was not quiesced throughout. A thaw naming no operation stays idempotent.
+            let late = try client.call(["op": "thaw", "op_id": r["op_id"]!])
+            guard case .failure(let e) = late.outcome else { Issue.record("late thaw succeeded: \(late)"); return }
+            #expect(e.code == .notFrozen)
+            #expect(e.message.contains("was thawed by the agent before this thaw") && e.message.contains("because its deadline passed"), "\(e.message)")
+            #expect(e.details?["op_id"] == r["op_id"] && e.details?["thawed_reason"] == "deadline")
+            if case .int(let at)? = e.details?["thawed_at_ms"], case .int(let evAt)? = event.fields["at_ms"] {
+                #expect(abs(at - evAt) < 1000, "the time the thawed event gave")
+            } else {
+                Issue.record("no thawed_at_ms: \(String(describing: e.details))")
+            }
+            let plain = try client.result(["op": "thaw"])
+            #expect(plain["was_frozen"] == false)
+            // A repeated thaw of an operation the requester thawed itself stays a success.
+            let again = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
+            _ = try client.result(["op": "thaw", "op_id": again["op_id"]!])
+            #expect(try client.result(["op": "thaw", "op_id": again["op_id"]!])["was_frozen"] == false)
             agent.stop()
         }
     }
@@ -582,6 +601,7 @@ struct SystemdAndConfigTests {
               ("--listen vsock:abc", "port \"abc\" is not a number"),
               ("--listen tcp:1", "unknown kind \"tcp\""),
               ("--listen qga+serial:ttyS1", "the device path must be absolute"),
+              ("--listen hv-vss:hv_vss", "the device path must be absolute"),
               ("stray", "unexpected argument \"stray\""),
           ])
     func badFlags(flags: String, message: String) throws {
