@@ -53,7 +53,7 @@ final class HVVSSChannel {
         while true {
             let fd: Int32
             do {
-                fd = try FD.open(path, O_RDWR | O_NOCTTY)
+                fd = try FD.openCharacterDevice(path, O_RDWR | O_NOCTTY)
                 lastOpenError = nil
             } catch {
                 let text = "\(error)"

@@ -136,7 +136,7 @@ public final class Server: Sendable {
             while true {
                 let fd: Int32
                 do {
-                    fd = try FD.open(path, O_RDWR | O_NOCTTY | O_NONBLOCK)
+                    fd = try FD.openCharacterDevice(path, O_RDWR | O_NOCTTY | O_NONBLOCK)
                     announcedMissing = false
                 } catch {
                     if !announcedMissing { logger.warning("serial port \(path): \(error); waiting for it") }

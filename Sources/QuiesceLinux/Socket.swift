@@ -114,6 +114,23 @@ public enum FD {
     public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0) throws(SystemError) -> Int32 {
         try retryingEINTR("open", path) { Glibc.open(path, flags | O_CLOEXEC, mode) }
     }
+
+    /// Opens `path` only if it is a character device (a virtio-serial port, a pty, the Hyper-V
+    /// VSS device): checked with stat(2) before the open, so nothing else (a disk image, a block
+    /// device named by a typo) is ever opened for writing, and with fstat(2) after it.
+    /// Throws ENOTTY with "not a character device" for anything else.
+    public static func openCharacterDevice(_ path: String, _ flags: Int32) throws(SystemError) -> Int32 {
+        func isCharacterDevice(_ st: stat) -> Bool { (st.st_mode & S_IFMT) == S_IFCHR }
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw SystemError("stat", path, Errno.current) }
+        guard isCharacterDevice(st) else { throw SystemError("open", "\(path) (not a character device)", Errno(ENOTTY)) }
+        let fd = try open(path, flags)
+        guard fstat(fd, &st) == 0, isCharacterDevice(st) else {
+            close(fd)
+            throw SystemError("open", "\(path) (not a character device)", Errno(ENOTTY))
+        }
+        return fd
+    }
 }
 
 /// Stream sockets: listen, accept and connect for Unix and vsock addresses.

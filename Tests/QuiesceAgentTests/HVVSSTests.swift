@@ -251,4 +251,27 @@ struct HVVSSTests {
             #expect(try !isFrozen(a))
         }
     }
+
+    @Test("a device path that is not a character device (a disk image, by a typo) is never opened: nothing is written to it, nothing freezes")
+    func refusesWhatIsNotACharacterDevice() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            // A file full of bytes that would read as FREEZE requests, and the image under `a` itself.
+            let decoy = "\(lab.root)/decoy"
+            try sh("printf '\\005\\000\\000\\000\\000\\000\\000\\000\\000\\000\\000\\000%.0s' $(seq 64) > '\(decoy)'")
+            let image = "\(lab.root)/a.img"
+            let before = try sh("md5sum '\(decoy)' '\(image)'")
+            let agent = try AgentProcess(in: lab.root, arguments: [
+                "--include", "\(lab.root)/*", "--listen", "hv-vss:\(decoy)", "--listen", "serial:\(image)"])
+            defer { agent.stop() }
+            try waitUntil(timeoutMs: 5000) {
+                agent.log.contains("\(decoy) (not a character device)") && agent.log.contains("\(image) (not a character device)")
+            }
+            usleep(500_000)
+            #expect(try sh("md5sum '\(decoy)' '\(image)'") == before, "neither file was written")
+            #expect(try !isFrozen(a))
+            let status = try TestClient(path: agent.socketPath).result(["op": "status"])
+            #expect(status["state"] == "thawed")
+        }
+    }
 }
