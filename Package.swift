@@ -20,6 +20,7 @@ let package = Package(
         .target(name: "QuiesceProtocol"),
         // C constants and structs Swift cannot see (linux/fs.h, linux/vm_sockets.h, linux/loop.h).
         .target(name: "CQuiesceShims"),
+        .target(name: "CQuiesceExecutor"),
         // libsystemd: sd-daemon (notify, socket activation) and sd-journal.
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
         // The only place that calls the kernel.
@@ -31,7 +32,7 @@ let package = Package(
         ]),
         // Host side: transports, agent client, checkpoint bracket.
         .target(name: "QuiesceHost", dependencies: ["QuiesceProtocol", "QuiesceLinux"]),
-        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent"]),
+        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent", "CQuiesceExecutor"]),
         .executableTarget(name: "quiescectl", dependencies: [
             "QuiesceHost",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

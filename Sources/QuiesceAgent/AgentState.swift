@@ -79,10 +79,16 @@ public actor AgentState {
     let broadcast: @Sendable (Event) -> Void
     /// Reports a one-line state to the service manager (STATUS=).
     let reportStatus: @Sendable (String) -> Void
+    /// Whether someone reads the STATUS= countdown (a service manager): only then does a frozen
+    /// agent wake once a second to refresh it; otherwise it sleeps until the deadline.
+    let statusCountdown: Bool
 
+    /// - Parameter statusCountdown: refresh `reportStatus` every second while frozen (set it
+    ///   when a service manager listens, i.e. `$NOTIFY_SOCKET` is set).
     public init(config: AgentConfig, logger: Logger,
                 broadcast: @escaping @Sendable (Event) -> Void = { _ in },
-                reportStatus: @escaping @Sendable (String) -> Void = { _ in }) {
+                reportStatus: @escaping @Sendable (String) -> Void = { _ in },
+                statusCountdown: Bool = false) {
         self.config = config
         self.discovery = Discovery(scope: config.scope)
         self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere)
@@ -95,6 +101,7 @@ public actor AgentState {
         }
         self.broadcast = broadcast
         self.reportStatus = reportStatus
+        self.statusCountdown = statusCountdown
     }
 
     /// Answers one request. `hello` and `ping` are answered by the connection itself.
@@ -380,7 +387,9 @@ public actor AgentState {
     // MARK: - Deadline, keepalive, disconnect
 
     /// Sleeps until the freeze's deadline (which keepalives may push) and thaws it there.
-    /// Wakes at least once a second meanwhile to keep systemd's STATUS= countdown live.
+    /// Under a service manager (`statusCountdown`) it wakes once a second meanwhile to keep the
+    /// STATUS= countdown live; without one it sleeps until the deadline (a keepalive that moved
+    /// it only makes it sleep again).
     private func enforceDeadline(opID: String) async {
         while case .frozen(let f) = phase, f.opID == opID {
             let now = monotonicNanos()
@@ -388,8 +397,13 @@ public actor AgentState {
                 _ = await thaw(opID: opID, reason: .deadline)
                 return
             }
-            reportStatus(statusLine())
-            try? await Task.sleep(nanoseconds: min(f.deadline - now, 1_000_000_000))
+            let wait = f.deadline - now
+            if statusCountdown {
+                reportStatus(statusLine())
+                await AsyncSleep.nanoseconds(min(wait, 1_000_000_000))
+            } else {
+                await AsyncSleep.nanoseconds(wait)
+            }
         }
     }
 
@@ -519,9 +533,9 @@ public actor AgentState {
             case .thawed: return
             case .frozen(let f):
                 if case .failure = await thaw(opID: f.opID, reason: .signal) {
-                    try? await Task.sleep(nanoseconds: 1_000_000_000)  // a device refusing FITHAW: retry, don't spin
+                    await AsyncSleep.nanoseconds(1_000_000_000)  // a device refusing FITHAW: retry, don't spin
                 }
-            case .freezing, .thawing: try? await Task.sleep(nanoseconds: 10_000_000)
+            case .freezing, .thawing: await AsyncSleep.nanoseconds(10_000_000)
             }
         }
     }
