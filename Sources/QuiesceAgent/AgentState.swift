@@ -62,6 +62,9 @@ public actor AgentState {
     private var lastAutoThaw: AutoThawReport?
     private var opCounter: UInt64 = 0
     private var shuttingDown = false
+    /// The tasks sleeping until the current freeze's deadline: cancelled when it thaws, so that a
+    /// deadline of a freeze that ended never wakes the agent.
+    private var deadlineTasks: [Task<Void, Never>] = []
     /// Plans running on their threads (one that outlived its budget stays counted until it returns).
     private let planning = InFlight()
     /// Hook files refused at the last look at the hooks directory (for `status`).
@@ -335,12 +338,12 @@ public actor AgentState {
             phase = .frozen(freeze)
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
-                                          "presync_us": "\(done.presyncUs)", "total_us": "\(result.totalUs)"])
+                                          "presync_us": "\(done.presyncUs)", "presync_passes": "\(done.presyncPasses)", "total_us": "\(result.totalUs)"])
             reportStatus(statusLine())
             var replay = result
             replay.replayed = true
             for w in pending.waiters { w.resume(returning: Reply(id: nil, result: replay.json)) }
-            Task { await self.enforceDeadline(opID: opID) }
+            deadlineTasks.append(Task { await self.enforceDeadline(opID: opID) })
             if shuttingDown {
                 _ = await thaw(opID: opID, reason: .signal, abandoned: true)
             } else if pending.ownerGone && r.mode == .bound && config.thawOnDisconnect {
@@ -480,7 +483,7 @@ public actor AgentState {
             still.held = outcome.remaining
             still.deadline = min(still.deadline, monotonicNanos() + 1_000_000_000)
             phase = .frozen(still)
-            Task { await self.enforceDeadline(opID: f.opID) }
+            deadlineTasks.append(Task { await self.enforceDeadline(opID: f.opID) })
             log.error("thaw failed", metadata: ["errors": "\(outcome.errors.joined(separator: "; "))"])
             reportStatus(statusLine())
             return .failure(ProtocolError(.thawFailed, "could not thaw: \(outcome.errors.joined(separator: "; "))",
@@ -488,6 +491,8 @@ public actor AgentState {
         }
         phase = .thawed
         guardian.disarm()
+        for t in deadlineTasks { t.cancel() }
+        deadlineTasks = []
         record.remove()
         endedOps.append((f.opID, reason))
         if endedOps.count > 64 { endedOps.removeFirst() }
