@@ -58,9 +58,11 @@ public struct FreezeOutcome: Sendable {
 /// while they are blocked: the stall grows with what is dirty when the freeze starts. After a
 /// pass, what is still dirty (`remaining`: Dirty + Writeback of /proc/meminfo, an upper bound for
 /// these filesystems since it counts the whole system) is what the next pass would flush, and a
-/// pass takes about as long as what it flushes. So another pass runs only when it will flush
-/// clearly less than the last one did (`remaining <= shrinkRatio * flushed`), each pass then
-/// shortening the next and the freeze's own flush. It stops when:
+/// pass takes about as long as what it flushes. But writers go on dirtying while the next pass
+/// runs: what they dirtied during this one (`dirtied`: /proc/vmstat nr_dirtied, clean pages that
+/// turned dirty, system-wide) tells how fast. So another pass runs only when both are clearly
+/// less than what this pass flushed (`max(remaining, dirtied) <= shrinkRatio * flushed`), each
+/// pass then shortening the next and the freeze's own flush. It stops when:
 /// - at most `floorBytesPerFilesystem` per filesystem remains (the freeze's own flush is then
 ///   small next to its fixed cost, ~24-40 ms per FIFREEZE measured here);
 /// - the remainder did not shrink enough: writers dirty data about as fast as the storage writes
@@ -85,13 +87,14 @@ public struct PresyncConvergence: Sendable {
         until = min(budget.deadline, start &+ min(Self.maxConvergeNanos, budget.stepNanos / 2))
     }
 
-    /// Records a finished pass that wrote `flushed` bytes (nil: unknown) and left `remaining`
-    /// bytes dirty (nil: unknown); true when another pass should run.
-    public mutating func anotherPass(flushed: UInt64?, remaining: UInt64?, now: UInt64) -> Bool {
+    /// Records a finished pass that wrote `flushed` bytes, left `remaining` bytes dirty, while
+    /// `dirtied` bytes were dirtied (nil: unknown, which ends the presync); true when another
+    /// pass should run.
+    public mutating func anotherPass(flushed: UInt64?, remaining: UInt64?, dirtied: UInt64? = 0, now: UInt64) -> Bool {
         passes += 1
-        guard let remaining, let flushed else { return false }
+        guard let remaining, let flushed, let dirtied else { return false }
         if remaining <= floor || passes >= Self.maxPasses || now >= until { return false }
-        return Double(remaining) <= Double(flushed) * Self.shrinkRatio
+        return Double(max(remaining, dirtied)) <= Double(flushed) * Self.shrinkRatio
     }
 }
 
@@ -345,6 +348,7 @@ private struct FreezeRun: Sendable {
             return counts.isEmpty ? nil : counts.reduce(0, +)
         }
         var writtenBefore = measure()
+        var dirtiedBefore = WritebackStats.bytesDirtied()
         presyncLoop: while true {
             let presync = bounded(syncable, call: "syncfs") { i -> Call in
                 let t = monotonicNanos()
@@ -363,10 +367,14 @@ private struct FreezeRun: Sendable {
             // devices without them, e.g. btrfs), and what is still dirty now.
             let writtenAfter = measure()
             let remaining = WritebackStats.dirtyBytes()
-            var flushed: UInt64?
+            let dirtiedAfter = WritebackStats.bytesDirtied()
+            var flushed: UInt64?, dirtied: UInt64?
             if let a = writtenAfter, let b = writtenBefore { flushed = a >= b ? a - b : 0 }
+            if let a = dirtiedAfter, let b = dirtiedBefore { dirtied = a >= b ? a - b : 0 }
             writtenBefore = writtenAfter
-            guard convergence.anotherPass(flushed: flushed, remaining: remaining, now: monotonicNanos()) else { break presyncLoop }
+            dirtiedBefore = dirtiedAfter
+            guard convergence.anotherPass(flushed: flushed, remaining: remaining, dirtied: dirtied, now: monotonicNanos())
+            else { break presyncLoop }
         }
         let presyncUs = micros(since: presyncStart)
         let presyncPasses = convergence.passes

@@ -16,6 +16,17 @@ public enum WritebackStats {
         return sectors * 512
     }
 
+    /// Bytes of page cache that turned dirty since boot, system-wide: `nr_dirtied` (pages) of
+    /// `/proc/vmstat`, times the page size. A page written again while still dirty does not
+    /// count; one written again after a flush cleaned it does. Nil if unreadable.
+    public static func bytesDirtied() -> UInt64? {
+        guard let bytes = try? FD.readWholeFile(atPath: "/proc/vmstat", maxBytes: 1 << 16) else { return nil }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("nr_dirtied ") {
+            return UInt64(line.dropFirst("nr_dirtied ".count)).map { $0 * UInt64(sysconf(Int32(_SC_PAGESIZE))) }
+        }
+        return nil
+    }
+
     /// Dirty plus Writeback from `/proc/meminfo`, in bytes: page-cache data not yet on storage,
     /// system-wide (proc(5)). Nil if unreadable.
     public static func dirtyBytes() -> UInt64? {

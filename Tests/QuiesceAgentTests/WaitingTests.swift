@@ -55,9 +55,12 @@ struct WaitingTests {
         do { let again = moderate.anotherPass(flushed: 256 * mib, remaining: 60 * mib, now: 200_000_000); #expect(again) }
         do { let again = moderate.anotherPass(flushed: 60 * mib, remaining: 15 * mib, now: 260_000_000); #expect(again) }
         do { let again = moderate.anotherPass(flushed: 15 * mib, remaining: 3 * mib, now: 280_000_000); #expect(!again, "3 MiB <= 4 x 1 MiB floor") }
-        // Streaming writers re-dirty everything during a pass: no second pass.
+        // Streaming writers re-dirty everything during a pass: no second pass, whether the
+        // remainder at the end of the pass already shows it or only the pages dirtied during it.
         var streaming = PresyncConvergence(filesystems: 8, start: 0, budget: budget)
         do { let again = streaming.anotherPass(flushed: 512 * mib, remaining: 500 * mib, now: 200_000_000); #expect(!again) }
+        var sweeping = PresyncConvergence(filesystems: 8, start: 0, budget: budget)
+        do { let again = sweeping.anotherPass(flushed: 512 * mib, remaining: 100 * mib, dirtied: 900 * mib, now: 200_000_000); #expect(!again) }
         // The time budget: never past 1 s, nor past half the step budget.
         var late = PresyncConvergence(filesystems: 1, start: 0, budget: budget)
         do { let again = late.anotherPass(flushed: 256 * mib, remaining: 10 * mib, now: 1_000_000_000); #expect(!again) }
