@@ -31,7 +31,7 @@ let package = Package(
         ]),
         // Host side: transports, agent client, checkpoint bracket.
         .target(name: "QuiesceHost", dependencies: ["QuiesceProtocol", "QuiesceLinux"]),
-        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent", "CQuiesceExecutor"]),
+        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent", "CQuiesceExecutor", "CQuiesceShims"]),
         .executableTarget(name: "quiescectl", dependencies: [
             "QuiesceHost",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
