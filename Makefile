@@ -53,9 +53,13 @@ vm-test: release
 db-proof: release
 	scripts/db-proof --bin $(RELEASE_BIN)
 
-# The full side-by-side benchmark with the targets checked (16 filesystems, 8 MiB dirty each).
+# The full side-by-side benchmark with every target checked, printed as one table: light load
+# (16 filesystems, 8 MiB dirty each), heavy load (streaming writers on 8 and 16 filesystems),
+# idle wakeups over 30 s, RSS and PSS, and the group of 32 from bench/group-bench. ~4 minutes.
 bench: release
-	bench/freeze-bench --check --quiesced $(RELEASE_BIN)/quiesced
+	@mkdir -p build
+	bench/group-bench --bin $(RELEASE_BIN) --json build/group-bench.json
+	bench/freeze-bench --check --quiesced $(RELEASE_BIN)/quiesced --group-json build/group-bench.json
 
 # The main job: a Debian 12 guest with systemd (built once, cached in .vm-cache/) gets the
 # packages from `make deb` installed with apt; the host runs quiescectl checkpoint around a QMP

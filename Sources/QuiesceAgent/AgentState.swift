@@ -66,6 +66,9 @@ public actor AgentState {
     private var lastAutoThaw: AutoThawReport?
     private var opCounter: UInt64 = 0
     private var shuttingDown = false
+    /// The tasks sleeping until the current freeze's deadline: cancelled when it thaws, so that a
+    /// deadline of a freeze that ended never wakes the agent.
+    private var deadlineTasks: [Task<Void, Never>] = []
     /// Plans running on their threads (one that outlived its budget stays counted until it returns).
     private let planning = InFlight()
     /// Hook files refused at the last look at the hooks directory (for `status`).
@@ -83,10 +86,16 @@ public actor AgentState {
     let broadcast: @Sendable (Event) -> Void
     /// Reports a one-line state to the service manager (STATUS=).
     let reportStatus: @Sendable (String) -> Void
+    /// Whether someone reads the STATUS= countdown (a service manager): only then does a frozen
+    /// agent wake once a second to refresh it; otherwise it sleeps until the deadline.
+    let statusCountdown: Bool
 
+    /// - Parameter statusCountdown: refresh `reportStatus` every second while frozen (set it
+    ///   when a service manager listens, i.e. `$NOTIFY_SOCKET` is set).
     public init(config: AgentConfig, logger: Logger,
                 broadcast: @escaping @Sendable (Event) -> Void = { _ in },
-                reportStatus: @escaping @Sendable (String) -> Void = { _ in }) {
+                reportStatus: @escaping @Sendable (String) -> Void = { _ in },
+                statusCountdown: Bool = false) {
         self.config = config
         self.discovery = Discovery(scope: config.scope)
         self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere)
@@ -99,6 +108,7 @@ public actor AgentState {
         }
         self.broadcast = broadcast
         self.reportStatus = reportStatus
+        self.statusCountdown = statusCountdown
     }
 
     /// Answers one request. `hello` and `ping` are answered by the connection itself.
@@ -332,12 +342,12 @@ public actor AgentState {
             phase = .frozen(freeze)
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
-                                          "presync_us": "\(done.presyncUs)", "total_us": "\(result.totalUs)"])
+                                          "presync_us": "\(done.presyncUs)", "presync_passes": "\(done.presyncPasses)", "total_us": "\(result.totalUs)"])
             reportStatus(statusLine())
             var replay = result
             replay.replayed = true
             for w in pending.waiters { w.resume(returning: Reply(id: nil, result: replay.json)) }
-            Task { await self.enforceDeadline(opID: opID) }
+            deadlineTasks.append(Task { await self.enforceDeadline(opID: opID) })
             if shuttingDown {
                 _ = await thaw(opID: opID, reason: .signal, abandoned: true)
             } else if pending.ownerGone && r.mode == .bound && config.thawOnDisconnect {
@@ -384,7 +394,9 @@ public actor AgentState {
     // MARK: - Deadline, keepalive, disconnect
 
     /// Sleeps until the freeze's deadline (which keepalives may push) and thaws it there.
-    /// Wakes at least once a second meanwhile to keep systemd's STATUS= countdown live.
+    /// Under a service manager (`statusCountdown`) it wakes once a second meanwhile to keep the
+    /// STATUS= countdown live; without one it sleeps until the deadline (a keepalive that moved
+    /// it only makes it sleep again).
     private func enforceDeadline(opID: String) async {
         while case .frozen(let f) = phase, f.opID == opID {
             let now = monotonicNanos()
@@ -392,8 +404,13 @@ public actor AgentState {
                 _ = await thaw(opID: opID, reason: .deadline)
                 return
             }
-            reportStatus(statusLine())
-            try? await Task.sleep(nanoseconds: min(f.deadline - now, 1_000_000_000))
+            let wait = f.deadline - now
+            if statusCountdown {
+                reportStatus(statusLine())
+                await AsyncSleep.nanoseconds(min(wait, 1_000_000_000))
+            } else {
+                await AsyncSleep.nanoseconds(wait)
+            }
         }
     }
 
@@ -478,7 +495,7 @@ public actor AgentState {
             still.held = outcome.remaining
             still.deadline = min(still.deadline, monotonicNanos() + 1_000_000_000)
             phase = .frozen(still)
-            Task { await self.enforceDeadline(opID: f.opID) }
+            deadlineTasks.append(Task { await self.enforceDeadline(opID: f.opID) })
             log.error("thaw failed", metadata: ["errors": "\(outcome.errors.joined(separator: "; "))"])
             reportStatus(statusLine())
             return .failure(ProtocolError(.thawFailed, "could not thaw: \(outcome.errors.joined(separator: "; "))",
@@ -486,6 +503,8 @@ public actor AgentState {
         }
         phase = .thawed
         guardian.disarm()
+        for t in deadlineTasks { t.cancel() }
+        deadlineTasks = []
         record.remove()
         endedOps.append((f.opID, reason, wallClockMillis(), f.timeoutMs))
         if endedOps.count > 64 { endedOps.removeFirst() }
@@ -580,9 +599,9 @@ public actor AgentState {
             case .thawed: return
             case .frozen(let f):
                 if case .failure = await thaw(opID: f.opID, reason: .signal) {
-                    try? await Task.sleep(nanoseconds: 1_000_000_000)  // a device refusing FITHAW: retry, don't spin
+                    await AsyncSleep.nanoseconds(1_000_000_000)  // a device refusing FITHAW: retry, don't spin
                 }
-            case .freezing, .thawing: try? await Task.sleep(nanoseconds: 10_000_000)
+            case .freezing, .thawing: await AsyncSleep.nanoseconds(10_000_000)
             }
         }
     }

@@ -141,6 +141,8 @@ public final class Server: Sendable {
                 } catch {
                     if !announcedMissing { logger.warning("serial port \(path): \(error); waiting for it") }
                     announcedMissing = true
+                    // A missing port is waited for through inotify (no timer); other errors back off.
+                    if access(path, F_OK) != 0, (try? PathWatch.waitUntilExists(path)) != nil { continue }
                     usleep(1_000_000)
                     continue
                 }
@@ -156,10 +158,13 @@ public final class Server: Sendable {
     private func serveSerialSessions(fd: Int32, path: String, dialect: Dialect) {
         while true {
             // Wait for the host: POLLHUP means nobody is connected to the chardev right now. The
-            // kernel sends SIGIO when the host connects (qemu-ga waits the same way); the 1 s
-            // timeout is the fallback, and the moment to notice a port that was unplugged and
-            // replugged (the path then names another device).
+            // kernel sends SIGIO when the host connects (qemu-ga waits the same way). A port that
+            // was unplugged or replugged (the path then names another device) is noticed through
+            // an inotify watch on its directory, which sends SIGIO to this thread too; only without
+            // that watch does a 1 s timeout stand in for it. An idle port costs no wakeup.
             let asyncIO = qs_async_to_this_thread(fd) == 0
+            let watch = try? PathWatch(near: path)
+            let watched = watch.map { qs_async_to_this_thread($0.fd) == 0 } ?? false
             var sigio = sigset_t()
             sigemptyset(&sigio)
             sigaddset(&sigio, SIGIO)
@@ -191,9 +196,11 @@ public final class Server: Sendable {
                 if asyncIO {
                     // While bytes are held, wake often enough to drop them on time.
                     var timeout = held.isEmpty ? timespec(tv_sec: 1, tv_nsec: 0) : timespec(tv_sec: 0, tv_nsec: 100_000_000)
-                    if sigtimedwait(&sigio, nil, &timeout) < 0 && errno == EAGAIN && !Server.isSameDevice(fd: fd, path: path) {
+                    let signalled = held.isEmpty && watched ? sigtimedwait(&sigio, nil, nil) : sigtimedwait(&sigio, nil, &timeout)
+                    if signalled < 0 && errno == EAGAIN && !Server.isSameDevice(fd: fd, path: path) {
                         return
                     }
+                    if watch?.drain() == true && !Server.isSameDevice(fd: fd, path: path) { return }
                 } else {
                     usleep(backoffUs)
                     backoffUs = min(backoffUs * 2, 250_000)

@@ -377,6 +377,9 @@ struct HostilePeerTests {
             }
             let threads = try sh("ls /proc/\(agent.pid)/task | wc -l").trimmingCharacters(in: .whitespacesAndNewlines)
             #expect((Int(threads) ?? 999) < 100, "threads after the burst: \(threads)")
+            // 101 requests exceed the rate burst (100) when the burst is answered within 20 ms:
+            // let one token refill (50/s) so that the ping tests serving, not the rate limit.
+            usleep(40_000)
             _ = try c.result(["op": "ping"])
             agent.stop()
         }
