@@ -90,12 +90,18 @@ public actor AgentState {
     /// agent wake once a second to refresh it; otherwise it sleeps until the deadline.
     let statusCountdown: Bool
 
-    /// - Parameter statusCountdown: refresh `reportStatus` every second while frozen (set it
-    ///   when a service manager listens, i.e. `$NOTIFY_SOCKET` is set).
+    /// - Parameters:
+    ///   - statusCountdown: refresh `reportStatus` every second while frozen (set it when a
+    ///     service manager listens, i.e. `$NOTIFY_SOCKET` is set).
+    ///   - recovered: freezes an earlier agent process left, which start-up recovery thawed
+    ///     (operation id and mountpoints). `status` reports the last as `last_auto_thaw` with
+    ///     reason `restart`; a `thaw` naming one is told so; a qemu-ga freeze's later
+    ///     `guest-fsfreeze-thaw` fails once saying why, as after a deadline.
     public init(config: AgentConfig, logger: Logger,
                 broadcast: @escaping @Sendable (Event) -> Void = { _ in },
                 reportStatus: @escaping @Sendable (String) -> Void = { _ in },
-                statusCountdown: Bool = false) {
+                statusCountdown: Bool = false,
+                recovered: [(opID: String, filesystems: [String])] = []) {
         self.config = config
         self.discovery = Discovery(scope: config.scope)
         self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere)
@@ -109,6 +115,12 @@ public actor AgentState {
         self.broadcast = broadcast
         self.reportStatus = reportStatus
         self.statusCountdown = statusCountdown
+        let at = wallClockMillis()
+        for r in recovered.suffix(64) {
+            endedOps.append((r.opID, .restart, at, 0))
+            lastAutoThaw = AutoThawReport(reason: ThawReason.restart.rawValue, opID: r.opID, atMs: at, filesystems: r.filesystems)
+            if r.opID.hasPrefix(AgentState.qgaOpPrefix) { qgaOpID = r.opID }
+        }
     }
 
     /// Answers one request. `hello` and `ping` are answered by the connection itself.
@@ -541,10 +553,17 @@ public actor AgentState {
     /// `guest-fsfreeze-freeze[-list]`: a detached freeze with the agent's max-freeze, remembered
     /// so that the host's later `guest-fsfreeze-thaw` can be told if it came too late.
     public func qgaFreeze(mounts: [String]?, context: RequestContext) async -> Reply {
-        let reply = await freeze(FreezeRequest(mounts: mounts, timeoutMs: nil, opID: nil, mode: .detached), context: context, id: nil)
+        // The prefix survives in the crash record, so an agent restarted under the freeze knows
+        // the host's next guest-fsfreeze-thaw is owed the truth (`recovered(opID:filesystems:)`).
+        opCounter += 1
+        let opID = "\(AgentState.qgaOpPrefix)\(wallClockMillis())-\(opCounter)"
+        let reply = await freeze(FreezeRequest(mounts: mounts, timeoutMs: nil, opID: opID, mode: .detached), context: context, id: nil)
         if case .success(let result) = reply.outcome, case .string(let op)? = result["op_id"] { qgaOpID = op }
         return reply
     }
+
+    /// Operation ids of freezes taken through qemu-ga's dialect start with this.
+    static let qgaOpPrefix = "qga-"
 
     /// `guest-fsfreeze-thaw`. qemu-ga's thaw has no operation id; this one stands for the last
     /// freeze taken through qemu-ga's dialect. If the agent ended that freeze by itself

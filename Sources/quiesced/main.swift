@@ -178,7 +178,11 @@ let server = Server(config: config, logger: logger)
 let state = AgentState(config: config, logger: logger,
                        broadcast: { [server] event in server.broadcast(event) },
                        reportStatus: { Systemd.notify("STATUS=\($0)") },
-                       statusCountdown: getenv("NOTIFY_SOCKET") != nil)
+                       statusCountdown: getenv("NOTIFY_SOCKET") != nil,
+                       // What start-up recovery thawed is reported as promised (reason restart).
+                       recovered: recovery.recovered.map { r in
+                           (r.opID, r.lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) })
+                       })
 server.state = state
 
 var unixPaths: [String] = []

@@ -100,7 +100,7 @@ struct NeverLeftFrozenTests {
             let args = ["--include", "\(lab.root)/*"]
             let agent = try AgentProcess(in: lab.root, arguments: args)
             let client = try TestClient(path: agent.socketPath)
-            _ = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 600_000])
+            _ = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 600_000, "op_id": "k9"])
             agent.signal(SIGKILL)
             _ = agent.waitForExit()
             #expect(try isFrozen(a) && isFrozen(b), "a crash leaves the freeze in place: only FITHAW undoes it")
@@ -109,6 +109,14 @@ struct NeverLeftFrozenTests {
             #expect(try !isFrozen(a) && !isFrozen(b))
             #expect(again.log.contains("found a freeze record"))
             #expect(!FileManager.default.fileExists(atPath: agent.stateDir + "/freeze-\(agent.pid).json"))
+            // The host learns what happened, as PROTOCOL.md section 7 promises.
+            let after = try TestClient(path: again.socketPath)
+            let status = try after.result(["op": "status"])
+            #expect(status["last_auto_thaw"]?["reason"] == "restart" && status["last_auto_thaw"]?["op_id"] == "k9", "\(status)")
+            #expect(Set(status["last_auto_thaw"]?["filesystems"]?.arrayValue?.compactMap(\.stringValue) ?? []) == [a, b])
+            let late = try after.call(["op": "thaw", "op_id": "k9"])
+            guard case .failure(let err) = late.outcome else { Issue.record("a late thaw of k9 succeeded"); return }
+            #expect(err.code == .notFrozen && err.details?["thawed_reason"] == "restart", "\(err)")
             again.stop()
         }
     }

@@ -162,6 +162,27 @@ struct QGAListenerTests {
         }
     }
 
+    @Test("an agent killed under a qemu-ga freeze and restarted: the host's late guest-fsfreeze-thaw fails once, saying the agent restarted")
+    func lateThawAfterRestart() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let qga = "\(lab.root)/qga.sock"
+            let args = ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"]
+            let agent = try AgentProcess(in: lab.root, arguments: args)
+            #expect(try QGAClient(path: qga).call(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 1])
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let again = try AgentProcess(in: lab.root, arguments: args, stateDir: agent.stateDir)
+            defer { again.stop() }
+            #expect(try !isFrozen(a), "start-up recovery thawed it")
+            let c = try QGAClient(path: qga)
+            let late = try c.call(#"{"execute":"guest-fsfreeze-thaw"}"#)
+            #expect(late["error"]?["class"] == "GenericError", "libvirt must not record this snapshot as quiesced: \(late)")
+            #expect(late["error"]?["desc"]?.stringValue?.contains("restarted") == true, "\(late)")
+            #expect(try c.call(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 0], "told once")
+        }
+    }
+
     @Test("qga+serial: on a pty port: resync with 0xFF and guest-sync-delimited; a freeze survives the host's hang-up")
     func serialPort() async throws {
         try await LoopLab.with { lab in
