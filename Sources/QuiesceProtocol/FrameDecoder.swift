@@ -155,7 +155,7 @@ public struct FrameDecoder: Sendable {
             switch b {
             case 0x22: inString = true
             case 0x7B, 0x5B: depth += 1
-            case 0x7D, 0x5D where depth > 0:
+            case 0x7D where depth > 0, 0x5D where depth > 0:  // (a `where` binds only its own pattern)
                 depth -= 1
                 ends = depth == 0
             case _ where isSpace:

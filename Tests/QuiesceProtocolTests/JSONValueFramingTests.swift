@@ -65,6 +65,12 @@ struct JSONValueFramingTests {
             .frame(bytes(#"junk 42 "s p"}"#)), .frame(bytes(#"{"c":2}"#)),
             .frame(bytes(#""top""#)), .frame(bytes("]] x")), .frame(bytes("{}")),
         ])
+        // A stray closing brace at the top level is junk like any other, not a negative depth
+        // that swallows every object after it (found by a new-user trial).
+        #expect(events(feeding: [bytes("}}{\"execute\":\"guest-ping\"}{\"id\":9}\n{\"x\":1}")[...]]) == [
+            .frame(bytes("}}")), .frame(bytes(#"{"execute":"guest-ping"}"#)), .frame(bytes(#"{"id":9}"#)), .frame(bytes(#"{"x":1}"#)),
+        ])
+        #expect(events(feeding: [bytes("}\n{\"a\":1}")[...]]) == [.frame(bytes("}")), .frame(bytes(#"{"a":1}"#))])
         // A scalar running straight into an object ends there.
         #expect(events(feeding: [bytes(#"nonsense{"d":3}"#)[...]]) == [.frame(bytes("nonsense")), .frame(bytes(#"{"d":3}"#))])
     }
