@@ -23,10 +23,13 @@ public final class Server: Sendable {
     private let connections = Mutex<[ConnectionID: Connection]>([:])
     private let nextID = Atomic<UInt64>(1)
     private let stateBox = Mutex<AgentState?>(nil)
+    /// The private qemu-ga that qga listeners pass unknown commands to (`qga-forward`).
+    let qgaForwarder: QGAForwarder?
 
     public init(config: AgentConfig, logger: Logger) {
         self.config = config
         self.logger = logger
+        qgaForwarder = config.qgaForward.map { QGAForwarder(path: $0, timeoutMs: config.qgaForwardTimeoutMs) }
     }
 
     /// The state actor; set once before listening.
@@ -274,6 +277,8 @@ final class Connection: Sendable {
         case qga(QGA.Command, id: JSON?)
         /// An answer made already (a refused qemu-ga command), sent in its turn.
         case answer([UInt8])
+        /// A qemu-ga command for the private qemu-ga (`qga-forward`): the frame as the host sent it.
+        case forward(name: String, frame: [UInt8], id: JSON?)
     }
 
     let id: ConnectionID
@@ -316,7 +321,9 @@ final class Connection: Sendable {
     /// A peer whose unread backlog passes 1 MiB is cut off.
     func send(_ frame: [UInt8]) {
         guard !dead.load(ordering: .relaxed) else { return }
-        if queuedBytes.add(frame.count, ordering: .relaxed).newValue > Connection.maxQueuedBytes {
+        // The limit is on what is already waiting: one large reply (a forwarded qemu-ga reply
+        // may be up to QGAForwarder.maxReplyBytes) is queued when the peer has read the rest.
+        if queuedBytes.add(frame.count, ordering: .relaxed).oldValue >= Connection.maxQueuedBytes {
             cutOff()
             return
         }
@@ -358,7 +365,14 @@ final class Connection: Sendable {
                 case .request(let request):
                     send(await state.handle(request, context: context).frame)
                 case .qga(let command, let id):
-                    send(await QGAService.execute(command, id: id, state: state, context: context))
+                    send(await QGAService.execute(command, id: id, state: state, context: context, forwarder: server.qgaForwarder))
+                case .forward(let name, let frame, let id):
+                    guard let forwarder = server.qgaForwarder else { break }
+                    let logger = server.logger
+                    let reply = await QGAService.forward(frame, name: name, id: id, forwarder: forwarder, state: state) { why in
+                        logger.warning("qemu-ga command \(name) passed on to unix:\(forwarder.path): \(why)")
+                    }
+                    if let reply { send(reply) }
                 case .answer(let bytes):
                     send(bytes)
                 }
@@ -520,6 +534,9 @@ extension Connection {
         let work: Work
         let id: JSON?
         switch QGA.decode(frame: bytes) {
+        case .failure(let refusal) where refusal.unknownCommand != nil && server.qgaForwarder != nil:
+            work = .forward(name: refusal.unknownCommand!, frame: bytes, id: refusal.id)
+            id = refusal.id
         case .failure(let refusal):
             work = .answer(QGA.errorFrame(refusal.failure, id: refusal.id))
             id = refusal.id
