@@ -171,8 +171,12 @@ public final class Server: Sendable {
             var held: [UInt8] = []
             var heldSince: UInt64 = 0
             while true {
-                guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) else { return }
+                // While bytes are held, poll with a timeout: the host that sent them may send
+                // nothing more until it is answered, so its session must start when POLLHUP
+                // clears, with no new POLLIN (Proxmox connects for each command and waits).
+                guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: held.isEmpty ? -1 : 50) else { return }
                 if ev & Int16(POLLNVAL | POLLERR) != 0 { return }
+                if ev & Int16(POLLHUP) == 0 && !held.isEmpty { break }
                 // No host: the port polls POLLIN|POLLHUP and reads 0 at once. A session starts when
                 // POLLHUP clears (SIGIO comes then). A new host's first bytes may arrive just before
                 // its connected notice: they are read and held for the session. Bytes that no
