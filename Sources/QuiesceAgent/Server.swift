@@ -446,6 +446,15 @@ final class Connection: Sendable {
             case .failure: deviceGone = true; break session
             }
         }
+        // A host that reconnects at once may have had its first command read by this session
+        // just before the hang-up showed: give quick answers (a guest-sync) up to 1 s to be
+        // written, as a stream connection answers a half-closed peer, instead of stopping the
+        // writer under them. A reply to a gone host fails its write and is dropped.
+        queue.finish()
+        let drainUntil = monotonicNanos() + 1_000_000_000
+        while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) && monotonicNanos() < drainUntil {
+            usleep(2000)
+        }
         finish()
         stopWriter(writer)
         return deviceGone

@@ -60,6 +60,13 @@ private final class PrivateQemuGA {
     deinit { stop() }
 }
 
+/// The agent creates its listeners one after another: its qga socket may come a moment after the
+/// socket AgentProcess waits for.
+private func waitForSocket(_ path: String) throws {
+    for _ in 0..<300 where !FileManager.default.fileExists(atPath: path) { usleep(10_000) }
+    guard FileManager.default.fileExists(atPath: path) else { throw LabError("no socket at \(path) within 3 s") }
+}
+
 private func names(_ info: JSON) -> [String] {
     info["return"]?["supported_commands"]?.arrayValue?.compactMap { $0["name"]?.stringValue } ?? []
 }
@@ -89,6 +96,7 @@ struct QGAForwardTests {
             let qga = "\(lab.root)/qga.sock"
             let agent = try AgentProcess(in: lab.root, arguments: [
                 "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
+            try waitForSocket(qga)
             defer { agent.stop() }
 
             // libvirt: one connection, guest-sync once, then commands without ids.
@@ -141,6 +149,7 @@ struct QGAForwardTests {
             let qga = "\(lab.root)/qga.sock"
             let agent = try AgentProcess(in: lab.root, arguments: [
                 "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
+            try waitForSocket(qga)
             defer { agent.stop() }
             let c = try QGAClient(path: qga)
             let opened = try c.call(#"{"execute":"guest-file-open","arguments":{"path":"\#(a)/note","mode":"w"}}"#)
@@ -173,6 +182,7 @@ struct QGAForwardTests {
             let qga = "\(lab.root)/qga.sock"
             let agent = try AgentProcess(in: lab.root, arguments: [
                 "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
+            try waitForSocket(qga)
             defer { agent.stop() }
             let c = try QGAClient(path: qga)
             #expect(try c.call(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 1])
@@ -215,6 +225,7 @@ struct QGAForwardTests {
             let qga = "\(lab.root)/qga.sock"
             let agent = try AgentProcess(in: lab.root, arguments: [
                 "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
+            try waitForSocket(qga)
             defer { agent.stop() }
             let c = try QGAClient(path: qga)
             #expect(try c.call(#"{"execute":"guest-get-host-name"}"#)["return"] != nil)
@@ -237,6 +248,7 @@ struct QGAForwardTests {
             let plain = try AgentProcess(in: lab.root, name: "plain", arguments: [
                 "--include", "\(lab.root)/*", "--listen", "qga+unix:\(lab.root)/plain-qga.sock"])
             defer { plain.stop() }
+            try waitForSocket("\(lab.root)/plain-qga.sock")
             let p = try QGAClient(path: "\(lab.root)/plain-qga.sock")
             #expect(try p.call(#"{"execute":"guest-get-host-name"}"#)["error"]?["class"] == "CommandNotFound")
         }
@@ -280,6 +292,7 @@ struct QGAForwardTests {
             let qga = "\(lab.root)/qga.sock"
             let agent = try AgentProcess(in: lab.root, arguments: [
                 "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(path)"])
+            try waitForSocket(qga)
             defer { agent.stop() }
             let c = try QGAClient(path: qga)
             try c.send(#"{"execute":"guest-shutdown","arguments":{"mode":"powerdown"}}"#)
