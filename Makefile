@@ -73,6 +73,7 @@ demo-local: deps release
 # while frozen, vsock. See scripts/vm/run-e2e.
 e2e: deps deb
 	scripts/vm/run-e2e --debs build/deb
+	scripts/vm/run-qga-e2e --debs build/deb
 
 # The same job in a throwaway QEMU guest: the host checkpoints the guest over virtio-serial and
 # proves the disk copy consistent (see scripts/vm/run-guest-test for every check it prints).
