@@ -78,6 +78,7 @@ demo-local: deps release
 # while frozen, vsock. See scripts/vm/run-e2e.
 e2e: deps deb
 	scripts/vm/run-e2e --debs build/deb
+	scripts/vm/run-qga-e2e --debs build/deb
 
 # Issue 13's storage cases in the same systemd guest (its kernel has device-mapper, md and nbd;
 # this host's has not): LVM thin and linear, dm-crypt, md RAID1 and qemu-nbd stacks on images in

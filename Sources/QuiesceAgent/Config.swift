@@ -117,6 +117,11 @@ public struct AgentConfig: Sendable {
     /// Requests per second a connection may sustain, and its burst.
     public var rateLimit = 50
     public var rateBurst = 100
+    /// The Unix socket of a private qemu-ga to which the qga listeners pass every command they do
+    /// not implement (`qga-forward = unix:PATH`); nil: such commands are `CommandNotFound`.
+    public var qgaForward: String? = nil
+    /// How long one forwarded command may take (connect to reply), in milliseconds.
+    public var qgaForwardTimeoutMs: Int64 = 300_000
 
     public init() {}
 
@@ -137,6 +142,8 @@ public struct AgentConfig: Sendable {
         ("allow-uid", "UID", "Unix socket peers allowed to connect, by uid (repeatable; default 0)"),
         ("on-frozen-elsewhere", "fail|skip", "what to do when a filesystem is already frozen by someone else (default fail)"),
         ("max-connections", "N", "concurrent connections (default 32)"),
+        ("qga-forward", "unix:PATH", "pass the qemu-ga commands quiesced does not implement to a qemu-ga listening on PATH"),
+        ("qga-forward-timeout", "DURATION", "longest a forwarded qemu-ga command may take (default 5m; 5s while frozen)"),
     ]
 
     /// Applies one `key = value` setting. List keys given for the first time by a source replace
@@ -207,6 +214,17 @@ public struct AgentConfig: Sendable {
             let n = try number(value)
             guard (1...1024).contains(n) else { throw ConfigError("max-connections: must be 1 to 1024") }
             maxConnections = Int(n)
+        case "qga-forward":
+            guard value.hasPrefix("unix:") else { throw ConfigError("qga-forward: \"\(value)\" is not unix:PATH") }
+            let path = String(value.dropFirst(5))
+            guard path.hasPrefix("/") else { throw ConfigError("qga-forward: the socket path must be absolute") }
+            guard path.utf8.count <= Socket.unixPathMax else {
+                throw ConfigError("qga-forward: the socket path is longer than \(Socket.unixPathMax) bytes")
+            }
+            qgaForward = path
+        case "qga-forward-timeout":
+            qgaForwardTimeoutMs = try duration(value)
+            guard qgaForwardTimeoutMs <= Request.maxTimeoutMs else { throw ConfigError("qga-forward-timeout: at most 24h") }
         default:
             throw ConfigError("unknown setting \"\(key)\"")
         }

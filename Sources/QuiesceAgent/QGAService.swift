@@ -1,4 +1,5 @@
 // The qemu-ga dialect's commands, carried out by the same state actor as our own protocol's.
+import QuiesceLinux
 import QuiesceProtocol
 
 /// Runs qemu-ga commands (from `qga+unix:` and `qga+serial:` listeners) against the agent.
@@ -13,9 +14,13 @@ import QuiesceProtocol
 ///   snapshot quiesced. qemu-ga would answer 0.
 /// - One freeze at a time across both dialects: a freeze taken through our protocol makes
 ///   `guest-fsfreeze-status` answer "frozen", and a qga freeze shows in our `status`.
+///
+/// With `qga-forward`, every other command goes to a private qemu-ga (`QGAForwarder`), and
+/// `guest-info` lists the union of both agents' commands.
 enum QGAService {
     /// The reply bytes for one command (for `guest-sync-delimited`, preceded by 0xFF).
-    static func execute(_ command: QGA.Command, id: JSON?, state: AgentState, context: RequestContext) async -> [UInt8] {
+    static func execute(_ command: QGA.Command, id: JSON?, state: AgentState, context: RequestContext,
+                        forwarder: QGAForwarder? = nil) async -> [UInt8] {
         switch command {
         case .sync(let value, let delimited):
             let reply = QGA.returnFrame(.int(value), id: id)
@@ -23,7 +28,11 @@ enum QGAService {
         case .ping:
             return QGA.returnFrame(.object([:]), id: id)
         case .info:
-            return QGA.returnFrame(["version": .string(agentVersion), "supported_commands": QGA.supportedCommands()], id: id)
+            var commands = QGA.supportedCommands()
+            if let forwarder, let theirs = await Threads.run({ forwarder.commands() }) {
+                commands = QGA.supportedCommands(forwarding: theirs, frozen: await state.status().state != .thawed)
+            }
+            return QGA.returnFrame(["version": .string(agentVersion), "supported_commands": commands], id: id)
         case .fsfreezeStatus:
             let status = await state.status()
             return QGA.returnFrame(QGA.freezeStatus(frozen: status.state != .thawed), id: id)
@@ -34,6 +43,30 @@ enum QGAService {
             case .success(let r): return countOrError(Reply(id: nil, result: r.json), id: id)
             case .failure(let e): return countOrError(Reply(id: nil, error: e), id: id)
             }
+        }
+    }
+
+    /// Passes a command this dialect does not implement to the private qemu-ga and returns its
+    /// reply unchanged, nil when the command answered nothing (`guest-shutdown` that succeeded),
+    /// or an error naming the forwarder when it is missing, stuck or broken. While frozen only
+    /// `QGA.readOnlyCommands` are passed on, within `QGAForwarder.frozenTimeoutMs`; the others
+    /// are refused the way qemu-ga refuses them while frozen.
+    static func forward(_ frame: [UInt8], name: String, id: JSON?, forwarder: QGAForwarder, state: AgentState,
+                        onFailure: @Sendable (String) -> Void) async -> [UInt8]? {
+        let frozen = await state.status().state != .thawed
+        if frozen && !QGA.readOnlyCommands.contains(name) {
+            return QGA.errorFrame(QGA.disabledWhileFrozen(name), id: id)
+        }
+        let timeoutMs = frozen ? min(forwarder.timeoutMs, QGAForwarder.frozenTimeoutMs) : forwarder.timeoutMs
+        switch await Threads.run({ forwarder.call(frame: frame, name: name, timeoutMs: timeoutMs) }) {
+        case .reply(let bytes):
+            return bytes
+        case .noReply:
+            return nil
+        case .failed(let why):
+            onFailure(why)
+            return QGA.errorFrame(QGA.Failure("\(name) is passed on to qemu-guest-agent at unix:\(forwarder.path) "
+                                              + "(qga-forward), which failed: \(why)"), id: id)
         }
     }
 

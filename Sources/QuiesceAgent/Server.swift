@@ -23,10 +23,13 @@ public final class Server: Sendable {
     private let connections = Mutex<[ConnectionID: Connection]>([:])
     let nextID = Atomic<UInt64>(1)
     private let stateBox = Mutex<AgentState?>(nil)
+    /// The private qemu-ga that qga listeners pass unknown commands to (`qga-forward`).
+    let qgaForwarder: QGAForwarder?
 
     public init(config: AgentConfig, logger: Logger) {
         self.config = config
         self.logger = logger
+        qgaForwarder = config.qgaForward.map { QGAForwarder(path: $0, timeoutMs: config.qgaForwardTimeoutMs) }
     }
 
     /// The state actor; set once before listening.
@@ -173,8 +176,12 @@ public final class Server: Sendable {
             var held: [UInt8] = []
             var heldSince: UInt64 = 0
             while true {
-                guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) else { return }
+                // While bytes are held, poll with a timeout: the host that sent them may send
+                // nothing more until it is answered, so its session must start when POLLHUP
+                // clears, with no new POLLIN (Proxmox connects for each command and waits).
+                guard let ev = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: held.isEmpty ? -1 : 50) else { return }
                 if ev & Int16(POLLNVAL | POLLERR) != 0 { return }
+                if ev & Int16(POLLHUP) == 0 && !held.isEmpty { break }
                 // No host: the port polls POLLIN|POLLHUP and reads 0 at once. A session starts when
                 // POLLHUP clears (SIGIO comes then). A new host's first bytes may arrive just before
                 // its connected notice: they are read and held for the session. Bytes that no
@@ -290,6 +297,8 @@ final class Connection: Sendable {
         case qga(QGA.Command, id: JSON?)
         /// An answer made already (a refused qemu-ga command), sent in its turn.
         case answer([UInt8])
+        /// A qemu-ga command for the private qemu-ga (`qga-forward`): the frame as the host sent it.
+        case forward(name: String, frame: [UInt8], id: JSON?)
     }
 
     let id: ConnectionID
@@ -332,7 +341,9 @@ final class Connection: Sendable {
     /// A peer whose unread backlog passes 1 MiB is cut off.
     func send(_ frame: [UInt8]) {
         guard !dead.load(ordering: .relaxed) else { return }
-        if queuedBytes.add(frame.count, ordering: .relaxed).newValue > Connection.maxQueuedBytes {
+        // The limit is on what is already waiting: one large reply (a forwarded qemu-ga reply
+        // may be up to QGAForwarder.maxReplyBytes) is queued when the peer has read the rest.
+        if queuedBytes.add(frame.count, ordering: .relaxed).oldValue >= Connection.maxQueuedBytes {
             cutOff()
             return
         }
@@ -374,7 +385,14 @@ final class Connection: Sendable {
                 case .request(let request):
                     send(await state.handle(request, context: context).frame)
                 case .qga(let command, let id):
-                    send(await QGAService.execute(command, id: id, state: state, context: context))
+                    send(await QGAService.execute(command, id: id, state: state, context: context, forwarder: server.qgaForwarder))
+                case .forward(let name, let frame, let id):
+                    guard let forwarder = server.qgaForwarder else { break }
+                    let logger = server.logger
+                    let reply = await QGAService.forward(frame, name: name, id: id, forwarder: forwarder, state: state) { why in
+                        logger.warning("qemu-ga command \(name) passed on to unix:\(forwarder.path): \(why)")
+                    }
+                    if let reply { send(reply) }
                 case .answer(let bytes):
                     send(bytes)
                 }
@@ -443,6 +461,15 @@ final class Connection: Sendable {
             case .failure(let e) where e == .EAGAIN: continue
             case .failure: deviceGone = true; break session
             }
+        }
+        // A host that reconnects at once may have had its first command read by this session
+        // just before the hang-up showed: give quick answers (a guest-sync) up to 1 s to be
+        // written, as a stream connection answers a half-closed peer, instead of stopping the
+        // writer under them. A reply to a gone host fails its write and is dropped.
+        queue.finish()
+        let drainUntil = monotonicNanos() + 1_000_000_000
+        while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) && monotonicNanos() < drainUntil {
+            usleep(2000)
         }
         finish()
         stopWriter(writer)
@@ -536,6 +563,9 @@ extension Connection {
         let work: Work
         let id: JSON?
         switch QGA.decode(frame: bytes) {
+        case .failure(let refusal) where refusal.unknownCommand != nil && server.qgaForwarder != nil:
+            work = .forward(name: refusal.unknownCommand!, frame: bytes, id: refusal.id)
+            id = refusal.id
         case .failure(let refusal):
             work = .answer(QGA.errorFrame(refusal.failure, id: refusal.id))
             id = refusal.id

@@ -261,7 +261,17 @@ public enum Socket {
             Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         }
         do throws(SystemError) {
-            if call(fd) != 0 {
+            // A Unix listener whose backlog is full (qemu-ga listens with a backlog of 1 and
+            // serves one client at a time) answers EAGAIN, and the socket stays unconnected:
+            // retry until the listener takes us or the timeout passes.
+            let deadline = monotonicNanos() + UInt64(max(timeoutMs, 0)) * 1_000_000
+            var rc = call(fd)
+            while rc != 0 && family == AF_UNIX && Errno.current == .EAGAIN {
+                guard monotonicNanos() < deadline else { throw SystemError("connect", subject + " (backlog full)", .ETIMEDOUT) }
+                usleep(10_000)
+                rc = call(fd)
+            }
+            if rc != 0 {
                 let e = Errno.current
                 guard e == Errno(EINPROGRESS) || e == .EAGAIN || e == .EINTR else { throw SystemError("connect", subject, e) }
                 let ready = try FD.poll(fd, events: Int16(POLLOUT), timeoutMs: timeoutMs)

@@ -68,6 +68,9 @@ public enum QGA {
     public struct Refusal: Error, Sendable, Equatable {
         public var failure: Failure
         public var id: JSON?
+        /// The name of a well-formed command this dialect does not implement: one that an agent
+        /// with a private qemu-ga behind it passes on instead of refusing.
+        public var unknownCommand: String? = nil
     }
 
     /// Decodes one frame.
@@ -99,7 +102,8 @@ public enum QGA {
         default: return refuse("QMP input member 'arguments' must be an object", id)
         }
         guard let known = CommandName(rawValue: name) else {
-            return refuse("The command \(name) has not been found", id, errorClass: "CommandNotFound")
+            return .failure(Refusal(failure: Failure("The command \(name) has not been found", errorClass: "CommandNotFound"),
+                                    id: id, unknownCommand: name))
         }
         switch known {
         case .sync, .syncDelimited:

@@ -10,7 +10,7 @@ import QuiesceTestSupport
 import Testing
 
 /// A line-oriented qemu-ga client over a Unix socket (a QEMU chardev in real life).
-private final class QGAClient {
+final class QGAClient {
     let fd: Int32
     private var buffer: [UInt8] = []
 
@@ -25,6 +25,11 @@ private final class QGAClient {
 
     /// The next reply line; with `delimited`, everything up to a 0xFF is skipped first.
     func reply(delimited: Bool = false, timeoutMs: Int32 = 10_000) throws -> JSON {
+        try JSON.parse(replyLine(delimited: delimited, timeoutMs: timeoutMs))
+    }
+
+    /// The next reply line's bytes, without its newline.
+    func replyLine(delimited: Bool = false, timeoutMs: Int32 = 10_000) throws -> [UInt8] {
         var sawDelimiter = !delimited
         while true {
             if !sawDelimiter, let ff = buffer.firstIndex(of: 0xFF) {
@@ -34,7 +39,7 @@ private final class QGAClient {
             if sawDelimiter, let nl = buffer.firstIndex(of: 0x0A) {
                 let line = Array(buffer[..<nl])
                 buffer.removeSubrange(...nl)
-                return try JSON.parse(line)
+                return line
             }
             guard try FD.poll(fd, events: Int16(POLLIN), timeoutMs: timeoutMs) != 0 else {
                 throw LabError("no reply within \(timeoutMs) ms")
