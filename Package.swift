@@ -1,8 +1,8 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// The agent (quiesced) goes into every guest: it depends on swift-log and libsystemd only,
-// and never on Foundation. The host tool (quiescectl) may use swift-argument-parser.
+// The agent (quiesced) goes into every guest: it depends on swift-log only (it speaks systemd's
+// notify, socket-activation and journal protocols itself), and never on Foundation. The host tool (quiescectl) may use swift-argument-parser.
 let package = Package(
     name: "Quiesce",
     platforms: [.macOS(.v14)],
@@ -20,18 +20,18 @@ let package = Package(
         .target(name: "QuiesceProtocol"),
         // C constants and structs Swift cannot see (linux/fs.h, linux/vm_sockets.h, linux/loop.h).
         .target(name: "CQuiesceShims"),
-        // libsystemd: sd-daemon (notify, socket activation) and sd-journal.
-        .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
+        // Swift concurrency's global executor on our own threads (no libdispatch timer when idle).
+        .target(name: "CQuiesceExecutor"),
         // The only place that calls the kernel.
         .target(name: "QuiesceLinux", dependencies: ["CQuiesceShims"]),
         // Guest side: discovery, freeze plan, engine, daemon state machine, listeners.
         .target(name: "QuiesceAgent", dependencies: [
-            "QuiesceProtocol", "QuiesceLinux", "CQuiesceShims", "CSystemd",
+            "QuiesceProtocol", "QuiesceLinux", "CQuiesceShims",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Host side: transports, agent client, checkpoint bracket.
         .target(name: "QuiesceHost", dependencies: ["QuiesceProtocol", "QuiesceLinux"]),
-        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent"]),
+        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent", "CQuiesceExecutor", "CQuiesceShims"]),
         .executableTarget(name: "quiescectl", dependencies: [
             "QuiesceHost",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -34,3 +34,6 @@ int qs_pidfd_open(int pid) {
 int qs_spawn_closefrom(void *actions, int lowfd) {
     return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, lowfd);
 }
+
+#include <malloc.h>
+int qs_malloc_arena_max(int arenas) { return mallopt(M_ARENA_MAX, arenas); }

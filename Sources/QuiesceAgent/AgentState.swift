@@ -58,10 +58,17 @@ public actor AgentState {
     }
 
     private var phase: Phase = .thawed
-    private var endedOps: [(opID: String, reason: ThawReason)] = []
+    /// Operations that ended, newest last (at most 64): why and when (wall clock ms).
+    private var endedOps: [(opID: String, reason: ThawReason, atMs: Int64, timeoutMs: Int64)] = []
+    /// The last freeze taken through qemu-ga's dialect that no `guest-fsfreeze-thaw` has answered
+    /// for yet: the host's thaw is checked against it (see `qgaThaw`).
+    private var qgaOpID: String?
     private var lastAutoThaw: AutoThawReport?
     private var opCounter: UInt64 = 0
     private var shuttingDown = false
+    /// The tasks sleeping until the current freeze's deadline: cancelled when it thaws, so that a
+    /// deadline of a freeze that ended never wakes the agent.
+    private var deadlineTasks: [Task<Void, Never>] = []
     /// Plans running on their threads (one that outlived its budget stays counted until it returns).
     private let planning = InFlight()
     /// Hook files refused at the last look at the hooks directory (for `status`).
@@ -79,10 +86,22 @@ public actor AgentState {
     let broadcast: @Sendable (Event) -> Void
     /// Reports a one-line state to the service manager (STATUS=).
     let reportStatus: @Sendable (String) -> Void
+    /// Whether someone reads the STATUS= countdown (a service manager): only then does a frozen
+    /// agent wake once a second to refresh it; otherwise it sleeps until the deadline.
+    let statusCountdown: Bool
 
+    /// - Parameters:
+    ///   - statusCountdown: refresh `reportStatus` every second while frozen (set it when a
+    ///     service manager listens, i.e. `$NOTIFY_SOCKET` is set).
+    ///   - recovered: freezes an earlier agent process left, which start-up recovery thawed
+    ///     (operation id and mountpoints). `status` reports the last as `last_auto_thaw` with
+    ///     reason `restart`; a `thaw` naming one is told so; a qemu-ga freeze's later
+    ///     `guest-fsfreeze-thaw` fails once saying why, as after a deadline.
     public init(config: AgentConfig, logger: Logger,
                 broadcast: @escaping @Sendable (Event) -> Void = { _ in },
-                reportStatus: @escaping @Sendable (String) -> Void = { _ in }) {
+                reportStatus: @escaping @Sendable (String) -> Void = { _ in },
+                statusCountdown: Bool = false,
+                recovered: [(opID: String, filesystems: [String])] = []) {
         self.config = config
         self.discovery = Discovery(scope: config.scope)
         self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere)
@@ -95,6 +114,13 @@ public actor AgentState {
         }
         self.broadcast = broadcast
         self.reportStatus = reportStatus
+        self.statusCountdown = statusCountdown
+        let at = wallClockMillis()
+        for r in recovered.suffix(64) {
+            endedOps.append((r.opID, .restart, at, 0))
+            lastAutoThaw = AutoThawReport(reason: ThawReason.restart.rawValue, opID: r.opID, atMs: at, filesystems: r.filesystems)
+            if r.opID.hasPrefix(AgentState.qgaOpPrefix) { qgaOpID = r.opID }
+        }
     }
 
     /// Answers one request. `hello` and `ping` are answered by the connection itself.
@@ -328,12 +354,12 @@ public actor AgentState {
             phase = .frozen(freeze)
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
-                                          "presync_us": "\(done.presyncUs)", "total_us": "\(result.totalUs)"])
+                                          "presync_us": "\(done.presyncUs)", "presync_passes": "\(done.presyncPasses)", "total_us": "\(result.totalUs)"])
             reportStatus(statusLine())
             var replay = result
             replay.replayed = true
             for w in pending.waiters { w.resume(returning: Reply(id: nil, result: replay.json)) }
-            Task { await self.enforceDeadline(opID: opID) }
+            deadlineTasks.append(Task { await self.enforceDeadline(opID: opID) })
             if shuttingDown {
                 _ = await thaw(opID: opID, reason: .signal, abandoned: true)
             } else if pending.ownerGone && r.mode == .bound && config.thawOnDisconnect {
@@ -380,7 +406,9 @@ public actor AgentState {
     // MARK: - Deadline, keepalive, disconnect
 
     /// Sleeps until the freeze's deadline (which keepalives may push) and thaws it there.
-    /// Wakes at least once a second meanwhile to keep systemd's STATUS= countdown live.
+    /// Under a service manager (`statusCountdown`) it wakes once a second meanwhile to keep the
+    /// STATUS= countdown live; without one it sleeps until the deadline (a keepalive that moved
+    /// it only makes it sleep again).
     private func enforceDeadline(opID: String) async {
         while case .frozen(let f) = phase, f.opID == opID {
             let now = monotonicNanos()
@@ -388,8 +416,13 @@ public actor AgentState {
                 _ = await thaw(opID: opID, reason: .deadline)
                 return
             }
-            reportStatus(statusLine())
-            try? await Task.sleep(nanoseconds: min(f.deadline - now, 1_000_000_000))
+            let wait = f.deadline - now
+            if statusCountdown {
+                reportStatus(statusLine())
+                await AsyncSleep.nanoseconds(min(wait, 1_000_000_000))
+            } else {
+                await AsyncSleep.nanoseconds(wait)
+            }
         }
     }
 
@@ -433,14 +466,22 @@ public actor AgentState {
         let f: Freeze
         switch phase {
         case .thawed:
-            if let opID, !endedOps.contains(where: { $0.opID == opID }) {
-                return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold a freeze"))
+            if let opID {
+                guard let ended = endedOps.last(where: { $0.opID == opID }) else {
+                    return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold a freeze"))
+                }
+                if ended.reason != .request {
+                    return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                }
             }
             return .success(ThawResult(opID: opID, wasFrozen: false, filesystems: [], totalUs: 0, frozenUs: nil))
         case .freezing, .thawing:
             return .failure(ProtocolError(.busy, "a freeze or thaw is in progress; try again"))
         case .frozen(let current):
             if let opID, opID != current.opID {
+                if let ended = endedOps.last(where: { $0.opID == opID }), ended.reason != .request {
+                    return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                }
                 return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(current.opID) does)"))
             }
             f = current
@@ -466,7 +507,7 @@ public actor AgentState {
             still.held = outcome.remaining
             still.deadline = min(still.deadline, monotonicNanos() + 1_000_000_000)
             phase = .frozen(still)
-            Task { await self.enforceDeadline(opID: f.opID) }
+            deadlineTasks.append(Task { await self.enforceDeadline(opID: f.opID) })
             log.error("thaw failed", metadata: ["errors": "\(outcome.errors.joined(separator: "; "))"])
             reportStatus(statusLine())
             return .failure(ProtocolError(.thawFailed, "could not thaw: \(outcome.errors.joined(separator: "; "))",
@@ -474,8 +515,10 @@ public actor AgentState {
         }
         phase = .thawed
         guardian.disarm()
+        for t in deadlineTasks { t.cancel() }
+        deadlineTasks = []
         record.remove()
-        endedOps.append((f.opID, reason))
+        endedOps.append((f.opID, reason, wallClockMillis(), f.timeoutMs))
         if endedOps.count > 64 { endedOps.removeFirst() }
         log.info("thawed", metadata: ["reason": "\(reason.rawValue)", "frozen_us": "\(frozenUs)", "thaw_us": "\(outcome.totalUs)"])
         if reason != .request {
@@ -485,6 +528,62 @@ public actor AgentState {
         }
         reportStatus(statusLine())
         return .success(result)
+    }
+
+    /// The error for a thaw that came after the agent had already ended its operation by itself:
+    /// the requester's snapshot may have been taken partly unfrozen, and must hear so (libvirt
+    /// fails a snapshot whose thaw fails). Code `not-frozen`, details `op_id`, `thawed_reason`
+    /// (a `ThawReason`), `thawed_at_ms` (wall clock, ms since the epoch).
+    static func endedEarly(opID: String, reason: ThawReason, atMs: Int64, timeoutMs: Int64) -> ProtocolError {
+        let why = switch reason {
+        case .deadline: "its deadline passed (\(timeoutMs) ms without a thaw or keepalive; --max-freeze caps it)"
+        case .disconnect: "the connection (or device session) it was bound to closed"
+        case .signal: "the agent was stopped"
+        case .restart: "the agent restarted"
+        case .request: "a thaw request"
+        }
+        let seconds = max(0, wallClockMillis() - atMs) / 1000
+        return ProtocolError(.notFrozen,
+            "operation \(opID) was thawed by the agent before this thaw: at \(atMs) ms since the epoch (\(seconds) s ago), because \(why); a snapshot taken after that was not quiesced",
+            details: ["op_id": .string(opID), "thawed_reason": .string(reason.rawValue), "thawed_at_ms": .int(atMs)])
+    }
+
+    // MARK: - qemu-ga's dialect
+
+    /// `guest-fsfreeze-freeze[-list]`: a detached freeze with the agent's max-freeze, remembered
+    /// so that the host's later `guest-fsfreeze-thaw` can be told if it came too late.
+    public func qgaFreeze(mounts: [String]?, context: RequestContext) async -> Reply {
+        // The prefix survives in the crash record, so an agent restarted under the freeze knows
+        // the host's next guest-fsfreeze-thaw is owed the truth (`recovered(opID:filesystems:)`).
+        opCounter += 1
+        let opID = "\(AgentState.qgaOpPrefix)\(wallClockMillis())-\(opCounter)"
+        let reply = await freeze(FreezeRequest(mounts: mounts, timeoutMs: nil, opID: opID, mode: .detached), context: context, id: nil)
+        if case .success(let result) = reply.outcome, case .string(let op)? = result["op_id"] { qgaOpID = op }
+        return reply
+    }
+
+    /// Operation ids of freezes taken through qemu-ga's dialect start with this.
+    static let qgaOpPrefix = "qga-"
+
+    /// `guest-fsfreeze-thaw`. qemu-ga's thaw has no operation id; this one stands for the last
+    /// freeze taken through qemu-ga's dialect. If the agent ended that freeze by itself
+    /// (deadline, signal) before the host's thaw came, the thaw fails saying when and why, once;
+    /// otherwise it thaws whatever the agent holds (0 filesystems when nothing).
+    public func qgaThaw() async -> Result<ThawResult, ProtocolError> {
+        if let op = qgaOpID {
+            switch phase {
+            case .freezing, .thawing: return .failure(ProtocolError(.busy, "a freeze or thaw is in progress; try again"))
+            case .frozen(let f) where f.opID == op:
+                qgaOpID = nil
+                return await thaw(opID: op, reason: .request)
+            case .frozen, .thawed:
+                qgaOpID = nil
+                if let ended = endedOps.last(where: { $0.opID == op }), ended.reason != .request {
+                    return .failure(AgentState.endedEarly(opID: op, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                }
+            }
+        }
+        return await thaw(opID: nil, reason: .request)
     }
 
     // MARK: - Sync
@@ -519,9 +618,9 @@ public actor AgentState {
             case .thawed: return
             case .frozen(let f):
                 if case .failure = await thaw(opID: f.opID, reason: .signal) {
-                    try? await Task.sleep(nanoseconds: 1_000_000_000)  // a device refusing FITHAW: retry, don't spin
+                    await AsyncSleep.nanoseconds(1_000_000_000)  // a device refusing FITHAW: retry, don't spin
                 }
-            case .freezing, .thawing: try? await Task.sleep(nanoseconds: 10_000_000)
+            case .freezing, .thawing: await AsyncSleep.nanoseconds(10_000_000)
             }
         }
     }

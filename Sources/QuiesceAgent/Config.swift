@@ -11,20 +11,31 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
     /// qemu-ga's dialect, for hosts that drive qemu-guest-agent (libvirt, Proxmox).
     case qgaUnix(path: String)
     case qgaSerial(device: String)
+    /// The Hyper-V VSS channel of the kernel's hv_utils driver (Hyper-V and Azure guests), in
+    /// place of hv_vss_daemon.
+    case hvVSS(device: String)
 
-    /// The protocol spoken on it.
+    /// The Hyper-V VSS driver's character device.
+    public static let defaultHVVSSDevice = "/dev/vmbus/hv_vss"
+
+    /// The line protocol spoken on it (hv-vss: speaks the driver's binary messages instead).
     public var dialect: Dialect {
         switch self {
-        case .unix, .vsock, .serial: .quiesce
+        case .unix, .vsock, .serial, .hvVSS: .quiesce
         case .qgaUnix, .qgaSerial: .qga
         }
     }
 
-    /// Parses `unix:PATH`, `vsock:PORT`, `vsock:CID:PORT`, `serial:DEVICE`, `qga+unix:PATH`, `qga+serial:DEVICE`.
+    /// Parses `unix:PATH`, `vsock:PORT`, `vsock:CID:PORT`, `serial:DEVICE`, `qga+unix:PATH`,
+    /// `qga+serial:DEVICE`, `hv-vss:DEVICE`; `hv-vss:` or `hv-vss` alone is `/dev/vmbus/hv_vss`.
     public init(parsing text: String) throws(ConfigError) {
         func bad(_ why: String) -> ConfigError { ConfigError("listen address \"\(text)\": \(why)") }
+        if text == "hv-vss" {
+            self = .hvVSS(device: ListenAddress.defaultHVVSSDevice)
+            return
+        }
         guard let colon = text.firstIndex(of: ":") else {
-            throw bad("expected unix:PATH, vsock:PORT, vsock:CID:PORT, serial:DEVICE, qga+unix:PATH or qga+serial:DEVICE")
+            throw bad("expected unix:PATH, vsock:PORT, vsock:CID:PORT, serial:DEVICE, qga+unix:PATH, qga+serial:DEVICE or hv-vss:DEVICE")
         }
         let kind = text[..<colon]
         let rest = String(text[text.index(after: colon)...])
@@ -47,8 +58,15 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
         case "serial", "qga+serial":
             guard rest.hasPrefix("/") else { throw bad("the device path must be absolute") }
             self = kind == "serial" ? .serial(device: rest) : .qgaSerial(device: rest)
+        case "hv-vss":
+            if rest.isEmpty {
+                self = .hvVSS(device: ListenAddress.defaultHVVSSDevice)
+                return
+            }
+            guard rest.hasPrefix("/") else { throw bad("the device path must be absolute") }
+            self = .hvVSS(device: rest)
         default:
-            throw bad("unknown kind \"\(kind)\" (expected unix, vsock, serial, qga+unix or qga+serial)")
+            throw bad("unknown kind \"\(kind)\" (expected unix, vsock, serial, qga+unix, qga+serial or hv-vss)")
         }
     }
 
@@ -60,6 +78,7 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
         case .serial(let device): "serial:\(device)"
         case .qgaUnix(let path): "qga+unix:\(path)"
         case .qgaSerial(let device): "qga+serial:\(device)"
+        case .hvVSS(let device): "hv-vss:\(device)"
         }
     }
 }
@@ -103,7 +122,7 @@ public struct AgentConfig: Sendable {
 
     /// The settings a key accepts, for `--help` and the sample config.
     public static let keys: [(key: String, value: String, help: String)] = [
-        ("listen", "ADDR", "where to listen (repeatable): unix:, vsock:, serial:, qga+unix:, qga+serial: (see ADDR)"),
+        ("listen", "ADDR", "where to listen (repeatable): unix:, vsock:, serial:, qga+unix:, qga+serial:, hv-vss: (see ADDR)"),
         ("state-dir", "DIR", "where the crash-safety record lives (default /run/quiesce, a tmpfs)"),
         ("include", "GLOB", "only mountpoints matching a glob are eligible (repeatable)"),
         ("exclude", "GLOB", "mountpoints matching a glob are never frozen (repeatable)"),

@@ -20,6 +20,10 @@ public final class DeadlineGuard: Sendable {
         var deadline: UInt64
     }
     private let state = Mutex<Armed?>(nil)
+    /// Tells the guard thread that the armed state changed. The thread waits on it (a condition
+    /// variable on CLOCK_MONOTONIC) until the armed deadline plus grace, and without any timeout
+    /// while disarmed: an idle agent costs no wakeup here.
+    private let changed = Mailbox<Void>()
     private let graceNanos: UInt64
     private let onFire: @Sendable (String, [String]) -> Void
 
@@ -38,11 +42,13 @@ public final class DeadlineGuard: Sendable {
             return s
         }
         old?.fds.forEach(FD.close)
+        changed.post(())
     }
 
     /// Moves the deadline (keepalive).
     public func extend(to deadline: UInt64) {
         state.withLock { $0?.deadline = deadline }
+        changed.post(())
     }
 
     /// The freeze ended normally: forget it.
@@ -52,21 +58,29 @@ public final class DeadlineGuard: Sendable {
             return s
         }
         old?.fds.forEach(FD.close)
+        changed.post(())
     }
 
+    /// Sleeps until the armed deadline plus grace (or until arm/extend/disarm says the state
+    /// changed), never periodically. A change posted between reading the state and waiting is
+    /// queued in the mailbox, so the wait returns at once and the state is read again.
     private func run() {
         while true {
-            let fired = state.withLock { s -> Armed? in
-                guard let armed = s, monotonicNanos() >= armed.deadline + graceNanos else { return nil }
+            let now = monotonicNanos()
+            let next = state.withLock { s -> (fire: Armed?, wakeAt: UInt64?) in
+                guard let armed = s else { return (nil, nil) }
+                let due = armed.deadline &+ graceNanos
+                guard now >= due else { return (nil, due) }
                 s = nil
-                return armed
+                return (armed, nil)
             }
-            if let fired {
+            if let fired = next.fire {
                 for fd in fired.fds.reversed() { _ = FilesystemOps.thaw(fd) }
                 fired.fds.forEach(FD.close)
                 onFire(fired.opID, fired.mountPoints)
+                continue
             }
-            usleep(200_000)
+            _ = changed.receive(deadlineNanos: next.wakeAt)
         }
     }
 }

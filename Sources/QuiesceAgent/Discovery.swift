@@ -67,13 +67,14 @@ public struct Discovery: Sendable {
         // answer: find such paths by mountpoint prefix alone.
         let served = ServedMounts(mounts)
         var topology = BlockTopology.read(startingFrom: starts.sorted(), servedMount: served.containing)
-        // A loop image on a btrfs (anonymous st_dev) is matched by mount ID: walk on beneath
-        // that filesystem's real device too. A loop image in an overlay is written through to
-        // the overlay's upper directory: walk on beneath that directory's filesystem. Repeat
-        // until nothing new turns up.
+        // A loop image (or an nbd server's file) on a btrfs (anonymous st_dev) is matched by mount
+        // ID: walk on beneath that filesystem's real device too. A loop image in an overlay is
+        // written through to the overlay's upper directory: walk on beneath that directory's
+        // filesystem. Repeat until nothing new turns up.
         while true {
             var more = Set<DeviceNumber>()
-            for id in Set(topology.loopBackingMount.values) {
+            let servedFileMounts = topology.servedFiles.values.joined().compactMap(\.mountID)
+            for id in Set(topology.loopBackingMount.values).union(servedFileMounts) {
                 guard let m = mounts.first(where: { $0.mountID == id }) else { continue }
                 if let d = device(m) { more.insert(d) }
                 if overlayUpper[m.device] == nil, let dir = BlockTopology.overlayUpperDirectory(m), served.containing(dir) == nil,

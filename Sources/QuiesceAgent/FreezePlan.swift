@@ -503,7 +503,8 @@ private struct MountTable {
     /// `lower`, its external log or journal devices, and loop backing filesystems (found by the
     /// backing file's mount ID, else by its st_dev among mountinfo devices), through any mounted
     /// superblock, planned or not. A backing file in an overlay leads on to the filesystem of
-    /// the overlay's upper directory, where its writes land.
+    /// the overlay's upper directory, where its writes land. The files an nbd device's server
+    /// writes into count like a loop device's backing file.
     private func restsOn(_ start: DeviceNumber, topology: BlockTopology, byDevice: [DeviceNumber: DeviceNumber],
                          byMountDevice: [DeviceNumber: DeviceNumber], byMountID: [Int: Int]) -> Set<DeviceNumber> {
         guard let origin = superblocks[start]?.device else { return [] }
@@ -518,21 +519,28 @@ private struct MountTable {
             if device != origin, let holder = byDevice[device] { result.insert(holder) }
             pending.append(contentsOf: topology.lower[device] ?? [])
             pending.append(contentsOf: topology.externalDevices[device] ?? [])
-            let backingMount = topology.loopBackingMount[device].flatMap { byMountID[$0] }
-            if let backing = topology.loopBacking[device] ?? backingMount.map({ mounts[$0].device }) {
-                // The mount the backing file's path leads to is exact (btrfs subvolumes have
-                // st_dev values mountinfo does not show); else match st_dev against mountinfo.
-                if var holder = backingMount.map({ key[$0] }) ?? byMountDevice[backing] {
+            // A file the device writes into: a loop device's backing file, an nbd server's files.
+            func holding(_ holderKey: DeviceNumber?, fileDevice: DeviceNumber) {
+                if var holder = holderKey {
                     // Through overlays (each at most once) to a filesystem with a device.
                     while result.insert(holder).inserted, superblocks[holder]?.device == nil,
                           let upper = topology.overlayUpper[holder].flatMap(superblock(at:)) {
                         holder = upper
                     }
                     if let next = superblocks[holder]?.device { pending.append(next) }
-                } else if backing.major != 0 {
-                    // The backing filesystem is not visible here; its device may still lead further.
-                    pending.append(backing)
+                } else if fileDevice.major != 0 {
+                    // The holding filesystem is not visible here; its device may still lead further.
+                    pending.append(fileDevice)
                 }
+            }
+            let backingMount = topology.loopBackingMount[device].flatMap { byMountID[$0] }
+            if let backing = topology.loopBacking[device] ?? backingMount.map({ mounts[$0].device }) {
+                // The mount the backing file's path leads to is exact (btrfs subvolumes have
+                // st_dev values mountinfo does not show); else match st_dev against mountinfo.
+                holding(backingMount.map({ key[$0] }) ?? byMountDevice[backing], fileDevice: backing)
+            }
+            for file in topology.servedFiles[device] ?? [] {
+                holding(superblock(at: file), fileDevice: file.device)
             }
         }
         return result

@@ -3,7 +3,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CSystemd
 import Logging
 import Synchronization
 
@@ -80,8 +79,9 @@ public struct AgentLogHandler: LogHandler {
             for (k, v) in metadata.sorted(by: { $0.key < $1.key }) {
                 fields.append("QUIESCE_\(k.uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" }.reduce("") { $0 + String($1) })=\(v)")
             }
-            journalSend(fields)
-        } else {
+            if Systemd.journalSend(fields) { return }
+        }
+        do {
             let meta = metadata.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }.joined(separator: " ")
             let line = "quiesced: \(level): \(message)\(meta.isEmpty ? "" : " " + meta)\n"
             _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
@@ -96,21 +96,6 @@ public struct AgentLogHandler: LogHandler {
         case .warning: 4
         case .error: 3
         case .critical: 2
-        }
-    }
-
-    /// sd_journal_sendv with an iovec per field (sd_journal_send is variadic: Swift cannot call it).
-    static func journalSend(_ fields: [String]) {
-        var bytes: [UInt8] = []
-        var ranges: [Range<Int>] = []
-        for f in fields {
-            let start = bytes.count
-            bytes.append(contentsOf: f.utf8)
-            ranges.append(start..<bytes.count)
-        }
-        bytes.withUnsafeMutableBytes { p in
-            let iovecs = ranges.map { iovec(iov_base: p.baseAddress! + $0.lowerBound, iov_len: $0.count) }
-            _ = sd_journal_sendv(iovecs, Int32(iovecs.count))
         }
     }
 }

@@ -8,6 +8,9 @@ import QuiesceProtocol
 ///   has a deadline: the agent's --max-freeze. qemu-ga would stay frozen until told otherwise.
 /// - `guest-fsfreeze-freeze-list` with a mountpoint that is not a mount, or that the guest's
 ///   scope leaves out, is an error that freezes nothing; qemu-ga silently skips such entries.
+/// - A `guest-fsfreeze-thaw` that comes after the agent thawed the dialect's last freeze by
+///   itself (deadline, signal) fails, saying when and why, so the host does not call its
+///   snapshot quiesced. qemu-ga would answer 0.
 /// - One freeze at a time across both dialects: a freeze taken through our protocol makes
 ///   `guest-fsfreeze-status` answer "frozen", and a qga freeze shows in our `status`.
 enum QGAService {
@@ -25,10 +28,12 @@ enum QGAService {
             let status = await state.status()
             return QGA.returnFrame(QGA.freezeStatus(frozen: status.state != .thawed), id: id)
         case .fsfreezeFreeze(let mountpoints):
-            let request = FreezeRequest(mounts: mountpoints, timeoutMs: nil, opID: nil, mode: .detached)
-            return countOrError(await state.handle(Request(id: nil, .freeze(request)), context: context), id: id)
+            return countOrError(await state.qgaFreeze(mounts: mountpoints, context: context), id: id)
         case .fsfreezeThaw:
-            return countOrError(await state.handle(Request(id: nil, .thaw(opID: nil)), context: context), id: id)
+            switch await state.qgaThaw() {
+            case .success(let r): return countOrError(Reply(id: nil, result: r.json), id: id)
+            case .failure(let e): return countOrError(Reply(id: nil, error: e), id: id)
+            }
         }
     }
 

@@ -21,7 +21,7 @@ public final class Server: Sendable {
     let config: AgentConfig
     let logger: Logger
     private let connections = Mutex<[ConnectionID: Connection]>([:])
-    private let nextID = Atomic<UInt64>(1)
+    let nextID = Atomic<UInt64>(1)
     private let stateBox = Mutex<AgentState?>(nil)
 
     public init(config: AgentConfig, logger: Logger) {
@@ -120,7 +120,7 @@ public final class Server: Sendable {
             return config.allowedUIDs.contains(uid) ? nil : "uid \(uid) is not allowed (allow-uid)"
         case .vsock(let cid, _):
             return config.allowedVsockCIDs.contains(cid) ? nil : "vsock CID \(cid) is not allowed (allow-vsock-cid)"
-        case .serial:
+        case .serial, .hvVSS:
             return nil
         case .unknown:
             return "unknown peer"
@@ -136,11 +136,13 @@ public final class Server: Sendable {
             while true {
                 let fd: Int32
                 do {
-                    fd = try FD.open(path, O_RDWR | O_NOCTTY | O_NONBLOCK)
+                    fd = try FD.openCharacterDevice(path, O_RDWR | O_NOCTTY | O_NONBLOCK)
                     announcedMissing = false
                 } catch {
                     if !announcedMissing { logger.warning("serial port \(path): \(error); waiting for it") }
                     announcedMissing = true
+                    // A missing port is waited for through inotify (no timer); other errors back off.
+                    if access(path, F_OK) != 0, (try? PathWatch.waitUntilExists(path)) != nil { continue }
                     usleep(1_000_000)
                     continue
                 }
@@ -156,10 +158,13 @@ public final class Server: Sendable {
     private func serveSerialSessions(fd: Int32, path: String, dialect: Dialect) {
         while true {
             // Wait for the host: POLLHUP means nobody is connected to the chardev right now. The
-            // kernel sends SIGIO when the host connects (qemu-ga waits the same way); the 1 s
-            // timeout is the fallback, and the moment to notice a port that was unplugged and
-            // replugged (the path then names another device).
+            // kernel sends SIGIO when the host connects (qemu-ga waits the same way). A port that
+            // was unplugged or replugged (the path then names another device) is noticed through
+            // an inotify watch on its directory, which sends SIGIO to this thread too; only without
+            // that watch does a 1 s timeout stand in for it. An idle port costs no wakeup.
             let asyncIO = qs_async_to_this_thread(fd) == 0
+            let watch = try? PathWatch(near: path)
+            let watched = watch.map { qs_async_to_this_thread($0.fd) == 0 } ?? false
             var sigio = sigset_t()
             sigemptyset(&sigio)
             sigaddset(&sigio, SIGIO)
@@ -191,9 +196,11 @@ public final class Server: Sendable {
                 if asyncIO {
                     // While bytes are held, wake often enough to drop them on time.
                     var timeout = held.isEmpty ? timespec(tv_sec: 1, tv_nsec: 0) : timespec(tv_sec: 0, tv_nsec: 100_000_000)
-                    if sigtimedwait(&sigio, nil, &timeout) < 0 && errno == EAGAIN && !Server.isSameDevice(fd: fd, path: path) {
+                    let signalled = held.isEmpty && watched ? sigtimedwait(&sigio, nil, nil) : sigtimedwait(&sigio, nil, &timeout)
+                    if signalled < 0 && errno == EAGAIN && !Server.isSameDevice(fd: fd, path: path) {
                         return
                     }
+                    if watch?.drain() == true && !Server.isSameDevice(fd: fd, path: path) { return }
                 } else {
                     usleep(backoffUs)
                     backoffUs = min(backoffUs * 2, 250_000)
@@ -256,6 +263,15 @@ public final class Server: Sendable {
 public enum Dialect: Sendable {
     case quiesce
     case qga
+
+    /// How requests are cut from the stream: lines for ours; for qemu-ga's, JSON values with no
+    /// newline needed between them, as qemu-ga itself parses.
+    var framing: Framing {
+        switch self {
+        case .quiesce: .lines
+        case .qga: .jsonValues
+        }
+    }
 
     /// An error that is nobody's reply (framing, limits, refusals), in this dialect.
     func errorFrame(_ error: ProtocolError, id: JSON?) -> [UInt8] {
@@ -372,7 +388,7 @@ final class Connection: Sendable {
     func runStream() {
         let writer = startWriter()
         startWorker()
-        var decoder = FrameDecoder()
+        var decoder = FrameDecoder(framing: dialect.framing)
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
         var buffer = [UInt8](repeating: 0, count: 16384)
         reading: while true {
@@ -408,7 +424,7 @@ final class Connection: Sendable {
     func runSerialSession(first: [UInt8] = []) -> Bool {
         let writer = startWriter()
         startWorker()
-        var decoder = FrameDecoder()
+        var decoder = FrameDecoder(framing: dialect.framing)
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
         decoder.feed(first[...])
         while let event = decoder.next() { _ = handle(event, limiter: &limiter) }
@@ -445,7 +461,7 @@ final class Connection: Sendable {
             return true
         case .tooLarge:
             send(dialect.errorFrame(ProtocolError(.frameTooLarge,
-                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next line")"), id: nil))
+                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")"), id: nil))
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {

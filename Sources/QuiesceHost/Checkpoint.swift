@@ -165,6 +165,9 @@ struct ThawOutcome: Sendable {
     var error: AgentError?
     /// The agent had already thawed (deadline, disconnect): the freeze did not last.
     var alreadyThawed: Bool
+    /// The agent's own account of when and why it ended the freeze (its `not-frozen` answer
+    /// with `thawed_reason`, PROTOCOL.md 6.6), when it gave one.
+    var endedEarly: String? = nil
     var reconnected: Bool
     var keepalives: Int
 }
@@ -317,8 +320,9 @@ final class AgentSession: Sendable {
                     outcome.alreadyThawed = !r.wasFrozen
                     return nil
                 } catch {
-                    if error.remote?.code == .notFrozen {
+                    if let remote = error.remote, remote.code == .notFrozen {
                         outcome.alreadyThawed = true
+                        if remote.details?["thawed_reason"] != nil { outcome.endedEarly = remote.message }
                         return nil
                     }
                     // The agent is busy thawing by itself (deadline) or finishing a freeze: ask again.
@@ -676,7 +680,8 @@ final class CheckpointRun {
                      + "filesystem-consistent for \(lost.count == 1 ? "that application" : "those applications") (COMMAND was told otherwise)")
             }
             if outcome.alreadyThawed && report.agents[i].freezeLost == nil {
-                report.agents[i].freezeLost = "the agent had already thawed when asked to (deadline or lost connection)"
+                report.agents[i].freezeLost = outcome.endedEarly.map { "the agent says: \($0)" }
+                    ?? "the agent had already thawed when asked to (deadline or lost connection)"
             }
             if let error = outcome.error {
                 note(at, i, "thaw-failed", "THAW FAILED: \(error.message)")

@@ -1,5 +1,6 @@
-// What a block device is built on, read from sysfs: device-mapper and md slaves,
-// a partition's whole disk, and the filesystem holding a loop device's backing file.
+// What a block device is built on, read from sysfs: device-mapper and md slaves, a partition's
+// whole disk, the filesystem holding a loop device's backing file, and the files an nbd device's
+// server process writes to.
 // The freeze plan needs this to freeze a stacked filesystem before the one under it.
 #if canImport(Glibc)
 import Glibc
@@ -37,17 +38,26 @@ public struct BlockTopology: Sendable, Equatable {
     /// write to a file in the overlay (a loop image's too) lands in the upper directory's
     /// filesystem. Filled by `location(ofPath:)` on the `upperdir=` super option.
     public var overlayUpper: [DeviceNumber: PathLocation]
+    /// A block device served by a user-space process (nbd: `/sys/dev/block/M:m/pid`, present
+    /// while connected) -> where the regular files that process holds open for writing live
+    /// (`/proc/PID/fd/*`; the mount ID from `/proc/PID/fdinfo/*`). sysfs shows no link for such a
+    /// device, yet its writes land in those files: with `qemu-nbd -c /dev/nbdN FILE` the server is
+    /// the process named there and FILE is one of them. Like a loop device's backing file, each
+    /// is a dependency. Empty when the server serves from elsewhere (a socket to another process
+    /// or machine): then nothing here can see what the device rests on.
+    public var servedFiles: [DeviceNumber: [PathLocation]]
 
     public init(
         lower: [DeviceNumber: [DeviceNumber]] = [:], loopBacking: [DeviceNumber: DeviceNumber] = [:],
         loopBackingMount: [DeviceNumber: Int] = [:], externalDevices: [DeviceNumber: [DeviceNumber]] = [:],
-        overlayUpper: [DeviceNumber: PathLocation] = [:]
+        overlayUpper: [DeviceNumber: PathLocation] = [:], servedFiles: [DeviceNumber: [PathLocation]] = [:]
     ) {
         self.lower = lower
         self.loopBacking = loopBacking
         self.loopBackingMount = loopBackingMount
         self.externalDevices = externalDevices
         self.overlayUpper = overlayUpper
+        self.servedFiles = servedFiles
     }
 
     /// Where a path lives: its filesystem's `st_dev` and the ID of the mount it is reached
@@ -72,16 +82,21 @@ public struct BlockTopology: Sendable, Equatable {
     /// moved or lazily unmounted), else from `stat` of the path in `loop/backing_file`.
     /// Nothing here throws: what cannot be read is simply absent.
     ///
+    /// For a device with a `pid` attribute (nbd), the regular files its server process holds open
+    /// for writing are recorded in `servedFiles` (see there).
+    ///
     /// - Parameters:
     ///   - sysfsRoot: where sysfs is mounted; tests point it at a fake tree.
     ///   - devRoot: where devtmpfs is mounted; tests point it at a directory without device nodes.
+    ///   - procRoot: where procfs is mounted (for an nbd server's open files).
     ///   - servedMount: the FUSE or network mount a path lies under (by mountpoint prefix, no
     ///     syscall), or nil. Every call that touches a file there (even the loop driver's
     ///     `LOOP_GET_STATUS64`, which stats its backing file) waits for a server that may never
-    ///     answer, so a loop device whose backing file is there is recorded from that mount alone.
+    ///     answer, so a loop device whose backing file is there, or an nbd server's open file, is
+    ///     recorded from that mount alone.
     public static func read(
         startingFrom devices: [DeviceNumber], sysfsRoot: String = "/sys", devRoot: String = "/dev",
-        servedMount: (String) -> PathLocation? = { _ in nil }
+        procRoot: String = "/proc", servedMount: (String) -> PathLocation? = { _ in nil }
     ) -> BlockTopology {
         var topology = BlockTopology()
         var pending = devices
@@ -114,6 +129,14 @@ public struct BlockTopology: Sendable, Equatable {
                 }
                 if let mountID { topology.loopBackingMount[device] = mountID }
             }
+
+            if let server = readNumber("\(directory)/pid") {
+                let files = filesWritten(byProcess: server, procRoot: procRoot, servedMount: servedMount)
+                if !files.isEmpty {
+                    topology.servedFiles[device] = files
+                    pending.append(contentsOf: files.map(\.device))
+                }
+            }
         }
         return topology
     }
@@ -134,8 +157,13 @@ public struct BlockTopology: Sendable, Equatable {
     /// filesystem's `logdev=` and `rtdev=` (mountinfo super options, see xfs(5)), an ext3/ext4
     /// filesystem's external journal (`s_journal_dev`, read from its superblock on the device).
     /// Empty when there are none or they cannot be read.
+    ///
+    /// An ext3/ext4 filesystem whose journal jbd2 lists as internal (`hasInternalJournal`) is not
+    /// read at all: a read of a device that has stopped completing I/O blocks in the kernel, and
+    /// even a superblock the kernel holds in memory may share its page with blocks it never read
+    /// (1 KiB blocks), so the read would go to the device.
     public static func externalDevices(of mount: MountEntry, device: DeviceNumber, devRoot: String = "/dev",
-                                       sysfsRoot: String = "/sys") -> [DeviceNumber] {
+                                       sysfsRoot: String = "/sys", procRoot: String = "/proc") -> [DeviceNumber] {
         switch mount.fsType {
         case "xfs":
             return mount.superOptions.compactMap { option -> DeviceNumber? in
@@ -145,7 +173,9 @@ public struct BlockTopology: Sendable, Equatable {
                 return nil
             }
         case "ext3", "ext4":
-            guard let fd = openBlockNode(device, directory: "\(sysfsRoot)/dev/block/\(device)", devRoot: devRoot) else { return [] }
+            let directory = "\(sysfsRoot)/dev/block/\(device)"
+            if let real = realPath(directory), hasInternalJournal(deviceName: baseName(real), procRoot: procRoot) { return [] }
+            guard let fd = openBlockNode(device, directory: directory, devRoot: devRoot) else { return [] }
             defer { close(fd) }
             var bytes = [UInt8](repeating: 0, count: Ext4Superblock.size)
             let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, Ext4Superblock.offset) }
@@ -153,6 +183,19 @@ public struct BlockTopology: Sendable, Equatable {
             return [journal]
         default:
             return []
+        }
+    }
+
+    /// Whether jbd2 runs a journal inside the filesystem on the block device the kernel calls
+    /// `deviceName` ("vda1", "dm-3"): jbd2 names an internal journal "DEVICE-INODE" in
+    /// `/proc/fs/jbd2/` (an external one after the journal's own device, with no inode).
+    public static func hasInternalJournal(deviceName: String, procRoot: String = "/proc") -> Bool {
+        guard !deviceName.isEmpty else { return false }
+        let prefix = deviceName + "-"
+        return directoryEntries("\(procRoot)/fs/jbd2").contains { entry in
+            guard entry.hasPrefix(prefix) else { return false }
+            let inode = entry.dropFirst(prefix.count)
+            return !inode.isEmpty && inode.utf8.allSatisfy { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
         }
     }
 
@@ -230,13 +273,65 @@ public struct BlockTopology: Sendable, Equatable {
         return (fromDriver.map { DeviceNumber($0.device) } ?? fromPath?.device, fromPath?.mountID)
     }
 
+    /// Where the regular files that process `pid` holds open for writing live, each once, in fd
+    /// order. The access mode and mount ID come from `/proc/PID/fdinfo/FD` (no call reaches the
+    /// file's filesystem); a file under a FUSE or network mount (by its `/proc/PID/fd/FD` link's
+    /// path) is recorded from that mount alone; any other is `stat`ed through its fd link. A
+    /// process that is gone or not ours to read gives nothing.
+    static func filesWritten(byProcess pid: Int, procRoot: String, servedMount: (String) -> PathLocation?) -> [PathLocation] {
+        guard pid > 0 else { return [] }
+        var found: [PathLocation] = []
+        let fdDirectory = "\(procRoot)/\(pid)/fd"
+        for name in directoryEntries(fdDirectory).compactMap(Int.init).sorted() {
+            guard let info = try? FD.readWholeFile(atPath: "\(procRoot)/\(pid)/fdinfo/\(name)") else { continue }
+            let fields = fdinfoFields(info)
+            // flags: octal open flags; O_RDONLY files take no writes from the device.
+            guard let flags = fields["flags"].flatMap({ Int($0, radix: 8) }), flags & Int(O_ACCMODE) != Int(O_RDONLY) else { continue }
+            let mountID = fields["mnt_id"].flatMap { Int($0) }
+            let link = "\(fdDirectory)/\(name)"
+            var location: PathLocation?
+            if let target = readLink(link), target.hasPrefix("/"), let served = servedMount(target) {
+                location = served
+            } else {
+                var st = stat()
+                if stat(link, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG {
+                    location = PathLocation(device: DeviceNumber(UInt64(st.st_dev)), mountID: mountID)
+                }
+            }
+            if let location, !found.contains(location) { found.append(location) }
+        }
+        return found
+    }
+
+    /// The "key:\tvalue" lines of an fdinfo file.
+    private static func fdinfoFields(_ bytes: [UInt8]) -> [String: String] {
+        var fields: [String: String] = [:]
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            let value = line[line.index(after: colon)...].trimmingPrefix(while: { $0 == " " || $0 == "\t" })
+            fields[String(line[..<colon])] = String(value)
+        }
+        return fields
+    }
+
     /// The mount ID of an open fd, from the "mnt_id:" line of /proc/self/fdinfo/FD (Linux 3.15+).
     private static func mountID(ofDescriptor fd: Int32) -> Int? {
         guard let bytes = try? FD.readWholeFile(atPath: "/proc/self/fdinfo/\(fd)") else { return nil }
-        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("mnt_id:") {
-            return Int(line.dropFirst("mnt_id:".count).trimmingPrefix(while: { $0 == " " || $0 == "\t" }))
-        }
-        return nil
+        return fdinfoFields(bytes)["mnt_id"].flatMap { Int($0) }
+    }
+
+    /// The target of a symbolic link (a /proc/PID/fd entry), nil if it cannot be read.
+    private static func readLink(_ path: String) -> String? {
+        var buffer = [CChar](repeating: 0, count: 4097)
+        let n = readlink(path, &buffer, buffer.count - 1)
+        guard n > 0 else { return nil }
+        return String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    /// Reads a sysfs file holding one decimal number ("1234\n").
+    private static func readNumber(_ path: String) -> Int? {
+        guard let bytes = try? FD.readWholeFile(atPath: path) else { return nil }
+        return String(decoding: bytes, as: UTF8.self).split(whereSeparator: { $0 == "\n" || $0 == " " }).first.flatMap { Int($0) }
     }
 
     /// The kernel's name for the device node under /dev ("loop0", "dm-0"), from the `DEVNAME=`
@@ -278,6 +373,10 @@ public struct BlockTopology: Sendable, Equatable {
         guard let resolved = realpath(path, nil) else { return nil }
         defer { free(resolved) }
         return String(cString: resolved)
+    }
+
+    private static func baseName(_ path: String) -> String {
+        path.lastIndex(of: "/").map { String(path[path.index(after: $0)...]) } ?? path
     }
 
     private static func parentDirectory(_ path: String) -> String {

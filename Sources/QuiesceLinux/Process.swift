@@ -2,6 +2,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CQuiesceShims
 
 /// How a child process ended.
 public enum ExitStatus: Sendable, Equatable, CustomStringConvertible {
@@ -191,15 +192,20 @@ public enum Subprocess {
 
     /// Waits for the child; after `timeoutMs` sends SIGTERM to its process group (it must lead
     /// one), and SIGKILL after `graceMs` more. Blocks the calling thread: use a dedicated thread.
+    /// The wait is `poll` on a pidfd (Linux 5.3+) with the next deadline as its timeout, so it
+    /// wakes only when the child ends or a deadline is due; with no pidfd (ENOSYS) it falls
+    /// back to a plain blocking `waitpid` when there is no deadline, else to short sleeps.
     public static func wait(_ pid: pid_t, timeoutMs: Int64?, graceMs: Int64 = 2000) -> (status: ExitStatus, timedOut: Bool) {
         let start = monotonicNanos()
+        let pidFD = qs_pidfd_open(pid)
+        defer { if pidFD >= 0 { FD.close(pidFD) } }
         var status: Int32 = 0
         var terminatedAt: UInt64?
-        var sleepUs: UInt32 = 1000
         while true {
-            let rc = waitpid(pid, &status, WNOHANG)
+            let rc = waitpid(pid, &status, timeoutMs == nil && pidFD < 0 ? 0 : WNOHANG)
             if rc == pid { return (ExitStatus(waitStatus: status), terminatedAt != nil) }
             if rc < 0 && errno != EINTR { return (.exited(-1), terminatedAt != nil) }
+            var nextDeadline: UInt64?
             if let timeoutMs {
                 let now = monotonicNanos()
                 if terminatedAt == nil && now - start >= UInt64(timeoutMs) * 1_000_000 {
@@ -208,9 +214,16 @@ public enum Subprocess {
                 } else if let t = terminatedAt, now - t >= UInt64(graceMs) * 1_000_000 {
                     _ = kill(-pid, SIGKILL)
                 }
+                nextDeadline = terminatedAt.map { $0 + UInt64(graceMs) * 1_000_000 } ?? start + UInt64(timeoutMs) * 1_000_000
+                if let d = nextDeadline, d <= now { nextDeadline = nil }  // SIGKILL sent: only the exit is left
             }
-            usleep(sleepUs)
-            sleepUs = min(sleepUs * 2, 20_000)
+            if pidFD >= 0 {
+                let waitMs = nextDeadline.map { Int32(clamping: ($0 - monotonicNanos()) / 1_000_000 + 1) } ?? -1
+                var p = pollfd(fd: pidFD, events: Int16(POLLIN), revents: 0)
+                _ = poll(&p, 1, waitMs)
+            } else if rc == 0 {
+                usleep(20_000)
+            }
         }
     }
 

@@ -9,6 +9,8 @@ public enum Peer: Sendable, Equatable, CustomStringConvertible {
     case unix(pid: Int32, uid: UInt32, gid: UInt32)
     case vsock(cid: UInt32, port: UInt32)
     case serial(path: String)
+    /// The kernel's Hyper-V VSS driver, on its character device (`/dev/vmbus/hv_vss`).
+    case hvVSS(path: String)
     case unknown
 
     public var description: String {
@@ -16,6 +18,7 @@ public enum Peer: Sendable, Equatable, CustomStringConvertible {
         case .unix(let pid, let uid, _): "unix uid=\(uid) pid=\(pid)"
         case .vsock(let cid, let port): "vsock cid=\(cid) port=\(port)"
         case .serial(let path): "serial \(path)"
+        case .hvVSS(let path): "hv-vss \(path)"
         case .unknown: "unknown peer"
         }
     }
@@ -110,6 +113,23 @@ public enum FD {
     /// Opens a path, retrying EINTR.
     public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0) throws(SystemError) -> Int32 {
         try retryingEINTR("open", path) { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    }
+
+    /// Opens `path` only if it is a character device (a virtio-serial port, a pty, the Hyper-V
+    /// VSS device): checked with stat(2) before the open, so nothing else (a disk image, a block
+    /// device named by a typo) is ever opened for writing, and with fstat(2) after it.
+    /// Throws ENOTTY with "not a character device" for anything else.
+    public static func openCharacterDevice(_ path: String, _ flags: Int32) throws(SystemError) -> Int32 {
+        func isCharacterDevice(_ st: stat) -> Bool { (st.st_mode & S_IFMT) == S_IFCHR }
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw SystemError("stat", path, Errno.current) }
+        guard isCharacterDevice(st) else { throw SystemError("open", "\(path) (not a character device)", Errno(ENOTTY)) }
+        let fd = try open(path, flags)
+        guard fstat(fd, &st) == 0, isCharacterDevice(st) else {
+            close(fd)
+            throw SystemError("open", "\(path) (not a character device)", Errno(ENOTTY))
+        }
+        return fd
     }
 }
 

@@ -1,32 +1,55 @@
-// Splits a byte stream into newline-delimited frames without ever holding more than one frame's bytes.
+// Splits a byte stream into frames (newline-delimited lines, or back-to-back JSON values for
+// qemu-ga's dialect) without ever holding more than one frame's bytes.
 
 /// What the decoder found in the stream.
 public enum FrameEvent: Sendable, Equatable {
     /// A complete line, without its terminating "\n" (and without a trailing "\r").
     case frame([UInt8])
-    /// A line exceeded `maxFrameBytes`. Its bytes up to the next newline are discarded, then
-    /// decoding resumes; a stream transport usually answers `frame-too-large` and closes.
+    /// A frame exceeded `maxFrameBytes`. Its bytes up to the next newline (with `.jsonValues`:
+    /// up to the end of that JSON value) are discarded, then decoding resumes; a stream
+    /// transport usually answers `frame-too-large` and closes.
     case tooLarge(discardedAtLeast: Int)
     /// A 0xFF byte: the peer asked to reset the parser (qemu-ga convention, useful on
     /// virtio-serial where stale partial lines can sit in the pipe). Partial input was dropped.
     case reset(droppedBytes: Int)
 }
 
-/// A streaming, bounded line splitter. Feed it bytes in any chunking; take events out.
+/// How a byte stream is cut into frames.
+public enum Framing: Sendable, Equatable {
+    /// One frame per line (our protocol; section 2 of PROTOCOL.md).
+    case lines
+    /// One frame per top-level JSON value, with or without whitespace or newlines between them:
+    /// how qemu-ga reads its channel (older Proxmox releases and hand-written scripts send
+    /// objects back to back). Braces and brackets inside strings, and escaped quotes, do not
+    /// count. Anything else at the top level (a number, a stray `}`, bytes that are no JSON)
+    /// runs to the end of its line or to the next `{` or `[`, and is a frame of its own that
+    /// then fails to decode as a command: one error per such run, as with line framing.
+    case jsonValues
+}
+
+/// A streaming, bounded frame splitter. Feed it bytes in any chunking; take events out.
 ///
 /// Memory is bounded by `maxFrameBytes` plus the events of the current `feed` call: an oversized
-/// line is reported once and then skipped byte by byte, never buffered.
+/// frame is reported once and then skipped byte by byte, never buffered.
 public struct FrameDecoder: Sendable {
     public let maxFrameBytes: Int
+    public let framing: Framing
     private var buffer: [UInt8] = []
     private var discarding = false
     private var discardedCount = 0
     private var pending: [FrameEvent] = []
     private var pendingIndex = 0
+    // `.jsonValues` state: nesting depth, inside a string, after a backslash in a string, inside
+    // a top-level scalar (number, literal, or bytes that are no JSON).
+    private var depth = 0
+    private var inString = false
+    private var escaped = false
+    private var inScalar = false
 
-    public init(maxFrameBytes: Int = ProtocolLimits.maxFrameBytes) {
+    public init(maxFrameBytes: Int = ProtocolLimits.maxFrameBytes, framing: Framing = .lines) {
         precondition(maxFrameBytes > 0)
         self.maxFrameBytes = maxFrameBytes
+        self.framing = framing
     }
 
     /// Bytes held for an unfinished line (never more than `maxFrameBytes`).
@@ -37,6 +60,10 @@ public struct FrameDecoder: Sendable {
         if pendingIndex == pending.count {
             pending.removeAll(keepingCapacity: true)
             pendingIndex = 0
+        }
+        if framing == .jsonValues {
+            for b in bytes { feedValueByte(b) }
+            return
         }
         for b in bytes {
             switch b {
@@ -84,6 +111,87 @@ public struct FrameDecoder: Sendable {
         discardedCount = 0
         pending.removeAll()
         pendingIndex = 0
+        resetValueState()
+    }
+
+    private mutating func resetValueState() {
+        depth = 0
+        inString = false
+        escaped = false
+        inScalar = false
+    }
+
+    /// One byte of a `.jsonValues` stream.
+    private mutating func feedValueByte(_ b: UInt8) {
+        if b == 0xFF {
+            // Never valid in JSON text: qemu-ga's lexer resets on it, and so do we, anywhere.
+            let dropped = buffer.count + discardedCount
+            buffer.removeAll(keepingCapacity: true)
+            discarding = false
+            discardedCount = 0
+            resetValueState()
+            pending.append(.reset(droppedBytes: dropped))
+            return
+        }
+        let isSpace = b == 0x20 || b == 0x09 || b == 0x0A || b == 0x0D
+        var ends = false      // this byte completes a frame (kept in it)
+        var endsBefore = false  // a top-level scalar ended just before this byte
+        var keep = true       // the byte belongs to a frame
+        if inString {
+            if escaped { escaped = false }
+            else if b == 0x5C { escaped = true }
+            else if b == 0x22 { inString = false; ends = depth == 0 }
+        } else if inScalar {
+            switch b {
+            case 0x7B, 0x5B:  // { [ start a value
+                endsBefore = true
+                depth = 1
+            case 0x0A:
+                endsBefore = true
+                keep = false
+            default: break
+            }
+        } else {
+            switch b {
+            case 0x22: inString = true
+            case 0x7B, 0x5B: depth += 1
+            case 0x7D where depth > 0, 0x5D where depth > 0:  // (a `where` binds only its own pattern)
+                depth -= 1
+                ends = depth == 0
+            case _ where isSpace:
+                keep = depth > 0
+            default:
+                if depth == 0 { inScalar = true }
+            }
+        }
+        if endsBefore {
+            inScalar = false
+            finishValue()
+        }
+        guard keep else { return }
+        if discarding {
+            discardedCount += 1
+        } else if buffer.count == maxFrameBytes {
+            discarding = true
+            discardedCount = buffer.count + 1
+            buffer.removeAll(keepingCapacity: false)
+            pending.append(.tooLarge(discardedAtLeast: discardedCount))
+        } else {
+            buffer.append(b)
+        }
+        if ends { finishValue() }
+    }
+
+    /// The value being read is complete: emit it, or end the skipping of an oversized one.
+    private mutating func finishValue() {
+        while let last = buffer.last, last == 0x20 || last == 0x09 || last == 0x0D { buffer.removeLast() }
+        if discarding {
+            discarding = false
+            discardedCount = 0
+        } else if !buffer.isEmpty {
+            pending.append(.frame(buffer))
+        }
+        buffer.removeAll(keepingCapacity: true)
     }
 
     private func isBlank(_ line: [UInt8]) -> Bool {

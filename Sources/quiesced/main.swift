@@ -2,10 +2,21 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CQuiesceExecutor
+import CQuiesceShims
 import Logging
 import QuiesceAgent
 import QuiesceLinux
 import QuiesceProtocol
+
+// Swift concurrency's global executor on two threads of our own that sleep on a condition
+// variable: libdispatch's default one wakes the agent once a second forever (its workqueue
+// monitor). Before any task exists.
+_ = qs_install_global_executor(2)
+// One malloc arena: glibc gives each thread that allocates an arena of its own (up to 8 per
+// core), and a freeze runs a thread per filesystem, so the pages those arenas touched stayed
+// resident after every freeze. The agent's allocations are few and small.
+_ = qs_malloc_arena_max(1)
 
 let usage = """
 USAGE: quiesced [--listen ADDR]... [--config FILE] [options]
@@ -20,7 +31,9 @@ before exiting, and a restarted agent thaws what a crashed one left frozen.
 
 ADDR is unix:PATH, vsock:PORT (any CID), vsock:CID:PORT or serial:DEVICE (a virtio-serial
 port such as /dev/virtio-ports/org.quiesce.agent.0). qga+unix:PATH and qga+serial:DEVICE speak
-qemu-ga's protocol instead, for hosts that drive qemu-guest-agent (libvirt, Proxmox). Without
+qemu-ga's protocol instead, for hosts that drive qemu-guest-agent (libvirt, Proxmox).
+hv-vss:DEVICE (hv-vss: alone is /dev/vmbus/hv_vss) answers Hyper-V's backup requests from the
+kernel's hv_utils driver in place of hv_vss_daemon (Hyper-V and Azure guests). Without
 --listen, the config file's listen lines, socket activation, or unix:/run/quiesce/quiesced.sock
 are used.
 DURATION is 500ms, 30s, 5m, 1h or plain seconds.
@@ -164,7 +177,12 @@ if geteuid() != 0 { logger.warning("not running as root: freezing needs CAP_SYS_
 let server = Server(config: config, logger: logger)
 let state = AgentState(config: config, logger: logger,
                        broadcast: { [server] event in server.broadcast(event) },
-                       reportStatus: { Systemd.notify("STATUS=\($0)") })
+                       reportStatus: { Systemd.notify("STATUS=\($0)") },
+                       statusCountdown: getenv("NOTIFY_SOCKET") != nil,
+                       // What start-up recovery thawed is reported as promised (reason restart).
+                       recovered: recovery.recovered.map { r in
+                           (r.opID, r.lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) })
+                       })
 server.state = state
 
 var unixPaths: [String] = []
@@ -201,6 +219,8 @@ for address in config.listen {
             server.serve(listener: try Socket.listenVsock(cid: cid ?? UInt32.max, port: port), name: address.description)
         case .serial(let device), .qgaSerial(let device):
             server.serve(serialDevice: device, dialect: address.dialect)
+        case .hvVSS(let device):
+            server.serve(hvVSSDevice: device)
         }
         logger.info("listening on \(address)")
     } catch {
@@ -211,12 +231,15 @@ for address in config.listen {
 Systemd.notify("READY=1\nSTATUS=thawed")
 
 if let usec = Systemd.watchdogMicroseconds() {
-    // The watchdog proves the state actor answers, not merely that the process exists.
+    // The watchdog proves the state actor answers, not merely that the process exists. This is
+    // the one periodic wakeup of an idle agent, and only under systemd with WatchdogSec= set
+    // ($WATCHDOG_USEC): a ping every WatchdogSec/2 is what the service manager asks for. Without
+    // a watchdog there is no timer at all.
     Task.detached {
         while true {
             _ = await state.status()
             Systemd.notify("WATCHDOG=1")
-            try? await Task.sleep(nanoseconds: usec * 1000 / 2)
+            await AsyncSleep.nanoseconds(usec * 1000 / 2)
         }
     }
 }

@@ -302,6 +302,24 @@ struct FreezePlanTests {
         #expect(plan.freezeOrder.map(\.mountPoint).filter { ["/mnt/lab", "/srv/data"].contains($0) } == ["/mnt/lab", "/srv/data"])
     }
 
+    @Test("an nbd filesystem freezes before the filesystem holding the file its server writes into")
+    func nbdServedFromFile() throws {
+        // qemu-nbd -c /dev/nbd0 /srv/data/disk.qcow2, nbd0 mounted at /mnt/nbd, /srv/data listed after.
+        let entries = try mounts(MountInfoFixtures.loopBackingListedAfter).map { m -> MountEntry in
+            guard m.mountPoint == "/mnt/lab" else { return m }
+            return MountEntry(mountID: m.mountID, parentID: m.parentID, device: dev(43, 0), mountPoint: "/mnt/nbd",
+                              fsType: "ext4", source: "/dev/nbd0")
+        }
+        for file in [BlockTopology.PathLocation(device: dev(254, 16), mountID: 75), BlockTopology.PathLocation(device: dev(254, 16))] {
+            let plan = try FreezePlan.make(mounts: entries, topology: BlockTopology(servedFiles: [dev(43, 0): [file]]), scope: FreezeScope())
+            #expect(plan.mountPointsByWave == [["/", "/mnt/nbd"], ["/srv/data"]])
+            #expect(plan.planned("/mnt/nbd")?.dependsOn == ["/srv/data"])
+        }
+        // Without the server's files nothing links them: one wave, and the step timeout is the net.
+        let blind = try FreezePlan.make(mounts: entries, topology: BlockTopology(), scope: FreezeScope())
+        #expect(blind.waves.count == 1)
+    }
+
     @Test("a loop backing file found by its mount ID is followed even when its st_dev is in no mountinfo line (btrfs)")
     func loopOnBtrfsSubvolume() throws {
         // A lab image in /home (subvolume @home, st_dev 0:41 which mountinfo never shows) on loop2.

@@ -128,12 +128,11 @@ struct HiddenDependencyTests {
 
             // While the freeze is blocked, a second connection is answered promptly.
             let watcher = try TestClient(path: agent.socketPath)
-            let freezing = Task.detached { () -> (Reply, Double) in
-                let c = try TestClient(path: agent.socketPath)
-                let t0 = Date()
-                let r = try c.call(["op": "freeze", "mode": "detached", "timeout_ms": 60_000], timeoutMs: 30_000)
-                return (r, Date().timeIntervalSince(t0))
-            }
+            // The freeze request goes out now on its own connection; its reply is read after the
+            // status checks (no task: on a loaded machine it might start only after them).
+            let freezer = try TestClient(path: agent.socketPath)
+            let freezeStart = Date()
+            try freezer.sendRaw(Array(#"{"id":1,"op":"freeze","mode":"detached","timeout_ms":60000}"#.utf8) + [0x0A])
             // Ask until the freeze is seen in progress (it is blocked for the 2 s step timeout).
             var sawFreezing = false
             var slowest = 0.0
@@ -148,7 +147,8 @@ struct HiddenDependencyTests {
             #expect(slowest < 1, "status is answered while a FIFREEZE is blocked (slowest \(slowest) s)")
             _ = try watcher.result(["op": "ping"], timeoutMs: 2000)
 
-            let (reply, seconds) = try await freezing.value
+            guard case .reply(let reply) = try freezer.readMessage(timeoutMs: 30_000) else { Issue.record("no reply"); return }
+            let seconds = Date().timeIntervalSince(freezeStart)
             guard case .failure(let err) = reply.outcome else { Issue.record("the freeze succeeded: \(reply)"); return }
             #expect(err.code == .freezeFailed)
             let stuck = Set(err.details?["stuck"]?.arrayValue?.compactMap(\.stringValue) ?? [])

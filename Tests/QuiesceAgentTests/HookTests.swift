@@ -93,7 +93,9 @@ struct HookPhaseTests {
             let path = agent.socketPath
             let freezer = BackgroundCall { try TestClient(path: path).call(["op": "freeze", "mode": "detached"]) }
             let probe = try TestClient(path: path)
-            try waitUntil(timeoutMs: 1000) { try probe.result(["op": "status"])["state"] == "freezing" }
+            try waitUntil(timeoutMs: 5000) { try probe.result(["op": "status"])["state"] == "freezing" }
+            // "freezing" starts before the hooks do: wait for the first hook itself (it sleeps 1 s).
+            try waitUntil(timeoutMs: 5000) { lines(log).contains("10-slow freeze") }
             agent.signal(SIGTERM)
             #expect(agent.waitForExit(timeoutMs: 10_000) == 0)
             let reply = try? freezer.wait(timeoutMs: 2000)

@@ -176,6 +176,14 @@ struct BlockTopologyTests {
 
         deinit { try? FileManager.default.removeItem(at: root) }
 
+        /// Adds a device served by a user-space process, as nbd shows one while connected:
+        /// `dev` and `pid` (the process that called NBD_DO_IT), and the /sys/dev/block link.
+        func addServedDevice(_ name: String, _ number: String, pid: Int32) throws {
+            try file("devices/virtual/block/\(name)/dev", number + "\n")
+            try file("devices/virtual/block/\(name)/pid", "\(pid)\n")
+            try link("dev/block/\(number)", to: "../../devices/virtual/block/\(name)")
+        }
+
         private func file(_ relative: String, _ contents: String) throws {
             let url = URL(fileURLWithPath: sys).appendingPathComponent(relative)
             try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
@@ -218,6 +226,67 @@ struct BlockTopologyTests {
         // A backing file that cannot be found leaves nothing, and nothing throws.
         #expect(topology.loopBacking[Self.device(7, 41)] == nil)
         #expect(topology.loopBackingMount[Self.device(7, 41)] == nil)
+    }
+
+    /// A process holding `writable` open read-write on fd 3 and /proc/version read-only on fd 4,
+    /// like `qemu-nbd -c /dev/nbdN FILE` holding its image; it has printed "ready" when returned.
+    private func startServer(holding writable: String) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", "exec 3<>\"$1\" 4</proc/version; echo ready; exec sleep 60", "sh", writable]
+        let pipe = Pipe()
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = pipe
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        _ = pipe.fileHandleForReading.availableData  // "ready": the fds are open
+        return process
+    }
+
+    @Test("an nbd device's dependency is found through its server: the files its process holds open for writing")
+    func nbdServedFiles() throws {
+        let fake = try FakeSysfs()
+        let server = try startServer(holding: fake.image)
+        // SIGKILL: the child may inherit a mask that blocks SIGTERM from the test runner's thread.
+        defer { kill(server.processIdentifier, SIGKILL); server.waitUntilExit() }
+        try fake.addServedDevice("nbd3", "43:96", pid: server.processIdentifier)
+        try fake.addServedDevice("nbd4", "43:128", pid: 0)
+        let nbd = Self.device(43, 96)
+
+        let topology = BlockTopology.read(startingFrom: [nbd, Self.device(43, 128)], sysfsRoot: fake.sys, devRoot: fake.dev)
+        // Exactly the image's filesystem and mount: not /proc/version (read-only), not the pipe.
+        let image = try #require(BlockTopology.location(ofPath: fake.image))
+        #expect(topology.servedFiles[nbd] == [image])
+        #expect(topology.servedFiles[Self.device(43, 128)] == nil)
+        #expect(topology.lower.isEmpty && topology.loopBacking.isEmpty)
+
+        // Under a FUSE or network mount the file is never touched: the mount alone is recorded.
+        let fuse = BlockTopology.PathLocation(device: Self.device(0, 99), mountID: 4242)
+        let imageDirectory = (fake.image as NSString).deletingLastPathComponent
+        let served = BlockTopology.read(startingFrom: [nbd], sysfsRoot: fake.sys, devRoot: fake.dev,
+                                        servedMount: { $0.hasPrefix(imageDirectory + "/") ? fuse : nil })
+        #expect(served.servedFiles[nbd] == [fuse])
+
+        // Once the server is gone, nothing is known and nothing throws.
+        kill(server.processIdentifier, SIGKILL)
+        server.waitUntilExit()
+        let gone = BlockTopology.read(startingFrom: [nbd], sysfsRoot: fake.sys, devRoot: fake.dev)
+        #expect(gone.servedFiles.isEmpty)
+    }
+
+    @Test("jbd2's /proc/fs/jbd2 names tell an internal journal (DEVICE-INODE) from an external one")
+    func internalJournalFromJbd2Names() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("quiesce-proc-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: root) }
+        // Internal journals of vda1 and dm-8; loop3 holds someone's external journal.
+        for entry in ["vda1-8", "dm-8-8", "loop3"] {
+            try FileManager.default.createDirectory(at: root.appendingPathComponent("fs/jbd2/\(entry)"), withIntermediateDirectories: true)
+        }
+        for name in ["vda1", "dm-8"] { #expect(BlockTopology.hasInternalJournal(deviceName: name, procRoot: root.path), "\(name)") }
+        for name in ["vda", "dm-80", "dm", "loop3", "loop2", ""] {
+            #expect(!BlockTopology.hasInternalJournal(deviceName: name, procRoot: root.path), "\(name)")
+        }
+        #expect(!BlockTopology.hasInternalJournal(deviceName: "vda1", procRoot: "/nonexistent"))
     }
 
     @Test("devices without sysfs entries and major 0 are simply absent")

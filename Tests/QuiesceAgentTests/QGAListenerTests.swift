@@ -121,7 +121,65 @@ struct QGAListenerTests {
             try waitUntil(timeoutMs: 5000) { try !isFrozen(a) && !isFrozen(b) }
             let status = try TestClient(path: agent.socketPath).result(["op": "status"])
             #expect(status["last_auto_thaw"]?["reason"] == "deadline")
+            // The host's late thaw fails, saying when and why, so it does not call its snapshot
+            // quiesced (qemu-ga would answer 0); asked again, it is an ordinary thaw of nothing.
+            let late = try command(#"{"execute":"guest-fsfreeze-thaw"}"#)
+            let desc = late["error"]?["desc"]?.stringValue ?? ""
+            #expect(late["error"]?["class"] == "GenericError")
+            #expect(desc.hasPrefix("not-frozen: operation ") && desc.contains("was thawed by the agent before this thaw")
+                    && desc.contains("because its deadline passed (3000 ms"), "\(late)")
+            #expect(try command(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 0])
             agent.stop()
+        }
+    }
+
+    @Test("commands sent back to back with no newline (older Proxmox, scripts) are each answered, in order")
+    func noNewlines() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"])
+            let c = try QGAClient(path: qga)
+            // Older Proxmox: sync-delimited and the command in one write, neither ending in a newline.
+            try FD.writeAll(c.fd, Array(#"{"execute":"guest-sync-delimited","arguments":{"id":77}}{"execute":"guest-fsfreeze-freeze"}"#.utf8))
+            #expect(try c.reply(delimited: true) == ["return": 77])
+            #expect(try c.reply() == ["return": 1])
+            #expect(try isFrozen(a))
+            // A brace inside a string, escaped quotes, and a command split over two writes.
+            let bytes = Array(#"{"execute":"guest-ping","id":"}\"{ ["}{"execute":"guest-fsfreeze-status"}{"execute":"guest-fsfreeze-thaw"}"#.utf8)
+            try FD.writeAll(c.fd, Array(bytes[..<20]))
+            usleep(50_000)
+            try FD.writeAll(c.fd, Array(bytes[20...]))
+            #expect(try c.reply() == ["return": [:], "id": "}\"{ ["], "the id with braces and a quote in it is echoed whole")
+            #expect(try c.reply() == ["return": "frozen"])
+            #expect(try c.reply() == ["return": 1])
+            #expect(try !isFrozen(a))
+            // Junk between objects gets an error and does not eat the next command.
+            try FD.writeAll(c.fd, Array(#"nonsense{"execute":"guest-ping"}"#.utf8))
+            #expect(try c.reply()["error"] != nil)
+            #expect(try c.reply() == ["return": [:]])
+            agent.stop()
+        }
+    }
+
+    @Test("an agent killed under a qemu-ga freeze and restarted: the host's late guest-fsfreeze-thaw fails once, saying the agent restarted")
+    func lateThawAfterRestart() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let qga = "\(lab.root)/qga.sock"
+            let args = ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"]
+            let agent = try AgentProcess(in: lab.root, arguments: args)
+            #expect(try QGAClient(path: qga).call(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 1])
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let again = try AgentProcess(in: lab.root, arguments: args, stateDir: agent.stateDir)
+            defer { again.stop() }
+            #expect(try !isFrozen(a), "start-up recovery thawed it")
+            let c = try QGAClient(path: qga)
+            let late = try c.call(#"{"execute":"guest-fsfreeze-thaw"}"#)
+            #expect(late["error"]?["class"] == "GenericError", "libvirt must not record this snapshot as quiesced: \(late)")
+            #expect(late["error"]?["desc"]?.stringValue?.contains("restarted") == true, "\(late)")
+            #expect(try c.call(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 0], "told once")
         }
     }
 

@@ -85,6 +85,9 @@ int qs_pipe_cloexec(int fds[2]);
 /// `actions` is a posix_spawn_file_actions_t *. Returns 0 or an errno value.
 int qs_spawn_closefrom(void *actions, int lowfd);
 
+/// mallopt(M_ARENA_MAX, arenas): at most that many glibc malloc arenas. 1 on success.
+int qs_malloc_arena_max(int arenas);
+
 /// pidfd_open(2) (Linux 5.3+): an fd that polls readable when the process ends. -1 with errno.
 int qs_pidfd_open(int pid);
 
