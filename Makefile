@@ -5,7 +5,7 @@ SWIFT ?= swift
 RELEASE_FLAGS = -c release --static-swift-stdlib -Xlinker -z -Xlinker now
 RELEASE_BIN = .build/release
 
-.PHONY: all build release deps test unit bench-smoke vm-test e2e storage-test fuzz-smoke fuzz bench demo demo-local demo-vm deb deb-check db-proof clean
+.PHONY: all build release deps test unit bench-smoke vm-test e2e storage-test fuzz-smoke fuzz bench demo demo-local demo-vm deb deb-check db-proof e2e-hooks clean
 
 all: build
 
@@ -24,9 +24,10 @@ release:
 # QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), 30 s of protocol
 # fuzzing, then the Swift suites (protocol vectors, plan fixtures, the agent and coordinator on
 # real loop filesystems), the databases behind the shipped hooks, the Debian packages' checks,
-# the end-to-end scenarios in a systemd guest that installs those packages (e2e), and stacked
-# and failing storage in that guest (storage-test).
-test: deps bench-smoke vm-test fuzz-smoke unit db-proof deb-check e2e storage-test
+# the end-to-end scenarios in a systemd guest that installs those packages (e2e), stacked and
+# failing storage in that guest (storage-test), and the database hooks under the agent's real
+# unit in that guest (e2e-hooks).
+test: deps bench-smoke vm-test fuzz-smoke unit db-proof deb-check e2e storage-test e2e-hooks
 
 unit:
 	$(SWIFT) test
@@ -87,6 +88,12 @@ e2e: deps deb
 # the host. About 2 minutes. See scripts/vm/run-storage-test.
 storage-test: deps deb
 	scripts/vm/run-storage-test --debs build/deb
+
+# The shipped database hooks under the agent's real systemd unit in that guest: Debian's MariaDB
+# and PostgreSQL with their data on /data, writers running, both hooks enabled by their rename;
+# the host checkpoints /data by QMP and judges the copy (MyISAM closed, PostgreSQL REDO fresh).
+e2e-hooks: deps deb
+	scripts/vm/run-guest-hooks --debs build/deb
 
 # The same job in a throwaway QEMU guest: the host checkpoints the guest over virtio-serial and
 # proves the disk copy consistent (see scripts/vm/run-guest-test for every check it prints).
