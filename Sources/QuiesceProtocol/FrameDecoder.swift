@@ -77,22 +77,9 @@ public struct FrameDecoder: Sendable {
                     buffer.removeAll(keepingCapacity: true)
                 }
             case 0xFF:
-                let dropped = buffer.count + discardedCount
-                buffer.removeAll(keepingCapacity: true)
-                discarding = false
-                discardedCount = 0
-                pending.append(.reset(droppedBytes: dropped))
+                resetOnMarker()
             default:
-                if discarding {
-                    discardedCount += 1
-                } else if buffer.count == maxFrameBytes {
-                    discarding = true
-                    discardedCount = buffer.count + 1
-                    buffer.removeAll(keepingCapacity: false)
-                    pending.append(.tooLarge(discardedAtLeast: discardedCount))
-                } else {
-                    buffer.append(b)
-                }
+                append(b)
             }
         }
     }
@@ -125,12 +112,8 @@ public struct FrameDecoder: Sendable {
     private mutating func feedValueByte(_ b: UInt8) {
         if b == 0xFF {
             // Never valid in JSON text: qemu-ga's lexer resets on it, and so do we, anywhere.
-            let dropped = buffer.count + discardedCount
-            buffer.removeAll(keepingCapacity: true)
-            discarding = false
-            discardedCount = 0
             resetValueState()
-            pending.append(.reset(droppedBytes: dropped))
+            resetOnMarker()
             return
         }
         let isSpace = b == 0x20 || b == 0x09 || b == 0x0A || b == 0x0D
@@ -169,6 +152,21 @@ public struct FrameDecoder: Sendable {
             finishValue()
         }
         guard keep else { return }
+        append(b)
+        if ends { finishValue() }
+    }
+
+    /// 0xFF: drop whatever was buffered or being skipped, and say how much.
+    private mutating func resetOnMarker() {
+        let dropped = buffer.count + discardedCount
+        buffer.removeAll(keepingCapacity: true)
+        discarding = false
+        discardedCount = 0
+        pending.append(.reset(droppedBytes: dropped))
+    }
+
+    /// One byte of the frame being read, or of an oversized one being skipped (reported once).
+    private mutating func append(_ b: UInt8) {
         if discarding {
             discardedCount += 1
         } else if buffer.count == maxFrameBytes {
@@ -179,7 +177,6 @@ public struct FrameDecoder: Sendable {
         } else {
             buffer.append(b)
         }
-        if ends { finishValue() }
     }
 
     /// The value being read is complete: emit it, or end the skipping of an oversized one.
