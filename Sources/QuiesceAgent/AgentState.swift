@@ -36,10 +36,13 @@ public actor AgentState {
         var frozenAt: UInt64  // monotonic ns, when the last filesystem froze
         var timeoutMs: Int64
         var deadline: UInt64  // monotonic ns
+        /// What the request asked for, to tell a retry from a different request reusing the id.
+        var request: FreezeRequest
     }
 
     struct Pending: Sendable {
         var opID: String
+        var request: FreezeRequest
         var mode: FreezeMode
         var owner: ConnectionID
         var requestedBy: String
@@ -223,11 +226,23 @@ public actor AgentState {
 
     // MARK: - Freeze
 
+    /// What makes `retry` another request than `original` under the same op_id: its mounts (as
+    /// sets, after the plan's normalisation) or its mode; nil when it is a true retry.
+    static func differs(_ retry: FreezeRequest, from original: FreezeRequest) -> String? {
+        func mounts(_ r: FreezeRequest) -> Set<String>? { r.mounts.map { Set($0.map(FreezePlan.normalise)) } }
+        if mounts(retry) != mounts(original) { return "mounts" }
+        if retry.mode != original.mode { return "mode" }
+        return nil
+    }
+
     private func freeze(_ r: FreezeRequest, context: RequestContext, id: JSON?) async -> Reply {
         if shuttingDown { return Reply(id: id, error: ProtocolError(.shuttingDown, "the agent is stopping")) }
         switch phase {
         case .frozen(let f):
             if r.opID == f.opID {
+                if let mismatch = AgentState.differs(r, from: f.request) {
+                    return Reply(id: id, error: ProtocolError(.badRequest, "op_id \(f.opID) names a freeze with other \(mismatch); a retry must repeat the request, a new freeze needs a new op_id"))
+                }
                 var replay = f.result
                 replay.replayed = true
                 return Reply(id: id, result: replay.json)
@@ -237,6 +252,9 @@ public actor AgentState {
         case .freezing(var p):
             guard r.opID == p.opID else {
                 return Reply(id: id, error: ProtocolError(.busy, "a freeze (\(p.opID)) is in progress"))
+            }
+            if let mismatch = AgentState.differs(r, from: p.request) {
+                return Reply(id: id, error: ProtocolError(.badRequest, "op_id \(p.opID) names a freeze with other \(mismatch); a retry must repeat the request, a new freeze needs a new op_id"))
             }
             // The same operation asked again while it is being taken: answer when it is done.
             let reply = await withCheckedContinuation { (c: CheckedContinuation<Reply, Never>) in
@@ -274,7 +292,7 @@ public actor AgentState {
         let start = monotonicNanos()
         let sinceMs = wallClockMillis()
         let mountPoints = plan.targets.map(\.mountPoint)
-        phase = .freezing(Pending(opID: opID, mode: r.mode, owner: context.connection, requestedBy: context.peer.description,
+        phase = .freezing(Pending(opID: opID, request: r, mode: r.mode, owner: context.connection, requestedBy: context.peer.description,
                                   mountPoints: mountPoints, sinceMs: sinceMs))
         reportStatus(statusLine())
         var log = logger
@@ -350,7 +368,7 @@ public actor AgentState {
             guard case .freezing(let pending) = phase else { preconditionFailure("phase changed during freeze") }
             let freeze = Freeze(opID: opID, mode: r.mode, owner: context.connection, requestedBy: context.peer.description,
                                 held: done.held, result: result, hooksOwed: hooksOwed, hookContext: hookContext, sinceMs: sinceMs,
-                                frozenAt: monotonicNanos(), timeoutMs: timeoutMs, deadline: deadline)
+                                frozenAt: monotonicNanos(), timeoutMs: timeoutMs, deadline: deadline, request: r)
             phase = .frozen(freeze)
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",

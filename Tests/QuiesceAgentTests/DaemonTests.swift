@@ -463,6 +463,10 @@ struct StateMachineTests {
             let again = try TestClient(path: agent.socketPath).result(["op": "freeze", "op_id": "backup-42", "mode": "detached"])
             #expect(again["replayed"] == true)
             #expect(again["deadline_ms"] == first["deadline_ms"] && again.mountPoints == first.mountPoints)
+            // The same id with another request is not a retry: refused, not answered with the first result.
+            let otherMounts = try c.call(["op": "freeze", "op_id": "backup-42", "mode": "detached", "mounts": [.string(a)]])
+            #expect(otherMounts.outcome.failureCode == .badRequest)
+            #expect(try c.call(["op": "freeze", "op_id": "backup-42"]).outcome.failureCode == .badRequest, "another mode")
             let other = try c.call(["op": "freeze", "op_id": "backup-43"])
             #expect(other.outcome.failureCode == .alreadyFrozen)
             #expect(try c.call(["op": "sync"]).outcome.failureCode == .busy, "no sync while frozen")
