@@ -118,7 +118,14 @@ do {
     fail("\(error)")
 }
 if checkOnly {
-    print("configuration OK: listen \(config.listen.map(\.description).joined(separator: " ")); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs))")
+    let listen = config.listen.isEmpty
+        ? "unix:\(config.stateDir)/quiesced.sock (default, unless socket-activated)"
+        : config.listen.map(\.description).joined(separator: " ")
+    var scope = config.scope.include.isEmpty && config.scope.includeTypes.isEmpty ? "every eligible filesystem" : "include \((config.scope.include + config.scope.includeTypes.map { "type " + $0 }).joined(separator: " "))"
+    if !config.scope.exclude.isEmpty || !config.scope.excludeTypes.isEmpty {
+        scope += ", exclude \((config.scope.exclude + config.scope.excludeTypes.map { "type " + $0 }).joined(separator: " "))"
+    }
+    print("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs))")
     exit(0)
 }
 
