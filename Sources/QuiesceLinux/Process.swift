@@ -165,11 +165,7 @@ public enum Subprocess {
             posix_spawnattr_setpgroup(&attr, 0)
         }
         posix_spawnattr_setflags(&attr, Int16(flags))
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        var defaults = Signals.set([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2, SIGALRM])
-        posix_spawnattr_setsigdefault(&attr, &defaults)
+        resetSignals(&attr)
         if stdoutToStderr { posix_spawn_file_actions_adddup2(&actions, 2, 1) }
 
         var pid: pid_t = 0
@@ -233,6 +229,18 @@ public enum Subprocess {
         _ = try retryingEINTR("waitpid", "process \(pid)") { waitpid(pid, &status, 0) }
         return ExitStatus(waitStatus: status)
     }
+}
+
+/// Gives a child spawned with `attr` (which must set POSIX_SPAWN_SETSIGMASK and
+/// POSIX_SPAWN_SETSIGDEF) an empty signal mask and the default action for every signal the
+/// parent may block or ignore (the agent's SIGIO for serial ports among them): a child must
+/// not inherit what the parent uses for itself.
+func resetSignals(_ attr: inout posix_spawnattr_t) {
+    var empty = sigset_t()
+    sigemptyset(&empty)
+    posix_spawnattr_setsigmask(&attr, &empty)
+    var defaults = Signals.set([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2, SIGALRM, SIGIO])
+    posix_spawnattr_setsigdefault(&attr, &defaults)
 }
 
 /// Runs `body` with `arguments` and `environment` as NULL-terminated C string arrays, as
