@@ -23,7 +23,8 @@ public struct Discovery: Sendable {
     }
 
     /// The plan as engine targets in freeze order, plus what was passed over.
-    /// `explicitMounts` asks for exactly those mountpoints (the scope does not apply then).
+    /// `explicitMounts` asks for exactly those mountpoints; the scope binds them too (one outside
+    /// it is `ineligible-mount`, see `FreezePlan.make`).
     ///
     /// `avoiding` names filesystems (`st_dev`) whose block devices must not be read: those with
     /// a FIFREEZE or syncfs still blocked in the kernel, where a read of the superblock would
