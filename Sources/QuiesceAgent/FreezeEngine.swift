@@ -351,8 +351,10 @@ private struct FreezeRun: Sendable {
         var dirtiedBefore = WritebackStats.bytesDirtied()
         presyncLoop: while true {
             let presync = bounded(syncable, call: "syncfs") { i -> Call in
+                // Arguments evaluate left to right: take the end time after the syncfs returns.
                 let t = monotonicNanos()
-                return Call(start: t, end: monotonicNanos(), error: FilesystemOps.syncfs(opened[i]!))
+                let error = FilesystemOps.syncfs(opened[i]!)
+                return Call(start: t, end: monotonicNanos(), error: error)
             } late: { _, _ in }  // the fd stays with this operation: a late syncfs leaves nothing to undo
             for (i, r) in presync.finished {
                 reports[i].presyncUs = (reports[i].presyncUs ?? 0) + Int64((r.end - r.start) / 1000)
