@@ -308,3 +308,23 @@ public enum Socket {
         return qs_vsock_local_cid(fd, &cid) == 0 ? cid : nil
     }
 }
+
+extension Socket {
+    /// Sends every byte on a connected socket without raising SIGPIPE when the peer has gone
+    /// (MSG_NOSIGNAL: the error is EPIPE instead). `timeoutMs` bounds each wait for buffer space.
+    public static func sendAll(_ fd: Int32, _ bytes: [UInt8], timeoutMs: Int32) throws(SystemError) {
+        var offset = 0
+        while offset < bytes.count {
+            let r = bytes.withUnsafeBytes { buf in
+                syscallResult { Glibc.send(fd, buf.baseAddress! + offset, buf.count - offset, Int32(MSG_NOSIGNAL)) }
+            }
+            switch r {
+            case .success(let n): offset += n
+            case .failure(let e) where e == .EAGAIN:
+                let ready = try FD.poll(fd, events: Int16(POLLOUT), timeoutMs: timeoutMs)
+                if ready == 0 { throw SystemError("send", "fd \(fd)", .ETIMEDOUT) }
+            case .failure(let e): throw SystemError("send", "fd \(fd)", e)
+            }
+        }
+    }
+}
