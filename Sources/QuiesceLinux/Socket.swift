@@ -73,7 +73,8 @@ public enum FD {
             let rc = Glibc.poll(&p, 1, wait)
             if rc > 0 { return p.revents }
             if rc == 0 { return 0 }
-            if errno != Glibc.EINTR { throw SystemError("poll", "fd \(fd)", .current) }
+            let e = Errno.current  // before the message's string is built
+            if e != .EINTR { throw SystemError("poll", "fd \(fd)", e) }
         }
     }
 
