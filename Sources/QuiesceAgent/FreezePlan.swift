@@ -1,11 +1,6 @@
 // The freeze plan: which filesystems to freeze, through which mount, and in which order.
 // Pure: it takes parsed mountinfo and block topology and does no I/O, so every rule is
 // testable with fixtures.
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import QuiesceLinux
 
 // MARK: - Scope
@@ -55,7 +50,7 @@ public struct FreezeScope: Sendable, Equatable {
 
     /// fnmatch(3) with no flags: `*` and `?` match "/" too.
     static func glob(_ pattern: String, matches string: String) -> Bool {
-        fnmatch(pattern, string, 0) == 0
+        Glob.matches(pattern, string)
     }
 }
 

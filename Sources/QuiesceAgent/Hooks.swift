@@ -1,8 +1,5 @@
 // Application hooks, the Linux counterpart of VSS writers: freeze, thaw and freeze-failed phases,
 // hold-style hooks that keep a session (a lock) open across the freeze, timeouts per hook.
-#if canImport(Glibc)
-import Glibc
-#endif
 import Logging
 import QuiesceLinux
 import QuiesceProtocol
@@ -91,9 +88,8 @@ public struct Hooks: Sendable {
     /// The hooks to run, in lexical order, and the files refused with the reason (both bounded
     /// by `HookReport.maxHooks`: hooks past it are refused).
     public func list() -> (hooks: [HookSpec], refused: [RefusedHook]) {
-        var dirStat = stat()
-        guard lstat(directory, &dirStat) == 0 else { return ([], []) }  // no directory: no hooks
-        if (dirStat.st_mode & S_IFMT) != S_IFDIR {
+        guard let dirStat = try? Stat.ofLink(path: directory) else { return ([], []) }  // no directory: no hooks
+        if dirStat.kind != .directory {
             return ([], [RefusedHook(name: directory, reason: "the hooks directory is not a directory")])
         }
         if let why = Hooks.unsafeOwnership(dirStat) {
@@ -105,11 +101,10 @@ public struct Hooks: Sendable {
             if name.hasPrefix(".") || name.hasSuffix("~") || name.contains(".dpkg-") || name.hasSuffix(".disabled")
                 || name.hasSuffix(".sample") || name == "README" { continue }
             let path = directory + "/" + name
-            var st = stat()
-            guard lstat(path, &st) == 0 else { continue }
-            if (st.st_mode & S_IFMT) == S_IFLNK { refused.append(RefusedHook(name: name, reason: "a symbolic link")); continue }
-            guard (st.st_mode & S_IFMT) == S_IFREG else { continue }
-            if st.st_mode & 0o111 == 0 { refused.append(RefusedHook(name: name, reason: "not executable")); continue }
+            guard let st = try? Stat.ofLink(path: path) else { continue }
+            if st.kind == .symbolicLink { refused.append(RefusedHook(name: name, reason: "a symbolic link")); continue }
+            guard st.kind == .regular else { continue }
+            if st.permissions & 0o111 == 0 { refused.append(RefusedHook(name: name, reason: "not executable")); continue }
             if let why = Hooks.unsafeOwnership(st) { refused.append(RefusedHook(name: name, reason: why)); continue }
             let head = Hooks.readHead(path)
             switch HookSpec.parseHeader(head) {
@@ -129,7 +124,7 @@ public struct Hooks: Sendable {
 
     /// The first 4 KiB of a file (where the header is), empty when it cannot be read.
     static func readHead(_ path: String) -> [UInt8] {
-        guard let fd = try? FD.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) else { return [] }
+        guard let fd = try? FD.open(path, [.readOnly, .noFollow]) else { return [] }
         defer { FD.close(fd) }
         var head = [UInt8](repeating: 0, count: 4096)
         var filled = 0
@@ -145,9 +140,9 @@ public struct Hooks: Sendable {
 
     /// Why a file or directory is unsafe to trust, or nil: not owned by root, or writable by
     /// group or others.
-    static func unsafeOwnership(_ st: stat) -> String? {
-        if st.st_uid != 0 { return "not owned by root (uid \(st.st_uid))" }
-        if st.st_mode & 0o022 != 0 { return "writable by group or others (mode \(String(st.st_mode & 0o7777, radix: 8)))" }
+    static func unsafeOwnership(_ st: Stat) -> String? {
+        if st.uid != 0 { return "not owned by root (uid \(st.uid))" }
+        if st.permissions & 0o022 != 0 { return "writable by group or others (mode \(String(st.permissions, radix: 8)))" }
         return nil
     }
 
@@ -173,7 +168,7 @@ public struct Hooks: Sendable {
                 out.failure = why
                 return out
             }
-            let (report, holder) = await Threads.run { Hooks.runFreezeBlocking(spec, context: context) }
+            let (report, holder) = await WorkPools.hooks.run { Hooks.runFreezeBlocking(spec, context: context) }
             log(report)
             out.reports.append(report)
             await onReport(out.reports)
@@ -194,7 +189,7 @@ public struct Hooks: Sendable {
     public func end(_ owed: [ActiveHook], phase: String, context: HookContext) async -> [HookReport] {
         var reports: [HookReport] = []
         for hook in owed.reversed() {
-            let report = await Threads.run { Hooks.endBlocking(hook, phase: phase, context: context) }
+            let report = await WorkPools.hooks.run { Hooks.endBlocking(hook, phase: phase, context: context) }
             log(report)
             reports.append(report)
         }
@@ -398,31 +393,30 @@ final class HookRun: @unchecked Sendable {
         self.spec = spec
         child = try PipedChild.start(arguments: arguments, environment: environment)
         let this = self
-        Threads.detach { this.monitor(watchReady: watchReady) }
+        Threads.detach(name: "hook-output") { this.monitor(watchReady: watchReady) }
     }
 
     private func monitor(watchReady: Bool) {
-        var fds = [pollfd(fd: child.outputFD, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: child.pidFD, events: Int16(POLLIN), revents: 0)]
+        var outputFD = child.outputFD
         var buffer = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = poll(&fds, 2, -1)
-            if n < 0 { if errno == EINTR { continue }; break }
-            if fds[0].revents != 0 {
-                let got = buffer.withUnsafeMutableBytes { Glibc.read(child.outputFD, $0.baseAddress, $0.count) }
-                if got > 0 { take(Array(buffer[0..<got]), watchReady: watchReady) }
-                else if got == 0 || (errno != EAGAIN && errno != EINTR) { fds[0].fd = -1 }  // EOF: only the pidfd left
+            guard let ready = try? FD.poll([(outputFD, .readable), (child.pidFD, .readable)], timeoutMs: -1) else { break }
+            if !ready[0].isEmpty {
+                switch FD.readSome(outputFD, into: &buffer) {
+                case .success(let got) where got > 0: take(Array(buffer[0..<got]), watchReady: watchReady)
+                case .failure(let e) where e == .EAGAIN: break
+                default: outputFD = -1  // EOF or an error: only the pidfd is left
+                }
             }
-            if fds[1].revents != 0 { break }
+            if !ready[1].isEmpty { break }
         }
         let status = child.reap()  // kills what it left in its group, so the pipe reaches EOF
         // Drain what is still in the pipe, bounded: a grandchild outside the group may keep it open.
         let drainUntil = monotonicNanos() + 200_000_000
-        while fds[0].fd >= 0, monotonicNanos() < drainUntil {
-            var one = [pollfd(fd: child.outputFD, events: Int16(POLLIN), revents: 0)]
-            guard poll(&one, 1, 50) > 0 else { continue }
-            let got = buffer.withUnsafeMutableBytes { Glibc.read(child.outputFD, $0.baseAddress, $0.count) }
-            if got > 0 { take(Array(buffer[0..<got]), watchReady: false) } else { break }
+        while outputFD >= 0, monotonicNanos() < drainUntil {
+            guard let ready = try? FD.poll(outputFD, for: .readable, timeoutMs: 50), !ready.isEmpty else { continue }
+            guard case .success(let got) = FD.readSome(outputFD, into: &buffer), got > 0 else { break }
+            take(Array(buffer[0..<got]), watchReady: false)
         }
         state.withLock { s in
             s.exit = status
