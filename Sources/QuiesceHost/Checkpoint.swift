@@ -39,7 +39,7 @@ public enum Consistency: String, Sendable, CaseIterable, Comparable {
     /// while frozen (`lost`).
     public static func of(_ freeze: FreezeResult?, thaw: ThawResult? = nil) -> Consistency {
         guard let freeze else { return .crash }
-        let hooks = freeze.hooks.filter { $0.phase == "freeze" || $0.phase.isEmpty }
+        let hooks = freeze.hooks.filter(\.isFreezePhase)
         if !hooks.isEmpty && notHeld(freeze, thaw: thaw).isEmpty { return .application }  // a refused hook counts against
         return .filesystem
     }
@@ -49,7 +49,7 @@ public enum Consistency: String, Sendable, CaseIterable, Comparable {
     /// a freeze hook that failed (optional) and a holding hook that ended while frozen.
     public static func notHeld(_ freeze: FreezeResult, thaw: ThawResult? = nil) -> [String] {
         var out: [String] = freeze.hooksRefused.map { "\($0.name): refused (\($0.reason))" }
-        for h in freeze.hooks where (h.phase == "freeze" || h.phase.isEmpty) && !h.succeeded {
+        for h in freeze.hooks where h.isFreezePhase && !h.succeeded {
             out.append("\(h.name): \(h.error ?? h.effectiveOutcome.rawValue)\(h.optional ? " (optional)" : "")")
         }
         for h in thaw?.hooks ?? [] where h.effectiveOutcome == .lost {
@@ -795,7 +795,7 @@ public enum CommandEnvironment {
             ("QUIESCE_DEADLINE_MS", String(deadlineWallMs)),
             ("QUIESCE_HOOKS_NOT_HELD", frozen.compactMap { a -> String? in
                 let names = a.freeze!.hooksRefused.map(\.name)
-                    + a.freeze!.hooks.filter { ($0.phase == "freeze" || $0.phase.isEmpty) && !$0.succeeded }.map(\.name)
+                    + a.freeze!.hooks.filter { $0.isFreezePhase && !$0.succeeded }.map(\.name)
                 return names.isEmpty ? nil : "\(a.address)=\(names.joined(separator: ","))"
             }.joined(separator: ";")),
             ("QUIESCE_FROZEN_JSON", frozenJSON(agents)),

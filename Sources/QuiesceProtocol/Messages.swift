@@ -294,11 +294,6 @@ public struct Reply: Sendable, Equatable {
     }
 }
 
-/// Why the agent thawed without being asked by the freeze's requester.
-public enum ThawReason: String, Sendable, CaseIterable {
-    case request, deadline, disconnect, signal, restart
-}
-
 /// A message the agent pushes without a request (after `hello`).
 public struct Event: Sendable, Equatable {
     public var name: String
