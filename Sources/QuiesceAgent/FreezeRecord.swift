@@ -41,8 +41,7 @@ public struct FreezeRecord: Sendable {
                  "devices": .array(t.devices.sorted().map { .string($0.description) })]
             }),
         ]
-        var bytes = body.encoded()
-        bytes.append(0x0A)
+        let bytes = body.encodedLine()
         let tmp = path + ".tmp"
         let fd = try FD.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         // No fsync: the record guards against the agent dying, not the machine (after a machine

@@ -113,10 +113,7 @@ public final class AgentClient {
         while true {
             let id = nextID()
             ids.insert(id)
-            var bytes: [UInt8] = [0xFF]
-            bytes += helloRequest(id: id).json.encoded()
-            bytes.append(0x0A)
-            try send(bytes)
+            try send([0xFF] + helloRequest(id: id).json.encodedLine())
             let step = min(end, deadline(1000))
             if let reply = try awaitReplyOrTimeout(ids: ids, what: "hello", deadline: step) {
                 return reply
@@ -182,9 +179,7 @@ public final class AgentClient {
     func deadline(_ ms: Int64) -> UInt64 { monotonicNanos() + UInt64(max(0, ms)) * 1_000_000 }
 
     private func send(_ json: JSON) throws(AgentError) {
-        var bytes = json.encoded()
-        bytes.append(0x0A)
-        try send(bytes)
+        try send(json.encodedLine())
     }
 
     /// Handles what the agent has sent meanwhile (events go to `onEvent`) without waiting.

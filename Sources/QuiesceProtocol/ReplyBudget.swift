@@ -26,13 +26,13 @@ public enum ReplyBudget {
     /// `wrap` builds the whole message around a body; it is called once per attempt.
     static func frame(body: JSONObject, maxBytes: Int = ProtocolLimits.maxReplyBytes,
                       _ wrap: (JSONObject) -> JSON) -> [UInt8] {
-        var last: [UInt8] = []
+        var last: [UInt8]
         for sample in samples {
             var cut = false
             var fitted = shorten(body, sample: sample, cut: &cut)
             if cut { fitted["truncated"] = true }
-            last = wrap(fitted).encoded()
-            if last.count <= maxBytes { last.append(0x0A); return last }
+            last = wrap(fitted).encodedLine()
+            if last.count - 1 <= maxBytes { return last }  // the limit counts the JSON, not its newline
         }
         var kept = JSONObject()
         for (key, value) in body {
@@ -42,9 +42,7 @@ public enum ReplyBudget {
             }
         }
         kept["truncated"] = true
-        last = wrap(kept).encoded()
-        last.append(0x0A)
-        return last
+        return wrap(kept).encodedLine()
     }
 
     /// `object` with every array longer than `sample` cut to its first `sample` items and its
