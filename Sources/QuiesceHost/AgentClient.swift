@@ -1,9 +1,6 @@
 // Request/reply with one agent over a Connection: ids, timeouts, events, and the serial resync.
 import QuiesceLinux
 import QuiesceProtocol
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The version of quiescectl and the host library, sent in `hello`.
 public enum QuiesceHostVersion {
@@ -45,7 +42,7 @@ public final class AgentClient {
         self.connection = connection
         self.replyTimeoutMs = replyTimeoutMs
         // Unique across clients of the same serial port: stale replies never match our ids.
-        idPrefix = "qc-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max) & 0xFFFF_FFFF_FFFF, radix: 16))"
+        idPrefix = "qc-\(CurrentProcess.id)-\(String(UInt64.random(in: 0...UInt64.max) & 0xFFFF_FFFF_FFFF, radix: 16))"
         decoder.feed(connection.handshakeLeftover)
     }
 
@@ -356,7 +353,7 @@ extension AgentClient {
                         undo = .success("the agent says the operation holds no freeze (not-frozen)")
                     } else if error.remote?.code == .busy && monotonicNanos() < giveUp {
                         // The freeze is still being taken: ask again once it is done.
-                        usleep(200_000)
+                        Threads.sleep(milliseconds: 200)
                         continue
                     } else {
                         undo = .failure(error)

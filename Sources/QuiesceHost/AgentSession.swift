@@ -2,9 +2,6 @@
 import QuiesceLinux
 import QuiesceProtocol
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// How one agent session ended its freeze: the thaw's result or error, whether the freeze had
 /// already ended by itself, and the keepalives sent while it held. (Not the agent's
@@ -188,7 +185,7 @@ final class AgentSession: Sendable {
                     }
                     // The agent is busy thawing by itself (deadline) or finishing a freeze: ask again.
                     if error.remote?.code == .busy && monotonicNanos() < giveUp {
-                        usleep(100_000)
+                        Threads.sleep(milliseconds: 100)
                         continue
                     }
                     return error

@@ -1,9 +1,6 @@
 // The coordinator's loop for one checkpoint: wait for the freezes, apply the policy, run and watch COMMAND, thaw, judge the outcome.
 import QuiesceLinux
 import QuiesceProtocol
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The coordinator's state for one run; used only by the thread that calls `Checkpoint.run`.
 final class CheckpointRun {
@@ -17,7 +14,7 @@ final class CheckpointRun {
     var signalsSeen = 0
     var thawStarted = false
     var thawPending: Set<Int> = []
-    var pid: pid_t?
+    var pid: Int32?
     var childExited = false
     /// Agents given up on because they did not freeze within `freezeWaitMs` of the first one.
     var abandoned: Set<Int> = []
@@ -144,7 +141,7 @@ final class CheckpointRun {
                     report.command?.stoppedBy = "deadline"
                     note(monotonicNanos(), nil, "deadline", "COMMAND still running after \(TimeSpan(milliseconds: plan.timeoutMs).human): "
                          + "sending SIGTERM (SIGKILL in \(TimeSpan(milliseconds: plan.killGraceMs).human)) and thawing")
-                    signalCommand(SIGTERM)
+                    signalCommand(Signals.terminate)
                     killAt = monotonicNanos() + UInt64(plan.killGraceMs) * 1_000_000
                     startThaw()
                 } else {
@@ -166,7 +163,7 @@ final class CheckpointRun {
         if !killed {
             killed = true
             note(monotonicNanos(), nil, "kill", "COMMAND (pid \(pid)) did not stop within \(TimeSpan(milliseconds: plan.killGraceMs).human): sending SIGKILL")
-            signalCommand(SIGKILL)
+            signalCommand(Signals.forceKill)
             killAt = monotonicNanos() + 10_000_000_000
         } else {
             note(monotonicNanos(), nil, "kill", "COMMAND (pid \(pid)) did not exit 10 s after SIGKILL; not waiting for it")
@@ -175,7 +172,7 @@ final class CheckpointRun {
         }
     }
 
-    func reap(_ pid: pid_t) {
+    func reap(_ pid: Int32) {
         guard report.command?.abandoned != true, report.command?.status == nil else { return }
         if let status = try? Subprocess.wait(pid) { report.command?.status = status }
     }
@@ -346,7 +343,7 @@ final class CheckpointRun {
                 for s in sessions { s.force() }
                 if pid != nil && !childExited {
                     killed = true
-                    signalCommand(SIGKILL)
+                    signalCommand(Signals.forceKill)
                     killAt = monotonicNanos() + 10_000_000_000
                 }
             }

@@ -3,9 +3,6 @@ import ArgumentParser
 import QuiesceHost
 import QuiesceLinux
 import QuiesceProtocol
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Quiescectl: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -387,10 +384,10 @@ struct Checkpoint: ParsableCommand {
         let g = root.global
         let agents = try g.requireAgents()
         // Before any thread exists: SIGINT/SIGTERM/SIGHUP are collected by one thread (sigwait).
-        let handled = [SIGINT, SIGTERM, SIGHUP]
+        let handled = [Signals.interrupt, Signals.terminate, Signals.hangUp]
         Signals.block(handled)
         // A closed stdout or stderr must not kill us before the guests are thawed.
-        Signals.ignore(SIGPIPE)
+        Signals.ignore(Signals.pipe)
         let json = g.json
         let plan = CheckpointPlan(
             opID: opID ?? CheckpointPlan.makeOpID(), agents: agents, mounts: mountList(mounts),
