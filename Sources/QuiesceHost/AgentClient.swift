@@ -2,11 +2,6 @@
 import QuiesceLinux
 import QuiesceProtocol
 
-/// The version of quiescectl and the host library, sent in `hello`.
-public enum QuiesceHostVersion {
-    public static let string = QuiesceRelease.version
-}
-
 /// A client for one agent. Not thread-safe: one thread owns it and issues requests one at a
 /// time; another thread may only call `connection.shutdown()` to interrupt it.
 public final class AgentClient {
@@ -28,10 +23,11 @@ public final class AgentClient {
     public var onEvent: ((Event) -> Void)?
 
     /// The name sent in `hello`.
-    public static let clientName = "quiescectl \(QuiesceHostVersion.string)"
+    public static let clientName = "quiescectl \(QuiesceRelease.version)"
 
-    /// Replies may exceed the 64 KiB request limit (a freeze of hundreds of mounts): PROTOCOL.md asks clients to take 1 MiB.
-    var decoder = FrameDecoder(maxFrameBytes: 1 << 20)
+    /// Replies may exceed the 64 KiB request limit (a freeze of hundreds of mounts): the
+    /// client takes lines up to `ProtocolLimits.clientMaxFrameBytes` (1 MiB), as PROTOCOL.md asks.
+    var decoder = FrameDecoder(maxFrameBytes: ProtocolLimits.clientMaxFrameBytes)
     private let idPrefix: String
     private var counter = 0
     private var isSerial: Bool { if case .serial = address { return true }; return false }

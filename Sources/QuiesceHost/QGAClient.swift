@@ -116,7 +116,7 @@ extension AgentClient {
                 case .frame(let bytes): return bytes
                 case .reset: continue
                 case .tooLarge:
-                    throw AgentError(.protocolViolation, "\(address.spoken) sent a line larger than 1 MiB")
+                    throw AgentError(.protocolViolation, "\(address.spoken) sent a line larger than \(decoder.maxFrameBytes) bytes")
                 }
             }
             switch try connection.receive(deadline: end) {

@@ -325,7 +325,7 @@ public enum Describe {
     public static func info(_ h: HelloResult) -> [String] {
         [
             "agent: \(h.agent.isEmpty ? "?" : h.agent) \(h.agentVersion)",
-            "protocol: \(h.version) (quiescectl \(QuiesceHostVersion.string) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
+            "protocol: \(h.version) (quiescectl \(QuiesceRelease.version) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
             "capabilities: \(h.capabilities.isEmpty ? "none" : h.capabilities.joined(separator: ", "))",
             "max frame: \(h.maxFrame) bytes",
             "max freeze: \(h.maxFreezeMs > 0 ? TimeSpan(milliseconds: h.maxFreezeMs).human : "not announced")",

@@ -8,6 +8,9 @@ extension ProtocolLimits {
     /// The largest reply or event frame the agent writes, in bytes without the newline. Half of
     /// the 1 MiB a client should accept, so a reply and an event fit the agent's 1 MiB send queue.
     public static let maxReplyBytes = 524_288
+    /// The longest reply or event line a client accepts (1 MiB, without the newline): PROTOCOL.md
+    /// asks clients to take at least this much, twice what the agent writes.
+    public static let clientMaxFrameBytes = 1 << 20
 }
 
 /// Fits the body of a reply (its `result`, or its error's `details`) or an event's fields to

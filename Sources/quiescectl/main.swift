@@ -41,7 +41,7 @@ struct Quiescectl: ParsableCommand {
           quiescectl --agent vsock:42:5123 --agent vsock:43:5123 \\
               checkpoint --timeout 2m -- ./snapshot.sh
         """,
-        version: QuiesceHostVersion.string,
+        version: QuiesceRelease.version,
         subcommands: [Ping.self, Info.self, Status.self, Filesystems.self, Freeze.self, Thaw.self, Sync.self, Checkpoint.self]
     )
 
