@@ -91,7 +91,7 @@ public struct FreezeRecord: Sendable {
         public var recovered: [(opID: String, lines: [String])] = []
         /// Hooks those agents owed an ending, per operation, with the phase to end them with:
         /// `thaw` when the filesystems had begun to freeze, else `freeze-failed`.
-        public var hooksOwed: [(opID: String, phase: String, names: [String])] = []
+        public var hooksOwed: [(opID: String, phase: HookPhase, names: [String])] = []
         /// Pids of running agents whose records were left alone.
         public var liveOwners: [Int32] = []
     }
@@ -117,7 +117,7 @@ public struct FreezeRecord: Sendable {
                 continue
             }
             if case .success(let r?) = read(path: path), !r.hooksOwed.isEmpty {
-                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? "thaw" : "freeze-failed", r.hooksOwed))
+                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? .thaw : .freezeFailed, r.hooksOwed))
             }
             if let r = recover(path: path) { recovery.recovered.append(r) }
         }

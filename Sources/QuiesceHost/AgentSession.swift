@@ -83,7 +83,7 @@ final class AgentSession: Sendable {
         let thawedByAgent = Atomic<Bool>(false)
         let opID = plan.opID
         client.onEvent = { event in
-            if event.name == "thawed", event.fields["op_id"]?.stringValue == opID {
+            if event.name == Event.thawedName, event.fields["op_id"]?.stringValue == opID {
                 thawedByAgent.store(true, ordering: .releasing)
             }
             events.post(.agentEvent(i, event, monotonicNanos()))

@@ -272,8 +272,8 @@ final class CheckpointRun {
                 }
                 report.agents[i].droppedEvents += 1
             }
-            if ev.name == "thawed" {
-                let reason = ev.fields["reason"]?.stringValue ?? "unknown"
+            if ev.name == Event.thawedName {
+                let reason = ev.thawReason?.rawValue ?? "unknown"
                 let lostHere = report.agents[i].freezeLost == nil && !thawStarted
                 if lostHere { report.agents[i].freezeLost = "the agent thawed by itself (\(reason))" }
                 if listed || lostHere { note(at, i, "agent-thawed", "the agent thawed by itself (reason: \(reason))") }

@@ -161,7 +161,7 @@ for r in recovery.recovered {
 if let dir = config.hooksDir {
     let hooks = Hooks(directory: dir, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger)
     for owed in recovery.hooksOwed {
-        let reports = hooks.recover(names: owed.names, phase: HookPhase(rawValue: owed.phase), opID: owed.opID)
+        let reports = hooks.recover(names: owed.names, phase: owed.phase, opID: owed.opID)
         logger.warning("ended the hooks op \(owed.opID) owed: \(reports.map { "\($0.name) \($0.phase) \($0.effectiveOutcome.rawValue)" }.joined(separator: ", "))",
                        metadata: ["op_id": "\(owed.opID)"])
     }

@@ -316,8 +316,8 @@ struct VectorTests {
         }
         #expect(event.json == json)
         #expect(event.json.text == String(decoding: frame, as: UTF8.self))
-        #expect(event.name == "thawed")
-        let reason = ThawReason(rawValue: try #require(event.fields["reason"]?.stringValue))
+        #expect(event.name == Event.thawedName)
+        let reason = try #require(event.thawReason)
         #expect(ThawReason.all.contains(reason), "\(v.file): reason \(reason) is not one protocol version 1 defines")
         let rebuilt = Event.thawed(
             opID: try #require(event.fields["op_id"]?.stringValue), reason: reason,
