@@ -125,7 +125,7 @@ public actor AgentState {
         let at = wallClockMillis()
         for r in recovered.suffix(64) {
             endedOps.append((r.opID, .restart, at, 0))
-            lastAutoThaw = AutoThawReport(reason: ThawReason.restart.rawValue, opID: r.opID, atMs: at, filesystems: r.filesystems)
+            lastAutoThaw = AutoThawReport(reason: .restart, opID: r.opID, atMs: at, filesystems: r.filesystems)
             if r.opID.hasPrefix(AgentState.qgaOpPrefix) { qgaOpID = r.opID }
         }
     }
@@ -333,7 +333,7 @@ public actor AgentState {
             hookReports = outcome.reports
             hooksOwed = outcome.owed
             if let failure = outcome.failure {
-                hookReports += await hooks.end(hooksOwed, phase: "freeze-failed", context: hookContext)
+                hookReports += await hooks.end(hooksOwed, phase: .freezeFailed, context: hookContext)
                 record.remove()
                 return finishFailedFreeze(ProtocolError(.hookFailed, failure, details: hookDetails(hookReports, refused)),
                                           id: id, log: log)
@@ -353,7 +353,7 @@ public actor AgentState {
         switch outcome {
         case .failure(let failure):
             LogGate.shared.release()
-            if let hooks { hookReports += await hooks.end(hooksOwed, phase: "freeze-failed", context: hookContext) }
+            if let hooks { hookReports += await hooks.end(hooksOwed, phase: .freezeFailed, context: hookContext) }
             record.remove()
             var error = failure.error
             if !hookReports.isEmpty || !refused.isEmpty {
@@ -517,7 +517,7 @@ public actor AgentState {
         log[metadataKey: "op_id"] = "\(f.opID)"
         var hookReports: [HookReport] = []
         if let hooks, !f.hooksOwed.isEmpty {
-            hookReports = await hooks.end(f.hooksOwed, phase: abandoned ? "freeze-failed" : "thaw", context: f.hookContext)
+            hookReports = await hooks.end(f.hooksOwed, phase: abandoned ? .freezeFailed : .thaw, context: f.hookContext)
             // Ended once: a retry of a failed thaw must not end them again.
             if case .thawing(var t) = phase { t.hooksOwed = []; phase = .thawing(t) }
         }
@@ -547,7 +547,7 @@ public actor AgentState {
         log.info("thawed", metadata: ["reason": "\(reason.rawValue)", "frozen_us": "\(frozenUs)", "thaw_us": "\(outcome.totalUs)"])
         if reason != .request {
             let at = wallClockMillis()
-            lastAutoThaw = AutoThawReport(reason: reason.rawValue, opID: f.opID, atMs: at, filesystems: f.held.mountPoints)
+            lastAutoThaw = AutoThawReport(reason: reason, opID: f.opID, atMs: at, filesystems: f.held.mountPoints)
             broadcast(.thawed(opID: f.opID, reason: reason, atMs: at, filesystems: f.held.mountPoints, errors: outcome.errors))
         }
         reportStatus(statusLine())
@@ -565,6 +565,7 @@ public actor AgentState {
         case .signal: "the agent was stopped"
         case .restart: "the agent restarted"
         case .request: "a thaw request"
+        default: "\(reason)"
         }
         let seconds = max(0, wallClockMillis() - atMs) / 1000
         return ProtocolError(.notFrozen,

@@ -123,7 +123,7 @@ public struct Discovery: Sendable {
             return FreezeTarget(report: report, devices: identity, wave: fs.wave)
         }
         let skipped = plan.skipped.map {
-            SkippedReport(mountPoint: $0.mountPoint, type: $0.fsType, reason: $0.reason.rawValue, detail: $0.detail)
+            SkippedReport(mountPoint: $0.mountPoint, type: $0.fsType, reason: $0.reason, detail: $0.detail)
         }
         return (targets, skipped)
     }

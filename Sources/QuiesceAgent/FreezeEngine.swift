@@ -346,7 +346,7 @@ private struct FreezeRun: Sendable {
                         error: ProtocolError(.freezeFailed, "\(error)", details: FreezeEngine.details(t, error.errno)),
                         filesystems: reports))
                 }
-                skipped.append(SkippedReport(mountPoint: t.mountPoint, type: t.report.type, reason: "vanished", detail: "\(error)"))
+                skipped.append(SkippedReport(mountPoint: t.mountPoint, type: t.report.type, reason: .vanished, detail: "\(error)"))
             }
         }
 
@@ -421,12 +421,12 @@ private struct FreezeRun: Sendable {
                 if let e = r.error {
                     if e == .EOPNOTSUPP && !explicit {
                         skipped.append(SkippedReport(mountPoint: targets[i].mountPoint, type: targets[i].report.type,
-                                                     reason: "unsupported", detail: "FIFREEZE: \(e)"))
+                                                     reason: .unsupported, detail: "FIFREEZE: \(e)"))
                         continue
                     }
                     if e == .EBUSY && policy == .skip {
                         skipped.append(SkippedReport(mountPoint: targets[i].mountPoint, type: targets[i].report.type,
-                                                     reason: "frozen-elsewhere", detail: "FIFREEZE: \(e)"))
+                                                     reason: .frozenElsewhere, detail: "FIFREEZE: \(e)"))
                         continue
                     }
                     reports[i].error = "FIFREEZE: \(e)"

@@ -38,8 +38,7 @@ public struct FreezeRecord: Sendable {
                  "devices": .array(t.devices.sorted().map { .string($0.description) })]
             }),
         ]
-        var bytes = body.encoded()
-        bytes.append(0x0A)
+        let bytes = body.encodedLine()
         let tmp = path + ".tmp"
         let fd = try FD.open(tmp, [.writeOnly, .create, .truncate], mode: 0o600)
         // No fsync: the record guards against the agent dying, not the machine (after a machine
@@ -89,7 +88,7 @@ public struct FreezeRecord: Sendable {
         public var recovered: [(opID: String, lines: [String])] = []
         /// Hooks those agents owed an ending, per operation, with the phase to end them with:
         /// `thaw` when the filesystems had begun to freeze, else `freeze-failed`.
-        public var hooksOwed: [(opID: String, phase: String, names: [String])] = []
+        public var hooksOwed: [(opID: String, phase: HookPhase, names: [String])] = []
         /// Pids of running agents whose records were left alone.
         public var liveOwners: [Int32] = []
     }
@@ -115,7 +114,7 @@ public struct FreezeRecord: Sendable {
                 continue
             }
             if case .success(let r?) = read(path: path), !r.hooksOwed.isEmpty {
-                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? "thaw" : "freeze-failed", r.hooksOwed))
+                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? .thaw : .freezeFailed, r.hooksOwed))
             }
             if let r = recover(path: path) { recovery.recovered.append(r) }
         }

@@ -186,7 +186,7 @@ public struct Hooks: Sendable {
 
     /// Ends every owed hook with `phase` ("thaw" or "freeze-failed"), in reverse order.
     /// Failures are reported, never fatal.
-    public func end(_ owed: [ActiveHook], phase: String, context: HookContext) async -> [HookReport] {
+    public func end(_ owed: [ActiveHook], phase: HookPhase, context: HookContext) async -> [HookReport] {
         var reports: [HookReport] = []
         for hook in owed.reversed() {
             let report = await WorkPools.hooks.run { Hooks.endBlocking(hook, phase: phase, context: context) }
@@ -207,7 +207,7 @@ public struct Hooks: Sendable {
 
     // MARK: - Running one hook (blocking; on a dedicated thread)
 
-    static func environment(_ spec: HookSpec, phase: String, context: HookContext, deadlineWallMs: Int64) -> [String] {
+    static func environment(_ spec: HookSpec, phase: HookPhase, context: HookContext, deadlineWallMs: Int64) -> [String] {
         var env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8",
                    "QUIESCE_PHASE=\(phase)", "QUIESCE_OP_ID=\(context.opID)",
                    "QUIESCE_MOUNTS_JSON=\(JSON.array(context.mounts.map(JSON.string)).text)",
@@ -223,28 +223,28 @@ public struct Hooks: Sendable {
     /// `freeze` for one hook. A holding hook is returned still running, with its run.
     static func runFreezeBlocking(_ spec: HookSpec, context: HookContext) -> (HookReport, HookRun?) {
         let start = monotonicNanos()
-        let env = environment(spec, phase: "freeze", context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
+        let env = environment(spec, phase: .freeze, context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
         let run: HookRun
         do {
-            run = try HookRun(spec: spec, arguments: [spec.path, "freeze"], environment: env, watchReady: spec.hold)
+            run = try HookRun(spec: spec, arguments: [spec.path, HookPhase.freeze.rawValue], environment: env, watchReady: spec.hold)
         } catch {
-            return (report(spec, "freeze", start, .failed, error: "could not start: \(error)"), nil)
+            return (report(spec, .freeze, start, .failed, error: "could not start: \(error)"), nil)
         }
         if !spec.hold { run.child.closeStdin() }  // only a holding hook is told anything there
         let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
         switch run.waitReadyOrExit(deadline: deadline) {
         case .ready:
-            return (report(spec, "freeze", start, .holding, output: run.outputTail()), run)
+            return (report(spec, .freeze, start, .holding, output: run.outputTail()), run)
         case .exited(let status):
-            return (finished(spec, "freeze", start, status, run: run), nil)
+            return (finished(spec, .freeze, start, status, run: run), nil)
         case .timedOut:
-            return (report(spec, "freeze", start, .timedOut, error: "timed out after \(TimeSpan(milliseconds: spec.timeoutMs)); its process group was killed",
+            return (report(spec, .freeze, start, .timedOut, error: "timed out after \(TimeSpan(milliseconds: spec.timeoutMs)); its process group was killed",
                            output: run.outputTail()), nil)
         }
     }
 
     /// Ends one owed hook: tells a holding one to finish, runs a one-shot one with `phase`.
-    static func endBlocking(_ hook: ActiveHook, phase: String, context: HookContext) -> HookReport {
+    static func endBlocking(_ hook: ActiveHook, phase: HookPhase, context: HookContext) -> HookReport {
         let spec = hook.spec
         let start = monotonicNanos()
         let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
@@ -267,7 +267,7 @@ public struct Hooks: Sendable {
         let env = environment(spec, phase: phase, context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
         let run: HookRun
         do {
-            run = try HookRun(spec: spec, arguments: [spec.path, phase], environment: env, watchReady: false)
+            run = try HookRun(spec: spec, arguments: [spec.path, phase.rawValue], environment: env, watchReady: false)
         } catch {
             return report(spec, phase, start, .failed, error: "could not start: \(error)")
         }
@@ -282,7 +282,7 @@ public struct Hooks: Sendable {
 
     /// Runs `phase` for each named hook in reverse order, as one-shot runs: crash recovery's
     /// ending for hooks a dead agent owed one. Blocking.
-    public func recover(names: [String], phase: String, opID: String) -> [HookReport] {
+    public func recover(names: [String], phase: HookPhase, opID: String) -> [HookReport] {
         let (specs, _) = list()
         let context = HookContext(opID: opID, mounts: [], freezeTimeoutMs: 0, recovery: true)
         var reports: [HookReport] = []
@@ -301,15 +301,15 @@ public struct Hooks: Sendable {
         return reports
     }
 
-    private static func finished(_ spec: HookSpec, _ phase: String, _ start: UInt64, _ status: ExitStatus, run: HookRun) -> HookReport {
+    private static func finished(_ spec: HookSpec, _ phase: HookPhase, _ start: UInt64, _ status: ExitStatus, run: HookRun) -> HookReport {
         let code: Int64? = if case .exited(let c) = status { Int64(c) } else { nil }
         if status.succeeded { return report(spec, phase, start, .ok, exitCode: 0, output: run.outputTail()) }
         var why = "\(status)"
-        if spec.hold && phase == "freeze" { why += " before it was ready" }
+        if spec.hold && phase == .freeze { why += " before it was ready" }
         return report(spec, phase, start, .failed, exitCode: code, error: why, output: run.outputTail())
     }
 
-    private static func report(_ spec: HookSpec, _ phase: String, _ start: UInt64, _ outcome: HookOutcome, exitCode: Int64? = nil,
+    private static func report(_ spec: HookSpec, _ phase: HookPhase, _ start: UInt64, _ outcome: HookOutcome, exitCode: Int64? = nil,
                                error: String? = nil, output: [UInt8] = []) -> HookReport {
         HookReport(name: spec.name, phase: phase, exitCode: exitCode, durationUs: Int64((monotonicNanos() - start) / 1000),
                    error: error, outcome: outcome, hold: spec.hold, optional: spec.optional,

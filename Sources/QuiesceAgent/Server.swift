@@ -4,9 +4,6 @@ import QuiesceProtocol
 import Logging
 import Synchronization
 
-/// The agent's version, reported by `hello`.
-public let agentVersion = QuiesceRelease.version
-
 /// The agent's listeners and the sessions they admitted: accepting and admission
 /// (`Admission.swift`), virtio-serial ports (`SerialPortListener.swift`), Hyper-V's VSS device
 /// (`HVVSSService.swift`); each session's pipeline is a `ClientSession`.
@@ -68,7 +65,7 @@ public final class Server: Sendable {
                 "protocol version \(clientVersion) is not supported (this agent speaks \(ProtocolVersion.oldestSupported) to \(ProtocolVersion.current))"))
         }
         return .success(HelloResult(version: min(clientVersion, ProtocolVersion.current), agent: "quiesced",
-                                    agentVersion: agentVersion, capabilities: Server.capabilities,
+                                    agentVersion: QuiesceRelease.version, capabilities: Server.capabilities,
                                     maxFrame: Int64(ProtocolLimits.maxFrameBytes), maxFreezeMs: config.maxFreezeMs))
     }
 

@@ -284,7 +284,7 @@ public enum Describe {
         let mountpoints = r.mountCount
         if mountpoints > Int64(mounts.count) { s += ", \(mountpoints)\(r.filesystemsTotal != nil ? "+" : "") mountpoints with bind mounts" }
         s += " in \(TimeSpan.human(microseconds: r.totalUs)), writers stalled \(TimeSpan.human(microseconds: r.stallUs))"
-        s += ", " + hooks(r.hooks.filter { $0.phase == "freeze" || $0.phase.isEmpty })
+        s += ", " + hooks(r.hooks.filter(\.isFreezePhase))
         if !r.hooksRefused.isEmpty { s += ", hooks refused: " + r.hooksRefused.map { "\($0.name) (\($0.reason))" }.joined(separator: ", ") }
         let skipped = r.skippedTotal ?? Int64(r.skipped.count)
         if skipped > 0 { s += ", \(skipped) skipped" }
@@ -325,7 +325,7 @@ public enum Describe {
     public static func info(_ h: HelloResult) -> [String] {
         [
             "agent: \(h.agent.isEmpty ? "?" : h.agent) \(h.agentVersion)",
-            "protocol: \(h.version) (quiescectl \(QuiesceHostVersion.string) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
+            "protocol: \(h.version) (quiescectl \(QuiesceRelease.version) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
             "capabilities: \(h.capabilities.isEmpty ? "none" : h.capabilities.joined(separator: ", "))",
             "max frame: \(h.maxFrame) bytes",
             "max freeze: \(h.maxFreezeMs > 0 ? TimeSpan(milliseconds: h.maxFreezeMs).human : "not announced")",

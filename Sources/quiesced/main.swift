@@ -72,7 +72,7 @@ var args = CommandLine.arguments.dropFirst()
 while let arg = args.popFirst() {
     switch arg {
     case "-h", "--help": print(usage); CurrentProcess.exit(0)
-    case "--version": print("quiesced \(agentVersion) (protocol \(ProtocolVersion.current))"); CurrentProcess.exit(0)
+    case "--version": print("quiesced \(QuiesceRelease.version) (protocol \(ProtocolVersion.current))"); CurrentProcess.exit(0)
     case "--recover": recoverOnly = true
     case "--check-config": checkOnly = true
     default:

@@ -236,7 +236,7 @@ struct AgentStateTests {
         _ = await freezing.value
         let status = await h.state.status()
         #expect(status.state == .thawed)
-        #expect(status.lastAutoThaw?.reason == "disconnect")
+        #expect(status.lastAutoThaw?.reason == .disconnect)
         #expect(status.lastAutoThaw?.opID == "op-gone")
         #expect(h.kernel.frozen.isEmpty, "nothing may stay frozen for a requester that left")
         let thawedEvents = h.events.all.filter { $0.name == "thawed" }
@@ -259,7 +259,7 @@ struct AgentStateTests {
         #expect(h.kernel.frozen.isEmpty)
         let status = await h.state.status()
         #expect(status.state == .thawed)
-        #expect(status.lastAutoThaw?.reason == "signal")
+        #expect(status.lastAutoThaw?.reason == .signal)
         #expect(await h.freeze("op-after").error?.code == .shuttingDown)
         #expect(h.kernel.frozen.isEmpty)
     }

@@ -70,14 +70,14 @@ struct CheckpointHookTests {
             FreezeResult(opID: "op", mode: .bound, filesystems: [], skipped: [], hooks: hooks, presyncUs: 0, freezeUs: 0,
                          stallUs: 0, totalUs: 0, timeoutMs: 1, deadlineMs: 1)
         }
-        let holding = HookReport(name: "db", phase: "freeze", exitCode: nil, durationUs: 1, outcome: .holding, hold: true)
-        let optionalFailed = HookReport(name: "cache", phase: "freeze", exitCode: 1, durationUs: 1, error: "exit code 1",
+        let holding = HookReport(name: "db", phase: .freeze, exitCode: nil, durationUs: 1, outcome: .holding, hold: true)
+        let optionalFailed = HookReport(name: "cache", phase: .freeze, exitCode: 1, durationUs: 1, error: "exit code 1",
                                         outcome: .failed, optional: true)
         #expect(Consistency.of(freeze([holding])) == .application)
         #expect(Consistency.of(freeze([holding, optionalFailed])) == .filesystem)
         #expect(Consistency.notHeld(freeze([holding, optionalFailed])) == ["cache: exit code 1 (optional)"])
         let thaw = ThawResult(opID: "op", wasFrozen: true, filesystems: [],
-                              hooks: [HookReport(name: "db", phase: "thaw", exitCode: 3, durationUs: 1, error: "ended", outcome: .lost)],
+                              hooks: [HookReport(name: "db", phase: .thaw, exitCode: 3, durationUs: 1, error: "ended", outcome: .lost)],
                               totalUs: 0, frozenUs: 0)
         #expect(Consistency.of(freeze([holding]), thaw: thaw) == .filesystem)
         var refused = freeze([holding])
