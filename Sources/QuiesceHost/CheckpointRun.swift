@@ -369,7 +369,8 @@ final class CheckpointRun {
             r.outcome = phase1Failures.contains { $0.failure!.stage != .connect } ? .freezeFailed : .agentUnreachable
         } else if commandFailed {
             r.outcome = .commandFailed
-        } else if !lost.isEmpty {
+        } else if !lost.isEmpty || r.agents.contains(where: { !$0.holdsLost.isEmpty }) {
+            // The freeze, or an application's hold on its data, ended before COMMAND did.
             r.outcome = .freezeFailed
         } else {
             r.outcome = .success
