@@ -138,6 +138,24 @@ public struct AgentConfig: Sendable {
             guard !v.isEmpty else { throw ConfigError("\(key): needs a value") }
             return v
         }
+        // A mountpoint glob: mountpoints are absolute, so a relative pattern never matches and
+        // would silently leave the scope empty (include) or exclude nothing (exclude).
+        func mountGlob(_ v: String) throws(ConfigError) -> String {
+            let v = try nonEmpty(v)
+            guard v.hasPrefix("/") || v.hasPrefix("*") else {
+                throw ConfigError("\(key): \"\(v)\" never matches: mountpoints are absolute paths (start the glob with /)")
+            }
+            if let problem = Glob.problem(in: v) { throw ConfigError("\(key): \"\(v)\": \(problem)") }
+            return v
+        }
+        // A filesystem type as /proc/self/mountinfo spells it (ext4, xfs, fuse.sshfs, nfs4).
+        func fsType(_ v: String) throws(ConfigError) -> String {
+            let v = try nonEmpty(v)
+            guard v.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: ",") }) else {
+                throw ConfigError("\(key): \"\(v)\" is not a filesystem type name (one word, as in /proc/self/mountinfo, e.g. ext4)")
+            }
+            return v
+        }
         switch key {
         case "listen":
             if fresh(key) { listen = [] }
@@ -147,16 +165,16 @@ public struct AgentConfig: Sendable {
             stateDir = value
         case "include":
             if fresh(key) { scope.include = [] }
-            scope.include.append(try nonEmpty(value))
+            scope.include.append(try mountGlob(value))
         case "exclude":
             if fresh(key) { scope.exclude = [] }
-            scope.exclude.append(try nonEmpty(value))
+            scope.exclude.append(try mountGlob(value))
         case "include-type":
             if fresh(key) { scope.includeTypes = [] }
-            scope.includeTypes.append(try nonEmpty(value))
+            scope.includeTypes.append(try fsType(value))
         case "exclude-type":
             if fresh(key) { scope.excludeTypes = [] }
-            scope.excludeTypes.append(try nonEmpty(value))
+            scope.excludeTypes.append(try fsType(value))
         case "max-freeze":
             maxFreezeMs = try duration(value)
             guard maxFreezeMs <= Request.maxTimeoutMs else { throw ConfigError("max-freeze: at most 24h") }

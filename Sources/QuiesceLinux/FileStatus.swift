@@ -107,6 +107,45 @@ public enum Glob {
     public static func matches(_ pattern: String, _ string: String) -> Bool {
         fnmatch(pattern, string, 0) == 0
     }
+
+    /// Why `pattern` is malformed, or nil. fnmatch(3) takes an unclosed `[` as a literal
+    /// character and a trailing backslash as matching nothing (glob(7)); in a configuration
+    /// both are typos that silently change which mountpoints match, so they are named here:
+    /// "unclosed [ at offset N" or "ends with a lone backslash". A bracket expression may start
+    /// with `!` or `^`, takes a `]` right after its opening (or after the `!`) as a member, and
+    /// may hold character classes such as `[:digit:]`.
+    public static func problem(in pattern: String) -> String? {
+        let p = Array(pattern.utf8)
+        var i = 0
+        while i < p.count {
+            switch p[i] {
+            case UInt8(ascii: "\\"):
+                if i + 1 == p.count { return "ends with a lone backslash" }
+                i += 2
+            case UInt8(ascii: "["):
+                let open = i
+                var j = i + 1
+                if j < p.count, p[j] == UInt8(ascii: "!") || p[j] == UInt8(ascii: "^") { j += 1 }
+                if j < p.count, p[j] == UInt8(ascii: "]") { j += 1 }
+                var closed = false
+                while j < p.count {
+                    if p[j] == UInt8(ascii: "["), j + 1 < p.count, p[j + 1] == UInt8(ascii: ":") {
+                        // A class: skip to its ":]" (an unfinished one makes the "[" literal).
+                        var k = j + 2
+                        while k + 1 < p.count, !(p[k] == UInt8(ascii: ":") && p[k + 1] == UInt8(ascii: "]")) { k += 1 }
+                        if k + 1 < p.count { j = k + 2; continue }
+                    }
+                    if p[j] == UInt8(ascii: "]") { closed = true; break }
+                    j += 1
+                }
+                if !closed { return "unclosed [ at offset \(open) (write \\[ for a literal bracket)" }
+                i = j + 1
+            default:
+                i += 1
+            }
+        }
+        return nil
+    }
 }
 
 /// The calling process: identity, environment, exit.
