@@ -207,7 +207,8 @@ final class ClientSession: Sendable {
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {
-                send(dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"), id: nil))
+                send(dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"),
+                                        id: readableID(of: bytes)))
                 return true
             }
             if dialect == .qga {
@@ -221,6 +222,21 @@ final class ClientSession: Sendable {
                 dispatch(request)
             }
             return true
+        }
+    }
+
+    /// The id of a frame that will not be executed, when it can be read (PROTOCOL.md section
+    /// 3.2: the reply echoes it; null only for a frame that cannot be read).
+    private func readableID(of bytes: [UInt8]) -> JSON? {
+        if dialect == .qga {
+            switch QGA.decode(frame: bytes) {
+            case .success(let decoded): return decoded.id
+            case .failure(let refusal): return refusal.id
+            }
+        }
+        switch Request.decode(frame: bytes) {
+        case .success(let request): return request.id
+        case .failure(let e): return e.id
         }
     }
 

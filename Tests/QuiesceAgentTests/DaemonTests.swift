@@ -399,14 +399,18 @@ struct HostilePeerTests {
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
             let c = try TestClient(path: agent.socketPath)
             var flood: [UInt8] = []
-            for i in 0..<300 { flood += Array("{\"id\":\(1000 + i),\"op\":\"ping\"}\n".utf8) }
+            for i in 0..<300 { flood += Array("{\"id\":\(1000 + i),\"op\":\"\(i % 2 == 0 ? "ping" : "status")\"}\n".utf8) }
             try c.sendRaw(flood)
             var limited = 0, answered = 0
+            var ids: Set<JSON> = []
             while limited + answered < 300 {
                 guard case .reply(let r) = try c.readMessage(timeoutMs: 3000) else { continue }
                 if r.outcome.failureCode == .rateLimited { limited += 1 } else { answered += 1 }
+                ids.insert(r.id ?? .null)
             }
             #expect(answered >= 100 && limited > 0, "answered \(answered), limited \(limited)")
+            // Every request was answered under its own id, refused ones too (PROTOCOL.md section 3.2).
+            #expect(ids == Set((0..<300).map { JSON.int(Int64(1000 + $0)) }), "ids: \(ids.count) distinct, null: \(ids.contains(.null))")
             usleep(1_000_000)
             _ = try c.result(["op": "ping"])
             agent.stop()
