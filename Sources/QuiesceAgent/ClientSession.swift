@@ -203,7 +203,8 @@ final class ClientSession: Sendable {
             return true
         case .tooLarge:
             send(dialect.errorFrame(ProtocolError(.frameTooLarge,
-                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")"), id: nil))
+                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")",
+                details: ["max_frame": .int(Int64(ProtocolLimits.maxFrameBytes))]), id: nil))
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {

@@ -274,6 +274,7 @@ struct HostilePeerTests {
             try? bad.sendRaw([UInt8](repeating: UInt8(ascii: "a"), count: 1 << 20))
             guard case .reply(let r) = try bad.readMessage(timeoutMs: 5000) else { Issue.record("no reply"); return }
             #expect(r.outcome.failureCode == .frameTooLarge)
+            if case .failure(let e) = r.outcome { #expect(e.details?["max_frame"] == 65536, "PROTOCOL.md section 8.1") }
             #expect(bad.isClosedByPeer(timeoutMs: 2000))
             _ = try bystander.result(["op": "ping"])
             _ = try TestClient(path: agent.socketPath).result(["op": "ping"])
