@@ -5,6 +5,18 @@ import QuiesceProtocol
 import QuiesceTestSupport
 import Testing
 
+/// Context switches (voluntary + nonvoluntary) of every thread of `pid`, from /proc/PID/task/*/status.
+func contextSwitches(of pid: Int32) throws -> Int {
+    var total = 0
+    for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8) else { continue }
+        for line in status.split(separator: "\n") where line.contains("ctxt_switches:") {
+            total += Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
+        }
+    }
+    return total
+}
+
 @Suite("what a peer of quiesced sees", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
 struct AgentPeerTests {
     @Test("a thaw by request: every other hello'd connection gets thawed with reason request; the requester gets its reply only")
@@ -26,6 +38,31 @@ struct AgentPeerTests {
             _ = try requester.result(["op": "ping"])
             #expect(!requester.events.contains { $0.name == "thawed" }, "the requester has the reply; no event")
             #expect(try requester.result(["op": "status"])["last_auto_thaw"] == nil, "a requested thaw is no auto-thaw")
+            agent.stop()
+        }
+    }
+
+    @Test("a half-closed peer whose freeze is still running costs the agent no periodic wakeups, and gets its reply")
+    func halfClosedPeerSleeps() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, ["10-slow": "[ \"$1\" = freeze ] && sleep 2; exit 0"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let peer = try TestClient(path: agent.socketPath)
+            try peer.sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"detached\",\"op_id\":\"half\"}\n".utf8))
+            Socket.shutdownWrite(peer.fd)  // as `printf ... | socat - UNIX-CONNECT:...` does
+            usleep(300_000)  // the agent has read EOF and the hook sleeps
+            let before = try contextSwitches(of: agent.pid)
+            usleep(1_200_000)
+            let switches = try contextSwitches(of: agent.pid) - before
+            // Polling every 2 ms made ~600 here; sleeping on the request's completion makes a few.
+            #expect(switches < 60, "\(switches) context switches in 1.2 s while waiting")
+            guard case .reply(let r) = try peer.readMessage(timeoutMs: 10_000) else { Issue.record("no reply"); return }
+            #expect(r.id == .int(1))
+            if case .success(let o) = r.outcome { #expect(o["op_id"] == "half") } else { Issue.record("freeze failed: \(r)") }
+            #expect(try isFrozen(a))
+            _ = try TestClient(path: agent.socketPath).result(["op": "thaw", "op_id": "half"])
+            #expect(try !isFrozen(a))
             agent.stop()
         }
     }
