@@ -42,6 +42,28 @@ struct AgentPeerTests {
         }
     }
 
+    @Test("an empty op_id is refused with bad-request naming the 1 to 128 byte rule, on every op that takes one", arguments: ["freeze", "thaw", "keepalive"])
+    func emptyOpID(op: String) async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let c = try TestClient(path: agent.socketPath)
+            if op != "freeze" { _ = try c.result(["op": "freeze", "mode": "detached", "op_id": "held"]) }
+            for opID: JSON in ["", .string(String(repeating: "x", count: 129))] {
+                let r = try c.call(["op": .string(op), "op_id": opID, "mode": "detached"])
+                guard case .failure(let e) = r.outcome else { Issue.record("\(op) with op_id \(opID) accepted: \(r)"); continue }
+                #expect(e.code == .badRequest)
+                #expect(e.message.contains("1 to 128 bytes"), "\(e.message)")
+            }
+            let status = try c.result(["op": "status"])
+            let holder: JSON? = op == "freeze" ? .none : .string("held")
+            #expect(status["op_id"] == holder, "nothing was done under the refused name")
+            #expect(try isFrozen(a) == (op != "freeze"))
+            if op != "freeze" { _ = try c.result(["op": "thaw", "op_id": "held"]) }
+            agent.stop()
+        }
+    }
+
     @Test("a half-closed peer whose freeze is still running costs the agent no periodic wakeups, and gets its reply")
     func halfClosedPeerSleeps() async throws {
         try await LoopLab.with { lab in
