@@ -231,8 +231,12 @@ public struct AgentConfig: Sendable {
         var lineNumber = 0
         for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
             lineNumber += 1
+            // A comment starts at a `#` that begins the line or follows a space or tab, as in
+            // the shell: a `#` inside a value (unix:/run/a#b.sock) is part of it.
             var line = Substring(rawLine)
-            if let hash = line.firstIndex(of: "#") { line = line[..<hash] }
+            if let hash = line.indices.first(where: { i in
+                line[i] == "#" && (i == line.startIndex || line[line.index(before: i)] == " " || line[line.index(before: i)] == "\t")
+            }) { line = line[..<hash] }
             let trimmed = String(line).trimmingASCIIWhitespace()
             if trimmed.isEmpty { continue }
             guard let eq = trimmed.firstIndex(of: "=") else {
