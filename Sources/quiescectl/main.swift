@@ -103,10 +103,16 @@ struct GlobalOptions: ParsableArguments {
     func validate() throws {
         guard connectTimeout.milliseconds > 0 else { throw ValidationError("--connect-timeout must be longer than 0") }
         guard replyTimeout.milliseconds > 0 else { throw ValidationError("--reply-timeout must be longer than 0") }
-        var seen = Set<String>()
-        for agent in agents where !seen.insert(agent.description).inserted {
+        var seen = [String: AgentAddress]()
+        for agent in agents {
             // The same agent twice would be frozen once and thawed twice: a confusing lost freeze.
-            throw ValidationError("--agent \(agent) is given twice: name each guest once")
+            // Sockets are compared by the file they name, so unix:/p/q.sock and unix:/p/../p/q.sock
+            // (or a symbolic link to it) are the same agent.
+            if let first = seen.updateValue(agent, forKey: agent.identity) {
+                throw ValidationError(first.description == agent.description
+                    ? "--agent \(agent) is given twice: name each guest once"
+                    : "--agent \(first) and --agent \(agent) are the same agent (the same socket): name each guest once")
+            }
         }
     }
 

@@ -256,6 +256,26 @@ struct CheckpointTests {
         #expect(r.stderr.contains(message), "\(r.stderr)")
     }
 
+    @Test("one agent's socket under two spellings, or through a link, is the same agent: usage error, nothing frozen")
+    func sameSocketTwoSpellings() throws {
+        let dir = TempDir()
+        let path = dir.file("q.sock")
+        let fd = try Socket.listenUnix(path: path)
+        defer { FD.close(fd) }
+        _ = try sh("mkdir '\(dir.path)/sub' && ln -s '\(path)' '\(dir.path)/link.sock'")
+        for other in ["unix:\(dir.path)/sub/../q.sock", "unix:\(dir.path)/link.sock", "qga:unix:\(dir.path)//q.sock"] {
+            let r = try Ctl.run(["--agent", "unix:\(path)", "--agent", other, "checkpoint", "--", "true"], in: dir)
+            #expect(r.status == ExitCodes.usage, "\(other): \(r.stderr)")
+            #expect(r.stderr.contains("are the same agent (the same socket)"), "\(r.stderr)")
+        }
+        // Two different sockets are two agents (the run then fails to reach them: not a usage error).
+        let fd2 = try Socket.listenUnix(path: dir.file("r.sock"))
+        defer { FD.close(fd2) }
+        let r = try Ctl.run(["--agent", "unix:\(path)", "--agent", "unix:\(dir.file("r.sock"))", "--connect-timeout", "1s",
+                             "--reply-timeout", "1s", "checkpoint", "--", "true"], in: dir)
+        #expect(r.status != ExitCodes.usage, "\(r.stderr)")
+    }
+
     @Test("--help documents the exit codes and the environment")
     func help() throws {
         let r = try Ctl.run(["checkpoint", "--help"], in: TempDir())
