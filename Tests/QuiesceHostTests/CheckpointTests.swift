@@ -248,6 +248,12 @@ struct CheckpointTests {
         (["--agent", "unix:/x", "checkpoint", "--timeout", "0", "--", "true"], "--timeout must be longer than 0"),
         (["--agent", "unix:/x", "--agent", "vsock:3:5", "--agent", "unix:/x", "checkpoint", "--", "true"], "--agent unix:/x is given twice"),
         (["--agent", "unix:/x", "checkpoint", "--", "no-such-command-here"], "COMMAND not found: no-such-command-here (nothing was frozen)"),
+        (["--agent", "unix:/x", "thaw", "--op-id", ""], "--op-id must be 1 to 128 bytes"),
+        (["--agent", "unix:/x", "freeze", "--mount", ""], "--mount \"\" is not a mountpoint"),
+        (["--agent", "unix:/x", "freeze", "--mount", "data"], "--mount \"data\" is not a mountpoint"),
+        (["--agent", "unix:/x", "sync", "--mount", "data"], "--mount \"data\" is not a mountpoint"),
+        (["--agent", "unix:/x", "filesystems", "--mount", "./x"], "is not a mountpoint"),
+        (["--agent", "unix:/x", "checkpoint", "--mount", "srv", "--", "true"], "--mount \"srv\" is not a mountpoint"),
         (["--agent", "unix:/x", "checkpoint", "--", "/tmp"], "COMMAND /tmp is not an executable file (EACCES)"),
     ])
     func usageErrors(arguments: [String], message: String) throws {
