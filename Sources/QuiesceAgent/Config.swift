@@ -226,6 +226,27 @@ public struct AgentConfig: Sendable {
     }
 
     /// Reads a config file: `key = value` lines, `#` comments, blank lines. Errors name file and line.
+    /// Checks what no single setting shows, once the file and the flags are applied: two
+    /// listeners on one socket path, device or vsock port (the second would fail at start,
+    /// after the first had bound), and a max-freeze too short for any freeze to finish.
+    public func validate() throws(ConfigError) {
+        var seen: [String: ListenAddress] = [:]
+        for address in listen {
+            let key: String
+            switch address {
+            case .unix(let p), .qgaUnix(let p): key = "path \(Paths.lexicallyNormal(p))"
+            case .serial(let d), .qgaSerial(let d), .hvVSS(let d): key = "device \(Paths.lexicallyNormal(d))"
+            case .vsock(_, let port): key = "vsock port \(port)"
+            }
+            if let first = seen.updateValue(address, forKey: key) {
+                throw ConfigError("listen: \(first) and \(address) both use \(key): give each listener its own")
+            }
+        }
+        // FIFREEZE alone costs tens of milliseconds per filesystem, hooks more: a deadline
+        // under a second would thaw freezes as they are made.
+        guard maxFreezeMs >= 1000 else { throw ConfigError("max-freeze: at least 1s") }
+    }
+
     public mutating func load(file path: String, text: String) throws(ConfigError) {
         var replacing = Set<String>()
         var lineNumber = 0

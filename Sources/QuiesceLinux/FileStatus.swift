@@ -94,6 +94,18 @@ public enum Paths {
         _ = unlink(path)
     }
 
+    /// `path` with `.` and empty components removed and `..` applied to the components before
+    /// it, without looking at the filesystem (links are not followed): "/a//b/../c/." is "/a/c".
+    public static func lexicallyNormal(_ path: String) -> String {
+        var parts: [Substring] = []
+        for c in path.split(separator: "/", omittingEmptySubsequences: true) {
+            if c == "." { continue }
+            if c == ".." { if !parts.isEmpty { parts.removeLast() }; continue }
+            parts.append(c)
+        }
+        return (path.hasPrefix("/") ? "/" : "") + parts.joined(separator: "/")
+    }
+
     /// Whether something exists at `path` (access(2) with F_OK, symbolic links followed).
     public static func exists(_ path: String) -> Bool {
         access(path, F_OK) == 0

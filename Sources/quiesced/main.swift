@@ -110,6 +110,7 @@ do {
     }
     var replacing = Set<String>()
     for (k, v) in flags { try config.apply(key: k, value: v, replacing: &replacing) }
+    try config.validate()
 } catch {
     fail("\(error)")
 }
