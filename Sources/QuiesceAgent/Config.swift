@@ -238,7 +238,8 @@ public struct AgentConfig: Sendable {
             case .serial(let d), .qgaSerial(let d), .hvVSS(let d): key = "device \(Paths.lexicallyNormal(d))"
             case .vsock(_, let port): key = "vsock port \(port)"
             }
-            if let first = seen.updateValue(address, forKey: key) {
+            // The same address twice is listened on once (quiesced says so at start).
+            if let first = seen.updateValue(address, forKey: key), first != address {
                 throw ConfigError("listen: \(first) and \(address) both use \(key): give each listener its own")
             }
         }

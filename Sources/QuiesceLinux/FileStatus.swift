@@ -106,6 +106,13 @@ public enum Paths {
         return (path.hasPrefix("/") ? "/" : "") + parts.joined(separator: "/")
     }
 
+    /// The directory part of `path`, as dirname(1) gives it: "/run/q/a.sock" is "/run/q", "/a" is "/".
+    public static func parent(_ path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let head = path[..<slash]
+        return head.isEmpty ? "/" : String(head)
+    }
+
     /// Whether something exists at `path` (access(2) with F_OK, symbolic links followed).
     public static func exists(_ path: String) -> Bool {
         access(path, F_OK) == 0

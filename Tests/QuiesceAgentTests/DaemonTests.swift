@@ -653,6 +653,43 @@ struct SystemdAndConfigTests {
         #expect(ok.hasSuffix("exit=0\n") && ok.contains("/data/[[:digit:]]*"), "\(ok)")
     }
 
+    @Test("allow-uid for another user opens the unix socket to that user only: mode 0666 with admission by SO_PEERCRED",
+          .enabled(if: getuid() == 0, "needs root to act as other users"))
+    func allowUIDReachesOtherUsers() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("allowuid-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // A hello as `uid`, through setpriv(1) and Debian's python3 (root's may be elsewhere):
+        // the first reply line, or the connect error.
+        let script = "\(dir)/hello.py"
+        try """
+            import socket, sys
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(sys.argv[1])
+            except OSError as e:
+                print("connect:", e.strerror)
+                sys.exit()
+            s.sendall(b'{"id":1,"op":"hello","version":1}\\n')
+            print(s.makefile().readline().strip())
+            """.write(toFile: script, atomically: true, encoding: .utf8)
+        func hello(as uid: Int, socket: String) throws -> String {
+            try sh("setpriv --reuid=\(uid) --regid=\(uid) --clear-groups /usr/bin/python3 '\(script)' '\(socket)' 2>&1")
+        }
+        let agent = try AgentProcess(in: dir, arguments: ["--include", "\(dir)/none/*", "--allow-uid", "0", "--allow-uid", "65534"])
+        defer { agent.stop() }
+        #expect(try Stat.of(path: agent.socketPath).permissions & 0o777 == 0o666)
+        #expect(try hello(as: 65534, socket: agent.socketPath).contains("\"agent\":\"quiesced\""), "the allowed user is answered")
+        let refused = try hello(as: 65533, socket: agent.socketPath)
+        #expect(!refused.contains("\"agent\":\"quiesced\""), "another user is refused: \(refused)")
+        agent.stop()
+
+        let rootOnly = try AgentProcess(in: dir, arguments: ["--include", "\(dir)/none/*"])
+        defer { rootOnly.stop() }
+        #expect(try Stat.of(path: rootOnly.socketPath).permissions & 0o777 == 0o600)
+        #expect(try hello(as: 65534, socket: rootOnly.socketPath).contains("connect: Permission denied"))
+    }
+
     @Test("vsock: the agent binds and listens (connecting is tested inside a guest VM)",
           .enabled(if: FileManager.default.fileExists(atPath: "/dev/vsock")))
     func vsockListen() async throws {
