@@ -29,7 +29,10 @@ release:
 # unit in that guest (e2e-hooks).
 test: deps bench-smoke vm-test fuzz-smoke unit db-proof deb-check e2e storage-test e2e-hooks
 
+# The syscall funnel first (only QuiesceLinux imports Glibc: scripts/check-layering), then the
+# Swift suites.
 unit:
+	scripts/check-layering
 	$(SWIFT) test
 
 bench-smoke: release

@@ -5,7 +5,6 @@ import PackageDescription
 // notify, socket-activation and journal protocols itself), and never on Foundation. The host tool (quiescectl) may use swift-argument-parser.
 let package = Package(
     name: "Quiesce",
-    platforms: [.macOS(.v14)],
     products: [
         .executable(name: "quiesced", targets: ["quiesced"]),
         .executable(name: "quiescectl", targets: ["quiescectl"]),
@@ -22,16 +21,17 @@ let package = Package(
         .target(name: "CQuiesceShims"),
         // Swift concurrency's global executor on our own threads (no libdispatch timer when idle).
         .target(name: "CQuiesceExecutor"),
-        // The only place that calls the kernel.
+        // The only place that calls the kernel: the only Swift module that imports Glibc
+        // (scripts/check-layering checks it).
         .target(name: "QuiesceLinux", dependencies: ["CQuiesceShims"]),
         // Guest side: discovery, freeze plan, engine, daemon state machine, listeners.
         .target(name: "QuiesceAgent", dependencies: [
-            "QuiesceProtocol", "QuiesceLinux", "CQuiesceShims",
+            "QuiesceProtocol", "QuiesceLinux",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Host side: transports, agent client, checkpoint bracket.
         .target(name: "QuiesceHost", dependencies: ["QuiesceProtocol", "QuiesceLinux"]),
-        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent", "CQuiesceExecutor", "CQuiesceShims"]),
+        .executableTarget(name: "quiesced", dependencies: ["QuiesceAgent", "CQuiesceExecutor"]),
         .executableTarget(name: "quiescectl", dependencies: [
             "QuiesceHost",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sys/syscall.h>
 #include <spawn.h>
+#include <pthread.h>
 #include "quiesce_shims.h"
 
 int qs_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
@@ -37,3 +38,5 @@ int qs_spawn_closefrom(void *actions, int lowfd) {
 
 #include <malloc.h>
 int qs_malloc_arena_max(int arenas) { return mallopt(M_ARENA_MAX, arenas); }
+
+int qs_set_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }

@@ -72,13 +72,13 @@ public actor AgentState {
     /// The tasks sleeping until the current freeze's deadline: cancelled when it thaws, so that a
     /// deadline of a freeze that ended never wakes the agent.
     private var deadlineTasks: [Task<Void, Never>] = []
-    /// Plans running on their threads (one that outlived its budget stays counted until it returns).
-    private let planning = InFlight()
+    /// Plans that outlived their budget and are still blocked on their threads.
+    private let overduePlans = OverduePlans()
     /// Hook files refused at the last look at the hooks directory (for `status`).
     private var hooksRefused: [RefusedHook] = []
 
     let config: AgentConfig
-    let discovery: Discovery
+    let planner: any FreezePlanner
     let engine: FreezeEngine
     let record: FreezeRecord
     let hooks: Hooks?
@@ -100,18 +100,22 @@ public actor AgentState {
     ///     (operation id and mountpoints). `status` reports the last as `last_auto_thaw` with
     ///     reason `restart`; a `thaw` naming one is told so; a qemu-ga freeze's later
     ///     `guest-fsfreeze-thaw` fails once saying why, as after a deadline.
+    ///   - kernel: where FIFREEZE, FITHAW and syncfs go (the real kernel; a fake in tests).
+    ///   - planner: what plans a freeze (nil: `Discovery` of the live system in `config.scope`).
     public init(config: AgentConfig, logger: Logger,
                 broadcast: @escaping @Sendable (Event) -> Void = { _ in },
                 reportStatus: @escaping @Sendable (String) -> Void = { _ in },
                 statusCountdown: Bool = false,
-                recovered: [(opID: String, filesystems: [String])] = []) {
+                recovered: [(opID: String, filesystems: [String])] = [],
+                kernel: any FilesystemKernel = LinuxFilesystemKernel(),
+                planner: (any FreezePlanner)? = nil) {
         self.config = config
-        self.discovery = Discovery(scope: config.scope)
-        self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere)
+        self.planner = planner ?? Discovery(scope: config.scope)
+        self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere, kernel: kernel)
         self.record = FreezeRecord(stateDir: config.stateDir)
         self.hooks = config.hooksDir.map { Hooks(directory: $0, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger) }
         self.logger = logger
-        self.guardian = DeadlineGuard { [logger] opID, mounts in
+        self.guardian = DeadlineGuard(kernel: kernel) { [logger] opID, mounts in
             logger.critical("deadline guard thawed \(mounts.joined(separator: ", ")) itself: the agent missed the deadline",
                             metadata: ["op_id": "\(opID)"])
         }
@@ -121,7 +125,7 @@ public actor AgentState {
         let at = wallClockMillis()
         for r in recovered.suffix(64) {
             endedOps.append((r.opID, .restart, at, 0))
-            lastAutoThaw = AutoThawReport(reason: ThawReason.restart.rawValue, opID: r.opID, atMs: at, filesystems: r.filesystems)
+            lastAutoThaw = AutoThawReport(reason: .restart, opID: r.opID, atMs: at, filesystems: r.filesystems)
             if r.opID.hasPrefix(AgentState.qgaOpPrefix) { qgaOpID = r.opID }
         }
     }
@@ -158,24 +162,26 @@ public actor AgentState {
         }
     }
 
-    /// Plans on a dedicated thread: discovery reads /proc and sysfs and opens a loop device's
-    /// backing file, which blocks for as long as the server of a FUSE or network filesystem
-    /// does not answer; the actor must not. The wait is bounded by the step timeout. A plan
-    /// still blocked from an earlier request makes the next one fail at once instead of piling
-    /// up another blocked thread.
+    /// Plans on the planning pool (`WorkPools.planning`): discovery reads /proc and sysfs and
+    /// opens a loop device's backing file, which blocks for as long as the server of a FUSE or
+    /// network filesystem does not answer; the actor must not. The wait, queueing included, is
+    /// bounded by the step timeout. While a plan that outlived that budget is still blocked, the
+    /// next one fails at once instead of queueing behind it.
     private func plan(explicitMounts: [String]?) async -> Result<(targets: [FreezeTarget], skipped: [SkippedReport]), ProtocolError> {
-        if planning.count > 0 {
+        if overduePlans.count > 0 {
             return .failure(ProtocolError(.busy, "an earlier reading of the mounts and block devices is still blocked (a FUSE or network filesystem's server is not answering); try again later"))
         }
-        let discovery = self.discovery
+        let planner = self.planner
         let stuck = engine.stuck.devices
         let budgetMs = config.freezeStepTimeoutMs
-        let planning = self.planning
-        planning.enter()
-        let result = await Threads.run(until: monotonicNanos() + UInt64(budgetMs) * 1_000_000) {
-            defer { planning.leave() }
-            return Result { () throws(ProtocolError) in try discovery.plan(explicitMounts: explicitMounts, avoiding: stuck) }
+        let overdue = self.overduePlans
+        let token = overdue.newToken()
+        let result = await WorkPools.planning.run(until: monotonicNanos() + UInt64(budgetMs) * 1_000_000) {
+            overdue.started(token)
+            defer { overdue.finished(token) }
+            return Result { () throws(ProtocolError) in try planner.plan(explicitMounts: explicitMounts, avoiding: stuck) }
         }
+        if case .none = result { overdue.gaveUp(token) }
         return result ?? .failure(ProtocolError(
             .busy, "reading the mounts and block devices did not finish within \(budgetMs) ms (a FUSE or network filesystem's server is not answering?); nothing was frozen"))
     }
@@ -314,7 +320,7 @@ public actor AgentState {
         var refused: [RefusedHook] = []
         let hookContext = HookContext(opID: opID, mounts: mountPoints, freezeTimeoutMs: timeoutMs)
         if let hooks {
-            let listing = await Threads.run { hooks.list() }
+            let listing = await WorkPools.hooks.run { hooks.list() }
             refused = listing.refused
             hooksRefused = refused
             for r in refused { log.warning("hook \(r.name) refused: \(r.reason)") }
@@ -327,7 +333,7 @@ public actor AgentState {
             hookReports = outcome.reports
             hooksOwed = outcome.owed
             if let failure = outcome.failure {
-                hookReports += await hooks.end(hooksOwed, phase: "freeze-failed", context: hookContext)
+                hookReports += await hooks.end(hooksOwed, phase: .freezeFailed, context: hookContext)
                 record.remove()
                 return finishFailedFreeze(ProtocolError(.hookFailed, failure, details: hookDetails(hookReports, refused)),
                                           id: id, log: log)
@@ -347,7 +353,7 @@ public actor AgentState {
         switch outcome {
         case .failure(let failure):
             LogGate.shared.release()
-            if let hooks { hookReports += await hooks.end(hooksOwed, phase: "freeze-failed", context: hookContext) }
+            if let hooks { hookReports += await hooks.end(hooksOwed, phase: .freezeFailed, context: hookContext) }
             record.remove()
             var error = failure.error
             if !hookReports.isEmpty || !refused.isEmpty {
@@ -511,7 +517,7 @@ public actor AgentState {
         log[metadataKey: "op_id"] = "\(f.opID)"
         var hookReports: [HookReport] = []
         if let hooks, !f.hooksOwed.isEmpty {
-            hookReports = await hooks.end(f.hooksOwed, phase: abandoned ? "freeze-failed" : "thaw", context: f.hookContext)
+            hookReports = await hooks.end(f.hooksOwed, phase: abandoned ? .freezeFailed : .thaw, context: f.hookContext)
             // Ended once: a retry of a failed thaw must not end them again.
             if case .thawing(var t) = phase { t.hooksOwed = []; phase = .thawing(t) }
         }
@@ -541,7 +547,7 @@ public actor AgentState {
         log.info("thawed", metadata: ["reason": "\(reason.rawValue)", "frozen_us": "\(frozenUs)", "thaw_us": "\(outcome.totalUs)"])
         if reason != .request {
             let at = wallClockMillis()
-            lastAutoThaw = AutoThawReport(reason: reason.rawValue, opID: f.opID, atMs: at, filesystems: f.held.mountPoints)
+            lastAutoThaw = AutoThawReport(reason: reason, opID: f.opID, atMs: at, filesystems: f.held.mountPoints)
             broadcast(.thawed(opID: f.opID, reason: reason, atMs: at, filesystems: f.held.mountPoints, errors: outcome.errors))
         }
         reportStatus(statusLine())
@@ -559,6 +565,7 @@ public actor AgentState {
         case .signal: "the agent was stopped"
         case .restart: "the agent restarted"
         case .request: "a thaw request"
+        default: "\(reason)"
         }
         let seconds = max(0, wallClockMillis() - atMs) / 1000
         return ProtocolError(.notFrozen,
@@ -644,10 +651,17 @@ public actor AgentState {
     }
 }
 
-/// A count of tasks running on their own threads, readable from anywhere.
-final class InFlight: Sendable {
-    private let value = Atomic<Int>(0)
-    func enter() { value.add(1, ordering: .relaxed) }
-    func leave() { value.subtract(1, ordering: .relaxed) }
-    var count: Int { value.load(ordering: .relaxed) }
+/// Plans whose caller gave up at the step timeout while they were still running: counted until
+/// they return. A plan given up while still queued never runs, and is not counted.
+final class OverduePlans: Sendable {
+    private enum Plan { case running, overdue }
+    private let state = Mutex<(next: UInt64, plans: [UInt64: Plan])>((0, [:]))
+
+    func newToken() -> UInt64 { state.withLock { $0.next += 1; return $0.next } }
+    func started(_ token: UInt64) { state.withLock { $0.plans[token] = .running } }
+    func finished(_ token: UInt64) { state.withLock { _ = $0.plans.removeValue(forKey: token) } }
+    func gaveUp(_ token: UInt64) {
+        state.withLock { s in if s.plans[token] == .running { s.plans[token] = .overdue } }
+    }
+    var count: Int { state.withLock { $0.plans.values.filter { $0 == .overdue }.count } }
 }

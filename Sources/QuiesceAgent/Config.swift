@@ -27,46 +27,20 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// Parses `unix:PATH`, `vsock:PORT`, `vsock:CID:PORT`, `serial:DEVICE`, `qga+unix:PATH`,
-    /// `qga+serial:DEVICE`, `hv-vss:DEVICE`; `hv-vss:` or `hv-vss` alone is `/dev/vmbus/hv_vss`.
+    /// `qga+serial:DEVICE` (also written `qga:unix:`, `qga:serial:`), `hv-vss:DEVICE`; `hv-vss:`
+    /// or `hv-vss` alone is `/dev/vmbus/hv_vss`. The parser is the one the host uses
+    /// (`TransportAddress`); paths must be absolute here.
     public init(parsing text: String) throws(ConfigError) {
-        func bad(_ why: String) -> ConfigError { ConfigError("listen address \"\(text)\": \(why)") }
-        if text == "hv-vss" {
-            self = .hvVSS(device: ListenAddress.defaultHVVSSDevice)
-            return
-        }
-        guard let colon = text.firstIndex(of: ":") else {
-            throw bad("expected unix:PATH, vsock:PORT, vsock:CID:PORT, serial:DEVICE, qga+unix:PATH, qga+serial:DEVICE or hv-vss:DEVICE")
-        }
-        let kind = text[..<colon]
-        let rest = String(text[text.index(after: colon)...])
-        switch kind {
-        case "unix", "qga+unix":
-            guard rest.hasPrefix("/") else { throw bad("the socket path must be absolute") }
-            guard rest.utf8.count <= Socket.unixPathMax else { throw bad("the socket path is longer than \(Socket.unixPathMax) bytes") }
-            self = kind == "unix" ? .unix(path: rest) : .qgaUnix(path: rest)
-        case "vsock":
-            let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
-            func number(_ s: Substring, _ what: String) throws(ConfigError) -> UInt32 {
-                guard let n = UInt32(s) else { throw bad("\(what) \"\(s)\" is not a number") }
-                return n
-            }
-            switch parts.count {
-            case 1: self = .vsock(cid: nil, port: try number(parts[0], "port"))
-            case 2: self = .vsock(cid: try number(parts[0], "CID"), port: try number(parts[1], "port"))
-            default: throw bad("expected vsock:PORT or vsock:CID:PORT")
-            }
-        case "serial", "qga+serial":
-            guard rest.hasPrefix("/") else { throw bad("the device path must be absolute") }
-            self = kind == "serial" ? .serial(device: rest) : .qgaSerial(device: rest)
-        case "hv-vss":
-            if rest.isEmpty {
-                self = .hvVSS(device: ListenAddress.defaultHVVSSDevice)
-                return
-            }
-            guard rest.hasPrefix("/") else { throw bad("the device path must be absolute") }
-            self = .hvVSS(device: rest)
-        default:
-            throw bad("unknown kind \"\(kind)\" (expected unix, vsock, serial, qga+unix, qga+serial or hv-vss)")
+        let parsed: TransportAddress
+        do { parsed = try TransportAddress(parsing: text, for: .listen) } catch { throw ConfigError(error.description) }
+        switch parsed.transport {
+        case .unix(let path): self = parsed.speaksQGA ? .qgaUnix(path: path) : .unix(path: path)
+        case .serial(let device): self = parsed.speaksQGA ? .qgaSerial(device: device) : .serial(device: device)
+        case .vsock(let cid, let port): self = .vsock(cid: cid, port: port)
+        case .hvVSS(let device): self = .hvVSS(device: device ?? ListenAddress.defaultHVVSSDevice)
+        case .hybridVsock:
+            // TransportAddress refuses hvsock: for `.listen`.
+            throw ConfigError(AddressParseError(text: text, reason: "expected \(TransportAddress.forms(for: .listen))", role: .listen).description)
         }
     }
 
@@ -164,6 +138,24 @@ public struct AgentConfig: Sendable {
             guard !v.isEmpty else { throw ConfigError("\(key): needs a value") }
             return v
         }
+        // A mountpoint glob: mountpoints are absolute, so a relative pattern never matches and
+        // would silently leave the scope empty (include) or exclude nothing (exclude).
+        func mountGlob(_ v: String) throws(ConfigError) -> String {
+            let v = try nonEmpty(v)
+            guard v.hasPrefix("/") || v.hasPrefix("*") else {
+                throw ConfigError("\(key): \"\(v)\" never matches: mountpoints are absolute paths (start the glob with /)")
+            }
+            if let problem = Glob.problem(in: v) { throw ConfigError("\(key): \"\(v)\": \(problem)") }
+            return v
+        }
+        // A filesystem type as /proc/self/mountinfo spells it (ext4, xfs, fuse.sshfs, nfs4).
+        func fsType(_ v: String) throws(ConfigError) -> String {
+            let v = try nonEmpty(v)
+            guard v.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: ",") }) else {
+                throw ConfigError("\(key): \"\(v)\" is not a filesystem type name (one word, as in /proc/self/mountinfo, e.g. ext4)")
+            }
+            return v
+        }
         switch key {
         case "listen":
             if fresh(key) { listen = [] }
@@ -173,16 +165,16 @@ public struct AgentConfig: Sendable {
             stateDir = value
         case "include":
             if fresh(key) { scope.include = [] }
-            scope.include.append(try nonEmpty(value))
+            scope.include.append(try mountGlob(value))
         case "exclude":
             if fresh(key) { scope.exclude = [] }
-            scope.exclude.append(try nonEmpty(value))
+            scope.exclude.append(try mountGlob(value))
         case "include-type":
             if fresh(key) { scope.includeTypes = [] }
-            scope.includeTypes.append(try nonEmpty(value))
+            scope.includeTypes.append(try fsType(value))
         case "exclude-type":
             if fresh(key) { scope.excludeTypes = [] }
-            scope.excludeTypes.append(try nonEmpty(value))
+            scope.excludeTypes.append(try fsType(value))
         case "max-freeze":
             maxFreezeMs = try duration(value)
             guard maxFreezeMs <= Request.maxTimeoutMs else { throw ConfigError("max-freeze: at most 24h") }

@@ -1,7 +1,4 @@
 // A last line of defence: a plain thread that thaws by itself if the state actor misses a deadline.
-#if canImport(Glibc)
-import Glibc
-#endif
 import QuiesceLinux
 import Synchronization
 
@@ -26,22 +23,27 @@ public final class DeadlineGuard: Sendable {
     private let changed = Mailbox<Void>()
     private let graceNanos: UInt64
     private let onFire: @Sendable (String, [String]) -> Void
+    private let kernel: any FilesystemKernel
 
-    /// - Parameter onFire: told which operation and what it thawed (for the log), after the fact.
-    public init(graceMs: UInt64 = 5000, onFire: @escaping @Sendable (String, [String]) -> Void) {
+    /// - Parameters:
+    ///   - kernel: where its duplicates, FITHAW and close go (the real kernel but in tests).
+    ///   - onFire: told which operation and what it thawed (for the log), after the fact.
+    public init(graceMs: UInt64 = 5000, kernel: any FilesystemKernel = LinuxFilesystemKernel(),
+                onFire: @escaping @Sendable (String, [String]) -> Void) {
         graceNanos = graceMs * 1_000_000
+        self.kernel = kernel
         self.onFire = onFire
-        Threads.detach { [self] in run() }
+        Threads.detach(name: "deadline-guard") { [self] in run() }
     }
 
     /// Arms the guard for a new freeze (replacing any earlier one).
     public func arm(opID: String, held: HeldFreeze, deadline: UInt64) {
-        let fds = held.entries.map { dup($0.fd) }.filter { $0 >= 0 }
+        let fds = held.entries.compactMap { kernel.duplicate($0.fd) }
         let old = state.withLock { s -> Armed? in
             defer { s = Armed(opID: opID, fds: fds, mountPoints: held.mountPoints, deadline: deadline) }
             return s
         }
-        old?.fds.forEach(FD.close)
+        old?.fds.forEach(kernel.close)
         changed.post(())
     }
 
@@ -57,7 +59,7 @@ public final class DeadlineGuard: Sendable {
             defer { s = nil }
             return s
         }
-        old?.fds.forEach(FD.close)
+        old?.fds.forEach(kernel.close)
         changed.post(())
     }
 
@@ -75,8 +77,8 @@ public final class DeadlineGuard: Sendable {
                 return (armed, nil)
             }
             if let fired = next.fire {
-                for fd in fired.fds.reversed() { _ = FilesystemOps.thaw(fd) }
-                fired.fds.forEach(FD.close)
+                for fd in fired.fds.reversed() { _ = kernel.thaw(fd) }
+                fired.fds.forEach(kernel.close)
                 onFire(fired.opID, fired.mountPoints)
                 continue
             }

@@ -1,14 +1,10 @@
 // From the live system (mountinfo, sysfs) to an ordered list of freeze targets.
-#if canImport(Glibc)
-import Glibc
-#endif
 import QuiesceLinux
 import QuiesceProtocol
 
 /// st_dev of a path, as the kernel reports it to stat().
 func statDevice(_ path: String) -> DeviceNumber? {
-    var st = stat()
-    return stat(path, &st) == 0 ? DeviceNumber(UInt64(st.st_dev)) : nil
+    (try? Stat.of(path: path))?.device
 }
 
 /// Reads what is mounted and how block devices stack, and plans a freeze within a scope.
@@ -22,9 +18,11 @@ public struct Discovery: Sendable {
         self.mountInfoPath = mountInfoPath
     }
 
-    /// The plan as engine targets in freeze order, plus what was passed over.
-    /// `explicitMounts` asks for exactly those mountpoints; the scope binds them too (one outside
-    /// it is `ineligible-mount`, see `FreezePlan.make`).
+    /// The plan as engine targets in freeze order, plus what was passed over (scope mode only:
+    /// an explicit list reports nothing skipped).
+    /// `explicitMounts` asks for exactly those mountpoints; the scope binds them too: one outside
+    /// the include scope or excluded is `ineligible-mount` with the reason, a path that is not a
+    /// mountpoint `unknown-mount` (see `FreezePlan.make`).
     ///
     /// `avoiding` names filesystems (`st_dev`) whose block devices must not be read: those with
     /// a FIFREEZE or syncfs still blocked in the kernel, where a read of the superblock would
@@ -68,6 +66,8 @@ public struct Discovery: Sendable {
         // answer: find such paths by mountpoint prefix alone.
         let served = ServedMounts(mounts)
         var topology = BlockTopology.read(startingFrom: starts.sorted(), servedMount: served.containing)
+        // Mount IDs are unique in mountinfo; the walk below looks them up often.
+        let byMountID = Dictionary(mounts.map { ($0.mountID, $0) }, uniquingKeysWith: { first, _ in first })
         // A loop image (or an nbd server's file) on a btrfs (anonymous st_dev) is matched by mount
         // ID: walk on beneath that filesystem's real device too. A loop image in an overlay is
         // written through to the overlay's upper directory: walk on beneath that directory's
@@ -76,12 +76,12 @@ public struct Discovery: Sendable {
             var more = Set<DeviceNumber>()
             let servedFileMounts = topology.servedFiles.values.joined().compactMap(\.mountID)
             for id in Set(topology.loopBackingMount.values).union(servedFileMounts) {
-                guard let m = mounts.first(where: { $0.mountID == id }) else { continue }
+                guard let m = byMountID[id] else { continue }
                 if let d = device(m) { more.insert(d) }
                 if overlayUpper[m.device] == nil, let dir = BlockTopology.overlayUpperDirectory(m), served.containing(dir) == nil,
                    let upper = BlockTopology.location(ofPath: dir) {
                     overlayUpper[m.device] = upper
-                    let holder = upper.mountID.flatMap { id in mounts.first { $0.mountID == id } }
+                    let holder = upper.mountID.flatMap { byMountID[$0] }
                         ?? mounts.first { $0.device == upper.device }
                     if let d = holder.flatMap(device) { more.insert(d) }
                 }
@@ -123,7 +123,7 @@ public struct Discovery: Sendable {
             return FreezeTarget(report: report, devices: identity, wave: fs.wave)
         }
         let skipped = plan.skipped.map {
-            SkippedReport(mountPoint: $0.mountPoint, type: $0.fsType, reason: $0.reason.rawValue, detail: $0.detail)
+            SkippedReport(mountPoint: $0.mountPoint, type: $0.fsType, reason: $0.reason, detail: $0.detail)
         }
         return (targets, skipped)
     }

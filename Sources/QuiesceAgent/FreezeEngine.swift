@@ -190,9 +190,17 @@ public struct FreezeEngine: Sendable {
     public var onFrozenElsewhere: FrozenElsewherePolicy
     /// Calls of abandoned freezes still blocked in the kernel.
     public let stuck = StuckCalls()
+    /// Where FIFREEZE, FITHAW and syncfs go: the real kernel, or a fake in tests.
+    public let kernel: any FilesystemKernel
+    /// The threads a `sync` request's syncfs calls run on (bounded: many connections asking
+    /// for a sync at once must not start a thread per filesystem each).
+    let syncPool: BlockingPool
 
-    public init(onFrozenElsewhere: FrozenElsewherePolicy = .fail) {
+    public init(onFrozenElsewhere: FrozenElsewherePolicy = .fail, kernel: any FilesystemKernel = LinuxFilesystemKernel(),
+                syncPool: BlockingPool = WorkPools.sync) {
         self.onFrozenElsewhere = onFrozenElsewhere
+        self.kernel = kernel
+        self.syncPool = syncPool
     }
 
     /// Freezes `targets`. In `explicit` mode every target must freeze; in scope mode filesystems
@@ -205,40 +213,49 @@ public struct FreezeEngine: Sendable {
     public func freeze(_ targets: [FreezeTarget], explicit: Bool, opID: String = "",
                        budget: FreezeBudget = .unbounded) async -> Result<FreezeOutcome, FreezeFailure> {
         let run = FreezeRun(targets: targets, explicit: explicit, policy: onFrozenElsewhere, opID: opID,
-                            budget: budget, stuck: stuck)
+                            budget: budget, stuck: stuck, kernel: kernel)
         return await Threads.run { run.execute() }
     }
 
     /// Thaws in reverse waves, each wave in parallel. Best effort: a failure never stops the rest.
     /// A filesystem that was not frozen any more (EINVAL) counts as thawed.
     public func thaw(_ held: HeldFreeze) async -> ThawOutcome {
-        await Threads.run { Self.thawBlocking(held) }
+        let kernel = self.kernel
+        return await Threads.run { Self.thawBlocking(held, kernel: kernel) }
     }
 
-    /// syncfs on every target in parallel, without freezing.
+    /// syncfs on every target, in parallel on the sync pool's threads, without freezing.
     public func sync(_ targets: [FreezeTarget]) async -> (filesystems: [FilesystemReport], totalUs: Int64) {
-        await Threads.run {
-            let start = monotonicNanos()
-            let reports = Threads.parallelMap(targets.count) { i -> FilesystemReport in
-                var r = targets[i].report
-                let t = monotonicNanos()
-                do {
-                    let fd = try FilesystemOps.open(targets[i].mountPoint, expectedDevices: targets[i].devices)
-                    if let e = FilesystemOps.syncfs(fd) { r.error = "syncfs: \(e)" }
-                    FD.close(fd)
-                } catch {
-                    r.error = "\(error)"
+        let start = monotonicNanos()
+        let kernel = self.kernel, pool = syncPool
+        let reports = await withTaskGroup(of: (Int, FilesystemReport).self) { group in
+            for (i, target) in targets.enumerated() {
+                group.addTask {
+                    await pool.run {
+                        var r = target.report
+                        let t = monotonicNanos()
+                        do {
+                            let fd = try kernel.open(target.mountPoint, expectedDevices: target.devices)
+                            if let e = kernel.syncfs(fd) { r.error = "syncfs: \(e)" }
+                            kernel.close(fd)
+                        } catch {
+                            r.error = "\(error)"
+                        }
+                        r.syncUs = micros(since: t)
+                        return (i, r)
+                    }
                 }
-                r.syncUs = micros(since: t)
-                return r
             }
-            return (reports, micros(since: start))
+            var out = [FilesystemReport?](repeating: nil, count: targets.count)
+            for await (i, r) in group { out[i] = r }
+            return out.map { $0! }
         }
+        return (reports, micros(since: start))
     }
 
     // MARK: - Blocking implementation
 
-    static func thawBlocking(_ held: HeldFreeze) -> ThawOutcome {
+    static func thawBlocking(_ held: HeldFreeze, kernel: any FilesystemKernel) -> ThawOutcome {
         let start = monotonicNanos()
         var reports: [Int: FilesystemReport] = [:]
         var remaining: [HeldFreeze.Entry] = []
@@ -247,7 +264,7 @@ public struct FreezeEngine: Sendable {
             let members = byWave[wave]!
             let results = Threads.parallelMap(members.count) { k -> (UInt64, Errno?) in
                 let t = monotonicNanos()
-                let e = FilesystemOps.thaw(held.entries[members[k]].fd)
+                let e = kernel.thaw(held.entries[members[k]].fd)
                 return (monotonicNanos() - t, e)
             }
             for (k, (ns, e)) in results.enumerated() {
@@ -258,7 +275,7 @@ public struct FreezeEngine: Sendable {
                     r.error = "FITHAW: \(e)"
                     remaining.append(entry)
                 } else {
-                    FD.close(entry.fd)
+                    kernel.close(entry.fd)
                 }
                 reports[members[k]] = r
             }
@@ -282,6 +299,7 @@ private struct FreezeRun: Sendable {
     let opID: String
     let budget: FreezeBudget
     let stuck: StuckCalls
+    let kernel: any FilesystemKernel
 
     /// What one FIFREEZE did.
     struct Call: Sendable {
@@ -298,7 +316,7 @@ private struct FreezeRun: Sendable {
         var abandoned = Set<Int>()
 
         func closeAll(except keep: Set<Int> = []) {
-            for (i, fd) in fds.enumerated() where !keep.contains(i) && !abandoned.contains(i) { if let fd { FD.close(fd) } }
+            for (i, fd) in fds.enumerated() where !keep.contains(i) && !abandoned.contains(i) { if let fd { kernel.close(fd) } }
         }
 
         // A call of an earlier, abandoned freeze still blocked on one of these superblocks:
@@ -319,7 +337,7 @@ private struct FreezeRun: Sendable {
         // Open every mountpoint first: nothing is frozen yet, so a failure costs nothing.
         for (i, t) in targets.enumerated() {
             do {
-                fds[i] = try FilesystemOps.open(t.mountPoint, expectedDevices: t.devices)
+                fds[i] = try kernel.open(t.mountPoint, expectedDevices: t.devices)
             } catch {
                 if explicit {
                     closeAll()
@@ -328,7 +346,7 @@ private struct FreezeRun: Sendable {
                         error: ProtocolError(.freezeFailed, "\(error)", details: FreezeEngine.details(t, error.errno)),
                         filesystems: reports))
                 }
-                skipped.append(SkippedReport(mountPoint: t.mountPoint, type: t.report.type, reason: "vanished", detail: "\(error)"))
+                skipped.append(SkippedReport(mountPoint: t.mountPoint, type: t.report.type, reason: .vanished, detail: "\(error)"))
             }
         }
 
@@ -343,16 +361,15 @@ private struct FreezeRun: Sendable {
         let syncable = targets.indices.filter { opened[$0] != nil }
         var convergence = PresyncConvergence(filesystems: syncable.count, start: presyncStart, budget: budget)
         let devices = Set(syncable.flatMap { targets[$0].devices })
-        let measure: @Sendable () -> UInt64? = {
-            let counts = devices.compactMap(WritebackStats.bytesWritten)
-            return counts.isEmpty ? nil : counts.reduce(0, +)
-        }
-        var writtenBefore = measure()
-        var dirtiedBefore = WritebackStats.bytesDirtied()
+        let before = kernel.writeback(of: devices)
+        var writtenBefore = before.written
+        var dirtiedBefore = before.dirtied
         presyncLoop: while true {
             let presync = bounded(syncable, call: "syncfs") { i -> Call in
+                // Arguments evaluate left to right: take the end time after the syncfs returns.
                 let t = monotonicNanos()
-                return Call(start: t, end: monotonicNanos(), error: FilesystemOps.syncfs(opened[i]!))
+                let e = kernel.syncfs(opened[i]!)
+                return Call(start: t, end: monotonicNanos(), error: e)
             } late: { _, _ in }  // the fd stays with this operation: a late syncfs leaves nothing to undo
             for (i, r) in presync.finished {
                 reports[i].presyncUs = (reports[i].presyncUs ?? 0) + Int64((r.end - r.start) / 1000)
@@ -365,9 +382,10 @@ private struct FreezeRun: Sendable {
             if presync.finished.contains(where: { $0.1.error != nil }) { break presyncLoop }
             // What this pass wrote to the filesystems' block devices (sysfs counters; nil for
             // devices without them, e.g. btrfs), and what is still dirty now.
-            let writtenAfter = measure()
-            let remaining = WritebackStats.dirtyBytes()
-            let dirtiedAfter = WritebackStats.bytesDirtied()
+            let after = kernel.writeback(of: devices)
+            let writtenAfter = after.written
+            let remaining = after.dirty
+            let dirtiedAfter = after.dirtied
             var flushed: UInt64?, dirtied: UInt64?
             if let a = writtenAfter, let b = writtenBefore { flushed = a >= b ? a - b : 0 }
             if let a = dirtiedAfter, let b = dirtiedBefore { dirtied = a >= b ? a - b : 0 }
@@ -389,12 +407,12 @@ private struct FreezeRun: Sendable {
             let members = waves[wave]!
             let results = bounded(members, call: "FIFREEZE") { i -> Call in
                 let s = monotonicNanos()
-                let e = FilesystemOps.freeze(opened[i]!)
+                let e = kernel.freeze(opened[i]!)
                 return Call(start: s, end: monotonicNanos(), error: e)
             } late: { i, call in
                 // Abandoned: this freeze was rolled back while the call was blocked. Undo what it did.
-                if call.error == nil { _ = FilesystemOps.thaw(opened[i]!) }
-                FD.close(opened[i]!)
+                if call.error == nil { _ = kernel.thaw(opened[i]!) }
+                kernel.close(opened[i]!)
             }
             abandoned.formUnion(results.unfinished)
             var failure: (index: Int, errno: Errno)?
@@ -403,12 +421,12 @@ private struct FreezeRun: Sendable {
                 if let e = r.error {
                     if e == .EOPNOTSUPP && !explicit {
                         skipped.append(SkippedReport(mountPoint: targets[i].mountPoint, type: targets[i].report.type,
-                                                     reason: "unsupported", detail: "FIFREEZE: \(e)"))
+                                                     reason: .unsupported, detail: "FIFREEZE: \(e)"))
                         continue
                     }
                     if e == .EBUSY && policy == .skip {
                         skipped.append(SkippedReport(mountPoint: targets[i].mountPoint, type: targets[i].report.type,
-                                                     reason: "frozen-elsewhere", detail: "FIFREEZE: \(e)"))
+                                                     reason: .frozenElsewhere, detail: "FIFREEZE: \(e)"))
                         continue
                     }
                     reports[i].error = "FIFREEZE: \(e)"
@@ -425,7 +443,7 @@ private struct FreezeRun: Sendable {
                 // releases a FIFREEZE that was blocked behind one of them; its thread then thaws
                 // its own filesystem.
                 let held = HeldFreeze(entries: frozen.map { HeldFreeze.Entry(target: targets[$0], fd: fds[$0]!) })
-                let rollback = FreezeEngine.thawBlocking(held)
+                let rollback = FreezeEngine.thawBlocking(held, kernel: kernel)
                 // thawBlocking closed the fds it thawed; one it could not thaw stays open, as before.
                 closeAll(except: Set(frozen))
                 let rolledBack = rollback.filesystems.filter { $0.error == nil }.map(\.mountPoint)

@@ -1,12 +1,8 @@
 // The freeze plan: which filesystems to freeze, through which mount, and in which order.
 // Pure: it takes parsed mountinfo and block topology and does no I/O, so every rule is
 // testable with fixtures.
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import QuiesceLinux
+import QuiesceProtocol
 
 // MARK: - Scope
 
@@ -55,7 +51,7 @@ public struct FreezeScope: Sendable, Equatable {
 
     /// fnmatch(3) with no flags: `*` and `?` match "/" too.
     static func glob(_ pattern: String, matches string: String) -> Bool {
-        fnmatch(pattern, string, 0) == 0
+        Glob.matches(pattern, string)
     }
 }
 
@@ -99,26 +95,6 @@ public struct PlannedFilesystem: Sendable, Equatable {
         self.wave = wave
         self.dependsOn = dependsOn
     }
-}
-
-/// Why a mount is not frozen.
-public enum SkipReason: String, Sendable {
-    /// A filesystem with no storage of its own, or that cannot be written (tmpfs, proc, overlay, squashfs, FUSE…).
-    case pseudo
-    /// A network or host-shared filesystem (nfs, cifs, 9p, virtiofs…): the guest cannot make it consistent.
-    case network
-    /// The superblock is read-only: nothing to flush.
-    case readOnly = "read-only"
-    /// Matched an exclude pattern of the scope.
-    case excluded
-    /// Outside an include scope. Scope plans do not list such mounts; an explicit list naming one is refused with it.
-    case notIncluded = "not-included"
-    /// Has no block device (major 0 and no block-device source).
-    case noDevice = "no-device"
-    /// Covered by a later mount of another filesystem at the same path, so it cannot be opened by path.
-    case shadowed
-    /// Covered by a later mount of the same filesystem at the same path (mounted twice over itself).
-    case duplicate
 }
 
 /// A mount the plan leaves out, and why.

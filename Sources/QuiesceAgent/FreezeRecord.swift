@@ -1,7 +1,4 @@
 // Crash safety: what is about to be frozen goes on record first, so a restarted agent can thaw it.
-#if canImport(Glibc)
-import Glibc
-#endif
 import QuiesceLinux
 import QuiesceProtocol
 
@@ -18,7 +15,7 @@ public struct FreezeRecord: Sendable {
     public let ownerPID: Int32
     public var path: String { FreezeRecord.path(stateDir: stateDir, pid: ownerPID) }
 
-    public init(stateDir: String, ownerPID: Int32 = getpid()) {
+    public init(stateDir: String, ownerPID: Int32 = CurrentProcess.id) {
         self.stateDir = stateDir
         self.ownerPID = ownerPID
     }
@@ -29,22 +26,21 @@ public struct FreezeRecord: Sendable {
     /// `freeze-failed`), in order; `filesystemsFreezing` is true from just before the first
     /// FIFREEZE: recovery then ends the hooks with `thaw`, else with `freeze-failed`.
     public func write(opID: String, targets: [FreezeTarget], hooksOwed: [String] = [], filesystemsFreezing: Bool = false) throws(SystemError) {
-        _ = mkdir(stateDir, 0o700)
+        try? Paths.makeDirectory(stateDir, mode: 0o700)
         let body: JSON = [
             "op_id": .string(opID),
             "hooks_owed": .array(hooksOwed.map(JSON.string)),
             "stage": .string(filesystemsFreezing ? "filesystems" : "hooks"),
-            "pid": .int(Int64(getpid())),
+            "pid": .int(Int64(CurrentProcess.id)),
             "at_ms": .int(wallClockMillis()),
             "filesystems": .array(targets.map { t in
                 ["mountpoint": .string(t.mountPoint),
                  "devices": .array(t.devices.sorted().map { .string($0.description) })]
             }),
         ]
-        var bytes = body.encoded()
-        bytes.append(0x0A)
+        let bytes = body.encodedLine()
         let tmp = path + ".tmp"
-        let fd = try FD.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        let fd = try FD.open(tmp, [.writeOnly, .create, .truncate], mode: 0o600)
         // No fsync: the record guards against the agent dying, not the machine (after a machine
         // crash nothing is frozen), and the page cache outlives the agent. An fsync would only
         // delay every freeze when the state dir is on a disk.
@@ -55,10 +51,10 @@ public struct FreezeRecord: Sendable {
             FD.close(fd)
             throw error
         }
-        _ = try retryingEINTR("rename", tmp) { rename(tmp, path) }
+        try Paths.rename(tmp, to: path)
     }
 
-    public func remove() { _ = unlink(path) }
+    public func remove() { Paths.remove(path) }
 
     /// What a record names: mountpoints with the st_dev values that identify them.
     public struct Entry: Sendable, Equatable {
@@ -92,7 +88,7 @@ public struct FreezeRecord: Sendable {
         public var recovered: [(opID: String, lines: [String])] = []
         /// Hooks those agents owed an ending, per operation, with the phase to end them with:
         /// `thaw` when the filesystems had begun to freeze, else `freeze-failed`.
-        public var hooksOwed: [(opID: String, phase: String, names: [String])] = []
+        public var hooksOwed: [(opID: String, phase: HookPhase, names: [String])] = []
         /// Pids of running agents whose records were left alone.
         public var liveOwners: [Int32] = []
     }
@@ -113,12 +109,12 @@ public struct FreezeRecord: Sendable {
             } else {
                 continue
             }
-            if let pid = owner, pid != getpid(), isRunningAgent(pid) {
+            if let pid = owner, pid != CurrentProcess.id, isRunningAgent(pid) {
                 recovery.liveOwners.append(pid)
                 continue
             }
             if case .success(let r?) = read(path: path), !r.hooksOwed.isEmpty {
-                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? "thaw" : "freeze-failed", r.hooksOwed))
+                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? .thaw : .freezeFailed, r.hooksOwed))
             }
             if let r = recover(path: path) { recovery.recovered.append(r) }
         }
@@ -146,7 +142,7 @@ public struct FreezeRecord: Sendable {
         switch read(path: path) {
         case .success(nil): return nil
         case .success(let r?): opID = r.opID; entries = r.entries
-        case .failure(let e): _ = unlink(path); return ("unknown", ["\(e)"])
+        case .failure(let e): Paths.remove(path); return ("unknown", ["\(e)"])
         }
         var lines: [String] = []
         // Thaw in reverse freeze order: what rests on others thaws last.
@@ -163,7 +159,7 @@ public struct FreezeRecord: Sendable {
                 lines.append("\(e.mountPoint): \(error)")
             }
         }
-        _ = unlink(path)
+        Paths.remove(path)
         return (opID, lines)
     }
 }

@@ -1,7 +1,4 @@
 // Hyper-V's VSS channel (`hv-vss:DEVICE`): the hv_utils driver's FREEZE and THAW through our freeze.
-#if canImport(Glibc)
-import Glibc
-#endif
 import QuiesceLinux
 import QuiesceProtocol
 import Logging
@@ -12,7 +9,7 @@ extension Server {
     /// in turn. The device may be missing at start (hv_utils not loaded yet), busy (another daemon
     /// holds it) or go away (driver reset, hibernation): it is reopened and registered again.
     public func serve(hvVSSDevice path: String) {
-        Threads.detach { [self] in HVVSSChannel(server: self, path: path).run() }
+        Threads.detach(name: "hv-vss") { [self] in HVVSSChannel(server: self, path: path).run() }
     }
 }
 
@@ -53,7 +50,7 @@ final class HVVSSChannel {
         while true {
             let fd: Int32
             do {
-                fd = try FD.openCharacterDevice(path, O_RDWR | O_NOCTTY)
+                fd = try FD.openCharacterDevice(path, [.readWrite, .noControllingTerminal])
                 lastOpenError = nil
             } catch {
                 let text = "\(error)"
@@ -62,7 +59,7 @@ final class HVVSSChannel {
                     logger.warning("Hyper-V VSS device \(path): \(error)\(hint); waiting for it")
                     lastOpenError = text
                 }
-                usleep(1_000_000)
+                Threads.sleep(milliseconds: 1000)
                 continue
             }
             let session = server.nextID.add(1, ordering: .relaxed).oldValue
@@ -72,7 +69,7 @@ final class HVVSSChannel {
             let state = server.state
             blockingAwait { await state.connectionClosed(session) }
             logger.warning("Hyper-V VSS device \(path): \(why); reopening")
-            usleep(500_000)
+            Threads.sleep(milliseconds: 500)
         }
     }
 
@@ -86,10 +83,10 @@ final class HVVSSChannel {
         var decoder = HVVSS.Decoder()
         var buffer = [UInt8](repeating: 0, count: 256)
         while true {
-            let ev: Int16
-            do { ev = try FD.poll(fd, events: Int16(POLLIN), timeoutMs: -1) } catch { return "\(error)" }
-            if ev & Int16(POLLERR | POLLNVAL) != 0 { return "the device reports an error" }
-            if ev & Int16(POLLIN) == 0 && ev & Int16(POLLHUP) != 0 { return "the device hung up" }
+            let ev: PollEvents
+            do { ev = try FD.poll(fd, for: .readable, timeoutMs: -1) } catch { return "\(error)" }
+            if !ev.isDisjoint(with: [.error, .invalid]) { return "the device reports an error" }
+            if !ev.contains(.readable) && ev.contains(.hangUp) { return "the device hung up" }
             let n: Int
             do { n = try buffer.withUnsafeMutableBytes { try FD.read(fd, into: $0) } } catch { return "\(error)" }
             if n == 0 { return "end of file on the device" }

@@ -1,8 +1,5 @@
 // Application hooks, the Linux counterpart of VSS writers: freeze, thaw and freeze-failed phases,
 // hold-style hooks that keep a session (a lock) open across the freeze, timeouts per hook.
-#if canImport(Glibc)
-import Glibc
-#endif
 import Logging
 import QuiesceLinux
 import QuiesceProtocol
@@ -91,9 +88,8 @@ public struct Hooks: Sendable {
     /// The hooks to run, in lexical order, and the files refused with the reason (both bounded
     /// by `HookReport.maxHooks`: hooks past it are refused).
     public func list() -> (hooks: [HookSpec], refused: [RefusedHook]) {
-        var dirStat = stat()
-        guard lstat(directory, &dirStat) == 0 else { return ([], []) }  // no directory: no hooks
-        if (dirStat.st_mode & S_IFMT) != S_IFDIR {
+        guard let dirStat = try? Stat.ofLink(path: directory) else { return ([], []) }  // no directory: no hooks
+        if dirStat.kind != .directory {
             return ([], [RefusedHook(name: directory, reason: "the hooks directory is not a directory")])
         }
         if let why = Hooks.unsafeOwnership(dirStat) {
@@ -105,11 +101,10 @@ public struct Hooks: Sendable {
             if name.hasPrefix(".") || name.hasSuffix("~") || name.contains(".dpkg-") || name.hasSuffix(".disabled")
                 || name.hasSuffix(".sample") || name == "README" { continue }
             let path = directory + "/" + name
-            var st = stat()
-            guard lstat(path, &st) == 0 else { continue }
-            if (st.st_mode & S_IFMT) == S_IFLNK { refused.append(RefusedHook(name: name, reason: "a symbolic link")); continue }
-            guard (st.st_mode & S_IFMT) == S_IFREG else { continue }
-            if st.st_mode & 0o111 == 0 { refused.append(RefusedHook(name: name, reason: "not executable")); continue }
+            guard let st = try? Stat.ofLink(path: path) else { continue }
+            if st.kind == .symbolicLink { refused.append(RefusedHook(name: name, reason: "a symbolic link")); continue }
+            guard st.kind == .regular else { continue }
+            if st.permissions & 0o111 == 0 { refused.append(RefusedHook(name: name, reason: "not executable")); continue }
             if let why = Hooks.unsafeOwnership(st) { refused.append(RefusedHook(name: name, reason: why)); continue }
             let head = Hooks.readHead(path)
             switch HookSpec.parseHeader(head) {
@@ -129,7 +124,7 @@ public struct Hooks: Sendable {
 
     /// The first 4 KiB of a file (where the header is), empty when it cannot be read.
     static func readHead(_ path: String) -> [UInt8] {
-        guard let fd = try? FD.open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) else { return [] }
+        guard let fd = try? FD.open(path, [.readOnly, .noFollow]) else { return [] }
         defer { FD.close(fd) }
         var head = [UInt8](repeating: 0, count: 4096)
         var filled = 0
@@ -145,9 +140,9 @@ public struct Hooks: Sendable {
 
     /// Why a file or directory is unsafe to trust, or nil: not owned by root, or writable by
     /// group or others.
-    static func unsafeOwnership(_ st: stat) -> String? {
-        if st.st_uid != 0 { return "not owned by root (uid \(st.st_uid))" }
-        if st.st_mode & 0o022 != 0 { return "writable by group or others (mode \(String(st.st_mode & 0o7777, radix: 8)))" }
+    static func unsafeOwnership(_ st: Stat) -> String? {
+        if st.uid != 0 { return "not owned by root (uid \(st.uid))" }
+        if st.permissions & 0o022 != 0 { return "writable by group or others (mode \(String(st.permissions, radix: 8)))" }
         return nil
     }
 
@@ -173,7 +168,7 @@ public struct Hooks: Sendable {
                 out.failure = why
                 return out
             }
-            let (report, holder) = await Threads.run { Hooks.runFreezeBlocking(spec, context: context) }
+            let (report, holder) = await WorkPools.hooks.run { Hooks.runFreezeBlocking(spec, context: context) }
             log(report)
             out.reports.append(report)
             await onReport(out.reports)
@@ -191,10 +186,10 @@ public struct Hooks: Sendable {
 
     /// Ends every owed hook with `phase` ("thaw" or "freeze-failed"), in reverse order.
     /// Failures are reported, never fatal.
-    public func end(_ owed: [ActiveHook], phase: String, context: HookContext) async -> [HookReport] {
+    public func end(_ owed: [ActiveHook], phase: HookPhase, context: HookContext) async -> [HookReport] {
         var reports: [HookReport] = []
         for hook in owed.reversed() {
-            let report = await Threads.run { Hooks.endBlocking(hook, phase: phase, context: context) }
+            let report = await WorkPools.hooks.run { Hooks.endBlocking(hook, phase: phase, context: context) }
             log(report)
             reports.append(report)
         }
@@ -212,7 +207,7 @@ public struct Hooks: Sendable {
 
     // MARK: - Running one hook (blocking; on a dedicated thread)
 
-    static func environment(_ spec: HookSpec, phase: String, context: HookContext, deadlineWallMs: Int64) -> [String] {
+    static func environment(_ spec: HookSpec, phase: HookPhase, context: HookContext, deadlineWallMs: Int64) -> [String] {
         var env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C.UTF-8",
                    "QUIESCE_PHASE=\(phase)", "QUIESCE_OP_ID=\(context.opID)",
                    "QUIESCE_MOUNTS_JSON=\(JSON.array(context.mounts.map(JSON.string)).text)",
@@ -228,28 +223,28 @@ public struct Hooks: Sendable {
     /// `freeze` for one hook. A holding hook is returned still running, with its run.
     static func runFreezeBlocking(_ spec: HookSpec, context: HookContext) -> (HookReport, HookRun?) {
         let start = monotonicNanos()
-        let env = environment(spec, phase: "freeze", context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
+        let env = environment(spec, phase: .freeze, context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
         let run: HookRun
         do {
-            run = try HookRun(spec: spec, arguments: [spec.path, "freeze"], environment: env, watchReady: spec.hold)
+            run = try HookRun(spec: spec, arguments: [spec.path, HookPhase.freeze.rawValue], environment: env, watchReady: spec.hold)
         } catch {
-            return (report(spec, "freeze", start, .failed, error: "could not start: \(error)"), nil)
+            return (report(spec, .freeze, start, .failed, error: "could not start: \(error)"), nil)
         }
         if !spec.hold { run.child.closeStdin() }  // only a holding hook is told anything there
         let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
         switch run.waitReadyOrExit(deadline: deadline) {
         case .ready:
-            return (report(spec, "freeze", start, .holding, output: run.outputTail()), run)
+            return (report(spec, .freeze, start, .holding, output: run.outputTail()), run)
         case .exited(let status):
-            return (finished(spec, "freeze", start, status, run: run), nil)
+            return (finished(spec, .freeze, start, status, run: run), nil)
         case .timedOut:
-            return (report(spec, "freeze", start, .timedOut, error: "timed out after \(TimeSpan(milliseconds: spec.timeoutMs)); its process group was killed",
+            return (report(spec, .freeze, start, .timedOut, error: "timed out after \(TimeSpan(milliseconds: spec.timeoutMs)); its process group was killed",
                            output: run.outputTail()), nil)
         }
     }
 
     /// Ends one owed hook: tells a holding one to finish, runs a one-shot one with `phase`.
-    static func endBlocking(_ hook: ActiveHook, phase: String, context: HookContext) -> HookReport {
+    static func endBlocking(_ hook: ActiveHook, phase: HookPhase, context: HookContext) -> HookReport {
         let spec = hook.spec
         let start = monotonicNanos()
         let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
@@ -272,7 +267,7 @@ public struct Hooks: Sendable {
         let env = environment(spec, phase: phase, context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
         let run: HookRun
         do {
-            run = try HookRun(spec: spec, arguments: [spec.path, phase], environment: env, watchReady: false)
+            run = try HookRun(spec: spec, arguments: [spec.path, phase.rawValue], environment: env, watchReady: false)
         } catch {
             return report(spec, phase, start, .failed, error: "could not start: \(error)")
         }
@@ -287,7 +282,7 @@ public struct Hooks: Sendable {
 
     /// Runs `phase` for each named hook in reverse order, as one-shot runs: crash recovery's
     /// ending for hooks a dead agent owed one. Blocking.
-    public func recover(names: [String], phase: String, opID: String) -> [HookReport] {
+    public func recover(names: [String], phase: HookPhase, opID: String) -> [HookReport] {
         let (specs, _) = list()
         let context = HookContext(opID: opID, mounts: [], freezeTimeoutMs: 0, recovery: true)
         var reports: [HookReport] = []
@@ -306,15 +301,15 @@ public struct Hooks: Sendable {
         return reports
     }
 
-    private static func finished(_ spec: HookSpec, _ phase: String, _ start: UInt64, _ status: ExitStatus, run: HookRun) -> HookReport {
+    private static func finished(_ spec: HookSpec, _ phase: HookPhase, _ start: UInt64, _ status: ExitStatus, run: HookRun) -> HookReport {
         let code: Int64? = if case .exited(let c) = status { Int64(c) } else { nil }
         if status.succeeded { return report(spec, phase, start, .ok, exitCode: 0, output: run.outputTail()) }
         var why = "\(status)"
-        if spec.hold && phase == "freeze" { why += " before it was ready" }
+        if spec.hold && phase == .freeze { why += " before it was ready" }
         return report(spec, phase, start, .failed, exitCode: code, error: why, output: run.outputTail())
     }
 
-    private static func report(_ spec: HookSpec, _ phase: String, _ start: UInt64, _ outcome: HookOutcome, exitCode: Int64? = nil,
+    private static func report(_ spec: HookSpec, _ phase: HookPhase, _ start: UInt64, _ outcome: HookOutcome, exitCode: Int64? = nil,
                                error: String? = nil, output: [UInt8] = []) -> HookReport {
         HookReport(name: spec.name, phase: phase, exitCode: exitCode, durationUs: Int64((monotonicNanos() - start) / 1000),
                    error: error, outcome: outcome, hold: spec.hold, optional: spec.optional,
@@ -398,31 +393,30 @@ final class HookRun: @unchecked Sendable {
         self.spec = spec
         child = try PipedChild.start(arguments: arguments, environment: environment)
         let this = self
-        Threads.detach { this.monitor(watchReady: watchReady) }
+        Threads.detach(name: "hook-output") { this.monitor(watchReady: watchReady) }
     }
 
     private func monitor(watchReady: Bool) {
-        var fds = [pollfd(fd: child.outputFD, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: child.pidFD, events: Int16(POLLIN), revents: 0)]
+        var outputFD = child.outputFD
         var buffer = [UInt8](repeating: 0, count: 4096)
         while true {
-            let n = poll(&fds, 2, -1)
-            if n < 0 { if errno == EINTR { continue }; break }
-            if fds[0].revents != 0 {
-                let got = buffer.withUnsafeMutableBytes { Glibc.read(child.outputFD, $0.baseAddress, $0.count) }
-                if got > 0 { take(Array(buffer[0..<got]), watchReady: watchReady) }
-                else if got == 0 || (errno != EAGAIN && errno != EINTR) { fds[0].fd = -1 }  // EOF: only the pidfd left
+            guard let ready = try? FD.poll([(outputFD, .readable), (child.pidFD, .readable)], timeoutMs: -1) else { break }
+            if !ready[0].isEmpty {
+                switch FD.readSome(outputFD, into: &buffer) {
+                case .success(let got) where got > 0: take(Array(buffer[0..<got]), watchReady: watchReady)
+                case .failure(let e) where e == .EAGAIN: break
+                default: outputFD = -1  // EOF or an error: only the pidfd is left
+                }
             }
-            if fds[1].revents != 0 { break }
+            if !ready[1].isEmpty { break }
         }
         let status = child.reap()  // kills what it left in its group, so the pipe reaches EOF
         // Drain what is still in the pipe, bounded: a grandchild outside the group may keep it open.
         let drainUntil = monotonicNanos() + 200_000_000
-        while fds[0].fd >= 0, monotonicNanos() < drainUntil {
-            var one = [pollfd(fd: child.outputFD, events: Int16(POLLIN), revents: 0)]
-            guard poll(&one, 1, 50) > 0 else { continue }
-            let got = buffer.withUnsafeMutableBytes { Glibc.read(child.outputFD, $0.baseAddress, $0.count) }
-            if got > 0 { take(Array(buffer[0..<got]), watchReady: false) } else { break }
+        while outputFD >= 0, monotonicNanos() < drainUntil {
+            guard let ready = try? FD.poll(outputFD, for: .readable, timeoutMs: 50), !ready.isEmpty else { continue }
+            guard case .success(let got) = FD.readSome(outputFD, into: &buffer), got > 0 else { break }
+            take(Array(buffer[0..<got]), watchReady: false)
         }
         state.withLock { s in
             s.exit = status

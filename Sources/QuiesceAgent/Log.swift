@@ -1,8 +1,6 @@
 // Logging: swift-log front end; the journal (structured fields) under systemd, stderr otherwise.
 // While filesystems are frozen, log lines are held in memory and written after the thaw.
-#if canImport(Glibc)
-import Glibc
-#endif
+import QuiesceLinux
 import Logging
 import Synchronization
 
@@ -61,7 +59,7 @@ public struct AgentLogHandler: LogHandler {
     }
 
     /// systemd sets JOURNAL_STREAM when stderr is connected to the journal.
-    static let useJournal: Bool = getenv("JOURNAL_STREAM") != nil
+    static let useJournal: Bool = CurrentProcess.environment("JOURNAL_STREAM") != nil
 
     public func log(event: LogEvent) {
         var merged = metadata
@@ -84,7 +82,7 @@ public struct AgentLogHandler: LogHandler {
         do {
             let meta = metadata.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }.joined(separator: " ")
             let line = "quiesced: \(level): \(message)\(meta.isEmpty ? "" : " " + meta)\n"
-            _ = line.withCString { Glibc.write(2, $0, strlen($0)) }
+            FD.writeOnce(FD.standardError, Array(line.utf8))
         }
     }
 

@@ -1,7 +1,4 @@
 // Passes the qemu-ga commands quiesced does not answer itself to a real qemu-ga on a private Unix socket.
-#if canImport(Glibc)
-import Glibc
-#endif
 import QuiesceLinux
 import QuiesceProtocol
 
@@ -62,7 +59,7 @@ public struct QGAForwarder: Sendable {
         }
         defer { FD.close(fd) }
         // /run/quiesce is root's; a socket there served by anyone else is not our qemu-ga.
-        if case .unix(_, let uid, _) = Socket.peer(of: fd), uid != 0, uid != geteuid() {
+        if case .unix(_, let uid, _) = Socket.peer(of: fd), uid != 0, uid != CurrentProcess.effectiveUID {
             return .failed("the socket is served by uid \(uid), not root")
         }
         FD.setNonBlocking(fd, true)
@@ -164,11 +161,11 @@ private struct LineReader {
             let wait = QGAForwarder.remainingMs(deadline)
             guard wait > 0 else { return .timeout }
             do {
-                guard try FD.poll(fd, events: Int16(POLLIN), timeoutMs: wait) != 0 else { return .timeout }
+                guard try !FD.poll(fd, for: .readable, timeoutMs: wait).isEmpty else { return .timeout }
             } catch {
                 return .error(error)
             }
-            switch chunk.withUnsafeMutableBytes({ p in syscallResult { Glibc.read(fd, p.baseAddress, p.count) } }) {
+            switch FD.readSome(fd, into: &chunk) {
             case .success(0): return .end
             case .success(let n): buffer += chunk[..<n]
             case .failure(let e) where e == .EAGAIN || e == .EINTR: continue

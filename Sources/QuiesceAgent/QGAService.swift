@@ -32,7 +32,7 @@ enum QGAService {
             if let forwarder, let theirs = await Threads.run({ forwarder.commands() }) {
                 commands = QGA.supportedCommands(forwarding: theirs, frozen: await state.status().state != .thawed)
             }
-            return QGA.returnFrame(["version": .string(agentVersion), "supported_commands": commands], id: id)
+            return QGA.returnFrame(["version": .string(QuiesceRelease.version), "supported_commands": commands], id: id)
         case .fsfreezeStatus:
             let status = await state.status()
             return QGA.returnFrame(QGA.freezeStatus(frozen: status.state != .thawed), id: id)

@@ -1,7 +1,5 @@
 // systemd integration, spoken directly: readiness, status, watchdog, socket activation, the journal.
-#if canImport(Glibc)
-import Glibc
-#endif
+import QuiesceLinux
 
 /// The service-manager protocols the agent needs, implemented on plain sockets and environment
 /// variables instead of linking libsystemd: libsystemd.so.0 pulls libgcrypt, libgpg-error,
@@ -25,7 +23,7 @@ public enum Systemd {
     /// The watchdog interval in microseconds when WatchdogSec= is set for us, else nil.
     public static func watchdogMicroseconds() -> UInt64? {
         guard let value = environment("WATCHDOG_USEC"), let usec = UInt64(value), usec > 0 else { return nil }
-        if let pid = environment("WATCHDOG_PID"), Int32(pid) != getpid() { return nil }
+        if let pid = environment("WATCHDOG_PID"), Int32(pid) != CurrentProcess.id { return nil }
         return usec
     }
 
@@ -33,13 +31,13 @@ public enum Systemd {
     /// ("unknown" when systemd gave none). The LISTEN_* variables are unset so children do not
     /// inherit them; the fds are made close-on-exec.
     public static func listenFDs() -> [(fd: Int32, name: String)] {
-        defer { for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] { unsetenv(v) } }
-        guard let pid = environment("LISTEN_PID"), Int32(pid) == getpid(),
+        defer { for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] { CurrentProcess.unsetEnvironment(v) } }
+        guard let pid = environment("LISTEN_PID"), Int32(pid) == CurrentProcess.id,
               let count = environment("LISTEN_FDS").flatMap({ Int32($0) }), count > 0 else { return [] }
         let names = environment("LISTEN_FDNAMES")?.split(separator: ":", omittingEmptySubsequences: false).map(String.init) ?? []
         return (0..<count).map { i in
             let fd = SD_LISTEN_FDS_START + i
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            FD.setCloseOnExec(fd)
             return (fd, Int(i) < names.count ? names[Int(i)] : "unknown")
         }
     }
@@ -73,28 +71,11 @@ public enum Systemd {
     }
 
     private static func environment(_ name: String) -> String? {
-        getenv(name).map { String(cString: $0) }
+        CurrentProcess.environment(name)
     }
 
     /// One datagram on a fresh AF_UNIX socket; `path` starting with `@` is an abstract address.
     private static func sendDatagram(_ bytes: [UInt8], to path: String) -> Bool {
-        var name = Array(path.utf8)
-        if name.first == UInt8(ascii: "@") { name[0] = 0 }
-        var addr = sockaddr_un()
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard !name.isEmpty, name.count < capacity else { return false }
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in p.copyBytes(from: name) }
-        // Abstract names are exactly their bytes; a path also counts its terminating NUL.
-        let length = socklen_t(MemoryLayout<sockaddr_un>.offset(of: \.sun_path)! + name.count + (name[0] == 0 ? 0 : 1))
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        let sent = bytes.withUnsafeBytes { b in
-            withUnsafePointer(to: &addr) { a in
-                a.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, b.baseAddress, b.count, Int32(MSG_NOSIGNAL), $0, length) }
-            }
-        }
-        return sent == bytes.count
+        Socket.sendDatagram(bytes, toUnixPath: path)
     }
 }

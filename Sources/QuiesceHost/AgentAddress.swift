@@ -1,4 +1,5 @@
 // Where an agent listens, as written on the command line: unix:, vsock:, hvsock:, serial: or qga:unix:.
+import QuiesceProtocol
 
 /// The address of one guest agent.
 public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
@@ -17,52 +18,25 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
     case qga(path: String)
 
     /// The forms accepted, for help texts and error messages.
-    public static let forms = "unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT, serial:PATH or qga:unix:PATH"
+    public static let forms = TransportAddress.forms(for: .connect)
 
-    /// Parses `unix:PATH`, `vsock:CID:PORT`, `hvsock:UDS_PATH:PORT`, `serial:PATH` or `qga:unix:PATH`.
+    /// Parses `unix:PATH`, `vsock:CID:PORT`, `hvsock:UDS_PATH:PORT`, `serial:PATH` or `qga:unix:PATH`
+    /// (also `qga+unix:PATH`, `qga:serial:PATH`, `qga+serial:PATH`: qemu-ga behind a chardev's
+    /// socket), with the parser both sides share (`TransportAddress`).
     public init(parsing text: String) throws(AddressParseError) {
-        guard let colon = text.firstIndex(of: ":") else {
-            throw AddressParseError(text: text, reason: "expected \(AgentAddress.forms)")
-        }
-        let kind = String(text[..<colon])
-        let rest = String(text[text.index(after: colon)...])
-        switch kind {
-        case "unix":
-            self = .unix(path: try AgentAddress.socketPath(rest, in: text))
-        case "serial":
-            self = .serial(path: try AgentAddress.socketPath(rest, in: text))
-        case "qga":
-            guard rest.hasPrefix("unix:") else {
-                throw AddressParseError(text: text, reason: "expected qga:unix:PATH, the Unix socket of qemu-ga's chardev")
-            }
-            self = .qga(path: try AgentAddress.socketPath(String(rest.dropFirst(5)), in: text))
-        case "vsock":
-            let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
-            guard parts.count == 2 else {
-                throw AddressParseError(text: text, reason: "expected vsock:CID:PORT, e.g. vsock:42:5123")
-            }
-            let cid = try AgentAddress.number(String(parts[0]), what: "CID", in: text)
-            let port = try AgentAddress.number(String(parts[1]), what: "port", in: text)
-            switch cid {
-            case 0:
-                throw AddressParseError(text: text, reason: "CID 0 is the hypervisor, not a guest; a guest's CID is 3 or more")
-            case 2:
-                throw AddressParseError(text: text, reason: "CID 2 is the host itself, not a guest; a guest's CID is 3 or more (1 is local loopback)")
-            case UInt32.max:
-                throw AddressParseError(text: text, reason: "CID \(cid) means \"any\" and cannot be connected to")
-            default:
-                break
-            }
+        let parsed = try TransportAddress(parsing: text, for: .connect)
+        switch parsed.transport {
+        case .unix(let path), .serial(let path):
+            if parsed.speaksQGA { self = .qga(path: path) }
+            else if case .unix = parsed.transport { self = .unix(path: path) }
+            else { self = .serial(path: path) }
+        case .vsock(let cid?, let port):
             self = .vsock(cid: cid, port: port)
-        case "hvsock":
-            guard let last = rest.lastIndex(of: ":") else {
-                throw AddressParseError(text: text, reason: "expected hvsock:UDS_PATH:PORT, e.g. hvsock:/run/vm1/vsock.sock:5123")
-            }
-            let path = try AgentAddress.socketPath(String(rest[..<last]), in: text)
-            let port = try AgentAddress.number(String(rest[rest.index(after: last)...]), what: "port", in: text)
+        case .hybridVsock(let path, let port):
             self = .hybridVsock(path: path, port: port)
-        default:
-            throw AddressParseError(text: text, reason: "unknown kind \"\(kind)\": expected \(AgentAddress.forms)")
+        case .vsock(nil, _), .hvVSS:
+            // TransportAddress refuses these for `.connect`.
+            throw AddressParseError(text: text, reason: "expected \(AgentAddress.forms)", role: .connect)
         }
     }
 
@@ -95,27 +69,4 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
         case .vsock: nil
         }
     }
-
-    private static func socketPath(_ path: String, in text: String) throws(AddressParseError) -> String {
-        guard !path.isEmpty else { throw AddressParseError(text: text, reason: "the socket path is empty") }
-        guard !path.utf8.contains(0) else { throw AddressParseError(text: text, reason: "the socket path contains a NUL byte") }
-        guard path.utf8.count <= 107 else {
-            throw AddressParseError(text: text, reason: "the socket path is longer than 107 bytes, the limit of a Unix socket address")
-        }
-        return path
-    }
-
-    private static func number(_ s: String, what: String, in text: String) throws(AddressParseError) -> UInt32 {
-        guard !s.isEmpty, s.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }), let n = UInt32(s) else {
-            throw AddressParseError(text: text, reason: "the \(what) \"\(s)\" is not a number from 0 to \(UInt32.max)")
-        }
-        return n
-    }
-}
-
-/// Why an agent address could not be read.
-public struct AddressParseError: Error, Sendable, Equatable, CustomStringConvertible {
-    public let text: String
-    public let reason: String
-    public var description: String { "\"\(text)\" is not an agent address: \(reason)" }
 }

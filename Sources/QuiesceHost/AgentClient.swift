@@ -1,14 +1,6 @@
 // Request/reply with one agent over a Connection: ids, timeouts, events, and the serial resync.
 import QuiesceLinux
 import QuiesceProtocol
-#if canImport(Glibc)
-import Glibc
-#endif
-
-/// The version of quiescectl and the host library, sent in `hello`.
-public enum QuiesceHostVersion {
-    public static let string = QuiesceRelease.version
-}
 
 /// A client for one agent. Not thread-safe: one thread owns it and issues requests one at a
 /// time; another thread may only call `connection.shutdown()` to interrupt it.
@@ -31,10 +23,11 @@ public final class AgentClient {
     public var onEvent: ((Event) -> Void)?
 
     /// The name sent in `hello`.
-    public static let clientName = "quiescectl \(QuiesceHostVersion.string)"
+    public static let clientName = "quiescectl \(QuiesceRelease.version)"
 
-    /// Replies may exceed the 64 KiB request limit (a freeze of hundreds of mounts): PROTOCOL.md asks clients to take 1 MiB.
-    var decoder = FrameDecoder(maxFrameBytes: 1 << 20)
+    /// Replies may exceed the 64 KiB request limit (a freeze of hundreds of mounts): the
+    /// client takes lines up to `ProtocolLimits.clientMaxFrameBytes` (1 MiB), as PROTOCOL.md asks.
+    var decoder = FrameDecoder(maxFrameBytes: ProtocolLimits.clientMaxFrameBytes)
     private let idPrefix: String
     private var counter = 0
     private var isSerial: Bool { if case .serial = address { return true }; return false }
@@ -45,7 +38,7 @@ public final class AgentClient {
         self.connection = connection
         self.replyTimeoutMs = replyTimeoutMs
         // Unique across clients of the same serial port: stale replies never match our ids.
-        idPrefix = "qc-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max) & 0xFFFF_FFFF_FFFF, radix: 16))"
+        idPrefix = "qc-\(CurrentProcess.id)-\(String(UInt64.random(in: 0...UInt64.max) & 0xFFFF_FFFF_FFFF, radix: 16))"
         decoder.feed(connection.handshakeLeftover)
     }
 
@@ -113,10 +106,7 @@ public final class AgentClient {
         while true {
             let id = nextID()
             ids.insert(id)
-            var bytes: [UInt8] = [0xFF]
-            bytes += helloRequest(id: id).json.encoded()
-            bytes.append(0x0A)
-            try send(bytes)
+            try send([0xFF] + helloRequest(id: id).json.encodedLine())
             let step = min(end, deadline(1000))
             if let reply = try awaitReplyOrTimeout(ids: ids, what: "hello", deadline: step) {
                 return reply
@@ -182,9 +172,7 @@ public final class AgentClient {
     func deadline(_ ms: Int64) -> UInt64 { monotonicNanos() + UInt64(max(0, ms)) * 1_000_000 }
 
     private func send(_ json: JSON) throws(AgentError) {
-        var bytes = json.encoded()
-        bytes.append(0x0A)
-        try send(bytes)
+        try send(json.encodedLine())
     }
 
     /// Handles what the agent has sent meanwhile (events go to `onEvent`) without waiting.
@@ -361,7 +349,7 @@ extension AgentClient {
                         undo = .success("the agent says the operation holds no freeze (not-frozen)")
                     } else if error.remote?.code == .busy && monotonicNanos() < giveUp {
                         // The freeze is still being taken: ask again once it is done.
-                        usleep(200_000)
+                        Threads.sleep(milliseconds: 200)
                         continue
                     } else {
                         undo = .failure(error)

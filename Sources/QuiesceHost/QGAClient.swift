@@ -14,15 +14,14 @@ import QuiesceProtocol
 extension AgentClient {
     /// Resynchronises (0xFF, then guest-sync-delimited) and asks guest-info.
     func qgaHello() throws(AgentError) -> HelloResult {
-        let info = try qgaExecute("guest-info", arguments: nil, timeoutMs: replyTimeoutMs)
-        let names = (info["supported_commands"]?.arrayValue ?? []).compactMap { c -> String? in
-            c["enabled"]?.boolValue == false ? nil : c["name"]?.stringValue
-        }
-        for needed in ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status"] where !names.contains(needed) {
-            throw AgentError(.incompatible, "\(address.spoken) does not offer \(needed) (it lists \(names.count) commands)")
+        let info = try qgaExecute(.info, timeoutMs: replyTimeoutMs)
+        let names = QGA.enabledCommands(info: info)
+        let needed: [QGA.CommandName] = [.fsfreezeFreeze, .fsfreezeThaw, .fsfreezeStatus]
+        for command in needed where !names.contains(command.rawValue) {
+            throw AgentError(.incompatible, "\(address.spoken) does not offer \(command.rawValue) (it lists \(names.count) commands)")
         }
         var capabilities: [String] = []
-        if names.contains("guest-fsfreeze-freeze-list") { capabilities.append("freeze-list") }
+        if names.contains(QGA.CommandName.fsfreezeFreezeList.rawValue) { capabilities.append("freeze-list") }
         return HelloResult(version: ProtocolVersion.current, agent: "qemu-ga", agentVersion: info["version"]?.stringValue ?? "",
                            capabilities: capabilities, maxFrame: Int64(ProtocolLimits.maxFrameBytes), maxFreezeMs: 0)
     }
@@ -33,28 +32,23 @@ extension AgentClient {
         case .hello:
             return (try qgaHello()).json
         case .ping:
-            _ = try qgaExecute("guest-ping", arguments: nil, timeoutMs: timeoutMs)
+            _ = try qgaExecute(.ping, timeoutMs: timeoutMs)
             return [:]
         case .status:
-            let state = try qgaExecute("guest-fsfreeze-status", arguments: nil, timeoutMs: timeoutMs)
-            return StatusResult(state: state.stringValue == "frozen" ? .frozen : .thawed).json
+            let state = try qgaExecute(.fsfreezeStatus, timeoutMs: timeoutMs)
+            return StatusResult(state: QGA.isFrozen(status: state) ? .frozen : .thawed).json
         case .keepalive:
             // Nothing to extend (qemu-ga has no deadline); make sure the freeze still holds.
-            let state = try qgaExecute("guest-fsfreeze-status", arguments: nil, timeoutMs: timeoutMs)
-            guard state.stringValue == "frozen" else {
+            let state = try qgaExecute(.fsfreezeStatus, timeoutMs: timeoutMs)
+            guard QGA.isFrozen(status: state) else {
                 let e = ProtocolError(.notFrozen, "qemu-ga reports \(state.stringValue ?? "\(state)"): somebody thawed it")
                 throw AgentError(.refused, "keepalive refused: \(e.code): \(e.message)", remote: e)
             }
             return ["remaining_ms": .int(0)]
         case .freeze(let r):
             let start = monotonicNanos()
-            let count: JSON
-            if let mounts = r.mounts {
-                count = try qgaExecute("guest-fsfreeze-freeze-list", arguments: ["mountpoints": .array(mounts.map(JSON.string))],
-                                       timeoutMs: timeoutMs)
-            } else {
-                count = try qgaExecute("guest-fsfreeze-freeze", arguments: nil, timeoutMs: timeoutMs)
-            }
+            // guest-fsfreeze-freeze-list with mounts, guest-fsfreeze-freeze without.
+            let count = try qgaExecute(.fsfreezeFreeze(mountpoints: r.mounts), timeoutMs: timeoutMs)
             let us = Int64((monotonicNanos() - start) / 1000)
             let n = Int(count.intValue ?? 0)
             // qemu-ga names no filesystem: with an explicit list these are the ones asked for.
@@ -63,7 +57,7 @@ extension AgentClient {
                                 presyncUs: 0, freezeUs: us, stallUs: us, totalUs: us, timeoutMs: 0, deadlineMs: 0).json
         case .thaw(let opID):
             let start = monotonicNanos()
-            let count = try qgaExecute("guest-fsfreeze-thaw", arguments: nil, timeoutMs: timeoutMs)
+            let count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs)
             let n = count.intValue ?? 0
             return ThawResult(opID: opID, wasFrozen: n > 0, filesystems: AgentClient.qgaReports(count: Int(n)),
                               totalUs: Int64((monotonicNanos() - start) / 1000), frozenUs: nil).json
@@ -85,16 +79,10 @@ extension AgentClient {
     /// Sends 0xFF and guest-sync-delimited with a fresh id, then the command, and returns the
     /// command's `return` value. Whatever precedes the sync reply (an earlier client's replies
     /// left in the chardev) is skipped. An `error` reply throws `.refused`.
-    func qgaExecute(_ name: String, arguments: JSONObject?, timeoutMs: Int64) throws(AgentError) -> JSON {
+    func qgaExecute(_ command: QGA.Command, timeoutMs: Int64) throws(AgentError) -> JSON {
+        let name = command.name.rawValue
         let syncID = Int64.random(in: 1...Int64(Int32.max))
-        var bytes: [UInt8] = [0xFF]
-        bytes += JSON.object(["execute": "guest-sync-delimited", "arguments": ["id": .int(syncID)]]).encoded()
-        bytes.append(0x0A)
-        var command: JSONObject = ["execute": .string(name)]
-        if let arguments { command["arguments"] = .object(arguments) }
-        bytes += JSON.object(command).encoded()
-        bytes.append(0x0A)
-        try send(bytes)
+        try send([0xFF] + QGA.Command.sync(id: syncID, delimited: true).line + command.line)
         let end = deadline(timeoutMs)
         var synced = false
         while true {
@@ -111,8 +99,8 @@ extension AgentClient {
             }
             if let value = o["return"] { return value }
             if let error = o["error"] {
-                let cls = error["class"]?.stringValue ?? "GenericError", desc = error["desc"]?.stringValue ?? "\(error)"
-                let code: ErrorCode = cls == "CommandNotFound" ? .unknownOp : .freezeFailed
+                let cls = error["class"]?.stringValue ?? QGA.Failure.genericError, desc = error["desc"]?.stringValue ?? "\(error)"
+                let code: ErrorCode = cls == QGA.Failure.commandNotFound ? .unknownOp : .freezeFailed
                 let e = ProtocolError(code, "\(cls): \(desc)")
                 throw AgentError(.refused, "\(name) refused: \(cls): \(desc)", remote: e)
             }
@@ -128,7 +116,7 @@ extension AgentClient {
                 case .frame(let bytes): return bytes
                 case .reset: continue
                 case .tooLarge:
-                    throw AgentError(.protocolViolation, "\(address.spoken) sent a line larger than 1 MiB")
+                    throw AgentError(.protocolViolation, "\(address.spoken) sent a line larger than \(decoder.maxFrameBytes) bytes")
                 }
             }
             switch try connection.receive(deadline: end) {

@@ -12,7 +12,7 @@ public enum ExitCodes {
     /// An agent could not be reached, did not answer hello, or does not speak the protocol.
     public static let agentUnreachable: Int32 = 69
     /// An agent refused or failed the request (for `checkpoint`: the freeze failed, or did not
-    /// hold until COMMAND finished).
+    /// hold until COMMAND finished, or a holding hook not marked optional ended while frozen).
     public static let freezeFailed: Int32 = 70
     /// COMMAND failed: non-zero exit, killed by a signal, could not start, or stopped at the deadline.
     public static let commandFailed: Int32 = 71
@@ -26,7 +26,7 @@ public enum ExitCodes {
         (success, "success"),
         (usage, "usage error (bad flag, address or duration, or a COMMAND that cannot run: nothing was frozen)"),
         (agentUnreachable, "an agent is unreachable or does not speak the protocol"),
-        (freezeFailed, "an agent refused or failed the request; for checkpoint: a freeze failed or did not hold"),
+        (freezeFailed, "an agent refused or failed the request; for checkpoint: a freeze (or a holding hook) failed or did not hold"),
         (commandFailed, "COMMAND failed, could not start, or was stopped at the deadline (its own code is reported)"),
         (thawFailed, "a thaw failed or could not be confirmed: a guest may still be frozen"),
         (interrupted, "interrupted by SIGINT/SIGTERM (forwarded to COMMAND, guests thawed)"),
@@ -90,6 +90,13 @@ public struct AgentReport: Sendable {
     public static let maxListedEvents = 32
 
     public init(address: AgentAddress) { self.address = address }
+
+    /// Holding hooks, not marked `optional`, that ended while the guest was frozen (the thaw's
+    /// `lost` outcome): their application's lock did not cover the snapshot although COMMAND
+    /// was told it would. An optional hook's loss only lowers the consistency.
+    public var holdsLost: [HookReport] {
+        (thaw?.hooks ?? []).filter { $0.effectiveOutcome == .lost && !$0.optional }
+    }
 
     public var json: JSON {
         var o: JSONObject = ["address": .string(address.description), "consistency": .string(consistency.rawValue)]
@@ -240,6 +247,10 @@ public struct CheckpointReport: Sendable {
         for a in agents {
             if let f = a.failure { lines.append("  \(a.address): could not \(f.stage == .connect ? "connect" : "freeze"): \(f.error.message)") }
             if let l = a.freezeLost { lines.append("  \(a.address): the freeze did not hold: \(l)") }
+            for h in a.holdsLost {
+                lines.append("  \(a.address): hook \(h.name) ended while frozen (\(h.error ?? "lost")): "
+                             + "its application is only filesystem-consistent in this checkpoint")
+            }
             if let t = a.thawError { lines.append("  \(a.address): THAW FAILED: \(t.message)") }
         }
         let crash = crashConsistentAgents
@@ -284,7 +295,7 @@ public enum Describe {
         let mountpoints = r.mountCount
         if mountpoints > Int64(mounts.count) { s += ", \(mountpoints)\(r.filesystemsTotal != nil ? "+" : "") mountpoints with bind mounts" }
         s += " in \(TimeSpan.human(microseconds: r.totalUs)), writers stalled \(TimeSpan.human(microseconds: r.stallUs))"
-        s += ", " + hooks(r.hooks.filter { $0.phase == "freeze" || $0.phase.isEmpty })
+        s += ", " + hooks(r.hooks.filter(\.isFreezePhase))
         if !r.hooksRefused.isEmpty { s += ", hooks refused: " + r.hooksRefused.map { "\($0.name) (\($0.reason))" }.joined(separator: ", ") }
         let skipped = r.skippedTotal ?? Int64(r.skipped.count)
         if skipped > 0 { s += ", \(skipped) skipped" }
@@ -325,7 +336,7 @@ public enum Describe {
     public static func info(_ h: HelloResult) -> [String] {
         [
             "agent: \(h.agent.isEmpty ? "?" : h.agent) \(h.agentVersion)",
-            "protocol: \(h.version) (quiescectl \(QuiesceHostVersion.string) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
+            "protocol: \(h.version) (quiescectl \(QuiesceRelease.version) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
             "capabilities: \(h.capabilities.isEmpty ? "none" : h.capabilities.joined(separator: ", "))",
             "max frame: \(h.maxFrame) bytes",
             "max freeze: \(h.maxFreezeMs > 0 ? TimeSpan(milliseconds: h.maxFreezeMs).human : "not announced")",

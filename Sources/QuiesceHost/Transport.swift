@@ -2,9 +2,6 @@
 import QuiesceLinux
 import QuiesceProtocol
 import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// A connected byte stream to one agent. One thread reads and writes; any thread may `shutdown`
 /// it to wake that thread.
@@ -64,8 +61,7 @@ public final class Connection: Sendable {
             case .ENOENT:
                 throw AgentError(.unreachable, "no such socket: \(path)", errno: e)
             case .ECONNREFUSED:
-                var st = stat()
-                if stat(path, &st) == 0 && (st.st_mode & S_IFMT) != S_IFSOCK {
+                if let st = try? Stat.of(path: path), st.kind != .socket {
                     throw AgentError(.unreachable, "not a socket: \(path)", errno: e)
                 }
                 throw AgentError(.unreachable, "no agent listening on \(address.spoken) (connection refused)", errno: e)
@@ -93,10 +89,7 @@ public final class Connection: Sendable {
         return nil
     }
 
-    static func fileExists(_ path: String) -> Bool {
-        var st = stat()
-        return stat(path, &st) == 0
-    }
+    static func fileExists(_ path: String) -> Bool { (try? Stat.of(path: path)) != nil }
 
     private static func vsockError(_ error: SystemError, cid: UInt32, port: UInt32, timeoutMs: Int64) -> AgentError {
         let e = error.errno
@@ -104,11 +97,11 @@ public final class Connection: Sendable {
             return AgentError(.unreachable, "vsock is not available on this machine (\(e.name)): load the vhost_vsock module", errno: e)
         }
         switch e {
-        case .ECONNREFUSED, Errno(ECONNRESET):
+        case .ECONNREFUSED, .ECONNRESET:
             return AgentError(.unreachable, "no agent listening on vsock \(cid):\(port)", errno: e)
         case .ETIMEDOUT:
             return AgentError(.timeout, "no agent answered on vsock \(cid):\(port) within \(TimeSpan(milliseconds: timeoutMs).human)", errno: e)
-        case .ENODEV, Errno(EHOSTUNREACH), Errno(ENETUNREACH), Errno(EADDRNOTAVAIL):
+        case .ENODEV, .EHOSTUNREACH, .ENETUNREACH, .EADDRNOTAVAIL:
             return AgentError(.unreachable, "no guest with vsock CID \(cid) (\(e.name))", errno: e)
         default:
             return AgentError(.unreachable, "cannot connect to vsock \(cid):\(port): \(e)", errno: e)
@@ -129,16 +122,16 @@ public final class Connection: Sendable {
         while true {
             let now = monotonicNanos()
             let remaining = now >= deadline ? 0 : Int32(clamping: (deadline - now + 999_999) / 1_000_000)
-            let ready: Int16
-            do { ready = try FD.poll(fd, events: Int16(POLLIN), timeoutMs: remaining) } catch {
+            let ready: PollEvents
+            do { ready = try FD.poll(fd, for: .readable, timeoutMs: remaining) } catch {
                 throw AgentError(.unreachable, "\(subject): \(error.errno)", errno: error.errno)
             }
-            if ready == 0 {
+            if ready.isEmpty {
                 throw AgentError(.timeout, "\(subject): no answer to CONNECT within \(TimeSpan(milliseconds: timeoutMs).human)")
             }
             let n: Int
             do { n = try readSome(fd, into: &chunk) } catch {
-                if error.errno == Errno(ECONNRESET) { n = 0 } else {
+                if error.errno == .ECONNRESET { n = 0 } else {
                     throw AgentError(.unreachable, "\(subject): \(error.errno)", errno: error.errno)
                 }
             }
@@ -176,12 +169,12 @@ public final class Connection: Sendable {
         while true {
             let now = monotonicNanos()
             let remaining = now >= deadline ? 0 : Int32(clamping: (deadline - now + 999_999) / 1_000_000)
-            let ready: Int16
-            do { ready = try FD.poll(fd, events: Int16(POLLIN), timeoutMs: remaining) } catch {
+            let ready: PollEvents
+            do { ready = try FD.poll(fd, for: .readable, timeoutMs: remaining) } catch {
                 throw AgentError(.disconnected, "connection to \(address.spoken) failed: \(error.errno)", errno: error.errno)
             }
-            if ready == 0 { return .timeout }
-            if ready & Int16(POLLNVAL) != 0 { return .closed }
+            if ready.isEmpty { return .timeout }
+            if ready.contains(.invalid) { return .closed }
             do {
                 let n = try readSome(fd, into: &buffer)
                 if n == 0 { return .closed }
@@ -189,7 +182,7 @@ public final class Connection: Sendable {
             } catch {
                 switch error.errno {
                 case .EAGAIN: continue
-                case Errno(ECONNRESET), Errno(EPIPE), Errno(ENOTCONN), Errno(EBADF): return .closed
+                case .ECONNRESET, .EPIPE, .ENOTCONN, .EBADF: return .closed
                 default: throw AgentError(.disconnected, "connection to \(address.spoken) failed: \(error.errno)", errno: error.errno)
                 }
             }

@@ -49,7 +49,7 @@ private final class SleepTimer: Sendable {
     private let wake = Mailbox<Void>()
 
     private init() {
-        Threads.detach { [self] in run() }
+        Threads.detach(name: "sleep-timer") { [self] in run() }
     }
 
     func reserve(deadline: UInt64) -> UInt64 {

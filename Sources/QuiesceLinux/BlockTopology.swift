@@ -4,8 +4,6 @@
 // The freeze plan needs this to freeze a stacked filesystem before the one under it.
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
 #endif
 import CQuiesceShims
 
@@ -353,16 +351,7 @@ public struct BlockTopology: Sendable, Equatable {
     }
 
     private static func directoryEntries(_ path: String) -> [String] {
-        guard let dir = opendir(path) else { return [] }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
-            }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names
+        FD.directoryEntries(atPath: path) ?? []
     }
 
     private static func exists(_ path: String) -> Bool {

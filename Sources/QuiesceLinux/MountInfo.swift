@@ -2,8 +2,6 @@
 // superblock (major:minor) each mount shows, with the root of the mount inside it.
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
 #endif
 
 /// A Linux device number (`dev_t`) split into major and minor, as printed "8:1".

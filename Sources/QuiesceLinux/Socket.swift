@@ -73,7 +73,8 @@ public enum FD {
             let rc = Glibc.poll(&p, 1, wait)
             if rc > 0 { return p.revents }
             if rc == 0 { return 0 }
-            if errno != Glibc.EINTR { throw SystemError("poll", "fd \(fd)", .current) }
+            let e = Errno.current  // before the message's string is built
+            if e != .EINTR { throw SystemError("poll", "fd \(fd)", e) }
         }
     }
 
@@ -306,5 +307,25 @@ public enum Socket {
         defer { FD.close(fd) }
         var cid: UInt32 = 0
         return qs_vsock_local_cid(fd, &cid) == 0 ? cid : nil
+    }
+}
+
+extension Socket {
+    /// Sends every byte on a connected socket without raising SIGPIPE when the peer has gone
+    /// (MSG_NOSIGNAL: the error is EPIPE instead). `timeoutMs` bounds each wait for buffer space.
+    public static func sendAll(_ fd: Int32, _ bytes: [UInt8], timeoutMs: Int32) throws(SystemError) {
+        var offset = 0
+        while offset < bytes.count {
+            let r = bytes.withUnsafeBytes { buf in
+                syscallResult { Glibc.send(fd, buf.baseAddress! + offset, buf.count - offset, Int32(MSG_NOSIGNAL)) }
+            }
+            switch r {
+            case .success(let n): offset += n
+            case .failure(let e) where e == .EAGAIN:
+                let ready = try FD.poll(fd, events: Int16(POLLOUT), timeoutMs: timeoutMs)
+                if ready == 0 { throw SystemError("send", "fd \(fd)", .ETIMEDOUT) }
+            case .failure(let e): throw SystemError("send", "fd \(fd)", e)
+            }
+        }
     }
 }

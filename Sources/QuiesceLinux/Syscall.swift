@@ -1,8 +1,10 @@
 // The one gate to libc: EINTR retries and errno turned into typed errors.
+// glibc only (Debian, Ubuntu, the guests this agent is packaged for): the errno names below are
+// glibc's. A musl port would start here, and fail to build rather than half work.
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Musl)
-import Musl
+#else
+#error("QuiesceLinux is written against glibc")
 #endif
 
 /// An errno value with its symbolic name ("EBUSY") and libc's message.

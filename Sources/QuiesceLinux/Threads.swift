@@ -2,6 +2,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CQuiesceShims
 import Synchronization
 
 private final class ThreadBody: @unchecked Sendable {
@@ -11,18 +12,42 @@ private final class ThreadBody: @unchecked Sendable {
 
 public enum Threads {
     /// Starts a detached thread running `body`. The stack is small: these threads do syscalls.
+    /// `name` (at most 15 bytes, longer ones are cut) is what `ps -L`, `top -H` and
+    /// `/proc/PID/task/TID/comm` show for it.
     public static func detach(name: String? = nil, _ body: @escaping @Sendable () -> Void) {
-        let t = spawn(body)
+        let t = spawn(name: name, body)
         pthread_detach(t)
     }
 
+    /// Names the calling thread (pthread_setname_np; the kernel keeps 15 bytes).
+    public static func setCurrentName(_ name: String) {
+        // Cut at 15 bytes, never inside a character's UTF-8 sequence.
+        var bytes: [UInt8] = []
+        for scalar in name.unicodeScalars {
+            let utf8 = Array(String(scalar).utf8)
+            if bytes.count + utf8.count > 15 { break }
+            bytes += utf8
+        }
+        bytes.append(0)
+        _ = bytes.withUnsafeBufferPointer { p in
+            p.withMemoryRebound(to: CChar.self) { qs_set_thread_name($0.baseAddress!) }
+        }
+    }
+
+    /// Blocks the calling thread for `milliseconds` (nanosleep, resumed after signals).
+    public static func sleep(milliseconds: Int) {
+        var request = timespec(tv_sec: milliseconds / 1000, tv_nsec: (milliseconds % 1000) * 1_000_000)
+        var remaining = timespec()
+        while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
+    }
+
     /// Starts a joinable thread.
-    public static func spawn(_ body: @escaping @Sendable () -> Void) -> pthread_t {
+    public static func spawn(name: String? = nil, _ body: @escaping @Sendable () -> Void) -> pthread_t {
         var attr = pthread_attr_t()
         pthread_attr_init(&attr)
         pthread_attr_setstacksize(&attr, 256 * 1024)
         defer { pthread_attr_destroy(&attr) }
-        let box = Unmanaged.passRetained(ThreadBody(body)).toOpaque()
+        let box = Unmanaged.passRetained(ThreadBody(name.map { name in { setCurrentName(name); body() } } ?? body)).toOpaque()
         var thread = pthread_t()
         let rc = pthread_create(&thread, &attr, { ctx in
             let b = Unmanaged<ThreadBody>.fromOpaque(ctx!).takeRetainedValue()
@@ -133,3 +158,6 @@ private final class ResultSlots<T: Sendable>: @unchecked Sendable {
     func set(_ i: Int, _ value: T) { lock.withLock { _ in slots[i] = value } }
     func values() -> [T] { lock.withLock { _ in slots.map { $0! } } }
 }
+
+/// A thread started with `Threads.spawn`, to be joined with `Threads.join`.
+public typealias JoinableThread = pthread_t

@@ -404,6 +404,16 @@ extension JSON {
         return out
     }
 
+    /// One frame of either dialect: the compact encoding followed by "\n" (0x0A). The encoding
+    /// never holds a newline byte, so the line is exactly one frame.
+    public func encodedLine() -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(128)
+        encode(into: &out)
+        out.append(0x0A)
+        return out
+    }
+
     /// The compact encoding as a String.
     public var text: String { String(decoding: encoded(), as: UTF8.self) }
 

@@ -294,11 +294,6 @@ public struct Reply: Sendable, Equatable {
     }
 }
 
-/// Why the agent thawed without being asked by the freeze's requester.
-public enum ThawReason: String, Sendable, CaseIterable {
-    case request, deadline, disconnect, signal, restart
-}
-
 /// A message the agent pushes without a request (after `hello`).
 public struct Event: Sendable, Equatable {
     public var name: String
@@ -316,7 +311,16 @@ public struct Event: Sendable, Equatable {
             "filesystems": .array(filesystems.map(JSON.string)),
         ]
         if !errors.isEmpty { f["errors"] = .array(errors.map(JSON.string)) }
-        return Event(name: "thawed", fields: f)
+        return Event(name: Event.thawedName, fields: f)
+    }
+
+    /// The name of the `thawed` event, the one event protocol version 1 defines.
+    public static let thawedName = "thawed"
+
+    /// For a `thawed` event, its reason (`ThawReason`); nil for other events or when it names none.
+    public var thawReason: ThawReason? {
+        guard name == Event.thawedName else { return nil }
+        return fields["reason"]?.stringValue.map(ThawReason.init(rawValue:))
     }
 
     public var json: JSON {

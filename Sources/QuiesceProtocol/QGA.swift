@@ -43,14 +43,34 @@ public enum QGA {
             case .fsfreezeThaw: .fsfreezeThaw
             }
         }
+
+        /// The command as a host sends it: `{"execute": NAME}`, with `"arguments"` when it has
+        /// any (the sync's `id`, the freeze list's `mountpoints`). The inverse of `QGA.decode`.
+        public var json: JSONObject {
+            var o: JSONObject = ["execute": .string(name.rawValue)]
+            switch self {
+            case .sync(let id, _): o["arguments"] = ["id": .int(id)]
+            case .fsfreezeFreeze(let mountpoints?): o["arguments"] = ["mountpoints": .array(mountpoints.map(JSON.string))]
+            case .ping, .info, .fsfreezeStatus, .fsfreezeFreeze(nil), .fsfreezeThaw: break
+            }
+            return o
+        }
+
+        /// The command as one line (`json`, then "\n"): how libvirt and Proxmox frame it.
+        public var line: [UInt8] { JSON.object(json).encodedLine() }
     }
 
     /// A qemu-ga error: its class (`GenericError`, `CommandNotFound`) and description.
     public struct Failure: Error, Sendable, Equatable {
+        /// QMP's class of most errors.
+        public static let genericError = "GenericError"
+        /// QMP's class for a command that does not exist or is disabled.
+        public static let commandNotFound = "CommandNotFound"
+
         public var errorClass: String
         public var desc: String
 
-        public init(_ desc: String, errorClass: String = "GenericError") {
+        public init(_ desc: String, errorClass: String = Failure.genericError) {
             self.errorClass = errorClass
             self.desc = desc
         }
@@ -75,7 +95,7 @@ public enum QGA {
 
     /// Decodes one frame.
     public static func decode(frame: [UInt8]) -> Result<Decoded, Refusal> {
-        func refuse(_ desc: String, _ id: JSON?, errorClass: String = "GenericError") -> Result<Decoded, Refusal> {
+        func refuse(_ desc: String, _ id: JSON?, errorClass: String = Failure.genericError) -> Result<Decoded, Refusal> {
             .failure(Refusal(failure: Failure(desc, errorClass: errorClass), id: id))
         }
         func ok(_ command: Command, _ id: JSON?) -> Result<Decoded, Refusal> { .success(Decoded(command: command, id: id)) }
@@ -102,7 +122,7 @@ public enum QGA {
         default: return refuse("QMP input member 'arguments' must be an object", id)
         }
         guard let known = CommandName(rawValue: name) else {
-            return .failure(Refusal(failure: Failure("The command \(name) has not been found", errorClass: "CommandNotFound"),
+            return .failure(Refusal(failure: Failure("The command \(name) has not been found", errorClass: Failure.commandNotFound),
                                     id: id, unknownCommand: name))
         }
         switch known {
@@ -142,12 +162,11 @@ public enum QGA {
     public static func returnFrame(_ value: JSON, id: JSON?) -> [UInt8] {
         var o: JSONObject = ["return": value]
         if let id { o["id"] = id }
-        var bytes = JSON.object(o).encoded()
-        guard bytes.count <= ProtocolLimits.maxReplyBytes else {
-            return errorFrame(Failure("the reply (\(bytes.count) bytes) exceeds \(ProtocolLimits.maxReplyBytes) bytes"), id: id)
+        let line = JSON.object(o).encodedLine()
+        guard line.count - 1 <= ProtocolLimits.maxReplyBytes else {
+            return errorFrame(Failure("the reply (\(line.count - 1) bytes) exceeds \(ProtocolLimits.maxReplyBytes) bytes"), id: id)
         }
-        bytes.append(0x0A)
-        return bytes
+        return line
     }
 
     /// `{"error": {"class": …, "desc": …}}` with the request's id, as one line. The description
@@ -159,10 +178,9 @@ public enum QGA {
         }
         var o: JSONObject = ["error": failure.json]
         if let id { o["id"] = id }
-        var bytes = JSON.object(o).encoded()
-        if bytes.count > ProtocolLimits.maxReplyBytes { bytes = JSON.object(["error": failure.json]).encoded() }
-        bytes.append(0x0A)
-        return bytes
+        let line = JSON.object(o).encodedLine()
+        if line.count - 1 > ProtocolLimits.maxReplyBytes { return JSON.object(["error": failure.json]).encodedLine() }
+        return line
     }
 
     /// What `guest-info` lists: every implemented command, enabled.
@@ -172,6 +190,17 @@ public enum QGA {
         })
     }
 
+    /// The names of the commands a `guest-info` answer lists as enabled (the reverse of
+    /// `supportedCommands()`; an entry without `enabled` counts as enabled).
+    public static func enabledCommands(info: JSON) -> [String] {
+        (info["supported_commands"]?.arrayValue ?? []).compactMap { c in
+            c["enabled"]?.boolValue == false ? nil : c["name"]?.stringValue
+        }
+    }
+
     /// `guest-fsfreeze-status`'s answer for a state: qemu-ga knows only these two.
     public static func freezeStatus(frozen: Bool) -> JSON { .string(frozen ? "frozen" : "thawed") }
+
+    /// Whether a `guest-fsfreeze-status` answer says frozen.
+    public static func isFrozen(status: JSON) -> Bool { status == freezeStatus(frozen: true) }
 }

@@ -27,16 +27,16 @@ extension QGA {
     public static func disabledWhileFrozen(_ name: String) -> Failure {
         Failure("Command \(name) has been disabled: the agent is in frozen state "
                 + "(only commands that write nothing are passed on to qemu-ga while frozen)",
-                errorClass: "CommandNotFound")
+                errorClass: Failure.commandNotFound)
     }
 
     /// A `guest-sync` for the private connection, tagged with its own `id` member so that its
     /// reply cannot be mistaken for a command's (`{"return":value,"id":"quiesced-sync-value"}`).
     public static func privateSync(_ value: Int64) -> (frame: [UInt8], tag: JSON) {
         let tag = JSON.string("quiesced-sync-\(value)")
-        var bytes = JSON.object(["execute": "guest-sync", "arguments": ["id": .int(value)], "id": tag]).encoded()
-        bytes.append(0x0A)
-        return (bytes, tag)
+        var command = QGA.Command.sync(id: value, delimited: false).json
+        command["id"] = tag
+        return (JSON.object(command).encodedLine(), tag)
     }
 
     /// Whether a reply line is the answer to the private sync tagged `tag`. Lines longer than a

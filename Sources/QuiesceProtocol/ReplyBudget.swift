@@ -8,6 +8,9 @@ extension ProtocolLimits {
     /// The largest reply or event frame the agent writes, in bytes without the newline. Half of
     /// the 1 MiB a client should accept, so a reply and an event fit the agent's 1 MiB send queue.
     public static let maxReplyBytes = 524_288
+    /// The longest reply or event line a client accepts (1 MiB, without the newline): PROTOCOL.md
+    /// asks clients to take at least this much, twice what the agent writes.
+    public static let clientMaxFrameBytes = 1 << 20
 }
 
 /// Fits the body of a reply (its `result`, or its error's `details`) or an event's fields to
@@ -26,13 +29,13 @@ public enum ReplyBudget {
     /// `wrap` builds the whole message around a body; it is called once per attempt.
     static func frame(body: JSONObject, maxBytes: Int = ProtocolLimits.maxReplyBytes,
                       _ wrap: (JSONObject) -> JSON) -> [UInt8] {
-        var last: [UInt8] = []
+        var last: [UInt8]
         for sample in samples {
             var cut = false
             var fitted = shorten(body, sample: sample, cut: &cut)
             if cut { fitted["truncated"] = true }
-            last = wrap(fitted).encoded()
-            if last.count <= maxBytes { last.append(0x0A); return last }
+            last = wrap(fitted).encodedLine()
+            if last.count - 1 <= maxBytes { return last }  // the limit counts the JSON, not its newline
         }
         var kept = JSONObject()
         for (key, value) in body {
@@ -42,9 +45,7 @@ public enum ReplyBudget {
             }
         }
         kept["truncated"] = true
-        last = wrap(kept).encoded()
-        last.append(0x0A)
-        return last
+        return wrap(kept).encodedLine()
     }
 
     /// `object` with every array longer than `sample` cut to its first `sample` items and its

@@ -121,15 +121,14 @@ public struct FilesystemReport: WireObject, Equatable {
     }
 }
 
-/// A mount that was passed over, and why ("pseudo", "network", "read-only", "excluded",
-/// "not-included", "no-device", "shadowed", "unsupported").
+/// A mount that was passed over, and why (`SkipReason`).
 public struct SkippedReport: WireObject, Equatable {
     public var mountPoint: String
     public var type: String
-    public var reason: String
+    public var reason: SkipReason
     public var detail: String
 
-    public init(mountPoint: String, type: String, reason: String, detail: String = "") {
+    public init(mountPoint: String, type: String, reason: SkipReason, detail: String = "") {
         self.mountPoint = mountPoint
         self.type = type
         self.reason = reason
@@ -137,7 +136,7 @@ public struct SkippedReport: WireObject, Equatable {
     }
 
     public var json: JSONObject {
-        var o: JSONObject = ["mountpoint": .string(mountPoint), "type": .string(type), "reason": .string(reason)]
+        var o: JSONObject = ["mountpoint": .string(mountPoint), "type": .string(type), "reason": .string(reason.rawValue)]
         if !detail.isEmpty { o["detail"] = .string(detail) }
         return o
     }
@@ -146,7 +145,7 @@ public struct SkippedReport: WireObject, Equatable {
         let f = Fields(object: json)
         mountPoint = try f.required("mountpoint", try f.string("mountpoint"))
         type = try f.string("type") ?? ""
-        reason = try f.string("reason") ?? ""
+        reason = SkipReason(rawValue: try f.string("reason") ?? "")
         detail = try f.string("detail") ?? ""
     }
 }
@@ -174,8 +173,8 @@ public struct HookReport: WireObject, Equatable {
     public static let maxHooks = 16
 
     public var name: String
-    /// "freeze", "thaw" or "freeze-failed".
-    public var phase: String
+    /// Empty from agents that did not report it (their reports were all of the freeze phase).
+    public var phase: HookPhase
     public var exitCode: Int64?
     public var durationUs: Int64
     public var error: String?
@@ -188,7 +187,7 @@ public struct HookReport: WireObject, Equatable {
     /// The end of the hook's output (UTF-8, invalid bytes replaced), empty when none.
     public var output: String
 
-    public init(name: String, phase: String, exitCode: Int64?, durationUs: Int64, error: String? = nil,
+    public init(name: String, phase: HookPhase, exitCode: Int64?, durationUs: Int64, error: String? = nil,
                 outcome: HookOutcome? = nil, hold: Bool = false, optional: Bool = false, output: String = "") {
         self.name = name
         self.phase = phase
@@ -206,11 +205,14 @@ public struct HookReport: WireObject, Equatable {
         outcome ?? (error == nil && (exitCode ?? 0) == 0 ? .ok : .failed)
     }
 
+    /// Whether this run belongs to the freeze phase (agents that named no phase ran only that one).
+    public var isFreezePhase: Bool { phase == .freeze || phase.rawValue.isEmpty }
+
     /// Whether this run kept its application consistent: ok, or holding.
     public var succeeded: Bool { effectiveOutcome == .ok || effectiveOutcome == .holding }
 
     public var json: JSONObject {
-        var o: JSONObject = ["name": .string(name), "phase": .string(phase), "duration_us": .int(durationUs)]
+        var o: JSONObject = ["name": .string(name), "phase": .string(phase.rawValue), "duration_us": .int(durationUs)]
         o.set("outcome", outcome?.rawValue)
         o.set("exit_code", exitCode)
         o.set("error", error)
@@ -223,7 +225,7 @@ public struct HookReport: WireObject, Equatable {
     public init(json: JSONObject) throws(ProtocolError) {
         let f = Fields(object: json)
         name = try f.required("name", try f.string("name"))
-        phase = try f.string("phase") ?? ""
+        phase = HookPhase(rawValue: try f.string("phase") ?? "")
         exitCode = try f.int("exit_code", min: Int64.min)
         durationUs = try f.int("duration_us") ?? 0
         error = try f.string("error")
@@ -518,14 +520,14 @@ public enum AgentStateName: String, Sendable, CaseIterable {
 
 /// The last time the agent thawed on its own (deadline, disconnect, signal, restart).
 public struct AutoThawReport: WireObject, Equatable {
-    public var reason: String
+    public var reason: ThawReason
     public var opID: String
     public var atMs: Int64
     public var filesystems: [String]
     /// The full count when `filesystems` is a sample.
     public var filesystemsTotal: Int64?
 
-    public init(reason: String, opID: String, atMs: Int64, filesystems: [String]) {
+    public init(reason: ThawReason, opID: String, atMs: Int64, filesystems: [String]) {
         self.reason = reason
         self.opID = opID
         self.atMs = atMs
@@ -534,7 +536,7 @@ public struct AutoThawReport: WireObject, Equatable {
 
     public var json: JSONObject {
         var o = JSONObject()
-        o.set("reason", reason)
+        o.set("reason", reason.rawValue)
         o.set("op_id", opID)
         o.set("at_ms", atMs)
         o.set("filesystems", filesystems)
@@ -544,7 +546,7 @@ public struct AutoThawReport: WireObject, Equatable {
 
     public init(json: JSONObject) throws(ProtocolError) {
         let f = Fields(object: json)
-        reason = try f.string("reason") ?? ""
+        reason = ThawReason(rawValue: try f.string("reason") ?? "")
         opID = try f.string("op_id") ?? ""
         atMs = try f.int("at_ms") ?? 0
         filesystems = try f.strings("filesystems") ?? []

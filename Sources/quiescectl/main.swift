@@ -3,9 +3,6 @@ import ArgumentParser
 import QuiesceHost
 import QuiesceLinux
 import QuiesceProtocol
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Quiescectl: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -44,7 +41,7 @@ struct Quiescectl: ParsableCommand {
           quiescectl --agent vsock:42:5123 --agent vsock:43:5123 \\
               checkpoint --timeout 2m -- ./snapshot.sh
         """,
-        version: QuiesceHostVersion.string,
+        version: QuiesceRelease.version,
         subcommands: [Ping.self, Info.self, Status.self, Filesystems.self, Freeze.self, Thaw.self, Sync.self, Checkpoint.self]
     )
 
@@ -387,10 +384,10 @@ struct Checkpoint: ParsableCommand {
         let g = root.global
         let agents = try g.requireAgents()
         // Before any thread exists: SIGINT/SIGTERM/SIGHUP are collected by one thread (sigwait).
-        let handled = [SIGINT, SIGTERM, SIGHUP]
+        let handled = [Signals.interrupt, Signals.terminate, Signals.hangUp]
         Signals.block(handled)
         // A closed stdout or stderr must not kill us before the guests are thawed.
-        Signals.ignore(SIGPIPE)
+        Signals.ignore(Signals.pipe)
         let json = g.json
         let plan = CheckpointPlan(
             opID: opID ?? CheckpointPlan.makeOpID(), agents: agents, mounts: mountList(mounts),

@@ -1,9 +1,5 @@
 // quiesced: the guest agent. Parses flags and config, recovers from a crash, serves until SIGTERM.
-#if canImport(Glibc)
-import Glibc
-#endif
 import CQuiesceExecutor
-import CQuiesceShims
 import Logging
 import QuiesceAgent
 import QuiesceLinux
@@ -16,7 +12,7 @@ _ = qs_install_global_executor(2)
 // One malloc arena: glibc gives each thread that allocates an arena of its own (up to 8 per
 // core), and a freeze runs a thread per filesystem, so the pages those arenas touched stayed
 // resident after every freeze. The agent's allocations are few and small.
-_ = qs_malloc_arena_max(1)
+CurrentProcess.limitMallocArenas(1)
 
 let usage = """
 USAGE: quiesced [--listen ADDR]... [--config FILE] [options]
@@ -60,8 +56,8 @@ extension String {
 
 func fail(_ message: String, code: Int32 = 2) -> Never {
     let line = "quiesced: \(message)\n"
-    _ = line.withCString { write(2, $0, strlen($0)) }
-    exit(code)
+    FD.writeOnce(FD.standardError, Array(line.utf8))
+    CurrentProcess.exit(code)
 }
 
 // MARK: - Flags and config
@@ -75,8 +71,8 @@ let valued = Set(AgentConfig.keys.map(\.key))
 var args = CommandLine.arguments.dropFirst()
 while let arg = args.popFirst() {
     switch arg {
-    case "-h", "--help": print(usage); exit(0)
-    case "--version": print("quiesced \(agentVersion) (protocol \(ProtocolVersion.current))"); exit(0)
+    case "-h", "--help": print(usage); CurrentProcess.exit(0)
+    case "--version": print("quiesced \(QuiesceRelease.version) (protocol \(ProtocolVersion.current))"); CurrentProcess.exit(0)
     case "--recover": recoverOnly = true
     case "--check-config": checkOnly = true
     default:
@@ -104,7 +100,7 @@ while let arg = args.popFirst() {
 
 var config = AgentConfig()
 do {
-    if access(configPath, F_OK) == 0 || configExplicit {
+    if Paths.exists(configPath) || configExplicit {
         let bytes: [UInt8]
         do { bytes = try FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20) } catch {
             fail("cannot read config file \(configPath): \(error.errno)")
@@ -126,7 +122,7 @@ if checkOnly {
         scope += ", exclude \((config.scope.exclude + config.scope.excludeTypes.map { "type " + $0 }).joined(separator: " "))"
     }
     print("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs))")
-    exit(0)
+    CurrentProcess.exit(0)
 }
 
 // MARK: - Logging, signals, crash recovery
@@ -134,23 +130,17 @@ if checkOnly {
 LoggingSystem.bootstrap { AgentLogHandler(label: $0) }
 var logger = Logger(label: "quiesced")
 
-// Signals are taken synchronously by this thread (sigwait), so block them before any thread starts.
-var stopSignals = sigset_t()
-sigemptyset(&stopSignals)
-for s in [SIGTERM, SIGINT, SIGHUP] { sigaddset(&stopSignals, s) }
-pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
-signal(SIGPIPE, SIG_IGN)
-// SIGIO is sent to the serial-port threads (F_SETOWN_EX) and taken with sigtimedwait: keep it
-// blocked everywhere, so a stray one can never take its default action (terminate).
-var sigio = sigset_t()
-sigemptyset(&sigio)
-sigaddset(&sigio, SIGIO)
-pthread_sigmask(SIG_BLOCK, &sigio, nil)
+// Signals are taken synchronously by this thread (sigwait), so block them before any thread
+// starts. SIGIO is sent to the serial-port threads (F_SETOWN_EX) and taken with sigtimedwait:
+// keep it blocked everywhere, so a stray one can never take its default action (terminate).
+let stopSignals = [Signals.terminate, Signals.interrupt, Signals.hangUp]
+Signals.block(stopSignals + [Signals.io])
+Signals.ignore(Signals.pipe)
 
 // Crash recovery: thaw what the records of agents that are gone name. Records of agents still
 // running (sharing this state dir) are theirs to thaw: a second agent, or --recover by hand,
 // must never thaw a live agent's freeze under a running checkpoint.
-_ = mkdir(config.stateDir, 0o700)
+try? Paths.makeDirectory(config.stateDir, mode: 0o700)
 let recovery = FreezeRecord.recoverAbandoned(stateDir: config.stateDir)
 for r in recovery.recovered {
     logger.warning("found a freeze record left by an earlier run (op \(r.opID)); thawed: \(r.lines.joined(separator: "; "))",
@@ -176,8 +166,8 @@ for pid in recovery.liveOwners {
 if recoverOnly && recovery.recovered.isEmpty && !recovery.liveOwners.isEmpty {
     logger.notice("nothing to recover: the agents using \(config.stateDir) are running and thaw their own freezes")
 }
-if recoverOnly { exit(0) }
-if geteuid() != 0 { logger.warning("not running as root: freezing needs CAP_SYS_ADMIN") }
+if recoverOnly { CurrentProcess.exit(0) }
+if CurrentProcess.effectiveUID != 0 { logger.warning("not running as root: freezing needs CAP_SYS_ADMIN") }
 
 // MARK: - Listeners
 
@@ -185,7 +175,7 @@ let server = Server(config: config, logger: logger)
 let state = AgentState(config: config, logger: logger,
                        broadcast: { [server] event in server.broadcast(event) },
                        reportStatus: { Systemd.notify("STATUS=\($0)") },
-                       statusCountdown: getenv("NOTIFY_SOCKET") != nil,
+                       statusCountdown: CurrentProcess.environment("NOTIFY_SOCKET") != nil,
                        // What start-up recovery thawed is reported as promised (reason restart).
                        recovered: recovery.recovered.map { r in
                            (r.opID, r.lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) })
@@ -195,11 +185,9 @@ server.state = state
 var unixPaths: [String] = []
 let activated = Systemd.listenFDs()
 for (fd, name) in activated {
-    var st = stat()
-    fstat(fd, &st)
     // FileDescriptorName=qga (or qga-…) in the .socket unit: that one speaks qemu-ga's dialect.
     let dialect: Dialect = name == "qga" || name.hasPrefix("qga-") ? .qga : .quiesce
-    if (st.st_mode & S_IFMT) == S_IFCHR {
+    if (try? Stat.of(fd: fd))?.kind == .characterDevice {
         logger.info("socket activation: serving character device fd \(fd) (\(name)) as a serial port")
         server.serve(serialDevice: "/proc/self/fd/\(fd)", dialect: dialect)
     } else {
@@ -255,9 +243,9 @@ if let usec = Systemd.watchdogMicroseconds() {
 
 var stopping = false
 while true {
-    var sig: Int32 = 0
-    guard sigwait(&stopSignals, &sig) == 0 else { continue }
-    if sig == SIGHUP {
+    let sig = Signals.wait(stopSignals)
+    guard sig >= 0 else { continue }
+    if sig == Signals.hangUp {
         logger.notice("SIGHUP: configuration is read at start; restart the service to apply changes")
         continue
     }
@@ -269,8 +257,8 @@ while true {
     Task.detached {
         await state.shutdown()
         server.drainOutput(timeoutMs: 1000)
-        for p in paths { unlink(p) }
+        for p in paths { Paths.remove(p) }
         LogGate.shared.release()
-        exit(0)
+        CurrentProcess.exit(0)
     }
 }

@@ -618,10 +618,28 @@ struct SystemdAndConfigTests {
               ("--listen qga+serial:ttyS1", "the device path must be absolute"),
               ("--listen hv-vss:hv_vss", "the device path must be absolute"),
               ("stray", "unexpected argument \"stray\""),
+              ("--include data/*", "never matches: mountpoints are absolute paths"),
+              ("--include '/srv/[ab'", "unclosed [ at offset 5"),
+              ("--exclude '/srv/x\\'", "ends with a lone backslash"),
+              ("--include-type 'ext4 xfs'", "is not a filesystem type name"),
           ])
     func badFlags(flags: String, message: String) throws {
         let out = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --check-config \(flags) 2>&1; echo \"exit=$?\"")
         #expect(out.contains(message) && out.hasSuffix("exit=2\n"), "\(out)")
+    }
+
+    @Test("scope globs: well-formed bracket expressions and classes pass and match as fnmatch(3) does; typos are named")
+    func scopeGlobs() throws {
+        for (pattern, example) in [("/srv/*", "/srv/a"), ("/srv/[!a]*", "/srv/b1"), ("/data/[[:digit:]]*", "/data/7x"),
+                                   ("/x/[]]", "/x/]"), ("/x/[^]a]", "/x/b"), ("/lit/\\[", "/lit/["), ("*", "/")] {
+            #expect(Glob.problem(in: pattern) == nil, "\(pattern)")
+            #expect(Glob.matches(pattern, example), "\(pattern) should match \(example)")
+        }
+        #expect(Glob.problem(in: "/srv/[ab") == "unclosed [ at offset 5 (write \\[ for a literal bracket)")
+        #expect(Glob.problem(in: "/a/[[:digit:]") != nil, "a class does not close its bracket expression")
+        #expect(Glob.problem(in: "/a\\") == "ends with a lone backslash")
+        let ok = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --include '/data/[[:digit:]]*' --check-config 2>&1; echo \"exit=$?\"")
+        #expect(ok.hasSuffix("exit=0\n") && ok.contains("/data/[[:digit:]]*"), "\(ok)")
     }
 
     @Test("vsock: the agent binds and listens (connecting is tested inside a guest VM)",

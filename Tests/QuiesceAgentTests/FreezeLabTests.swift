@@ -45,8 +45,16 @@ struct FreezeLabTests {
             #expect(try !isFrozen(ro))
             #expect(try !writeCompletes(e, withinMs: 300), "a writer blocks while frozen")
             #expect((frozen["stall_us"]?.intValue ?? -1) >= 0)
+            let presyncTotal = frozen["presync_us"]?.intValue ?? -1
             for fs in frozen["filesystems"]!.arrayValue! {
                 #expect(fs["freeze_us"]?.intValue != nil && fs["presync_us"]?.intValue != nil, "per-filesystem timings: \(fs)")
+                // Each filesystem's syncfs time is real (4 MiB was dirty on e and x, so flushing
+                // it takes time) and lies within the presync phase that contains it.
+                let own = fs["presync_us"]?.intValue ?? -1
+                if [e, x].contains(fs["mountpoint"]?.stringValue ?? "") {
+                    #expect(own > 0, "syncfs of 4 MiB dirty data measured as no time: \(fs)")
+                }
+                #expect(own <= presyncTotal, "a filesystem's presync (\(own) us) exceeds the phase's (\(presyncTotal) us)")
             }
 
             let thawed = try client.result(["op": "thaw"])

@@ -1,5 +1,6 @@
 import QuiesceAgent
 import QuiesceLinux
+import QuiesceProtocol
 import Testing
 
 private func dev(_ major: UInt32, _ minor: UInt32) -> DeviceNumber { DeviceNumber(major: major, minor: minor) }

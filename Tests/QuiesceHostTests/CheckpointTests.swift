@@ -14,7 +14,7 @@ struct CheckpointTests {
     func environmentForCommand() throws {
         let dir = TempDir()
         let withHooks = try FakeAgent(in: dir, name: "db", .init(
-            hooks: [HookReport(name: "10-postgres", phase: "freeze", exitCode: 0, durationUs: 5000)], mounts: ["/srv/db", "/"]))
+            hooks: [HookReport(name: "10-postgres", phase: .freeze, exitCode: 0, durationUs: 5000)], mounts: ["/srv/db", "/"]))
         let plain = try FakeAgent(in: dir, name: "web", .init(mounts: ["/var/www"]))
         let out = dir.file("env.txt")
         let r = try Ctl.run(agentArgs([withHooks, plain]) + ["checkpoint", "--op-id", "op-env-1", "--", "sh", "-c", "env > '\(out)'"], in: dir)
@@ -49,7 +49,7 @@ struct CheckpointTests {
     @Test("application-consistent when every agent's freeze hooks ran")
     func applicationConsistent() throws {
         let dir = TempDir()
-        let a = try FakeAgent(in: dir, .init(hooks: [HookReport(name: "db", phase: "freeze", exitCode: 0, durationUs: 10)]))
+        let a = try FakeAgent(in: dir, .init(hooks: [HookReport(name: "db", phase: .freeze, exitCode: 0, durationUs: 10)]))
         let out = dir.file("c.txt")
         let r = try Ctl.run(agentArgs([a]) + ["checkpoint", "--", "sh", "-c", "echo $QUIESCE_CONSISTENCY > '\(out)'"], in: dir)
         #expect(r.status == 0)
@@ -276,16 +276,16 @@ struct EnvironmentTests {
     func consistencyRules() {
         #expect(Consistency.of(nil) == .crash)
         #expect(Consistency.of(freeze(hooks: [])) == .filesystem)
-        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: "freeze", exitCode: 0, durationUs: 1)])) == .application)
-        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: "freeze", exitCode: 1, durationUs: 1)])) == .filesystem)
-        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: "freeze", exitCode: nil, durationUs: 1, error: "timed out")])) == .filesystem)
+        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: .freeze, exitCode: 0, durationUs: 1)])) == .application)
+        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: .freeze, exitCode: 1, durationUs: 1)])) == .filesystem)
+        #expect(Consistency.of(freeze(hooks: [HookReport(name: "db", phase: .freeze, exitCode: nil, durationUs: 1, error: "timed out")])) == .filesystem)
         #expect(Consistency.crash < .filesystem && Consistency.filesystem < .application)
     }
 
     @Test("variables for a mixed group, and merging into an environment")
     func variables() throws {
         var a = AgentReport(address: .vsock(cid: 42, port: 5123))
-        a.freeze = freeze(hooks: [HookReport(name: "db", phase: "freeze", exitCode: 0, durationUs: 1)])
+        a.freeze = freeze(hooks: [HookReport(name: "db", phase: .freeze, exitCode: 0, durationUs: 1)])
         var b = AgentReport(address: .unix(path: "/run/b.sock"))
         b.failure = AgentFailure(stage: .connect, error: AgentError(.unreachable, "no such socket: /run/b.sock"))
         let vars = Dictionary(uniqueKeysWithValues: CommandEnvironment.make(opID: "op-1", agents: [a, b], deadlineWallMs: 1234))

@@ -24,6 +24,13 @@ struct AgentAddressTests {
         #expect(try AgentAddress(parsing: a.description) == a)
     }
 
+    @Test("the agent's spellings of qemu-ga's forms name the same address", arguments: [
+        "qga+unix:/run/vm1/qga.sock", "qga+serial:/run/vm1/qga.sock", "qga:serial:/run/vm1/qga.sock",
+    ])
+    func agentSpellingsOfQGA(text: String) throws {
+        #expect(try AgentAddress(parsing: text) == .qga(path: "/run/vm1/qga.sock"))
+    }
+
     @Test("bad addresses are refused with a reason that says what is wrong", arguments: [
         ("", "expected unix:PATH"),
         ("/run/agent.sock", "expected unix:PATH, vsock:CID:PORT, hvsock:UDS_PATH:PORT, serial:PATH or qga:unix:PATH"),

@@ -203,7 +203,7 @@ final class FakeAgent: @unchecked Sendable {
             case .filesystems:
                 c.send(Reply(id: r.id, result: FilesystemsResult(filesystems: b.mounts.enumerated().map {
                     FilesystemReport(mountPoint: $0.element, type: "ext4", device: "7:\($0.offset)", source: "/dev/loop\($0.offset)", wave: Int64($0.offset))
-                }, skipped: [SkippedReport(mountPoint: "/proc", type: "proc", reason: "pseudo")]).json))
+                }, skipped: [SkippedReport(mountPoint: "/proc", type: "proc", reason: .pseudo)]).json))
             case .freeze(let f):
                 if b.freezeDelayMs > 0 { usleep(UInt32(b.freezeDelayMs) * 1000) }
                 if let barrier = b.freezeBarrier, !barrier.arriveAndWait(timeoutMs: 10_000) {

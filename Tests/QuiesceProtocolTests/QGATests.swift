@@ -59,4 +59,41 @@ struct QGATests {
         let names = (QGA.supportedCommands().arrayValue ?? []).compactMap { $0["name"]?.stringValue }
         #expect(names == QGA.CommandName.allCases.map(\.rawValue))
     }
+
+    @Test("the host encodes each command as the line libvirt would send, and it decodes back to the same command")
+    func hostEncodesCommands() throws {
+        let cases: [(QGA.Command, String)] = [
+            (.sync(id: 7, delimited: true), #"{"execute":"guest-sync-delimited","arguments":{"id":7}}"#),
+            (.sync(id: 1_234_567_890_123, delimited: false), #"{"execute":"guest-sync","arguments":{"id":1234567890123}}"#),
+            (.ping, #"{"execute":"guest-ping"}"#),
+            (.info, #"{"execute":"guest-info"}"#),
+            (.fsfreezeStatus, #"{"execute":"guest-fsfreeze-status"}"#),
+            (.fsfreezeFreeze(mountpoints: nil), #"{"execute":"guest-fsfreeze-freeze"}"#),
+            (.fsfreezeFreeze(mountpoints: ["/", "/srv"]), #"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["/","/srv"]}}"#),
+            (.fsfreezeThaw, #"{"execute":"guest-fsfreeze-thaw"}"#),
+        ]
+        #expect(Set(cases.map(\.0.name)) == Set(QGA.CommandName.allCases), "every command is encoded")
+        for (command, text) in cases {
+            #expect(command.line == Array((text + "\n").utf8))
+            let decoded = try decode(text).get()
+            #expect(decoded.command == command && decoded.id == nil)
+        }
+    }
+
+    @Test("guest-info's list reads back as the enabled command names; the status words read back")
+    func hostReadsInfoAndStatus() {
+        #expect(QGA.enabledCommands(info: ["supported_commands": QGA.supportedCommands()]) == QGA.CommandName.allCases.map(\.rawValue))
+        let info: JSON = ["supported_commands": [["name": "guest-exec", "enabled": false], ["name": "guest-ping"], ["enabled": true]]]
+        #expect(QGA.enabledCommands(info: info) == ["guest-ping"])
+        #expect(QGA.enabledCommands(info: ["version": "7.2.0"]) == [])
+        #expect(QGA.isFrozen(status: QGA.freezeStatus(frozen: true)) && !QGA.isFrozen(status: QGA.freezeStatus(frozen: false)))
+        #expect(!QGA.isFrozen(status: "error"))
+    }
+
+    @Test("encodedLine is the compact encoding and one newline, for every frame a side writes")
+    func encodedLine() {
+        let value: JSON = ["a": [1, "x\ny"], "b": nil]
+        #expect(value.encodedLine() == value.encoded() + [0x0A])
+        #expect(value.encodedLine().filter { $0 == 0x0A }.count == 1)
+    }
 }

@@ -16,7 +16,7 @@ func freezeResult(bindMounts: Int, pathLength: Int, skipped: Int = 0) -> FreezeR
     fs.freezeUs = 25_000
     fs.frozenAtUs = 25_000
     return FreezeResult(opID: "backup-1", mode: .detached, filesystems: [fs],
-                        skipped: (0..<skipped).map { SkippedReport(mountPoint: "/run/user/\($0)", type: "tmpfs", reason: "pseudo") },
+                        skipped: (0..<skipped).map { SkippedReport(mountPoint: "/run/user/\($0)", type: "tmpfs", reason: .pseudo) },
                         hooks: [], presyncUs: 1300, freezeUs: 25_000, stallUs: 25_000, totalUs: 27_000,
                         timeoutMs: 30_000, deadlineMs: 1_795_600_830_108)
 }

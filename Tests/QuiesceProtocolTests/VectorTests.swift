@@ -316,8 +316,9 @@ struct VectorTests {
         }
         #expect(event.json == json)
         #expect(event.json.text == String(decoding: frame, as: UTF8.self))
-        #expect(event.name == "thawed")
-        let reason = try #require(ThawReason(rawValue: event.fields["reason"]?.stringValue ?? ""))
+        #expect(event.name == Event.thawedName)
+        let reason = try #require(event.thawReason)
+        #expect(ThawReason.all.contains(reason), "\(v.file): reason \(reason) is not one protocol version 1 defines")
         let rebuilt = Event.thawed(
             opID: try #require(event.fields["op_id"]?.stringValue), reason: reason,
             atMs: try #require(event.fields["at_ms"]?.intValue),
@@ -386,7 +387,7 @@ struct VectorCoverageTests {
     @Test("every thaw reason has an event vector")
     func everyThawReasonHasAnEvent() {
         let reasons = Set(vectors.filter { $0.kind == "event" }.compactMap { $0.json?["reason"]?.stringValue })
-        for reason in ThawReason.allCases { #expect(reasons.contains(reason.rawValue), "no event vector for \(reason)") }
+        for reason in ThawReason.all { #expect(reasons.contains(reason.rawValue), "no event vector for \(reason)") }
     }
 
     @Test("every agent state has a status reply vector")
@@ -402,13 +403,14 @@ struct VectorCoverageTests {
         #expect(outcomes == ["frame", "too-large", "reset"])
     }
 
-    @Test("PROTOCOL.md names every error code, operation, thaw reason and state")
+    @Test("PROTOCOL.md names every error code, operation, thaw reason, state, skip reason and hook phase")
     func specNamesEverything() throws {
         let url = Vectors.packageRoot.appendingPathComponent("protocol").appendingPathComponent("PROTOCOL.md")
         let data = try #require(FileManager.default.contents(atPath: url.path), "protocol/PROTOCOL.md is missing")
         let spec = String(decoding: data, as: UTF8.self)
         let names = ErrorCode.all.map(\.rawValue) + OperationName.allCases.map(\.rawValue)
-            + ThawReason.allCases.map(\.rawValue) + AgentStateName.allCases.map(\.rawValue)
+            + ThawReason.all.map(\.rawValue) + AgentStateName.allCases.map(\.rawValue)
+            + SkipReason.all.map(\.rawValue) + HookPhase.all.map(\.rawValue)
         for name in names { #expect(spec.contains("`\(name)`"), "PROTOCOL.md does not mention `\(name)`") }
         #expect(spec.contains("\(ProtocolLimits.maxFrameBytes)"))
         #expect(spec.contains("\(ProtocolLimits.maxDepth)"))

@@ -91,4 +91,7 @@ int qs_malloc_arena_max(int arenas);
 /// pidfd_open(2) (Linux 5.3+): an fd that polls readable when the process ends. -1 with errno.
 int qs_pidfd_open(int pid);
 
+/// pthread_setname_np(pthread_self(), name): names the calling thread (at most 15 bytes). 0 on success.
+int qs_set_thread_name(const char *name);
+
 #endif

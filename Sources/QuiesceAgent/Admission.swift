@@ -1,0 +1,78 @@
+// Accepting and admitting stream connections (Unix, vsock): peer rules, the connection limit, refusals.
+import QuiesceLinux
+import QuiesceProtocol
+import Logging
+
+extension Server {
+    /// Serves a listening stream socket (Unix or vsock) on a thread of its own.
+    public func serve(listener fd: Int32, name: String, dialect: Dialect = .quiesce) {
+        Threads.detach(name: "accept") { [self] in
+            var failures = 0
+            while true {
+                let accepted: (fd: Int32, peer: Peer)
+                do {
+                    accepted = try Socket.accept(fd)
+                    failures = 0
+                } catch {
+                    failures += 1
+                    if failures == 1 || failures % 100 == 0 { logger.warning("accept on \(name): \(error)") }
+                    Threads.sleep(milliseconds: 50)  // EMFILE and friends: back off instead of spinning
+                    continue
+                }
+                admit(fd: accepted.fd, peer: accepted.peer, listener: name, dialect: dialect)
+            }
+        }
+    }
+
+    private func admit(fd: Int32, peer: Peer, listener: String, dialect: Dialect) {
+        Socket.setSendTimeout(fd, milliseconds: 5000)
+        if let refusal = refusal(for: peer) {
+            logger.warning("refused connection", metadata: ["peer": "\(peer)", "listener": "\(listener)", "reason": "\(refusal)"])
+            Server.refuse(fd, dialect.errorFrame(ProtocolError(.permissionDenied, refusal), id: nil))
+            return
+        }
+        let id = nextID.add(1, ordering: .relaxed).oldValue
+        let conn = ClientSession(id: id, fd: fd, peer: peer, server: self, isStream: true, dialect: dialect)
+        let admitted = connections.withLock { table -> Bool in
+            guard table.count < config.maxConnections else { return false }
+            table[id] = conn
+            return true
+        }
+        guard admitted else {
+            Server.refuse(fd, dialect.errorFrame(ProtocolError(.busy, "too many connections (\(config.maxConnections))"), id: nil))
+            return
+        }
+        Threads.detach(name: "session-\(id)") { conn.runStream() }
+    }
+
+    /// Tells a refused peer why, then closes so that it can still read the reason: our side is
+    /// shut down first and what the peer sent is drained briefly (closing with unread input
+    /// would reset the connection under it). Off the accept thread, bounded to 250 ms.
+    static func refuse(_ fd: Int32, _ errorFrame: [UInt8]) {
+        try? FD.writeAll(fd, errorFrame, timeoutMs: 1000)
+        Socket.shutdownWrite(fd)
+        Threads.detach(name: "refuse") {
+            let deadline = monotonicNanos() + 250_000_000
+            var scratch = [UInt8](repeating: 0, count: 4096)
+            while monotonicNanos() < deadline {
+                guard let ev = try? FD.poll(fd, for: .readable, timeoutMs: 50), !ev.isEmpty else { continue }
+                guard case .success(let n) = FD.readSome(fd, into: &scratch), n > 0 else { break }
+            }
+            FD.close(fd)
+        }
+    }
+
+    /// Why a peer may not connect, or nil when it may.
+    func refusal(for peer: Peer) -> String? {
+        switch peer {
+        case .unix(_, let uid, _):
+            return config.allowedUIDs.contains(uid) ? nil : "uid \(uid) is not allowed (allow-uid)"
+        case .vsock(let cid, _):
+            return config.allowedVsockCIDs.contains(cid) ? nil : "vsock CID \(cid) is not allowed (allow-vsock-cid)"
+        case .serial, .hvVSS:
+            return nil
+        case .unknown:
+            return "unknown peer"
+        }
+    }
+}

@@ -1,0 +1,302 @@
+// One peer session's pipeline: read and decode, dispatch, queue replies and events to its writer.
+import QuiesceLinux
+import QuiesceProtocol
+import Synchronization
+
+/// One peer's session with the agent: a socket connection, or one host's visit on a serial port.
+/// Its pipeline: a reader thread decodes frames and dispatches them (quick answers at once,
+/// freeze/thaw/sync/keepalive in order on a worker task), and a writer thread sends the queued
+/// replies and events. (The host's `Connection` is the coordinator's side of a link.)
+final class ClientSession: Sendable {
+    /// Work for the connection's worker task, answered in order.
+    enum Work: Sendable {
+        case request(Request)
+        case qga(QGA.Command, id: JSON?)
+        /// An answer made already (a refused qemu-ga command), sent in its turn.
+        case answer([UInt8])
+        /// A qemu-ga command for the private qemu-ga (`qga-forward`): the frame as the host sent it.
+        case forward(name: String, frame: [UInt8], id: JSON?)
+    }
+
+    let id: ConnectionID
+    let fd: Int32
+    let peer: Peer
+    let isStream: Bool
+    let dialect: Dialect
+    unowned let server: Server
+    /// Frames for the writer thread; nil tells it to stop. Callers never block on the peer.
+    private let outbox = Mailbox<[UInt8]?>()
+    private let queuedBytes = Atomic<Int>(0)
+    /// Set once the peer is cut off (stopped reading, or a write failed): later frames are dropped.
+    private let dead = Atomic<Bool>(false)
+    static let maxQueuedBytes = 1 << 20
+    private let hello = Atomic<Bool>(false)
+    private let queue: AsyncStream<Work>.Continuation
+    private let stream: AsyncStream<Work>
+    /// Queued freeze/thaw/sync/keepalive requests (bounded per connection).
+    private let inFlight = Atomic<Int>(0)
+    /// Every request not yet answered, fast or queued.
+    private let outstanding = Atomic<Int>(0)
+    static let maxInFlight = 16
+    /// Requests of any kind not yet answered on one connection (status and filesystems included).
+    static let maxOutstanding = 64
+
+    init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool, dialect: Dialect = .quiesce) {
+        self.id = id
+        self.fd = fd
+        self.peer = peer
+        self.server = server
+        self.isStream = isStream
+        self.dialect = dialect
+        (stream, queue) = AsyncStream.makeStream(of: Work.self)
+    }
+
+    var helloDone: Bool { hello.load(ordering: .relaxed) }
+
+    /// Queues one frame for the writer thread. Never blocks: replies come from Swift tasks and
+    /// events from the state actor, which a peer that stops reading must not be able to stall.
+    /// A peer whose unread backlog passes 1 MiB is cut off.
+    func send(_ frame: [UInt8]) {
+        guard !dead.load(ordering: .relaxed) else { return }
+        // The limit is on what is already waiting: one large reply (a forwarded qemu-ga reply
+        // may be up to QGAForwarder.maxReplyBytes) is queued when the peer has read the rest.
+        if queuedBytes.add(frame.count, ordering: .relaxed).oldValue >= ClientSession.maxQueuedBytes {
+            cutOff()
+            return
+        }
+        outbox.post(frame)
+    }
+
+    /// Frames queued or being written (false once the peer is cut off).
+    var hasQueuedOutput: Bool { !dead.load(ordering: .relaxed) && queuedBytes.load(ordering: .relaxed) > 0 }
+
+    private func cutOff() {
+        if !dead.exchange(true, ordering: .relaxed), isStream { Socket.shutdown(fd) }
+    }
+
+    /// Starts the thread that writes queued frames in order, each within the send timeout.
+    private func startWriter() -> JoinableThread {
+        Threads.spawn(name: "writer-\(id)") { [self] in
+            while let item = outbox.receive(), let frame = item {
+                if !dead.load(ordering: .relaxed) {
+                    do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch { cutOff() }
+                }
+                queuedBytes.subtract(frame.count, ordering: .relaxed)
+            }
+        }
+    }
+
+    /// Lets the writer flush what is queued, then stops it.
+    private func stopWriter(_ writer: JoinableThread) {
+        outbox.post(nil)
+        Threads.join(writer)
+    }
+
+    private func startWorker() {
+        let state = server.state
+        let context = RequestContext(connection: id, peer: peer)
+        let stream = self.stream
+        Task { [self] in
+            for await work in stream {
+                switch work {
+                case .request(let request):
+                    send(await state.handle(request, context: context).frame)
+                case .qga(let command, let id):
+                    send(await QGAService.execute(command, id: id, state: state, context: context, forwarder: server.qgaForwarder))
+                case .forward(let name, let frame, let id):
+                    guard let forwarder = server.qgaForwarder else { break }
+                    let logger = server.logger
+                    let reply = await QGAService.forward(frame, name: name, id: id, forwarder: forwarder, state: state) { why in
+                        logger.warning("qemu-ga command \(name) passed on to unix:\(forwarder.path): \(why)")
+                    }
+                    if let reply { send(reply) }
+                case .answer(let bytes):
+                    send(bytes)
+                }
+                inFlight.subtract(1, ordering: .relaxed)
+                outstanding.subtract(1, ordering: .relaxed)
+            }
+        }
+    }
+
+    /// Reads and serves a socket until the peer closes it or breaks the framing.
+    func runStream() {
+        let writer = startWriter()
+        startWorker()
+        var decoder = FrameDecoder(framing: dialect.framing)
+        var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        reading: while true {
+            guard case .success(let n) = FD.readSome(fd, into: &buffer), n > 0 else { break }
+            decoder.feed(buffer[0..<n])
+            while let event = decoder.next() {
+                if !handle(event, limiter: &limiter) { break reading }
+            }
+        }
+        // The peer may only have closed its sending side (`echo … | socat`): answer what it
+        // asked before closing. A peer that is really gone fails the write and is cut off.
+        queue.finish()
+        var toldGone = false
+        while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) {
+            // POLLHUP (both directions shut): the peer is really gone, not half-closed. Tell the
+            // state now, so a freeze being taken for it is given up (its hooks get freeze-failed).
+            if !toldGone, let ev = try? FD.poll(fd, for: .readable, timeoutMs: 0), ev.contains(.hangUp) {
+                toldGone = true
+                let state = server.state, id = self.id
+                Task { await state.connectionClosed(id) }
+            }
+            Threads.sleep(milliseconds: 2)
+        }
+        finish()
+        stopWriter(writer)
+        Socket.shutdown(fd)
+        FD.close(fd)
+    }
+
+    /// Serves one host session on a serial port. Returns true when the device itself failed.
+    /// `first`: bytes this host sent just before its connected notice, handled first.
+    func runSerialSession(first: [UInt8] = []) -> Bool {
+        let writer = startWriter()
+        startWorker()
+        var decoder = FrameDecoder(framing: dialect.framing)
+        var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
+        decoder.feed(first[...])
+        while let event = decoder.next() { _ = handle(event, limiter: &limiter) }
+        var buffer = [UInt8](repeating: 0, count: 16384)
+        var deviceGone = false
+        session: while true {
+            guard let ev = try? FD.poll(fd, for: .readable, timeoutMs: -1) else { deviceGone = true; break }
+            if !ev.isDisjoint(with: [.invalid, .error]) { deviceGone = true; break }
+            if !ev.contains(.readable) && ev.contains(.hangUp) { break }  // host went away
+            switch FD.readSome(fd, into: &buffer) {
+            case .success(0): break session  // host disconnected (virtio-serial reads 0 then)
+            case .success(let n):
+                decoder.feed(buffer[0..<n])
+                while let event = decoder.next() { _ = handle(event, limiter: &limiter) }
+            case .failure(let e) where e == .EAGAIN: continue
+            case .failure: deviceGone = true; break session
+            }
+        }
+        // A host that reconnects at once may have had its first command read by this session
+        // just before the hang-up showed: give quick answers (a guest-sync) up to 1 s to be
+        // written, as a stream connection answers a half-closed peer, instead of stopping the
+        // writer under them. A reply to a gone host fails its write and is dropped.
+        queue.finish()
+        let drainUntil = monotonicNanos() + 1_000_000_000
+        while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) && monotonicNanos() < drainUntil {
+            Threads.sleep(milliseconds: 2)
+        }
+        finish()
+        stopWriter(writer)
+        return deviceGone
+    }
+
+    private func finish() {
+        queue.finish()
+        server.remove(self)
+    }
+
+    /// Handles one decoder event. Returns false when the connection must close.
+    private func handle(_ event: FrameEvent, limiter: inout RateLimiter) -> Bool {
+        switch event {
+        case .reset:
+            return true
+        case .tooLarge:
+            send(dialect.errorFrame(ProtocolError(.frameTooLarge,
+                "frame exceeds \(dialect.framing.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")"), id: nil))
+            return !isStream
+        case .frame(let bytes):
+            guard limiter.allow(now: monotonicNanos()) else {
+                send(dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"), id: nil))
+                return true
+            }
+            if dialect == .qga {
+                dispatchQGA(bytes)
+                return true
+            }
+            switch Request.decode(frame: bytes) {
+            case .failure(let e):
+                send(Reply(id: e.id, error: e.error).frame)
+            case .success(let request):
+                dispatch(request)
+            }
+            return true
+        }
+    }
+
+    private func dispatch(_ request: Request) {
+        switch request.operation {
+        case .hello(let version, _, _):
+            switch server.helloResult(clientVersion: version) {
+            case .success(let r):
+                hello.store(true, ordering: .relaxed)
+                send(Reply(id: request.id, result: r.json).frame)
+            case .failure(let e):
+                send(Reply(id: request.id, error: e).frame)
+            }
+        case .ping:
+            send(Reply(id: request.id, result: [:]).frame)
+        case .status, .filesystems:
+            // Answered at once, never queued behind a freeze on this connection; bounded so that
+            // a pipelining peer cannot start unbounded concurrent work.
+            guard outstanding.add(1, ordering: .relaxed).newValue <= ClientSession.maxOutstanding else {
+                outstanding.subtract(1, ordering: .relaxed)
+                send(Reply(id: request.id, error: ProtocolError(.busy, "too many requests in flight on this connection")).frame)
+                return
+            }
+            let state = server.state
+            let context = RequestContext(connection: id, peer: peer)
+            Task { [self] in
+                send(await state.handle(request, context: context).frame)
+                outstanding.subtract(1, ordering: .relaxed)
+            }
+        case .freeze, .thaw, .sync, .keepalive:
+            guard enqueue(.request(request)) else {
+                send(Reply(id: request.id, error: ProtocolError(.busy, "too many requests in flight on this connection")).frame)
+                return
+            }
+        }
+    }
+
+    /// Queues work for the in-order worker; false when this connection already has
+    /// `maxInFlight` queued.
+    fileprivate func enqueue(_ work: Work) -> Bool {
+        guard inFlight.add(1, ordering: .relaxed).newValue <= ClientSession.maxInFlight else {
+            inFlight.subtract(1, ordering: .relaxed)
+            return false
+        }
+        outstanding.add(1, ordering: .relaxed)
+        queue.yield(work)
+        return true
+    }
+}
+
+extension ClientSession {
+    /// qemu-ga answers strictly in order, one command at a time, and so do we: refusals too
+    /// wait their turn. The queue per connection is bounded like our own freeze/thaw queue.
+    fileprivate func dispatchQGA(_ bytes: [UInt8]) {
+        // A command over 64 KiB (up to maxQGAFrameBytes) is taken only with nothing ahead of it, so
+        // a connection holds at most one such frame queued besides the one being read.
+        if bytes.count > ProtocolLimits.maxFrameBytes && inFlight.load(ordering: .relaxed) > 0 {
+            let busy = Dialect.qga.errorFrame(ProtocolError(.busy, "a command over 64 KiB is taken only when the commands before it are answered"), id: nil)
+            if !enqueue(.answer(busy)) { send(busy) }
+            return
+        }
+        let work: Work
+        let id: JSON?
+        switch QGA.decode(frame: bytes) {
+        case .failure(let refusal) where refusal.unknownCommand != nil && server.qgaForwarder != nil:
+            work = .forward(name: refusal.unknownCommand!, frame: bytes, id: refusal.id)
+            id = refusal.id
+        case .failure(let refusal):
+            work = .answer(QGA.errorFrame(refusal.failure, id: refusal.id))
+            id = refusal.id
+        case .success(let decoded):
+            work = .qga(decoded.command, id: decoded.id)
+            id = decoded.id
+        }
+        if !enqueue(work) {
+            send(Dialect.qga.errorFrame(ProtocolError(.busy, "too many commands in flight on this connection"), id: id))
+        }
+    }
+}

@@ -1,0 +1,218 @@
+// One agent's thread during a checkpoint: connect, hello, freeze, keep alive, thaw.
+import QuiesceLinux
+import QuiesceProtocol
+import Synchronization
+
+/// How one agent session ended its freeze: the thaw's result or error, whether the freeze had
+/// already ended by itself, and the keepalives sent while it held. (Not the agent's
+/// `ThawOutcome`, which is the thaw as the agent carried it out.)
+struct SessionEnd: Sendable {
+    var result: ThawResult?
+    var error: AgentError?
+    /// The agent had already thawed (deadline, disconnect): the freeze did not last.
+    var alreadyThawed: Bool
+    /// The agent's own account of when and why it ended the freeze (its `not-frozen` answer
+    /// with `thawed_reason`, PROTOCOL.md 6.6), when it gave one.
+    var endedEarly: String? = nil
+    var reconnected: Bool
+    var keepalives: Int
+}
+
+/// One agent's thread: connect, hello, freeze, keep alive, thaw.
+final class AgentSession: Sendable {
+    enum Order: Sendable { case thaw }
+
+    let index: Int
+    let address: AgentAddress
+    /// What the coordinator wants of the session, beyond its orders; read by the session thread.
+    enum Mode: UInt8, AtomicRepresentable {
+        case running
+        /// Do not freeze (the checkpoint was interrupted before this agent froze).
+        case cancelled
+        /// Drop the connection at once (a second signal): no undo, no reconnect.
+        case forced
+        /// Given up on: the connection dropped because the agent did not freeze in time; its
+        /// freeze is still undone by op id if it got through.
+        case abandoned
+
+        /// The connection is to be dropped.
+        var dropsConnection: Bool { self == .forced || self == .abandoned }
+    }
+
+    let orders = Mailbox<Order>()
+    let mode = Atomic<Mode>(.running)
+    /// Monotonic time at which COMMAND is stopped (0: not known yet); caps the keepalive leases.
+    let hardDeadline = Atomic<UInt64>(0)
+    private let connection = Mutex<Connection?>(nil)
+
+    init(index: Int, address: AgentAddress) {
+        self.index = index
+        self.address = address
+    }
+
+    func attach(_ c: Connection) {
+        connection.withLock { $0 = c }
+        if mode.load(ordering: .acquiring).dropsConnection { c.shutdown() }
+    }
+
+    func force() {
+        mode.store(.forced, ordering: .releasing)
+        connection.withLock { $0?.shutdown() }
+    }
+
+    /// Drops the connection of an agent that did not freeze in time (`Mode.abandoned`).
+    func giveUp() {
+        mode.store(.abandoned, ordering: .releasing)
+        connection.withLock { $0?.shutdown() }
+    }
+
+    func run(plan: CheckpointPlan, events: Mailbox<CheckpointEvent>) {
+        let i = index
+        let client: AgentClient
+        do {
+            client = try AgentClient.connect(address, connectTimeoutMs: plan.connectTimeoutMs,
+                                             replyTimeoutMs: plan.replyTimeoutMs, onConnection: { self.attach($0) })
+        } catch {
+            events.post(.failed(i, .connect, error, monotonicNanos()))
+            return
+        }
+        defer { client.close() }
+        events.post(.connected(i, client.hello!, monotonicNanos()))
+        // The agent's own word that it thawed our freeze (deadline, signal): the freeze is lost,
+        // and the thaw needs no further confirmation.
+        let thawedByAgent = Atomic<Bool>(false)
+        let opID = plan.opID
+        client.onEvent = { event in
+            if event.name == Event.thawedName, event.fields["op_id"]?.stringValue == opID {
+                thawedByAgent.store(true, ordering: .releasing)
+            }
+            events.post(.agentEvent(i, event, monotonicNanos()))
+        }
+
+        if mode.load(ordering: .acquiring) != .running {
+            events.post(.failed(i, .freeze, AgentError(.refused, "not frozen: the checkpoint was interrupted"), monotonicNanos()))
+            return
+        }
+        var lease = plan.leaseMs
+        if let max = client.hello?.maxFreezeMs, max > 0 { lease = min(lease, max) }
+        let request = FreezeRequest(mounts: plan.mounts, timeoutMs: lease, opID: plan.opID, mode: .bound)
+        let result: FreezeResult
+        do {
+            // A freeze whose outcome is unknown (its reply unreadable or late, the connection
+            // dropped) is undone by op id on a new connection: a bound freeze also ends when this
+            // connection closes, but qemu-ga's do not, and the undo confirms it either way. Not
+            // after a second signal, which asks to stop at once.
+            result = try client.freezeOrUndo(request, replyTimeoutMs: max(plan.replyTimeoutMs, plan.timeoutMs),
+                                             undo: { self.mode.load(ordering: .acquiring) != .forced })
+        } catch {
+            events.post(.failed(i, .freeze, error, monotonicNanos()))
+            return
+        }
+        let frozenAt = monotonicNanos()
+        events.post(.frozen(i, result, frozenAt))
+
+        // Keep the freeze alive until told to thaw. Keepalives come from this thread, which never
+        // waits for COMMAND, so a long snapshot is never cut short while we are alive, and a
+        // stopped or dead coordinator lets the lease run out. Between keepalives the connection
+        // is watched, so a freeze lost while COMMAND runs (the agent thawed by itself and said
+        // so, or the connection dropped) is known within a tenth of a second, not at the thaw.
+        let interval = UInt64(max(100, lease / 3)) * 1_000_000
+        let watchSlice: UInt64 = 100_000_000
+        var next = frozenAt + interval
+        var keepalives = 0
+        var keepaliveFailed = false
+        var lost = false
+        while orders.receive(deadlineNanos: lost ? next : min(next, monotonicNanos() + watchSlice)) == nil {
+            if !lost {
+                do {
+                    try client.takeIncoming()
+                } catch {
+                    lost = true
+                    if !thawedByAgent.load(ordering: .acquiring) {
+                        events.post(.connectionLost(i, error, monotonicNanos()))
+                    }
+                }
+                if thawedByAgent.load(ordering: .acquiring) { lost = true }
+            }
+            guard monotonicNanos() >= next else { continue }
+            next = monotonicNanos() + interval
+            guard !keepaliveFailed, !lost, mode.load(ordering: .acquiring) != .forced else { continue }
+            var ttl = lease
+            let hard = hardDeadline.load(ordering: .acquiring)
+            if hard != 0 {
+                let now = monotonicNanos()
+                if now >= hard { continue }
+                // Never ask the agent to stay frozen much past the moment COMMAND is stopped.
+                ttl = min(lease, Int64((hard - now) / 1_000_000) + 1000)
+            }
+            do {
+                _ = try client.keepalive(opID: plan.opID, timeoutMs: ttl,
+                                         replyTimeoutMs: max(1000, min(plan.replyTimeoutMs, lease / 2)))
+                keepalives += 1
+            } catch where error.code == .timeout {
+                // A slow agent may still hold the freeze: say so and try again at the next tick.
+                events.post(.keepaliveLate(i, error, monotonicNanos()))
+            } catch {
+                keepaliveFailed = true
+                events.post(.keepaliveFailed(i, error, monotonicNanos()))
+            }
+        }
+        let outcome = thaw(client, plan: plan, keepalives: keepalives,
+                           confirmedByAgent: { thawedByAgent.load(ordering: .acquiring) })
+        events.post(.thawed(i, outcome, monotonicNanos()))
+    }
+
+    /// Thaws our operation. If the connection is gone, reconnects once to make sure: a bound
+    /// freeze should have been thawed by the agent when the connection dropped, but we verify.
+    /// `confirmedByAgent` tells whether the agent has pushed a `thawed` event for our operation:
+    /// then a connection the agent closed afterwards (it exited on SIGTERM) is no thaw failure.
+    private func thaw(_ client: AgentClient, plan: CheckpointPlan, keepalives: Int,
+                      confirmedByAgent: () -> Bool) -> SessionEnd {
+        var outcome = SessionEnd(result: nil, error: nil, alreadyThawed: false, reconnected: false, keepalives: keepalives)
+        func attempt(_ c: AgentClient) -> AgentError? {
+            let giveUp = monotonicNanos() + UInt64(plan.replyTimeoutMs) * 1_000_000
+            while true {
+                do {
+                    let r = try c.thaw(opID: plan.opID)
+                    outcome.result = r
+                    outcome.alreadyThawed = !r.wasFrozen
+                    return nil
+                } catch {
+                    if let remote = error.remote, remote.code == .notFrozen {
+                        outcome.alreadyThawed = true
+                        if remote.details?["thawed_reason"] != nil { outcome.endedEarly = remote.message }
+                        return nil
+                    }
+                    // The agent is busy thawing by itself (deadline) or finishing a freeze: ask again.
+                    if error.remote?.code == .busy && monotonicNanos() < giveUp {
+                        Threads.sleep(milliseconds: 100)
+                        continue
+                    }
+                    return error
+                }
+            }
+        }
+        guard let error = attempt(client) else { return outcome }
+        if error.code == .disconnected && confirmedByAgent() {
+            outcome.alreadyThawed = true
+            return outcome
+        }
+        guard error.code == .disconnected || error.code == .timeout, mode.load(ordering: .acquiring) != .forced else {
+            outcome.error = error
+            return outcome
+        }
+        client.close()
+        do {
+            let again = try AgentClient.connect(address, connectTimeoutMs: plan.connectTimeoutMs,
+                                                replyTimeoutMs: plan.replyTimeoutMs, onConnection: { self.attach($0) })
+            defer { again.close() }
+            outcome.reconnected = true
+            if let e2 = attempt(again) {
+                outcome.error = AgentError(e2.code, "\(error.message); after reconnecting: \(e2.message)", remote: e2.remote)
+            }
+        } catch {
+            outcome.error = AgentError(error.code, "could not confirm the thaw (\(error.message)); an agent thaws a bound freeze when its connection drops, and a restarted agent thaws what a crashed one left frozen: check with `quiescectl --agent \(address) status`")
+        }
+        return outcome
+    }
+}

@@ -1,0 +1,67 @@
+// The QUIESCE_* variables COMMAND receives: what each guest's checkpoint is worth and what was frozen.
+import QuiesceProtocol
+
+/// The QUIESCE_* variables COMMAND receives.
+public enum CommandEnvironment {
+    /// Every variable name, with what it means, for --help.
+    public static let documentation: [(name: String, meaning: String)] = [
+        ("QUIESCE_CONSISTENCY", "application, filesystem or crash: the weakest over all agents (application: frozen after freeze hooks succeeded; filesystem: frozen without hooks; crash: some agent could not freeze)"),
+        ("QUIESCE_OP_ID", "the operation id of this checkpoint's freeze on every agent"),
+        ("QUIESCE_AGENTS", "every agent address, separated by ';'"),
+        ("QUIESCE_FROZEN", "per frozen agent, ADDR=MOUNT,MOUNT,... separated by ';' (mountpoints in freeze order)"),
+        ("QUIESCE_CRASH_CONSISTENT_AGENTS", "agents that could not freeze (only with --on-agent-failure crash-consistent), separated by ';'; empty when none"),
+        ("QUIESCE_AGENT_CONSISTENCY", "per agent, ADDR=application|filesystem|crash separated by ';'"),
+        ("QUIESCE_DEADLINE_MS", "wall-clock time (ms since the epoch) at which COMMAND is stopped and the guests thawed"),
+        ("QUIESCE_HOOKS_NOT_HELD", "per agent, ADDR=HOOK,HOOK for the hooks that did not make it application-consistent (an optional hook that failed, a hook file the agent refused to run), separated by ';'; empty when none"),
+        ("QUIESCE_FROZEN_JSON", "the same facts, exact whatever the paths contain: {\"ADDR\": {\"consistency\": C, \"frozen\": [MOUNT, ...], \"hooks_not_held\": [\"HOOK: why\", ...]}, ...}"),
+    ]
+
+    public static func overallConsistency(_ agents: [AgentReport]) -> Consistency {
+        agents.map { $0.failure == nil ? Consistency.of($0.freeze) : .crash }.min() ?? .crash
+    }
+
+    /// The variables for COMMAND, in the documented order.
+    public static func make(opID: String, agents: [AgentReport], deadlineWallMs: Int64) -> [(String, String)] {
+        let frozen = agents.filter { $0.freeze != nil && $0.failure == nil }
+        let crash = agents.filter { $0.failure != nil || $0.freeze == nil }
+        return [
+            ("QUIESCE_CONSISTENCY", overallConsistency(agents).rawValue),
+            ("QUIESCE_OP_ID", opID),
+            ("QUIESCE_AGENTS", agents.map(\.address.description).joined(separator: ";")),
+            ("QUIESCE_FROZEN", frozen.map { "\($0.address)=\($0.freeze!.filesystems.map(\.mountPoint).joined(separator: ","))" }.joined(separator: ";")),
+            ("QUIESCE_CRASH_CONSISTENT_AGENTS", crash.map(\.address.description).joined(separator: ";")),
+            ("QUIESCE_AGENT_CONSISTENCY", agents.map { "\($0.address)=\(($0.failure == nil ? Consistency.of($0.freeze) : .crash).rawValue)" }.joined(separator: ";")),
+            ("QUIESCE_DEADLINE_MS", String(deadlineWallMs)),
+            ("QUIESCE_HOOKS_NOT_HELD", frozen.compactMap { a -> String? in
+                let names = a.freeze!.hooksRefused.map(\.name)
+                    + a.freeze!.hooks.filter { $0.isFreezePhase && !$0.succeeded }.map(\.name)
+                return names.isEmpty ? nil : "\(a.address)=\(names.joined(separator: ","))"
+            }.joined(separator: ";")),
+            ("QUIESCE_FROZEN_JSON", frozenJSON(agents)),
+        ]
+    }
+
+    /// QUIESCE_FROZEN_JSON: per agent, its consistency and frozen mountpoints, exact whatever
+    /// characters the paths contain (QUIESCE_FROZEN's ';' ',' '=' separators cannot be).
+    static func frozenJSON(_ agents: [AgentReport]) -> String {
+        var o = JSONObject()
+        for a in agents {
+            let frozen = a.failure == nil ? (a.freeze?.filesystems.map(\.mountPoint) ?? []) : []
+            let consistency = (a.failure == nil ? Consistency.of(a.freeze) : .crash).rawValue
+            let notHeld = a.failure == nil ? (a.freeze.map { Consistency.notHeld($0) } ?? []) : []
+            o[a.address.description] = ["consistency": .string(consistency), "frozen": .array(frozen.map(JSON.string)),
+                                        "hooks_not_held": .array(notHeld.map(JSON.string))]
+        }
+        return JSON.object(o).text
+    }
+
+    /// `base` with every QUIESCE_* variable replaced by `vars`.
+    public static func merge(base: [String], _ vars: [(String, String)]) -> [String] {
+        let names = Set(vars.map { $0.0 })
+        let kept = base.filter { entry in
+            guard let eq = entry.firstIndex(of: "=") else { return true }
+            return !names.contains(String(entry[..<eq]))
+        }
+        return kept + vars.map { "\($0.0)=\($0.1)" }
+    }
+}

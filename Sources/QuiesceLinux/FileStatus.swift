@@ -1,0 +1,169 @@
+// stat(2), lstat(2) and fstat(2) as a value, and the few path operations the agent needs.
+#if canImport(Glibc)
+import Glibc
+#endif
+import CQuiesceShims
+
+/// What stat(2) says about a file: its type, permission bits, owner and identity.
+///
+/// Source of each field: `struct stat` (`st_mode`, `st_uid`, `st_dev`, `st_rdev`, `st_ino`).
+public struct Stat: Sendable, Equatable {
+    /// The file type, from `st_mode & S_IFMT`.
+    public enum Kind: Sendable, Equatable {
+        case regular, directory, symbolicLink, characterDevice, blockDevice, socket, fifo, unknown
+    }
+
+    public var kind: Kind
+    /// The permission bits and set-id/sticky bits (`st_mode & 0o7777`).
+    public var permissions: UInt32
+    /// The owner's uid (`st_uid`).
+    public var uid: UInt32
+    /// The filesystem the file lives on (`st_dev`): for a mountpoint, its superblock's device.
+    public var device: DeviceNumber
+    /// The device a device node stands for (`st_rdev`); zero for other files.
+    public var representedDevice: DeviceNumber
+    /// The inode number (`st_ino`).
+    public var inode: UInt64
+
+    init(_ st: stat) {
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: kind = .regular
+        case S_IFDIR: kind = .directory
+        case S_IFLNK: kind = .symbolicLink
+        case S_IFCHR: kind = .characterDevice
+        case S_IFBLK: kind = .blockDevice
+        case S_IFSOCK: kind = .socket
+        case S_IFIFO: kind = .fifo
+        default: kind = .unknown
+        }
+        permissions = UInt32(st.st_mode & 0o7777)
+        uid = st.st_uid
+        device = DeviceNumber(UInt64(st.st_dev))
+        representedDevice = DeviceNumber(UInt64(st.st_rdev))
+        inode = UInt64(st.st_ino)
+    }
+
+    /// stat(2) of `path`, following symbolic links. Errors: ENOENT, EACCES, ELOOP, …
+    public static func of(path: String) throws(SystemError) -> Stat {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw SystemError("stat", path, Errno.current) }
+        return Stat(st)
+    }
+
+    /// lstat(2) of `path`: a symbolic link is described itself, not followed.
+    public static func ofLink(path: String) throws(SystemError) -> Stat {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { throw SystemError("lstat", path, Errno.current) }
+        return Stat(st)
+    }
+
+    /// fstat(2) of an open descriptor.
+    public static func of(fd: Int32) throws(SystemError) -> Stat {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = Errno.current
+            throw SystemError("fstat", "fd \(fd)", e)
+        }
+        return Stat(st)
+    }
+
+    /// Whether `other` is the same file as this one (same filesystem, inode and, for a device
+    /// node, the same device): how a reopened path is told from a replaced one.
+    public func isSameFile(as other: Stat) -> Bool {
+        device == other.device && inode == other.inode && representedDevice == other.representedDevice
+    }
+}
+
+/// Path operations: directories, renames, removal, existence.
+public enum Paths {
+    /// mkdir(2) with `mode`; an existing directory is not an error. Errors: EACCES, ENOENT, ENOTDIR, …
+    public static func makeDirectory(_ path: String, mode: UInt32 = 0o700) throws(SystemError) {
+        if mkdir(path, mode_t(mode)) == 0 { return }
+        let e = Errno.current
+        if e == .EEXIST { return }
+        throw SystemError("mkdir", path, e)
+    }
+
+    /// rename(2): atomically replaces `to` with `from`.
+    public static func rename(_ from: String, to: String) throws(SystemError) {
+        _ = try retryingEINTR("rename", from) { Glibc.rename(from, to) }
+    }
+
+    /// unlink(2); a missing file is not an error (it is gone either way).
+    public static func remove(_ path: String) {
+        _ = unlink(path)
+    }
+
+    /// Whether something exists at `path` (access(2) with F_OK, symbolic links followed).
+    public static func exists(_ path: String) -> Bool {
+        access(path, F_OK) == 0
+    }
+}
+
+/// fnmatch(3)-style glob patterns.
+public enum Glob {
+    /// fnmatch(3) with no flags: `*` and `?` match "/" too, a leading "." is not special, and
+    /// a backslash escapes the next character.
+    public static func matches(_ pattern: String, _ string: String) -> Bool {
+        fnmatch(pattern, string, 0) == 0
+    }
+
+    /// Why `pattern` is malformed, or nil. fnmatch(3) takes an unclosed `[` as a literal
+    /// character and a trailing backslash as matching nothing (glob(7)); in a configuration
+    /// both are typos that silently change which mountpoints match, so they are named here:
+    /// "unclosed [ at offset N" or "ends with a lone backslash". A bracket expression may start
+    /// with `!` or `^`, takes a `]` right after its opening (or after the `!`) as a member, and
+    /// may hold character classes such as `[:digit:]`.
+    public static func problem(in pattern: String) -> String? {
+        let p = Array(pattern.utf8)
+        var i = 0
+        while i < p.count {
+            switch p[i] {
+            case UInt8(ascii: "\\"):
+                if i + 1 == p.count { return "ends with a lone backslash" }
+                i += 2
+            case UInt8(ascii: "["):
+                let open = i
+                var j = i + 1
+                if j < p.count, p[j] == UInt8(ascii: "!") || p[j] == UInt8(ascii: "^") { j += 1 }
+                if j < p.count, p[j] == UInt8(ascii: "]") { j += 1 }
+                var closed = false
+                while j < p.count {
+                    if p[j] == UInt8(ascii: "["), j + 1 < p.count, p[j + 1] == UInt8(ascii: ":") {
+                        // A class: skip to its ":]" (an unfinished one makes the "[" literal).
+                        var k = j + 2
+                        while k + 1 < p.count, !(p[k] == UInt8(ascii: ":") && p[k + 1] == UInt8(ascii: "]")) { k += 1 }
+                        if k + 1 < p.count { j = k + 2; continue }
+                    }
+                    if p[j] == UInt8(ascii: "]") { closed = true; break }
+                    j += 1
+                }
+                if !closed { return "unclosed [ at offset \(open) (write \\[ for a literal bracket)" }
+                i = j + 1
+            default:
+                i += 1
+            }
+        }
+        return nil
+    }
+}
+
+/// The calling process: identity, environment, exit.
+public enum CurrentProcess {
+    /// getpid(2).
+    public static var id: Int32 { getpid() }
+    /// geteuid(2).
+    public static var effectiveUID: UInt32 { geteuid() }
+    /// The value of an environment variable, nil when unset.
+    public static func environment(_ name: String) -> String? {
+        getenv(name).map { String(cString: $0) }
+    }
+    /// unsetenv(3).
+    public static func unsetEnvironment(_ name: String) { _ = unsetenv(name) }
+    /// exit(3): runs atexit handlers and flushes stdio.
+    public static func exit(_ code: Int32) -> Never { Glibc.exit(code) }
+    /// Caps glibc's malloc arenas (M_ARENA_MAX): fewer arenas, less idle RSS in a many-threaded
+    /// daemon. Returns false if glibc refused.
+    @discardableResult
+    public static func limitMallocArenas(_ arenas: Int32) -> Bool { qs_malloc_arena_max(arenas) != 0 }
+}
