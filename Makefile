@@ -79,10 +79,13 @@ demo-local: deps release
 
 # Scenarios 1-6 of issue 8 in that guest: udev starts the agent, a consistent QMP snapshot,
 # freeze-everything while journald/rsyslog write, SIGKILL while frozen, reinstall and upgrade
-# while frozen, vsock. See scripts/vm/run-e2e.
+# while frozen, vsock. See scripts/vm/run-e2e. Then qemu-ga's port: qemu-ga alone against
+# quiesced in front of it, by its protocol (run-qga-e2e) and through a real libvirtd and virsh
+# (run-libvirt-e2e, which installs Debian's libvirt-daemon itself).
 e2e: deps deb
 	scripts/vm/run-e2e --debs build/deb
 	scripts/vm/run-qga-e2e --debs build/deb
+	scripts/vm/run-libvirt-e2e --debs build/deb
 
 # Issue 13's storage cases in the same systemd guest (its kernel has device-mapper, md and nbd;
 # this host's has not): LVM thin and linear, dm-crypt, md RAID1 and qemu-nbd stacks on images in

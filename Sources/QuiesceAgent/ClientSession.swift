@@ -226,8 +226,8 @@ final class ClientSession: Sendable {
             return true
         case .tooLarge:
             send(dialect.errorFrame(ProtocolError(.frameTooLarge,
-                "frame exceeds \(ProtocolLimits.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")",
-                details: ["max_frame": .int(Int64(ProtocolLimits.maxFrameBytes))]), id: nil))
+                "frame exceeds \(dialect.framing.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")",
+                details: ["max_frame": .int(Int64(dialect.framing.maxFrameBytes))]), id: nil))
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {
@@ -315,6 +315,13 @@ extension ClientSession {
     /// qemu-ga answers strictly in order, one command at a time, and so do we: refusals too
     /// wait their turn. The queue per connection is bounded like our own freeze/thaw queue.
     fileprivate func dispatchQGA(_ bytes: [UInt8]) {
+        // A command over 64 KiB (up to maxQGAFrameBytes) is taken only with nothing ahead of it, so
+        // a connection holds at most one such frame queued besides the one being read.
+        if bytes.count > ProtocolLimits.maxFrameBytes && inFlight.load(ordering: .relaxed) > 0 {
+            let busy = Dialect.qga.errorFrame(ProtocolError(.busy, "a command over 64 KiB is taken only when the commands before it are answered"), id: nil)
+            if !enqueue(.answer(busy)) { send(busy) }
+            return
+        }
         let work: Work
         let id: JSON?
         switch QGA.decode(frame: bytes) {

@@ -226,13 +226,39 @@ public struct AgentConfig: Sendable {
     }
 
     /// Reads a config file: `key = value` lines, `#` comments, blank lines. Errors name file and line.
+    /// Checks what no single setting shows, once the file and the flags are applied: two
+    /// listeners on one socket path, device or vsock port (the second would fail at start,
+    /// after the first had bound), and a max-freeze too short for any freeze to finish.
+    public func validate() throws(ConfigError) {
+        var seen: [String: ListenAddress] = [:]
+        for address in listen {
+            let key: String
+            switch address {
+            case .unix(let p), .qgaUnix(let p): key = "path \(Paths.lexicallyNormal(p))"
+            case .serial(let d), .qgaSerial(let d), .hvVSS(let d): key = "device \(Paths.lexicallyNormal(d))"
+            case .vsock(_, let port): key = "vsock port \(port)"
+            }
+            // The same address twice is listened on once (quiesced says so at start).
+            if let first = seen.updateValue(address, forKey: key), first != address {
+                throw ConfigError("listen: \(first) and \(address) both use \(key): give each listener its own")
+            }
+        }
+        // FIFREEZE alone costs tens of milliseconds per filesystem, hooks more: a deadline
+        // under a second would thaw freezes as they are made.
+        guard maxFreezeMs >= 1000 else { throw ConfigError("max-freeze: at least 1s") }
+    }
+
     public mutating func load(file path: String, text: String) throws(ConfigError) {
         var replacing = Set<String>()
         var lineNumber = 0
         for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
             lineNumber += 1
+            // A comment starts at a `#` that begins the line or follows a space or tab, as in
+            // the shell: a `#` inside a value (unix:/run/a#b.sock) is part of it.
             var line = Substring(rawLine)
-            if let hash = line.firstIndex(of: "#") { line = line[..<hash] }
+            if let hash = line.indices.first(where: { i in
+                line[i] == "#" && (i == line.startIndex || line[line.index(before: i)] == " " || line[line.index(before: i)] == "\t")
+            }) { line = line[..<hash] }
             let trimmed = String(line).trimmingASCIIWhitespace()
             if trimmed.isEmpty { continue }
             guard let eq = trimmed.firstIndex(of: "=") else {

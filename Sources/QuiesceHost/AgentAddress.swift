@@ -1,4 +1,5 @@
 // Where an agent listens, as written on the command line: unix:, vsock:, hvsock:, serial: or qga:unix:.
+import QuiesceLinux
 import QuiesceProtocol
 
 /// The address of one guest agent.
@@ -60,6 +61,16 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
         case .serial(let path): "serial port socket \(path)"
         case .qga(let path): "qemu-ga at \(path)"
         }
+    }
+
+    /// What tells two addresses of the same agent apart from two agents: the socket's file
+    /// (device and inode, by stat(2) following links) with the port for hybrid vsock, so that
+    /// two spellings of one path, or a link to it, compare equal; the text form otherwise (a
+    /// socket that does not exist yet, vsock).
+    public var identity: String {
+        guard let path = socketPath, let st = try? Stat.of(path: path) else { return description }
+        let port: String = if case .hybridVsock(_, let p) = self { ":\(p)" } else { "" }
+        return "socket:\(st.device.major):\(st.device.minor):\(st.inode)\(port)"
     }
 
     /// The Unix socket path the connection starts with, if any.

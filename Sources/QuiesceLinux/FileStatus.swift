@@ -94,6 +94,25 @@ public enum Paths {
         _ = unlink(path)
     }
 
+    /// `path` with `.` and empty components removed and `..` applied to the components before
+    /// it, without looking at the filesystem (links are not followed): "/a//b/../c/." is "/a/c".
+    public static func lexicallyNormal(_ path: String) -> String {
+        var parts: [Substring] = []
+        for c in path.split(separator: "/", omittingEmptySubsequences: true) {
+            if c == "." { continue }
+            if c == ".." { if !parts.isEmpty { parts.removeLast() }; continue }
+            parts.append(c)
+        }
+        return (path.hasPrefix("/") ? "/" : "") + parts.joined(separator: "/")
+    }
+
+    /// The directory part of `path`, as dirname(1) gives it: "/run/q/a.sock" is "/run/q", "/a" is "/".
+    public static func parent(_ path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        let head = path[..<slash]
+        return head.isEmpty ? "/" : String(head)
+    }
+
     /// Whether something exists at `path` (access(2) with F_OK, symbolic links followed).
     public static func exists(_ path: String) -> Bool {
         access(path, F_OK) == 0
@@ -109,11 +128,12 @@ public enum Glob {
     }
 
     /// Why `pattern` is malformed, or nil. fnmatch(3) takes an unclosed `[` as a literal
-    /// character and a trailing backslash as matching nothing (glob(7)); in a configuration
-    /// both are typos that silently change which mountpoints match, so they are named here:
-    /// "unclosed [ at offset N" or "ends with a lone backslash". A bracket expression may start
-    /// with `!` or `^`, takes a `]` right after its opening (or after the `!`) as a member, and
-    /// may hold character classes such as `[:digit:]`.
+    /// character, matches nothing with a trailing backslash, an unknown character class or a
+    /// range whose end sorts before its start (glob(7), checked against glibc); in a
+    /// configuration each is a typo that silently changes which mountpoints match, so each is
+    /// named: "unclosed [ at offset N", "ends with a lone backslash", "unknown character class
+    /// [:NAME:]", "empty range z-a". A bracket expression may start with `!` or `^` and takes a
+    /// `]` right after its opening (or after the `!`) as a member.
     public static func problem(in pattern: String) -> String? {
         let p = Array(pattern.utf8)
         var i = 0
@@ -123,28 +143,66 @@ public enum Glob {
                 if i + 1 == p.count { return "ends with a lone backslash" }
                 i += 2
             case UInt8(ascii: "["):
-                let open = i
-                var j = i + 1
-                if j < p.count, p[j] == UInt8(ascii: "!") || p[j] == UInt8(ascii: "^") { j += 1 }
-                if j < p.count, p[j] == UInt8(ascii: "]") { j += 1 }
-                var closed = false
-                while j < p.count {
-                    if p[j] == UInt8(ascii: "["), j + 1 < p.count, p[j + 1] == UInt8(ascii: ":") {
-                        // A class: skip to its ":]" (an unfinished one makes the "[" literal).
-                        var k = j + 2
-                        while k + 1 < p.count, !(p[k] == UInt8(ascii: ":") && p[k + 1] == UInt8(ascii: "]")) { k += 1 }
-                        if k + 1 < p.count { j = k + 2; continue }
-                    }
-                    if p[j] == UInt8(ascii: "]") { closed = true; break }
-                    j += 1
+                switch bracket(p, from: i) {
+                case .end(let next): i = next
+                case .problem(let why): return why
                 }
-                if !closed { return "unclosed [ at offset \(open) (write \\[ for a literal bracket)" }
-                i = j + 1
             default:
                 i += 1
             }
         }
         return nil
+    }
+
+    /// The POSIX character classes (glob(7), wctype(3) in the C locale).
+    static let classes: Set<String> = ["alnum", "alpha", "blank", "cntrl", "digit", "graph", "lower", "print",
+                                       "punct", "space", "upper", "xdigit"]
+
+    private enum Bracket { case end(Int), problem(String) }
+
+    /// Reads the bracket expression opening at `open`: where it ends, or what is wrong with it.
+    private static func bracket(_ p: [UInt8], from open: Int) -> Bracket {
+        var j = open + 1
+        if j < p.count, p[j] == UInt8(ascii: "!") || p[j] == UInt8(ascii: "^") { j += 1 }
+        var first = true
+        var previous: UInt8?  // the last single member, a possible range start
+        while j < p.count {
+            let c = p[j]
+            if c == UInt8(ascii: "]") && !first { return .end(j + 1) }
+            first = false
+            if c == UInt8(ascii: "["), j + 1 < p.count, [UInt8(ascii: ":"), UInt8(ascii: "="), UInt8(ascii: ".")].contains(p[j + 1]) {
+                // [:class:], [=equivalence=] or [.collating.]: runs to the same mark and "]".
+                let mark = p[j + 1]
+                var k = j + 2
+                while k + 1 < p.count, !(p[k] == mark && p[k + 1] == UInt8(ascii: "]")) { k += 1 }
+                if k + 1 < p.count {
+                    let name = String(decoding: p[(j + 2)..<k], as: UTF8.self)
+                    if mark == UInt8(ascii: ":"), !classes.contains(name) {
+                        return .problem("unknown character class [:\(name):] (one of \(classes.sorted().joined(separator: ", ")))")
+                    }
+                    j = k + 2
+                    previous = nil
+                    continue
+                }
+            }
+            var member = c
+            var width = 1
+            if c == UInt8(ascii: "\\"), j + 1 < p.count { member = p[j + 1]; width = 2 }
+            if c == UInt8(ascii: "-"), let start = previous, j + 1 < p.count, p[j + 1] != UInt8(ascii: "]") {
+                var end = p[j + 1]
+                var w = 2
+                if end == UInt8(ascii: "\\"), j + 2 < p.count { end = p[j + 2]; w = 3 }
+                if start < 0x80, end < 0x80, end < start {  // ASCII; others compare by collation
+                    return .problem("empty range \(Character(Unicode.Scalar(start)))-\(Character(Unicode.Scalar(end))) (a range runs from low to high)")
+                }
+                j += w
+                previous = nil
+                continue
+            }
+            previous = member
+            j += width
+        }
+        return .problem("unclosed [ at offset \(open) (write \\[ for a literal bracket)")
     }
 }
 

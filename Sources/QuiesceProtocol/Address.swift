@@ -86,11 +86,17 @@ public struct TransportAddress: Sendable, Hashable {
             let parts = rest.split(separator: ":", omittingEmptySubsequences: false)
             switch (parts.count, role) {
             case (1, .listen):
-                self.init(transport: .vsock(cid: nil, port: try TransportAddress.number(parts[0], "port", bad)))
+                self.init(transport: .vsock(cid: nil, port: try TransportAddress.vsockPort(parts[0], bad)))
             case (2, _):
                 let cid = try TransportAddress.number(parts[0], "CID", bad)
-                let port = try TransportAddress.number(parts[1], "port", bad)
-                if role == .connect {
+                let port = try TransportAddress.vsockPort(parts[1], bad)
+                if role == .listen {
+                    // The agent binds a local CID: its own, any (4294967295) or local loopback (1).
+                    switch cid {
+                    case 0, 2: throw bad("CID \(cid) is the \(cid == 0 ? "hypervisor's" : "host's"), not this guest's; listen on vsock:PORT (any CID) or vsock:OWN_CID:PORT")
+                    default: break
+                    }
+                } else {
                     switch cid {
                     case 0: throw bad("CID 0 is the hypervisor, not a guest; a guest's CID is 3 or more")
                     case 2: throw bad("CID 2 is the host itself, not a guest; a guest's CID is 3 or more (1 is local loopback)")
@@ -110,7 +116,7 @@ public struct TransportAddress: Sendable, Hashable {
                 throw bad("expected hvsock:UDS_PATH:PORT, e.g. hvsock:/run/vm1/vsock.sock:5123")
             }
             let path = try TransportAddress.path(String(rest[..<last]), socket: true, role: role, bad)
-            let port = try TransportAddress.number(rest[rest.index(after: last)...], "port", bad)
+            let port = try TransportAddress.vsockPort(rest[rest.index(after: last)...], bad)
             self.init(transport: .hybridVsock(path: path, port: port))
         case "hv-vss":
             self = try TransportAddress.hvVSS(rest: rest, role: role, bad)
@@ -138,6 +144,16 @@ public struct TransportAddress: Sendable, Hashable {
             throw bad("the socket path is longer than \(unixPathMax) bytes, the limit of a Unix socket address")
         }
         return path
+    }
+
+    /// A vsock port: a number below 4294967295, which is VMADDR_PORT_ANY (linux/vm_sockets.h):
+    /// bound, the kernel would pick a random port no host could know; connected, it names none.
+    private static func vsockPort(_ s: Substring, _ bad: (String) -> AddressParseError) throws(AddressParseError) -> UInt32 {
+        let port = try number(s, "port", bad)
+        guard port != UInt32.max else {
+            throw bad("port \(port) is VMADDR_PORT_ANY (\"any port\"), not a port a host can reach; pick one, e.g. 5123")
+        }
+        return port
     }
 
     /// A decimal number from 0 to 4294967295, digits only (no sign, no spaces).

@@ -25,6 +25,15 @@ public enum Framing: Sendable, Equatable {
     /// runs to the end of its line or to the next `{` or `[`, and is a frame of its own that
     /// then fails to decode as a command: one error per such run, as with line framing.
     case jsonValues
+
+    /// The largest frame a peer may send with this framing: `ProtocolLimits.maxFrameBytes` for
+    /// our lines, `ProtocolLimits.maxQGAFrameBytes` for qemu-ga's dialect.
+    public var maxFrameBytes: Int {
+        switch self {
+        case .lines: ProtocolLimits.maxFrameBytes
+        case .jsonValues: ProtocolLimits.maxQGAFrameBytes
+        }
+    }
 }
 
 /// A streaming, bounded frame splitter. Feed it bytes in any chunking; take events out.
@@ -46,9 +55,12 @@ public struct FrameDecoder: Sendable {
     private var escaped = false
     private var inScalar = false
 
-    public init(maxFrameBytes: Int = ProtocolLimits.maxFrameBytes, framing: Framing = .lines) {
-        precondition(maxFrameBytes > 0)
-        self.maxFrameBytes = maxFrameBytes
+    /// `maxFrameBytes`: the largest frame taken; by default `framing.maxFrameBytes` (64 KiB for
+    /// lines, 16 MiB for qemu-ga's JSON values).
+    public init(maxFrameBytes: Int? = nil, framing: Framing = .lines) {
+        let limit = maxFrameBytes ?? framing.maxFrameBytes
+        precondition(limit > 0)
+        self.maxFrameBytes = limit
         self.framing = framing
     }
 
@@ -200,6 +212,13 @@ public struct FrameDecoder: Sendable {
 public enum ProtocolLimits {
     /// The largest frame (one JSON line, without the newline) a peer may send.
     public static let maxFrameBytes = 65_536
+    /// The largest command a host may send in qemu-ga's dialect (`qga+` listeners), in bytes.
+    /// qemu-ga's own parser takes a message of up to 64 MiB of tokens (`MAX_TOKEN_SIZE` in
+    /// qemu's qobject/json-streamer.c), and hosts do send more than 64 KiB: a `guest-file-write`
+    /// carries its data base64-encoded in the command (Proxmox's `qm guest file-write` takes up to
+    /// 60 KiB, about 80 KiB of JSON). 16 MiB carries a 12 MiB write, while a connection holds at
+    /// most one such frame being read and one queued (PROTOCOL.md section 12).
+    public static let maxQGAFrameBytes = 16 << 20
     /// The deepest nesting of arrays and objects accepted in a frame.
     public static let maxDepth = 16
 }

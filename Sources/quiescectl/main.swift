@@ -103,10 +103,16 @@ struct GlobalOptions: ParsableArguments {
     func validate() throws {
         guard connectTimeout.milliseconds > 0 else { throw ValidationError("--connect-timeout must be longer than 0") }
         guard replyTimeout.milliseconds > 0 else { throw ValidationError("--reply-timeout must be longer than 0") }
-        var seen = Set<String>()
-        for agent in agents where !seen.insert(agent.description).inserted {
+        var seen = [String: AgentAddress]()
+        for agent in agents {
             // The same agent twice would be frozen once and thawed twice: a confusing lost freeze.
-            throw ValidationError("--agent \(agent) is given twice: name each guest once")
+            // Sockets are compared by the file they name, so unix:/p/q.sock and unix:/p/../p/q.sock
+            // (or a symbolic link to it) are the same agent.
+            if let first = seen.updateValue(agent, forKey: agent.identity) {
+                throw ValidationError(first.description == agent.description
+                    ? "--agent \(agent) is given twice: name each guest once"
+                    : "--agent \(first) and --agent \(agent) are the same agent (the same socket): name each guest once")
+            }
         }
     }
 
@@ -131,6 +137,18 @@ func duration(_ text: String, flag: String) throws -> TimeSpan {
 }
 
 func mountList(_ mounts: [String]) -> [String]? { mounts.isEmpty ? nil : mounts }
+
+/// --mount values: mountpoints as the guest's /proc/self/mountinfo shows them, so absolute.
+func checkMounts(_ mounts: [String]) throws {
+    for m in mounts where m.isEmpty || !m.hasPrefix("/") || m.utf8.contains(0) {
+        throw ValidationError("--mount \"\(m)\" is not a mountpoint: give the absolute path the guest mounts it at, e.g. --mount /var/lib/mysql")
+    }
+}
+
+/// --op-id: 1 to 128 bytes, as the agent takes it (PROTOCOL.md, the op_id field).
+func checkOpID(_ id: String?) throws {
+    if let id, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+}
 
 extension AgentFailurePolicy: ExpressibleByArgument {}
 
@@ -218,6 +236,8 @@ struct Filesystems: ParsableCommand {
     @Option(name: .customLong("mount"), help: ArgumentHelp("Preview freezing only this mountpoint (repeatable).", valueName: "M"))
     var mounts: [String] = []
 
+    func validate() throws { try checkMounts(mounts) }
+
     func run() throws {
         let g = root.global
         let m = mountList(mounts)
@@ -244,7 +264,8 @@ struct Freeze: ParsableCommand {
 
     func validate() throws {
         if let t = timeout, t.milliseconds == 0 { throw ValidationError("--timeout must be longer than 0") }
-        if let id = opID, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+        try checkOpID(opID)
+        try checkMounts(mounts)
     }
 
     func run() throws {
@@ -269,6 +290,8 @@ struct Thaw: ParsableCommand {
     @Option(name: .customLong("op-id"), help: ArgumentHelp("Thaw only if this operation holds the freeze.", valueName: "ID"))
     var opID: String?
 
+    func validate() throws { try checkOpID(opID) }
+
     func run() throws {
         let g = root.global
         let op = opID
@@ -288,6 +311,8 @@ struct Sync: ParsableCommand {
 
     @Option(name: .customLong("mount"), help: ArgumentHelp("Sync only this mountpoint (repeatable).", valueName: "M"))
     var mounts: [String] = []
+
+    func validate() throws { try checkMounts(mounts) }
 
     func run() throws {
         let g = root.global
@@ -370,7 +395,8 @@ struct Checkpoint: ParsableCommand {
             guard lease.milliseconds >= 300 else { throw ValidationError("--lease must be at least 300ms") }
             guard lease <= timeout else { throw ValidationError("--lease (\(lease)) must not be longer than --timeout (\(timeout))") }
         }
-        if let id = opID, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+        try checkOpID(opID)
+        try checkMounts(mounts)
         if let w = freezeWait, w.milliseconds == 0 { throw ValidationError("--freeze-wait must be longer than 0") }
         // Refuse a COMMAND that cannot run before any guest is frozen for it.
         if let e = Subprocess.cannotRun(command[0]) {

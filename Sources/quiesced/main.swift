@@ -110,6 +110,7 @@ do {
     }
     var replacing = Set<String>()
     for (k, v) in flags { try config.apply(key: k, value: v, replacing: &replacing) }
+    try config.validate()
 } catch {
     fail("\(error)")
 }
@@ -207,8 +208,18 @@ for address in config.listen {
     do {
         switch address {
         case .unix(let path), .qgaUnix(let path):
-            server.serve(listener: try Socket.listenUnix(path: path, mode: 0o600), name: address.description,
+            // Root alone: mode 0600. When allow-uid names other users, they must be able to
+            // connect at all: 0666, and admission (SO_PEERCRED against allow-uid) refuses the rest.
+            let others = config.allowedUIDs.contains { $0 != 0 }
+            server.serve(listener: try Socket.listenUnix(path: path, mode: others ? 0o666 : 0o600), name: address.description,
                          dialect: address.dialect)
+            if others {
+                let uids = config.allowedUIDs.sorted().map(String.init).joined(separator: " ")
+                logger.info("\(address): mode 0666; peers admitted by uid (allow-uid \(uids))")
+                if let dir = try? Stat.of(path: Paths.parent(path)), dir.permissions & 0o001 == 0 {
+                    logger.warning("\(address): its directory \(Paths.parent(path)) is not searchable by other users: allow-uid \(uids) cannot reach the socket")
+                }
+            }
             unixPaths.append(path)
         case .vsock(let cid, let port):
             server.serve(listener: try Socket.listenVsock(cid: cid ?? UInt32.max, port: port), name: address.description)

@@ -173,6 +173,60 @@ struct QGAForwardTests {
         }
     }
 
+    @Test("a 1 MiB guest-file-write (a 1.4 MiB command) goes through quiesced as it goes to qemu-ga; past 16 MiB a clear error")
+    func largeCommands() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let ga = try PrivateQemuGA(lab: lab.root)
+            defer { ga.stop() }
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: [
+                "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
+            try waitForSocket(qga)
+            defer { agent.stop() }
+            var generator = SystemRandomNumberGenerator()
+            let data = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            let b64 = Data(data).base64EncodedString()
+            /// open, write, close on one connection; the write's reply as sent.
+            func write(_ path: String, call: (String) throws -> [UInt8]) throws -> [UInt8] {
+                let opened = try JSON.parse(call(#"{"execute":"guest-file-open","arguments":{"path":"\#(path)","mode":"w"}}"#))
+                let handle = try #require(opened["return"]?.intValue, "\(opened)")
+                let reply = try call(#"{"execute":"guest-file-write","arguments":{"handle":\#(handle),"buf-b64":"\#(b64)"}}"#)
+                #expect(try JSON.parse(call(#"{"execute":"guest-file-close","arguments":{"handle":\#(handle)}}"#)) == ["return": [:]])
+                return reply
+            }
+            // qemu-ga serves one client at a time: this connection is closed before quiesced's.
+            var direct: QGAClient? = try QGAClient(path: ga.socket)
+            let theirs = try write("\(a)/direct") { try direct!.send($0); return try direct!.replyLine() }
+            direct = nil
+            let c = try QGAClient(path: qga)
+            let ours = try write("\(a)/forwarded") { try c.send($0); return try c.replyLine(timeoutMs: 30_000) }
+            #expect(ours == theirs, "relayed as qemu-ga answers: \(String(decoding: ours, as: UTF8.self))")
+            #expect(try JSON.parse(ours) == ["return": ["count": 1_048_576, "eof": false]])
+            #expect(FileManager.default.contents(atPath: "\(a)/forwarded") == Data(data))
+
+            // Behind a command still in flight, a large one is refused (busy), in its turn: a
+            // connection holds at most one large frame queued.
+            kill(ga.process.processIdentifier, SIGSTOP)
+            try c.send(#"{"execute":"guest-get-host-name"}"#)
+            try c.send(#"{"execute":"guest-file-write","arguments":{"handle":1,"buf-b64":"\#(b64)"}}"#)
+            usleep(500_000)
+            kill(ga.process.processIdentifier, SIGCONT)
+            #expect(try c.reply(timeoutMs: 30_000)["return"]?["host-name"] != nil)
+            let busy = try c.reply(timeoutMs: 30_000)
+            #expect(busy["error"]?["desc"]?.stringValue?.hasPrefix("busy: a command over 64 KiB") == true, "\(busy)")
+
+            // Past maxQGAFrameBytes: frame-too-large, naming the limit, and the stream closes.
+            let big = try QGAClient(path: qga)
+            let oversized = Array(#"{"execute":"guest-file-write","arguments":{"handle":1,"buf-b64":""#.utf8)
+                + [UInt8](repeating: 0x41, count: ProtocolLimits.maxQGAFrameBytes) + Array(#""}}"#.utf8) + [0x0A]
+            try? FD.writeAll(big.fd, oversized, timeoutMs: 30_000)
+            let refused = try big.reply(timeoutMs: 30_000)
+            #expect(refused["error"]?["desc"]?.stringValue?.hasPrefix("frame-too-large: frame exceeds \(ProtocolLimits.maxQGAFrameBytes) bytes") == true,
+                    "\(refused)")
+        }
+    }
+
     @Test("a qemu-ga stuck on the frozen filesystem costs a forwarded command 5 s and never holds up ping, status or thaw")
     func stuckQemuGA() async throws {
         try await LoopLab.with { lab in

@@ -248,12 +248,38 @@ struct CheckpointTests {
         (["--agent", "unix:/x", "checkpoint", "--timeout", "0", "--", "true"], "--timeout must be longer than 0"),
         (["--agent", "unix:/x", "--agent", "vsock:3:5", "--agent", "unix:/x", "checkpoint", "--", "true"], "--agent unix:/x is given twice"),
         (["--agent", "unix:/x", "checkpoint", "--", "no-such-command-here"], "COMMAND not found: no-such-command-here (nothing was frozen)"),
+        (["--agent", "unix:/x", "thaw", "--op-id", ""], "--op-id must be 1 to 128 bytes"),
+        (["--agent", "unix:/x", "freeze", "--mount", ""], "--mount \"\" is not a mountpoint"),
+        (["--agent", "unix:/x", "freeze", "--mount", "data"], "--mount \"data\" is not a mountpoint"),
+        (["--agent", "unix:/x", "sync", "--mount", "data"], "--mount \"data\" is not a mountpoint"),
+        (["--agent", "unix:/x", "filesystems", "--mount", "./x"], "is not a mountpoint"),
+        (["--agent", "unix:/x", "checkpoint", "--mount", "srv", "--", "true"], "--mount \"srv\" is not a mountpoint"),
         (["--agent", "unix:/x", "checkpoint", "--", "/tmp"], "COMMAND /tmp is not an executable file (EACCES)"),
     ])
     func usageErrors(arguments: [String], message: String) throws {
         let r = try Ctl.run(arguments, in: TempDir())
         #expect(r.status == ExitCodes.usage)
         #expect(r.stderr.contains(message), "\(r.stderr)")
+    }
+
+    @Test("one agent's socket under two spellings, or through a link, is the same agent: usage error, nothing frozen")
+    func sameSocketTwoSpellings() throws {
+        let dir = TempDir()
+        let path = dir.file("q.sock")
+        let fd = try Socket.listenUnix(path: path)
+        defer { FD.close(fd) }
+        _ = try sh("mkdir '\(dir.path)/sub' && ln -s '\(path)' '\(dir.path)/link.sock'")
+        for other in ["unix:\(dir.path)/sub/../q.sock", "unix:\(dir.path)/link.sock", "qga:unix:\(dir.path)//q.sock"] {
+            let r = try Ctl.run(["--agent", "unix:\(path)", "--agent", other, "checkpoint", "--", "true"], in: dir)
+            #expect(r.status == ExitCodes.usage, "\(other): \(r.stderr)")
+            #expect(r.stderr.contains("are the same agent (the same socket)"), "\(r.stderr)")
+        }
+        // Two different sockets are two agents (the run then fails to reach them: not a usage error).
+        let fd2 = try Socket.listenUnix(path: dir.file("r.sock"))
+        defer { FD.close(fd2) }
+        let r = try Ctl.run(["--agent", "unix:\(path)", "--agent", "unix:\(dir.file("r.sock"))", "--connect-timeout", "1s",
+                             "--reply-timeout", "1s", "checkpoint", "--", "true"], in: dir)
+        #expect(r.status != ExitCodes.usage, "\(r.stderr)")
     }
 
     @Test("--help documents the exit codes and the environment")

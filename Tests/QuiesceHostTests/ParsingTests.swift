@@ -11,7 +11,7 @@ struct AgentAddressTests {
         ("unix:/path:with:colons", .unix(path: "/path:with:colons")),
         ("vsock:42:5123", .vsock(cid: 42, port: 5123)),
         ("vsock:1:5123", .vsock(cid: 1, port: 5123)),
-        ("vsock:4294967294:4294967295", .vsock(cid: 4_294_967_294, port: 4_294_967_295)),
+        ("vsock:4294967294:4294967294", .vsock(cid: 4_294_967_294, port: 4_294_967_294)),
         ("hvsock:/run/fc/vm1/v.sock:5123", .hybridVsock(path: "/run/fc/vm1/v.sock", port: 5123)),
         ("hvsock:/odd:path/v.sock:52", .hybridVsock(path: "/odd:path/v.sock", port: 52)),
         ("serial:/run/vm1/qga.sock", .serial(path: "/run/vm1/qga.sock")),

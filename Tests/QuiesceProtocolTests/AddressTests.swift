@@ -30,7 +30,7 @@ struct TransportAddressTests {
         ("unix:relative/agent.sock", T(transport: .unix(path: "relative/agent.sock"))),
         ("unix:/path:with:colons", T(transport: .unix(path: "/path:with:colons"))),
         ("vsock:42:5123", T(transport: .vsock(cid: 42, port: 5123))),
-        ("vsock:4294967294:4294967295", T(transport: .vsock(cid: 4_294_967_294, port: 4_294_967_295))),
+        ("vsock:4294967294:4294967294", T(transport: .vsock(cid: 4_294_967_294, port: 4_294_967_294))),
         ("hvsock:/odd:path/v.sock:52", T(transport: .hybridVsock(path: "/odd:path/v.sock", port: 52))),
         ("serial:vm1/agent.sock", T(transport: .serial(path: "vm1/agent.sock"))),
         ("qga:unix:/run/vm1/qga.sock", T(transport: .unix(path: "/run/vm1/qga.sock"), speaksQGA: true)),
@@ -69,6 +69,11 @@ struct TransportAddressTests {
         ("qga:vsock:5123", .listen, "expected qga+unix:PATH or qga+serial:DEVICE"),
         ("qga:unix:", .connect, "the socket path is empty"),
         ("qga+vsock:5", .listen, "unknown kind \"qga+vsock\""),
+        ("vsock:4294967295", .listen, "VMADDR_PORT_ANY"),
+        ("vsock:3:4294967295", .connect, "VMADDR_PORT_ANY"),
+        ("hvsock:/run/v.sock:4294967295", .connect, "VMADDR_PORT_ANY"),
+        ("vsock:2:5123", .listen, "CID 2 is the host's, not this guest's"),
+        ("vsock:0:5123", .listen, "CID 0 is the hypervisor's"),
     ])
     func refusesBadInput(text: String, role: AddressRole, message: String) {
         #expect {

@@ -91,6 +91,20 @@ struct JSONValueFramingTests {
         #expect(decoder.bufferedByteCount <= 64, "memory stays bounded while skipping")
     }
 
+    @Test("qemu-ga's framing takes a command of 1 MiB whole (guest-file-write data) and stops at 16 MiB; lines stay at 64 KiB")
+    func largeQGACommands() {
+        #expect(FrameDecoder(framing: .jsonValues).maxFrameBytes == 16 << 20)
+        #expect(FrameDecoder(framing: .lines).maxFrameBytes == 65_536)
+        let write = #"{"execute":"guest-file-write","arguments":{"handle":1,"buf-b64":""# + String(repeating: "QUJD", count: 1 << 18) + #""}}"#
+        var decoder = FrameDecoder(framing: .jsonValues)
+        decoder.feed(bytes(write + write))
+        #expect(decoder.next() == .frame(bytes(write)))
+        #expect(decoder.next() == .frame(bytes(write)))
+        var small = FrameDecoder(framing: .lines)
+        small.feed(bytes(write + "\n"))
+        if case .tooLarge = small.next() {} else { Issue.record("a 1 MiB line passed the 64 KiB limit") }
+    }
+
     @Test("line framing is unchanged: objects without a newline between them stay one line")
     func linesUnchanged() {
         var decoder = FrameDecoder()

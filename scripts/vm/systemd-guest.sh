@@ -4,9 +4,8 @@
 # demo-guest). Needs lib.sh sourced first, ROOT set, and a caller that traps EXIT to sg_cleanup.
 #
 #   sg_boot DIR DEBS_DIR [agent-port-at-boot=yes|no]
-#       builds or reuses the cached image, makes in DIR a qcow2 overlay over it, a fresh 256 MiB
-#       ext4 data disk (/data in the guest) and a read-only disk holding DEBS_DIR (its .deb files),
-#       boots QEMU (TCG) and waits for the guest's command channel. Sets SG_DIR, SG_QMP,
+#       sg_make_disks (below), then boots QEMU (TCG) on them and waits for the guest's command
+#       channel (sg_open_channel; run-libvirt-e2e uses both with a libvirt domain instead). Sets SG_DIR, SG_QMP,
 #       SG_AGENT_SOCK, SG_VSOCK_CID (empty when the host has no usable /dev/vhost-vsock and
 #       SG_VSOCK_SKIP says why), SG_BOOT_MS.
 #   sg_run TIMEOUT_S SCRIPT   runs SCRIPT with bash in the guest (as root); prints its output,
@@ -24,19 +23,22 @@
 # (DIR/shell.sock, for a human: socat -,raw,echo=0 UNIX-CONNECT:DIR/shell.sock).
 
 SG_DIR='' SG_QEMU_PID='' SG_QMP='' SG_AGENT_SOCK='' SG_VSOCK_CID='' SG_VSOCK_SKIP='' SG_BOOT_MS=''
-SG_SEQ=0 SG_CHANNEL_PID='' SG_KEEP=${SG_KEEP:-}
+SG_SEQ=0 SG_CHANNEL_PID='' SG_KEEP=${SG_KEEP:-} SG_KERNEL='' SG_INITRD=''
 
 sg_ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 
-sg_boot() {
-    local dir=$1 debs=$2 port_at_boot=${3:-yes}
+# sg_make_disks DIR DEBS_DIR: builds or reuses the cached image and makes in DIR the guest's
+# disks: system.qcow2 (an overlay over the image), data.img (a fresh 256 MiB ext4, /data) and
+# debs.img (DEBS_DIR's files, label quiesce-debs). Sets SG_DIR, SG_KERNEL and SG_INITRD.
+sg_make_disks() {
+    local dir=$1 debs=$2
     SG_DIR=$dir
-    local guest kernel initrd base t0
+    local guest base t0
     echo "== build or reuse the systemd guest image (.vm-cache/systemd-guest)"
     t0=$(date +%s%N)
     guest=$("$ROOT/scripts/vm/build-systemd-guest") || return 1
-    kernel=$(sed -n 's/^KERNEL=//p' <<<"$guest")
-    initrd=$(sed -n 's/^INITRD=//p' <<<"$guest")
+    SG_KERNEL=$(sed -n 's/^KERNEL=//p' <<<"$guest")
+    SG_INITRD=$(sed -n 's/^INITRD=//p' <<<"$guest")
     base=$(sed -n 's/^BASE=//p' <<<"$guest")
     echo "image ready in $(sg_ms_since "$t0") ms: $base"
 
@@ -46,6 +48,13 @@ sg_boot() {
     mkfs.ext4 -q -F -L quiesce-data "$dir/data.img"
     truncate -s 128M "$dir/debs.img"
     mkfs.ext4 -q -F -L quiesce-debs -d "$debs" "$dir/debs.img"
+}
+
+sg_boot() {
+    local dir=$1 debs=$2 port_at_boot=${3:-yes}
+    local kernel initrd t0
+    sg_make_disks "$dir" "$debs" || return 1
+    kernel=$SG_KERNEL initrd=$SG_INITRD
 
     SG_QMP=$dir/qmp.sock
     SG_AGENT_SOCK=$dir/agent.sock
@@ -85,9 +94,17 @@ sg_boot() {
     local _
     for _ in $(seq 100); do [ -S "$dir/cmd.sock" ] && break; sleep 0.1; done
     [ -S "$dir/cmd.sock" ] || { cat "$dir/qemu.out" >&2; echo "QEMU did not start" >&2; return 1; }
-    # One connection for the whole run: bytes sent while the guest has not opened its port are
+    sg_open_channel "$dir/cmd.sock" "$t0"
+}
+
+# sg_open_channel SOCKET T0: connects to the guest's command channel (the host end of the port
+# org.quiesce.test.cmd) and waits for the guest's READY. SG_QEMU_PID is the QEMU being booted
+# (its exit ends the wait); T0 (date +%s%N) when the boot began. Sets SG_BOOT_MS.
+sg_open_channel() {
+    local sock=$1 t0=$2 dir=$SG_DIR
+    # One connection for the whole boot: bytes sent while the guest has not opened its port are
     # dropped by QEMU, so the guest announces READY first.
-    coproc SG_CMD { exec socat - "UNIX-CONNECT:$dir/cmd.sock"; }
+    coproc SG_CMD { exec socat - "UNIX-CONNECT:$sock"; }
     SG_CHANNEL_PID=$SG_CMD_PID
     local line deadline=$(( $(date +%s) + ${SG_BOOT_TIMEOUT:-300} )) next=30
     while :; do
@@ -95,7 +112,7 @@ sg_boot() {
             [[ $line == READY* ]] && break
         fi
         if ! kill -0 "$SG_QEMU_PID" 2>/dev/null; then
-            echo "QEMU exited during boot:" >&2; cat "$dir/qemu.out" >&2; tail -n 30 "$dir/console.log" >&2
+            echo "QEMU exited during boot:" >&2; cat "$dir/qemu.out" >&2 2>/dev/null; tail -n 30 "$dir/console.log" >&2
             return 1
         fi
         local waited=$(( $(sg_ms_since "$t0") / 1000 ))
