@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <spawn.h>
 #include <pthread.h>
+#include <sys/eventfd.h>
 #include "quiesce_shims.h"
 
 int qs_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
@@ -22,6 +23,8 @@ int qs_async_to_this_thread(int fd) {
 }
 
 int qs_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+int qs_eventfd(void) { return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
 
 int qs_pidfd_open(int pid) {
 #ifdef SYS_pidfd_open

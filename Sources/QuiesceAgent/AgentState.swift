@@ -85,8 +85,9 @@ public actor AgentState {
     let logger: Logger
     /// Thaws by itself if this actor ever misses a deadline by more than its grace.
     let guardian: DeadlineGuard
-    /// Pushes an event to every connection that said hello.
-    let broadcast: @Sendable (Event) -> Void
+    /// Pushes an event to every connection that said hello, except the one given (the
+    /// requester whose `thaw` caused a `thawed` event gets the reply instead).
+    let broadcast: @Sendable (Event, _ except: ConnectionID?) -> Void
     /// Reports a one-line state to the service manager (STATUS=).
     let reportStatus: @Sendable (String) -> Void
     /// Whether someone reads the STATUS= countdown (a service manager): only then does a frozen
@@ -103,7 +104,7 @@ public actor AgentState {
     ///   - kernel: where FIFREEZE, FITHAW and syncfs go (the real kernel; a fake in tests).
     ///   - planner: what plans a freeze (nil: `Discovery` of the live system in `config.scope`).
     public init(config: AgentConfig, logger: Logger,
-                broadcast: @escaping @Sendable (Event) -> Void = { _ in },
+                broadcast: @escaping @Sendable (Event, _ except: ConnectionID?) -> Void = { _, _ in },
                 reportStatus: @escaping @Sendable (String) -> Void = { _ in },
                 statusCountdown: Bool = false,
                 recovered: [(opID: String, filesystems: [String])] = [],
@@ -154,7 +155,7 @@ public actor AgentState {
         case .freeze(let r):
             return await freeze(r, context: context, id: id)
         case .thaw(let opID):
-            return reply(await thaw(opID: opID, reason: .request).map(\.json))
+            return reply(await thaw(opID: opID, reason: .request, requester: context.connection).map(\.json))
         case .sync(let mounts):
             return reply(await sync(mounts: mounts).map(\.json))
         case .keepalive(let opID, let timeoutMs):
@@ -485,8 +486,10 @@ public actor AgentState {
 
     /// Thaws the current freeze. Idempotent: thawing when thawed succeeds with `wasFrozen` false.
     /// `abandoned`: the freeze was given up before its requester had it; its hooks get
-    /// `freeze-failed` instead of `thaw`.
-    public func thaw(opID: String?, reason: ThawReason, abandoned: Bool = false) async -> Result<ThawResult, ProtocolError> {
+    /// `freeze-failed` instead of `thaw`. `requester`: the connection whose `thaw` request this
+    /// is; the `thawed` event goes to every other hello'd connection (PROTOCOL.md section 7).
+    public func thaw(opID: String?, reason: ThawReason, abandoned: Bool = false,
+                     requester: ConnectionID? = nil) async -> Result<ThawResult, ProtocolError> {
         let f: Freeze
         switch phase {
         case .thawed:
@@ -545,11 +548,12 @@ public actor AgentState {
         endedOps.append((f.opID, reason, wallClockMillis(), f.timeoutMs))
         if endedOps.count > 64 { endedOps.removeFirst() }
         log.info("thawed", metadata: ["reason": "\(reason.rawValue)", "frozen_us": "\(frozenUs)", "thaw_us": "\(outcome.totalUs)"])
+        let at = wallClockMillis()
         if reason != .request {
-            let at = wallClockMillis()
             lastAutoThaw = AutoThawReport(reason: reason, opID: f.opID, atMs: at, filesystems: f.held.mountPoints)
-            broadcast(.thawed(opID: f.opID, reason: reason, atMs: at, filesystems: f.held.mountPoints, errors: outcome.errors))
         }
+        broadcast(.thawed(opID: f.opID, reason: reason, atMs: at, filesystems: f.held.mountPoints, errors: outcome.errors),
+                  reason == .request ? requester : nil)
         reportStatus(statusLine())
         return .success(result)
     }

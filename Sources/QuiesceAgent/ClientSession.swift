@@ -40,6 +40,9 @@ final class ClientSession: Sendable {
     static let maxInFlight = 16
     /// Requests of any kind not yet answered on one connection (status and filesystems included).
     static let maxOutstanding = 64
+    /// Signalled when the last outstanding request is answered or the peer is cut off: a session
+    /// that has stopped reading sleeps on it until then, with no timer (nil: no descriptor left).
+    private let wake: Wakeup?
 
     init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool, dialect: Dialect = .quiesce) {
         self.id = id
@@ -48,6 +51,7 @@ final class ClientSession: Sendable {
         self.server = server
         self.isStream = isStream
         self.dialect = dialect
+        wake = try? Wakeup()
         (stream, queue) = AsyncStream.makeStream(of: Work.self)
     }
 
@@ -72,6 +76,12 @@ final class ClientSession: Sendable {
 
     private func cutOff() {
         if !dead.exchange(true, ordering: .relaxed), isStream { Socket.shutdown(fd) }
+        wake?.signal()
+    }
+
+    /// One request answered (its reply queued).
+    private func answered() {
+        if outstanding.subtract(1, ordering: .relaxed).newValue == 0 { wake?.signal() }
     }
 
     /// Starts the thread that writes queued frames in order, each within the send timeout.
@@ -114,13 +124,20 @@ final class ClientSession: Sendable {
                     send(bytes)
                 }
                 inFlight.subtract(1, ordering: .relaxed)
-                outstanding.subtract(1, ordering: .relaxed)
+                answered()
             }
         }
     }
 
     /// Reads and serves a socket until the peer closes it or breaks the framing.
     func runStream() {
+        guard let wake else {
+            FD.writeOnce(fd, dialect.errorFrame(ProtocolError(.internal, "the agent has no descriptor left for this connection"), id: nil))
+            finish()
+            Socket.shutdown(fd)
+            FD.close(fd)
+            return
+        }
         let writer = startWriter()
         startWorker()
         var decoder = FrameDecoder(framing: dialect.framing)
@@ -135,17 +152,20 @@ final class ClientSession: Sendable {
         }
         // The peer may only have closed its sending side (`echo … | socat`): answer what it
         // asked before closing. A peer that is really gone fails the write and is cut off.
+        // It sleeps until the last answer is queued, or the peer hangs up for good: POLLHUP
+        // (both directions shut) means it is really gone, not half-closed; the state is told
+        // at once, so a freeze being taken for it is given up (its hooks get freeze-failed).
         queue.finish()
         var toldGone = false
         while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) {
-            // POLLHUP (both directions shut): the peer is really gone, not half-closed. Tell the
-            // state now, so a freeze being taken for it is given up (its hooks get freeze-failed).
-            if !toldGone, let ev = try? FD.poll(fd, for: .readable, timeoutMs: 0), ev.contains(.hangUp) {
+            // Only hang-up and errors are asked of the socket: its EOF stays readable.
+            guard let ready = try? FD.poll([(toldGone ? -1 : fd, []), (wake.fd, .readable)], timeoutMs: -1) else { break }
+            if !toldGone, !ready[0].isDisjoint(with: [.hangUp, .error]) {
                 toldGone = true
                 let state = server.state, id = self.id
                 Task { await state.connectionClosed(id) }
             }
-            Threads.sleep(milliseconds: 2)
+            if ready[1].contains(.readable) { wake.clear() }
         }
         finish()
         stopWriter(writer)
@@ -183,8 +203,11 @@ final class ClientSession: Sendable {
         // writer under them. A reply to a gone host fails its write and is dropped.
         queue.finish()
         let drainUntil = monotonicNanos() + 1_000_000_000
-        while outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) && monotonicNanos() < drainUntil {
-            Threads.sleep(milliseconds: 2)
+        while let wake, outstanding.load(ordering: .relaxed) > 0 && !dead.load(ordering: .relaxed) {
+            let now = monotonicNanos()
+            guard now < drainUntil else { break }
+            let left = Int32((drainUntil - now + 999_999) / 1_000_000)
+            if (try? FD.poll(wake.fd, for: .readable, timeoutMs: left))?.contains(.readable) == true { wake.clear() }
         }
         finish()
         stopWriter(writer)
@@ -203,11 +226,13 @@ final class ClientSession: Sendable {
             return true
         case .tooLarge:
             send(dialect.errorFrame(ProtocolError(.frameTooLarge,
-                "frame exceeds \(dialect.framing.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")"), id: nil))
+                "frame exceeds \(dialect.framing.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")",
+                details: ["max_frame": .int(Int64(dialect.framing.maxFrameBytes))]), id: nil))
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {
-                send(dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"), id: nil))
+                send(dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"),
+                                        id: readableID(of: bytes)))
                 return true
             }
             if dialect == .qga {
@@ -221,6 +246,21 @@ final class ClientSession: Sendable {
                 dispatch(request)
             }
             return true
+        }
+    }
+
+    /// The id of a frame that will not be executed, when it can be read (PROTOCOL.md section
+    /// 3.2: the reply echoes it; null only for a frame that cannot be read).
+    private func readableID(of bytes: [UInt8]) -> JSON? {
+        if dialect == .qga {
+            switch QGA.decode(frame: bytes) {
+            case .success(let decoded): return decoded.id
+            case .failure(let refusal): return refusal.id
+            }
+        }
+        switch Request.decode(frame: bytes) {
+        case .success(let request): return request.id
+        case .failure(let e): return e.id
         }
     }
 
@@ -248,7 +288,7 @@ final class ClientSession: Sendable {
             let context = RequestContext(connection: id, peer: peer)
             Task { [self] in
                 send(await state.handle(request, context: context).frame)
-                outstanding.subtract(1, ordering: .relaxed)
+                answered()
             }
         case .freeze, .thaw, .sync, .keepalive:
             guard enqueue(.request(request)) else {

@@ -80,10 +80,37 @@ public struct AgentLogHandler: LogHandler {
             if Systemd.journalSend(fields) { return }
         }
         do {
-            let meta = metadata.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }.joined(separator: " ")
-            let line = "quiesced: \(level): \(message)\(meta.isEmpty ? "" : " " + meta)\n"
+            let meta = metadata.sorted(by: { $0.key < $1.key }).map { "\(escaped($0.key))=\(escaped($0.value))" }.joined(separator: " ")
+            let line = "quiesced: \(level): \(escaped(message))\(meta.isEmpty ? "" : " " + meta)\n"
             FD.writeOnce(FD.standardError, Array(line.utf8))
         }
+    }
+
+    /// `text` safe for one stderr log line: a peer's value (an op_id, a path) must not start a
+    /// line of its own or drive the terminal. Backslash becomes `\\`; `\n`, `\r`, `\t` their C
+    /// escapes; other C0 controls and DEL `\xHH`; C1 controls (U+0080-U+009F) `\u{HH}`.
+    static func escaped(_ text: String) -> String {
+        guard text.unicodeScalars.contains(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0 == "\\" }) else {
+            return text
+        }
+        var out = ""
+        for scalar in text.unicodeScalars {
+            switch scalar.value {
+            case 0x5C: out += "\\\\"
+            case 0x0A: out += "\\n"
+            case 0x0D: out += "\\r"
+            case 0x09: out += "\\t"
+            case 0..<0x20, 0x7F: out += "\\x" + hex(scalar.value)
+            case 0x80...0x9F: out += "\\u{" + hex(scalar.value) + "}"
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out
+    }
+
+    private static func hex(_ v: UInt32) -> String {
+        let digits = Array("0123456789abcdef")
+        return String([digits[Int(v >> 4) & 0xF], digits[Int(v) & 0xF]])
     }
 
     static func priority(_ level: Logger.Level) -> Int {

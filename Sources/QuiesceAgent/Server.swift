@@ -34,10 +34,11 @@ public final class Server: Sendable {
         set { stateBox.withLock { $0 = newValue } }
     }
 
-    /// Sends an event to every connection that completed `hello`.
-    public func broadcast(_ event: Event) {
+    /// Sends an event to every connection that completed `hello`, except `except` (a requester
+    /// that gets the reply instead).
+    public func broadcast(_ event: Event, except: ConnectionID? = nil) {
         let targets = connections.withLock { Array($0.values) }
-        for c in targets where c.helloDone { c.send(event.frame) }
+        for c in targets where c.helloDone && c.id != except { c.send(event.frame) }
     }
 
     /// Waits (up to `timeoutMs`) until every connection has written what is queued for it, so

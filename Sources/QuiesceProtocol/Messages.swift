@@ -103,6 +103,16 @@ struct Fields {
         return s
     }
 
+    /// `op_id`: absent, or 1 to 128 bytes (PROTOCOL.md section 6.5); an empty name would let
+    /// a freeze be held under no name at all.
+    func opID() throws(ProtocolError) -> String? {
+        guard let s = try string("op_id", maxLength: .max) else { return nil }
+        guard (1...128).contains(s.utf8.count) else {
+            throw ProtocolError(.badRequest, "\"op_id\" must be 1 to 128 bytes (it is \(s.utf8.count))")
+        }
+        return s
+    }
+
     func int(_ key: String, min: Int64 = 0, max: Int64 = Int64.max) throws(ProtocolError) -> Int64? {
         guard let v = object[key], !v.isNull else { return nil }
         guard let i = v.intValue else { throw ProtocolError(.badRequest, "\"\(key)\" must be an integer") }
@@ -212,12 +222,12 @@ extension Request {
             operation = .freeze(FreezeRequest(
                 mounts: mounts,
                 timeoutMs: try f.int("timeout_ms", min: 1, max: Request.maxTimeoutMs),
-                opID: try f.string("op_id", maxLength: 128),
+                opID: try f.opID(),
                 mode: mode))
-        case .thaw: operation = .thaw(opID: try f.string("op_id", maxLength: 128))
+        case .thaw: operation = .thaw(opID: try f.opID())
         case .sync: operation = .sync(mounts: try f.strings("mounts"))
         case .keepalive:
-            operation = .keepalive(opID: try f.string("op_id", maxLength: 128),
+            operation = .keepalive(opID: try f.opID(),
                                    timeoutMs: try f.int("timeout_ms", min: 1, max: Request.maxTimeoutMs))
         }
     }

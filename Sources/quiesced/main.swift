@@ -174,7 +174,7 @@ if CurrentProcess.effectiveUID != 0 { logger.warning("not running as root: freez
 
 let server = Server(config: config, logger: logger)
 let state = AgentState(config: config, logger: logger,
-                       broadcast: { [server] event in server.broadcast(event) },
+                       broadcast: { [server] event, except in server.broadcast(event, except: except) },
                        reportStatus: { Systemd.notify("STATUS=\($0)") },
                        statusCountdown: CurrentProcess.environment("NOTIFY_SOCKET") != nil,
                        // What start-up recovery thawed is reported as promised (reason restart).

@@ -121,11 +121,15 @@ struct FixedPlanner: FreezePlanner {
     }
 }
 
-/// Events the agent broadcast, in order.
+/// Events the agent broadcast, in order, each with the connection it was not for.
 final class EventLog: Sendable {
-    private let events = Mutex<[Event]>([])
-    func append(_ e: Event) { events.withLock { $0.append(e) } }
-    var all: [Event] { events.withLock { $0 } }
+    private let events = Mutex<[(event: Event, except: ConnectionID?)]>([])
+    func append(_ e: Event, except: ConnectionID?) { events.withLock { $0.append((e, except)) } }
+    var all: [Event] { events.withLock { $0.map(\.event) } }
+    /// The events a hello'd `connection` receives.
+    func seen(by connection: ConnectionID) -> [Event] {
+        events.withLock { $0.filter { $0.except != connection }.map(\.event) }
+    }
 }
 
 /// An agent state over the fake kernel, with its state dir in a temporary directory.
@@ -145,7 +149,7 @@ final class Harness: Sendable {
         let events = EventLog(), kernel = FakeKernel()
         self.events = events
         self.kernel = kernel
-        state = AgentState(config: config, logger: .init(label: "test"), broadcast: { e in events.append(e) },
+        state = AgentState(config: config, logger: .init(label: "test"), broadcast: { e, except in events.append(e, except: except) },
                            kernel: kernel, planner: FixedPlanner())
     }
 
@@ -221,6 +225,21 @@ struct AgentStateTests {
         let reused = await h.freeze("op-1")
         #expect(reused.error?.code == .badRequest)
         #expect(h.kernel.frozen.isEmpty)
+    }
+
+    @Test("a thaw by request: the other hello'd connections get a thawed event with reason request, the requester only its reply")
+    func requestThawEvent() async throws {
+        let h = try Harness()
+        defer { h.cleanUp() }
+        _ = try await h.freeze("op-req", mode: .detached).get()
+        _ = try await h.thaw("op-req").get()
+        let other = Harness.owner.connection + 1
+        let thawed = h.events.seen(by: other).filter { $0.name == "thawed" }
+        #expect(thawed.map { $0.fields["reason"] } == [.string("request")])
+        #expect(thawed.map { $0.fields["op_id"] } == [.string("op-req")])
+        #expect(h.events.seen(by: Harness.owner.connection).filter { $0.name == "thawed" }.isEmpty,
+                "the requester learns of its thaw from the reply")
+        #expect(await h.state.status().lastAutoThaw == nil, "a requested thaw is not an auto-thaw")
     }
 
     @Test("a bound freeze whose requester leaves mid-freeze is thawed as soon as it is taken, with a disconnect event")

@@ -274,6 +274,7 @@ struct HostilePeerTests {
             try? bad.sendRaw([UInt8](repeating: UInt8(ascii: "a"), count: 1 << 20))
             guard case .reply(let r) = try bad.readMessage(timeoutMs: 5000) else { Issue.record("no reply"); return }
             #expect(r.outcome.failureCode == .frameTooLarge)
+            if case .failure(let e) = r.outcome { #expect(e.details?["max_frame"] == 65536, "PROTOCOL.md section 8.1") }
             #expect(bad.isClosedByPeer(timeoutMs: 2000))
             _ = try bystander.result(["op": "ping"])
             _ = try TestClient(path: agent.socketPath).result(["op": "ping"])
@@ -399,14 +400,18 @@ struct HostilePeerTests {
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
             let c = try TestClient(path: agent.socketPath)
             var flood: [UInt8] = []
-            for i in 0..<300 { flood += Array("{\"id\":\(1000 + i),\"op\":\"ping\"}\n".utf8) }
+            for i in 0..<300 { flood += Array("{\"id\":\(1000 + i),\"op\":\"\(i % 2 == 0 ? "ping" : "status")\"}\n".utf8) }
             try c.sendRaw(flood)
             var limited = 0, answered = 0
+            var ids: Set<JSON> = []
             while limited + answered < 300 {
                 guard case .reply(let r) = try c.readMessage(timeoutMs: 3000) else { continue }
                 if r.outcome.failureCode == .rateLimited { limited += 1 } else { answered += 1 }
+                ids.insert(r.id ?? .null)
             }
             #expect(answered >= 100 && limited > 0, "answered \(answered), limited \(limited)")
+            // Every request was answered under its own id, refused ones too (PROTOCOL.md section 3.2).
+            #expect(ids == Set((0..<300).map { JSON.int(Int64(1000 + $0)) }), "ids: \(ids.count) distinct, null: \(ids.contains(.null))")
             usleep(1_000_000)
             _ = try c.result(["op": "ping"])
             agent.stop()

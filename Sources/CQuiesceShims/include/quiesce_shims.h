@@ -80,6 +80,9 @@ static inline int qs_ioctl_int(int fd, unsigned long request, int arg) { return 
 /// pipe2(O_CLOEXEC): both ends close on exec, so no other child inherits them by accident.
 int qs_pipe_cloexec(int fds[2]);
 
+/// eventfd(0, EFD_CLOEXEC|EFD_NONBLOCK): a counter one thread bumps and another polls.
+int qs_eventfd(void);
+
 /// posix_spawn_file_actions_addclosefrom_np (glibc 2.34+): the child closes every fd from
 /// `lowfd` up, so it inherits nothing the parent holds (inherited or activated sockets).
 /// `actions` is a posix_spawn_file_actions_t *. Returns 0 or an errno value.

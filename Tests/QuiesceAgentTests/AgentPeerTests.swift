@@ -1,0 +1,112 @@
+// What a peer of a real quiesced sees: thawed events, op_id rules, a half-closed peer's cost, stderr logs.
+import Foundation
+import QuiesceLinux
+import QuiesceProtocol
+import QuiesceTestSupport
+import Testing
+
+/// Context switches (voluntary + nonvoluntary) of every thread of `pid`, from /proc/PID/task/*/status.
+func contextSwitches(of pid: Int32) throws -> Int {
+    var total = 0
+    for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8) else { continue }
+        for line in status.split(separator: "\n") where line.contains("ctxt_switches:") {
+            total += Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
+        }
+    }
+    return total
+}
+
+@Suite("what a peer of quiesced sees", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
+struct AgentPeerTests {
+    @Test("a thaw by request: every other hello'd connection gets thawed with reason request; the requester gets its reply only")
+    func requestThawEvent() async throws {
+        try await LoopLab.with { lab in
+            _ = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let watcher = try TestClient(path: agent.socketPath)
+            _ = try watcher.result(["op": "hello", "version": 1])
+            let requester = try TestClient(path: agent.socketPath)
+            _ = try requester.result(["op": "hello", "version": 1])
+            _ = try requester.result(["op": "freeze", "mode": "detached", "op_id": "op-asked"])
+            let thaw = try requester.result(["op": "thaw", "op_id": "op-asked"])
+            #expect(thaw["was_frozen"] == true)
+            let event = try watcher.waitForEvent("thawed", timeoutMs: 3000)
+            #expect(event.fields["reason"] == "request")
+            #expect(event.fields["op_id"] == "op-asked")
+            // A ping answered after the thaw proves whatever the agent queued before it has arrived.
+            _ = try requester.result(["op": "ping"])
+            #expect(!requester.events.contains { $0.name == "thawed" }, "the requester has the reply; no event")
+            #expect(try requester.result(["op": "status"])["last_auto_thaw"] == nil, "a requested thaw is no auto-thaw")
+            agent.stop()
+        }
+    }
+
+    @Test("an empty op_id is refused with bad-request naming the 1 to 128 byte rule, on every op that takes one", arguments: ["freeze", "thaw", "keepalive"])
+    func emptyOpID(op: String) async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            let c = try TestClient(path: agent.socketPath)
+            if op != "freeze" { _ = try c.result(["op": "freeze", "mode": "detached", "op_id": "held"]) }
+            for opID: JSON in ["", .string(String(repeating: "x", count: 129))] {
+                let r = try c.call(["op": .string(op), "op_id": opID, "mode": "detached"])
+                guard case .failure(let e) = r.outcome else { Issue.record("\(op) with op_id \(opID) accepted: \(r)"); continue }
+                #expect(e.code == .badRequest)
+                #expect(e.message.contains("1 to 128 bytes"), "\(e.message)")
+            }
+            let status = try c.result(["op": "status"])
+            let holder: JSON? = op == "freeze" ? .none : .string("held")
+            #expect(status["op_id"] == holder, "nothing was done under the refused name")
+            #expect(try isFrozen(a) == (op != "freeze"))
+            if op != "freeze" { _ = try c.result(["op": "thaw", "op_id": "held"]) }
+            agent.stop()
+        }
+    }
+
+    @Test("a half-closed peer whose freeze is still running costs the agent no periodic wakeups, and gets its reply")
+    func halfClosedPeerSleeps() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, ["10-slow": "[ \"$1\" = freeze ] && sleep 2; exit 0"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            let peer = try TestClient(path: agent.socketPath)
+            try peer.sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"detached\",\"op_id\":\"half\"}\n".utf8))
+            Socket.shutdownWrite(peer.fd)  // as `printf ... | socat - UNIX-CONNECT:...` does
+            usleep(300_000)  // the agent has read EOF and the hook sleeps
+            let before = try contextSwitches(of: agent.pid)
+            usleep(1_200_000)
+            let switches = try contextSwitches(of: agent.pid) - before
+            // Polling every 2 ms made ~600 here; sleeping on the request's completion makes a few.
+            #expect(switches < 60, "\(switches) context switches in 1.2 s while waiting")
+            guard case .reply(let r) = try peer.readMessage(timeoutMs: 10_000) else { Issue.record("no reply"); return }
+            #expect(r.id == .int(1))
+            if case .success(let o) = r.outcome { #expect(o["op_id"] == "half") } else { Issue.record("freeze failed: \(r)") }
+            #expect(try isFrozen(a))
+            _ = try TestClient(path: agent.socketPath).result(["op": "thaw", "op_id": "half"])
+            #expect(try !isFrozen(a))
+            agent.stop()
+        }
+    }
+
+    @Test("a peer's op_id with a newline and control bytes cannot forge or split stderr log lines")
+    func logLinesCannotBeForged() async throws {
+        try await LoopLab.with { lab in
+            _ = try lab.filesystem("a")
+            var environment = ProcessInfo.processInfo.environment
+            environment["JOURNAL_STREAM"] = nil
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"], environment: environment)
+            let c = try TestClient(path: agent.socketPath)
+            let forged = "x\nquiesced: info: thawed FAKE\r\u{1b}[2J\t\u{7f}"
+            _ = try c.result(["op": "freeze", "mode": "detached", "op_id": .string(forged)])
+            _ = try c.result(["op": "thaw", "op_id": .string(forged)])
+            agent.stop()
+            let log = agent.log
+            let lines = log.split(separator: "\n", omittingEmptySubsequences: false)
+            #expect(!lines.contains { $0.hasPrefix("quiesced: info: thawed FAKE") }, "a forged line: \(log)")
+            #expect(!log.contains("\u{1b}") && !log.contains("\r") && !log.contains("\u{7f}"), "raw control bytes: \(log)")
+            #expect(log.contains("op_id=x\\nquiesced: info: thawed FAKE\\r\\x1b[2J\\t\\x7f"), "the op_id, escaped: \(log)")
+            #expect(lines.contains { $0.hasPrefix("quiesced: info: thawed") && $0.contains("op_id=x\\n") }, "the real thawed line: \(log)")
+        }
+    }
+}
