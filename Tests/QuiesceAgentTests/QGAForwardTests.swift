@@ -91,13 +91,10 @@ struct QGAForwardTests {
     func sameAnswersAsQemuGA() async throws {
         try await LoopLab.with { lab in
             _ = try lab.filesystem("a")
-            let ga = try PrivateQemuGA(lab: lab.root)
-            defer { ga.stop() }
-            let qga = "\(lab.root)/qga.sock"
-            let agent = try AgentProcess(in: lab.root, arguments: [
-                "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
-            try waitForSocket(qga)
-            defer { agent.stop() }
+            let forwarding = try ForwardingAgent(lab: lab.root)
+            defer { forwarding.stop() }
+            let ga = forwarding.qemuGA
+            let qga = forwarding.socket
 
             // libvirt: one connection, guest-sync once, then commands without ids.
             let c = try QGAClient(path: qga)
@@ -144,13 +141,9 @@ struct QGAForwardTests {
     func whileFrozen() async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
-            let ga = try PrivateQemuGA(lab: lab.root)
-            defer { ga.stop() }
-            let qga = "\(lab.root)/qga.sock"
-            let agent = try AgentProcess(in: lab.root, arguments: [
-                "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
-            try waitForSocket(qga)
-            defer { agent.stop() }
+            let forwarding = try ForwardingAgent(lab: lab.root)
+            defer { forwarding.stop() }
+            let qga = forwarding.socket
             let c = try QGAClient(path: qga)
             let opened = try c.call(#"{"execute":"guest-file-open","arguments":{"path":"\#(a)/note","mode":"w"}}"#)
             let handle = try #require(opened["return"]?.intValue, "\(opened)")
@@ -177,13 +170,10 @@ struct QGAForwardTests {
     func largeCommands() async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
-            let ga = try PrivateQemuGA(lab: lab.root)
-            defer { ga.stop() }
-            let qga = "\(lab.root)/qga.sock"
-            let agent = try AgentProcess(in: lab.root, arguments: [
-                "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
-            try waitForSocket(qga)
-            defer { agent.stop() }
+            let forwarding = try ForwardingAgent(lab: lab.root)
+            defer { forwarding.stop() }
+            let ga = forwarding.qemuGA
+            let qga = forwarding.socket
             var generator = SystemRandomNumberGenerator()
             let data = (0..<(1 << 20)).map { _ in UInt8.random(in: 0...255, using: &generator) }
             let b64 = Data(data).base64EncodedString()
@@ -231,13 +221,10 @@ struct QGAForwardTests {
     func stuckQemuGA() async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
-            let ga = try PrivateQemuGA(lab: lab.root)
-            defer { ga.stop() }
-            let qga = "\(lab.root)/qga.sock"
-            let agent = try AgentProcess(in: lab.root, arguments: [
-                "--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--qga-forward", "unix:\(ga.socket)"])
-            try waitForSocket(qga)
-            defer { agent.stop() }
+            let forwarding = try ForwardingAgent(lab: lab.root)
+            defer { forwarding.stop() }
+            let ga = forwarding.qemuGA
+            let qga = forwarding.socket
             let c = try QGAClient(path: qga)
             #expect(try c.call(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 1])
             // Something else (not through quiesced) has qemu-ga create a file on the frozen
@@ -354,5 +341,32 @@ struct QGAForwardTests {
             #expect(try c.reply() == ["return": "done"], "the next reply is the next command's: guest-shutdown answered nothing")
             #expect(seen.withLock { $0 } == ["guest-sync", "guest-shutdown", "guest-sync", "guest-sync", "guest-get-users", "guest-sync"])
         }
+    }
+}
+
+/// quiesced on a qga+unix socket of the lab, forwarding to a private qemu-ga of its own (the
+/// packaged arrangement), scoped to the lab. `stop()` ends both, quiesced first.
+private struct ForwardingAgent {
+    let qemuGA: PrivateQemuGA
+    let agent: AgentProcess
+    /// quiesced's qga+unix socket.
+    let socket: String
+
+    init(lab root: String) throws {
+        qemuGA = try PrivateQemuGA(lab: root)
+        socket = "\(root)/qga.sock"
+        do {
+            agent = try AgentProcess(in: root, arguments: [
+                "--include", "\(root)/*", "--listen", "qga+unix:\(socket)", "--qga-forward", "unix:\(qemuGA.socket)"])
+            try waitForSocket(socket)
+        } catch {
+            qemuGA.stop()
+            throw error
+        }
+    }
+
+    func stop() {
+        agent.stop()
+        qemuGA.stop()
     }
 }
