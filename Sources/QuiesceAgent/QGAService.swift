@@ -28,9 +28,10 @@ enum QGAService {
         case .ping:
             return QGA.returnFrame(.object([:]), id: id)
         case .info:
-            var commands = QGA.supportedCommands()
+            let frozen = await state.status().state != .thawed
+            var commands = QGA.supportedCommands(frozen: frozen)
             if let forwarder, let theirs = await Threads.run({ forwarder.commands() }) {
-                commands = QGA.supportedCommands(forwarding: theirs, frozen: await state.status().state != .thawed)
+                commands = QGA.supportedCommands(forwarding: theirs, frozen: frozen)
             }
             return QGA.returnFrame(["version": .string(QuiesceRelease.version), "supported_commands": commands], id: id)
         case .fsfreezeStatus:

@@ -16,9 +16,14 @@ extension AgentClient {
     func qgaHello() throws(AgentError) -> HelloResult {
         let info = try qgaExecute(.info, timeoutMs: replyTimeoutMs)
         let names = QGA.enabledCommands(info: info)
-        let needed: [QGA.CommandName] = [.fsfreezeFreeze, .fsfreezeThaw, .fsfreezeStatus]
-        for command in needed where !names.contains(command.rawValue) {
-            throw AgentError(.incompatible, "\(address.spoken) does not offer \(command.rawValue) (it lists \(names.count) commands)")
+        // Only what every operation needs is checked here. A frozen qemu-ga disables
+        // guest-fsfreeze-freeze until it is thawed (qga/main.c keeps ping, info, sync,
+        // fsfreeze-status and fsfreeze-thaw), and one started with the freeze blocked (-b) still
+        // answers ping and info: refusing those would leave a frozen guest no way to be thawed
+        // or even looked at. A freeze that qemu-ga will not do is refused by qemu-ga, saying why.
+        let listed = (info["supported_commands"]?.arrayValue ?? []).compactMap { $0["name"]?.stringValue }
+        guard listed.contains(QGA.CommandName.fsfreezeStatus.rawValue) else {
+            throw AgentError(.incompatible, "\(address.spoken) has no \(QGA.CommandName.fsfreezeStatus.rawValue): it cannot freeze filesystems (it lists \(listed.count) commands)")
         }
         var capabilities: [String] = []
         if names.contains(QGA.CommandName.fsfreezeFreezeList.rawValue) { capabilities.append("freeze-list") }

@@ -184,9 +184,14 @@ public enum QGA {
     }
 
     /// What `guest-info` lists: every implemented command, enabled.
-    public static func supportedCommands() -> JSON {
+    /// While `frozen`, the freeze commands are listed disabled, as qemu-ga lists them (qga/main.c
+    /// disables every command outside its frozen-state allow list: ping, info, sync,
+    /// sync-delimited, fsfreeze-status, fsfreeze-thaw); a host that reads guest-info sees what it
+    /// would see with qemu-ga.
+    public static func supportedCommands(frozen: Bool = false) -> JSON {
         .array(CommandName.allCases.map { c in
-            ["name": .string(c.rawValue), "enabled": true, "success-response": true]
+            let enabled = !frozen || (c != .fsfreezeFreeze && c != .fsfreezeFreezeList)
+            return ["name": .string(c.rawValue), "enabled": .bool(enabled), "success-response": true]
         })
     }
 

@@ -69,12 +69,13 @@ extension QGA {
         }
     }
 
-    /// `guest-info`'s command list with a private qemu-ga behind us: ours (always enabled), then
+    /// `guest-info`'s command list with a private qemu-ga behind us: ours (the freeze disabled while
+    /// frozen, as qemu-ga has it), then
     /// each of its commands that we do not answer ourselves, enabled when it is enabled there and
     /// would be passed on now (while frozen, only `readOnlyCommands`).
     public static func supportedCommands(forwarding theirs: [ForwardedCommand], frozen: Bool) -> JSON {
         let ours = Set(CommandName.allCases.map(\.rawValue))
-        var list = supportedCommands().arrayValue ?? []
+        var list = supportedCommands(frozen: frozen).arrayValue ?? []
         for c in theirs where !ours.contains(c.name) {
             let enabled = c.enabled && (!frozen || readOnlyCommands.contains(c.name))
             list.append(["name": .string(c.name), "enabled": .bool(enabled), "success-response": .bool(c.successResponse)])

@@ -157,6 +157,8 @@ struct QGAForwardTests {
                     "\(write)")
             let info = try c.call(#"{"execute":"guest-info"}"#)
             #expect(enabled(info, "guest-file-write") == false && enabled(info, "guest-get-time") == true)
+            #expect(enabled(info, "guest-fsfreeze-freeze") == false && enabled(info, "guest-fsfreeze-thaw") == true,
+                    "frozen, the freeze is listed disabled and the thaw enabled, as qemu-ga lists them")
             #expect(try c.call(#"{"execute":"guest-fsfreeze-status"}"#) == ["return": "frozen"])
             #expect(try c.call(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 1])
             #expect(try !isFrozen(a))

@@ -80,6 +80,10 @@ struct SubcommandIntegrationTests {
             let frozen = try Ctl.run(ctl + ["freeze", "--mount", a], in: dir)
             #expect(frozen.status == 0 && frozen.stdout.contains("frozen 1 filesystem (\(a))"), "\(frozen.stdout)\(frozen.stderr)")
             #expect(try isFrozen(a) && !isFrozen(b))
+            // Frozen, the agent lists guest-fsfreeze-freeze disabled, as qemu-ga does: info,
+            // status and thaw must still work (a frozen guest must never be out of reach).
+            let infoFrozen = try Ctl.run(ctl + ["info"], in: dir)
+            #expect(infoFrozen.status == 0, "\(infoFrozen.stdout)\(infoFrozen.stderr)")
             #expect(try Ctl.run(ctl + ["--json", "status"], in: dir).stdout.contains("\"state\":\"frozen\""))
             #expect(try Ctl.run(ctl + ["thaw"], in: dir).status == 0)
             #expect(try !isFrozen(a))
