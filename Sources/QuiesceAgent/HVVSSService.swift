@@ -119,6 +119,18 @@ final class HVVSSChannel {
             logger.info("Hyper-V VSS: HOT_BACKUP (flags 0x\(String(m.flags, radix: 16))): answered supported")
             return HVVSS.ok
         case .freeze?:
+            // A FREEZE while this device's freeze still holds (the host lost track of it, or
+            // retried): the guest is frozen as asked, so it is answered OK and the freeze
+            // continues under its deadline, for the THAW to end. Failing it would leave the
+            // guest frozen with the host believing otherwise, until max-freeze.
+            if let held = opID {
+                let status = blockingAwait { await state.status() }
+                if status.state == .frozen && status.opID == held {
+                    logger.warning("Hyper-V VSS: FREEZE while this device's freeze still holds: answered OK; the freeze continues until THAW or its deadline",
+                                   metadata: ["op_id": "\(held)"])
+                    return HVVSS.ok
+                }
+            }
             freezes += 1
             let op = "hv-vss-\(wallClockMillis())-\(freezes)"
             opID = nil

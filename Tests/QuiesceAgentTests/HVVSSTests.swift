@@ -157,6 +157,16 @@ struct HVVSSTests {
             #expect(try driver.request(thawOp).error == hvFail)
             #expect(agent.log.contains("THAW with no FREEZE of this agent before it"))
             #expect(try !isFrozen(a))
+
+            // A second FREEZE before the THAW: the guest is frozen as asked (OK), and the one
+            // THAW that follows thaws it; nothing waits for the deadline.
+            #expect(try driver.request(freezeOp).error == hvOK)
+            #expect(try driver.request(freezeOp).error == hvOK)
+            #expect(try isFrozen(a))
+            #expect(try driver.request(thawOp).error == hvOK)
+            #expect(try !isFrozen(a) && !isFrozen(b))
+            // (The log is held while frozen, so the warning shows after the thaw.)
+            try waitUntil(timeoutMs: 3000) { agent.log.contains("FREEZE while this device's freeze still holds") }
             #expect(try driver.silent(forMs: 200), "one answer per request")
         }
     }
