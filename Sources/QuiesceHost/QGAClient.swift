@@ -62,7 +62,22 @@ extension AgentClient {
                                 presyncUs: 0, freezeUs: us, stallUs: us, totalUs: us, timeoutMs: 0, deadlineMs: 0).json
         case .thaw(let opID):
             let start = monotonicNanos()
-            let count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs)
+            let count: JSON
+            do {
+                count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs)
+            } catch {
+                // quiesced on qemu-ga's port fails the first thaw after its own deadline (or a
+                // restart) ended the freeze, with a GenericError whose text starts "not-frozen: "
+                // and says when and why (PROTOCOL.md 12): the freeze did not hold, but nothing
+                // is left frozen, which is not a failed thaw.
+                let prefix = "\(QGA.Failure.genericError): \(ErrorCode.notFrozen.rawValue): "
+                if let remote = error.remote, remote.message.hasPrefix(prefix) {
+                    let why = String(remote.message.dropFirst(prefix.count))
+                    let e = ProtocolError(.notFrozen, why, details: ["thawed_reason": "agent"])
+                    throw AgentError(.refused, "thaw refused: \(e.code): \(why)", remote: e)
+                }
+                throw error
+            }
             let n = count.intValue ?? 0
             return ThawResult(opID: opID, wasFrozen: n > 0, filesystems: AgentClient.qgaReports(count: Int(n)),
                               totalUs: Int64((monotonicNanos() - start) / 1000), frozenUs: nil).json

@@ -264,6 +264,10 @@ struct Freeze: ParsableCommand {
 
     func validate() throws {
         if let t = timeout, t.milliseconds == 0 { throw ValidationError("--timeout must be longer than 0") }
+        if timeout != nil, let qga = root.global.agents.first(where: { if case .qga = $0 { true } else { false } }) {
+            // qemu-ga's protocol carries no deadline: the timeout could not be honoured.
+            throw ValidationError("--timeout cannot be kept by \(qga): qemu-ga's protocol has no deadline, so its freeze holds until a thaw (quiesced on qemu-ga's port ends it at its own max-freeze); use checkpoint, which always thaws")
+        }
         try checkOpID(opID)
         try checkMounts(mounts)
     }

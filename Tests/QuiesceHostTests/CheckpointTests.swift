@@ -249,6 +249,7 @@ struct CheckpointTests {
         (["--agent", "unix:/x", "--agent", "vsock:3:5", "--agent", "unix:/x", "checkpoint", "--", "true"], "--agent unix:/x is given twice"),
         (["--agent", "unix:/x", "checkpoint", "--", "no-such-command-here"], "COMMAND not found: no-such-command-here (nothing was frozen)"),
         (["--agent", "unix:/x", "thaw", "--op-id", ""], "--op-id must be 1 to 128 bytes"),
+        (["--agent", "qga:unix:/x", "freeze", "--timeout", "3s"], "--timeout cannot be kept by qga:unix:/x: qemu-ga's protocol has no deadline"),
         (["--agent", "unix:/x", "freeze", "--mount", ""], "--mount \"\" is not a mountpoint"),
         (["--agent", "unix:/x", "freeze", "--mount", "data"], "--mount \"data\" is not a mountpoint"),
         (["--agent", "unix:/x", "sync", "--mount", "data"], "--mount \"data\" is not a mountpoint"),

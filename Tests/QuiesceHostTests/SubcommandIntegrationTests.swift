@@ -100,6 +100,21 @@ struct SubcommandIntegrationTests {
         }
     }
 
+    @Test("checkpoint through qemu-ga's dialect whose freeze the agent's deadline ended: exit 70, the freeze did not hold, nothing frozen (not 72)")
+    func qgaDeadlineDuringCommand() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--max-freeze", "1s"])
+            defer { agent.stop() }
+            let r = try Ctl.run(["--agent", "qga:unix:\(qga)", "checkpoint", "--", "sleep", "2.5"], in: TempDir())
+            #expect(r.status == 70, "exit 70: the freeze did not hold. \(r.stderr)")
+            #expect(r.stderr.contains("the freeze did not hold") && r.stderr.contains("deadline"), "\(r.stderr)")
+            #expect(!r.stderr.contains("THAW FAILED"), "\(r.stderr)")
+            #expect(try !isFrozen(a))
+        }
+    }
+
     @Test("`quiescectl sync` flushes without freezing")
     func syncWithoutFreezing() async throws {
         try await LoopLab.with { lab in
