@@ -5,9 +5,10 @@
 //   ← {"return":1,"id":7}
 //   ← {"error":{"class":"GenericError","desc":"…"},"id":7}
 //
-// Framing is the same as our own protocol's (one object per line, 0xFF resets the parser):
-// libvirt and Proxmox end every command with a newline. `guest-sync-delimited` replies are
-// preceded by a 0xFF byte, so a client can skip whatever an earlier client left unread.
+// Framing is qemu-ga's: a stream of JSON objects with or without newlines between them (libvirt
+// ends every command with one, old Proxmox releases send none; see FrameDecoder's value mode),
+// up to 16 MiB each, and 0xFF resets the parser. `guest-sync-delimited` replies are preceded by
+// a 0xFF byte, so a client can skip whatever an earlier client left unread.
 
 public enum QGA {
     /// The commands this dialect implements: the ones hosts use around snapshots.
