@@ -19,7 +19,7 @@ public enum Dialect: Sendable {
     func errorFrame(_ error: ProtocolError, id: JSON?) -> [UInt8] {
         switch self {
         case .quiesce: Reply(id: id, error: error).frame
-        case .qga: QGA.errorFrame(QGA.Failure("\(error.code): \(error.message)"), id: id)
+        case .qga: QGA.errorFrame(QGA.Failure(error), id: id)
         }
     }
 }

@@ -77,7 +77,7 @@ enum QGAService {
         case .success(let result):
             return QGA.returnFrame(.int(Int64(result["filesystems"]?.arrayValue?.count ?? 0)), id: id)
         case .failure(let error):
-            return QGA.errorFrame(QGA.Failure("\(error.code): \(error.message)"), id: id)
+            return QGA.errorFrame(QGA.Failure(error), id: id)
         }
     }
 }

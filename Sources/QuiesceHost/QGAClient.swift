@@ -67,12 +67,10 @@ extension AgentClient {
                 count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs)
             } catch {
                 // quiesced on qemu-ga's port fails the first thaw after its own deadline (or a
-                // restart) ended the freeze, with a GenericError whose text starts "not-frozen: "
-                // and says when and why (PROTOCOL.md 12): the freeze did not hold, but nothing
-                // is left frozen, which is not a failed thaw.
-                let prefix = "\(QGA.Failure.genericError): \(ErrorCode.notFrozen.rawValue): "
-                if let remote = error.remote, remote.message.hasPrefix(prefix) {
-                    let why = String(remote.message.dropFirst(prefix.count))
+                // restart) ended the freeze with `not-frozen`, saying when and why (PROTOCOL.md
+                // 12): the freeze did not hold, but nothing is left frozen, which is not a failed thaw.
+                if let remote = error.remote, remote.details?["agent_code"] == .string(ErrorCode.notFrozen.rawValue) {
+                    let why = remote.details?["agent_message"]?.stringValue ?? remote.message
                     let e = ProtocolError(.notFrozen, why, details: ["thawed_reason": "agent"])
                     throw AgentError(.refused, "thaw refused: \(e.code): \(why)", remote: e)
                 }
@@ -119,9 +117,17 @@ extension AgentClient {
             }
             if let value = o["return"] { return value }
             if let error = o["error"] {
-                let cls = error["class"]?.stringValue ?? QGA.Failure.genericError, desc = error["desc"]?.stringValue ?? "\(error)"
+                let failure = QGA.Failure(error["desc"]?.stringValue ?? "\(error)",
+                                          errorClass: error["class"]?.stringValue ?? QGA.Failure.genericError)
+                let cls = failure.errorClass, desc = failure.desc
+                // quiesced on qemu-ga's port names its refusal's code: code and message ride
+                // along in the details (`agent_code`, `agent_message`) without changing how the
+                // refusal is classed here.
                 let code: ErrorCode = cls == QGA.Failure.commandNotFound ? .unknownOp : .freezeFailed
-                let e = ProtocolError(code, "\(cls): \(desc)")
+                let details: JSONObject? = failure.refusal.map {
+                    ["agent_code": .string($0.code.rawValue), "agent_message": .string($0.message)]
+                }
+                let e = ProtocolError(code, "\(cls): \(desc)", details: details)
                 throw AgentError(.refused, "\(name) refused: \(cls): \(desc)", remote: e)
             }
             throw AgentError(.protocolViolation, "\(address.spoken) answered \(name) with neither return nor error")

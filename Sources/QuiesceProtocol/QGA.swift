@@ -77,6 +77,22 @@ public enum QGA {
         }
 
         public var json: JSON { ["class": .string(errorClass), "desc": .string(desc)] }
+
+        /// A refusal of quiesced's in this dialect: `GenericError` with the description
+        /// `CODE: MESSAGE`, CODE one of section 8 (PROTOCOL.md section 12).
+        public init(_ refusal: ProtocolError) {
+            self.init("\(refusal.code): \(refusal.message)")
+        }
+
+        /// The refusal a description of that form carries (the inverse of `init(_:)`); nil for
+        /// any other description, such as qemu-ga's own.
+        public var refusal: ProtocolError? {
+            guard errorClass == Failure.genericError, let colon = desc.firstIndex(of: ":") else { return nil }
+            let code = ErrorCode(rawValue: String(desc[..<colon]))
+            let rest = desc[desc.index(after: colon)...]
+            guard ErrorCode.all.contains(code), rest.first == " " else { return nil }
+            return ProtocolError(code, String(rest.dropFirst()))
+        }
     }
 
     /// A decoded command and the request's `id` (echoed in the reply).

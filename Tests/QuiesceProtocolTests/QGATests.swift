@@ -6,6 +6,18 @@ import Testing
 struct QGATests {
     private func decode(_ text: String) -> Result<QGA.Decoded, QGA.Refusal> { QGA.decode(frame: Array(text.utf8)) }
 
+    @Test("a refusal travels as GenericError \"CODE: MESSAGE\" and reads back as the same code and message; qemu-ga's own errors carry none")
+    func refusalRoundTrip() {
+        let refusal = ProtocolError(.notFrozen, "operation op-1 was thawed by the agent before this thaw: because its deadline passed")
+        let failure = QGA.Failure(refusal)
+        #expect(failure.errorClass == QGA.Failure.genericError)
+        #expect(failure.desc == "not-frozen: operation op-1 was thawed by the agent before this thaw: because its deadline passed")
+        #expect(failure.refusal?.code == .notFrozen && failure.refusal?.message == refusal.message)
+        #expect(QGA.Failure("Command guest-exec has been disabled").refusal == nil)
+        #expect(QGA.Failure("frobnicate: not a code of ours").refusal == nil)
+        #expect(QGA.Failure("not-frozen: x", errorClass: QGA.Failure.commandNotFound).refusal == nil)
+    }
+
     @Test("the commands hosts send around snapshots decode, with the request id kept for the reply")
     func commands() throws {
         let cases: [(String, QGA.Command, JSON?)] = [
