@@ -212,6 +212,9 @@ public struct FrameDecoder: Sendable {
 public enum ProtocolLimits {
     /// The largest frame (one JSON line, without the newline) a peer may send.
     public static let maxFrameBytes = 65_536
+    /// How long an `op_id` may be, in UTF-8 bytes (PROTOCOL.md section 6.5): never empty, which
+    /// would hold a freeze under no name.
+    public static let opIDBytes = 1...128
     /// The largest command a host may send in qemu-ga's dialect (`qga+` listeners), in bytes.
     /// qemu-ga's own parser takes a message of up to 64 MiB of tokens (`MAX_TOKEN_SIZE` in
     /// qemu's qobject/json-streamer.c), and hosts do send more than 64 KiB: a `guest-file-write`

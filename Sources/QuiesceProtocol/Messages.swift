@@ -107,8 +107,9 @@ struct Fields {
     /// a freeze be held under no name at all.
     func opID() throws(ProtocolError) -> String? {
         guard let s = try string("op_id", maxLength: .max) else { return nil }
-        guard (1...128).contains(s.utf8.count) else {
-            throw ProtocolError(.badRequest, "\"op_id\" must be 1 to 128 bytes (it is \(s.utf8.count))")
+        guard ProtocolLimits.opIDBytes.contains(s.utf8.count) else {
+            let r = ProtocolLimits.opIDBytes
+            throw ProtocolError(.badRequest, "\"op_id\" must be \(r.lowerBound) to \(r.upperBound) bytes (it is \(s.utf8.count))")
         }
         return s
     }

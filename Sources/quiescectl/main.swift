@@ -145,9 +145,10 @@ func checkMounts(_ mounts: [String]) throws {
     }
 }
 
-/// --op-id: 1 to 128 bytes, as the agent takes it (PROTOCOL.md, the op_id field).
+/// --op-id: as long as the agent takes it (`ProtocolLimits.opIDBytes`, 1 to 128 bytes).
 func checkOpID(_ id: String?) throws {
-    if let id, id.isEmpty || id.utf8.count > 128 { throw ValidationError("--op-id must be 1 to 128 bytes") }
+    let r = ProtocolLimits.opIDBytes
+    if let id, !r.contains(id.utf8.count) { throw ValidationError("--op-id must be \(r.lowerBound) to \(r.upperBound) bytes") }
 }
 
 extension AgentFailurePolicy: ExpressibleByArgument {}
