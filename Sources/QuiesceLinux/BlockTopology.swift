@@ -110,7 +110,7 @@ public struct BlockTopology: Sendable, Equatable {
                 }
             }
             if exists("\(directory)/partition"), let real = realPath(directory),
-               let disk = readDeviceFile("\(parentDirectory(real))/dev"), disk != device, !below.contains(disk) {
+               let disk = readDeviceFile("\(Paths.parent(real))/dev"), disk != device, !below.contains(disk) {
                 below.append(disk)
             }
             if !below.isEmpty {
@@ -366,11 +366,6 @@ public struct BlockTopology: Sendable, Equatable {
 
     private static func baseName(_ path: String) -> String {
         path.lastIndex(of: "/").map { String(path[path.index(after: $0)...]) } ?? path
-    }
-
-    private static func parentDirectory(_ path: String) -> String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        return slash == path.startIndex ? "/" : String(path[..<slash])
     }
 }
 

@@ -20,7 +20,7 @@ public final class PathWatch: @unchecked Sendable {
     public init(near path: String) throws(SystemError) {
         fd = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
         guard fd >= 0 else { throw SystemError("inotify_init1", path, Errno(errno)) }
-        var dir = PathWatch.parent(of: path)
+        var dir = Paths.parent(path)
         let mask = UInt32(IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF)
         while inotify_add_watch(fd, dir, mask) < 0 {
             let e = errno
@@ -28,7 +28,7 @@ public final class PathWatch: @unchecked Sendable {
                 Glibc.close(fd)
                 throw SystemError("inotify_add_watch", dir, Errno(e))
             }
-            dir = PathWatch.parent(of: dir)
+            dir = Paths.parent(dir)
         }
         directory = dir
     }
@@ -64,11 +64,5 @@ public final class PathWatch: @unchecked Sendable {
             if access(path, F_OK) == 0 { return }
             watch.waitForChange()
         }
-    }
-
-    static func parent(of path: String) -> String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        let p = String(path[..<slash])
-        return p.isEmpty ? "/" : p
     }
 }
