@@ -61,7 +61,8 @@ public enum FD {
     }
 
     /// Waits until `events` are ready or `timeoutMs` passes (-1: forever). Returns revents (0 on timeout).
-    public static func poll(_ fd: Int32, events: Int16, timeoutMs: Int32) throws(SystemError) -> Int16 {
+    /// The raw form inside this module; callers use `poll(_:for:timeoutMs:)` with `PollEvents`.
+    static func poll(_ fd: Int32, events: Int16, timeoutMs: Int32) throws(SystemError) -> Int16 {
         var p = pollfd(fd: fd, events: events, revents: 0)
         let deadline = timeoutMs < 0 ? nil : monotonicNanos() + UInt64(timeoutMs) * 1_000_000
         while true {
@@ -111,8 +112,8 @@ public enum FD {
         }
     }
 
-    /// Opens a path, retrying EINTR.
-    public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0) throws(SystemError) -> Int32 {
+    /// Opens a path, retrying EINTR. The raw form inside this module; callers pass `OpenFlags`.
+    static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0) throws(SystemError) -> Int32 {
         try retryingEINTR("open", path) { Glibc.open(path, flags | O_CLOEXEC, mode) }
     }
 
@@ -120,7 +121,7 @@ public enum FD {
     /// VSS device): checked with stat(2) before the open, so nothing else (a disk image, a block
     /// device named by a typo) is ever opened for writing, and with fstat(2) after it.
     /// Throws ENOTTY with "not a character device" for anything else.
-    public static func openCharacterDevice(_ path: String, _ flags: Int32) throws(SystemError) -> Int32 {
+    static func openCharacterDevice(_ path: String, _ flags: Int32) throws(SystemError) -> Int32 {
         func isCharacterDevice(_ st: stat) -> Bool { (st.st_mode & S_IFMT) == S_IFCHR }
         var st = stat()
         guard stat(path, &st) == 0 else { throw SystemError("stat", path, Errno.current) }

@@ -779,7 +779,7 @@ final class NotifyListener {
         let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
         while Date() < deadline {
             if received.contains(where: { $0.split(separator: "\n").contains { $0.hasPrefix(prefix) } }) { return true }
-            guard try FD.poll(fd, events: Int16(POLLIN), timeoutMs: 100) != 0 else { continue }
+            guard try !FD.poll(fd, for: .readable, timeoutMs: 100).isEmpty else { continue }
             var buf = [UInt8](repeating: 0, count: 4096)
             let n = recv(fd, &buf, buf.count, 0)
             if n > 0 { received.append(String(decoding: buf[0..<n], as: UTF8.self)) }

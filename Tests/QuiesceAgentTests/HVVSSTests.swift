@@ -53,8 +53,8 @@ final class HVVSSDriverStandIn {
         while out.count < count {
             let now = monotonicNanos()
             guard now < deadline else { throw LabError("the agent sent \(out) and then nothing within \(timeoutMs) ms") }
-            let ev = try FD.poll(master, events: Int16(POLLIN), timeoutMs: Int32((deadline - now) / 1_000_000) + 1)
-            guard ev & Int16(POLLIN) != 0 else { continue }
+            let ev = try FD.poll(master, for: .readable, timeoutMs: Int32((deadline - now) / 1_000_000) + 1)
+            guard ev.contains(.readable) else { continue }
             var buf = [UInt8](repeating: 0, count: count - out.count)
             let n = try buf.withUnsafeMutableBytes { try FD.read(master, into: $0) }
             out += buf[0..<n]
@@ -64,7 +64,7 @@ final class HVVSSDriverStandIn {
 
     /// Nothing more from the agent for `ms`.
     func silent(forMs ms: Int32) throws -> Bool {
-        try FD.poll(master, events: Int16(POLLIN), timeoutMs: ms) & Int16(POLLIN) == 0
+        !(try FD.poll(master, for: .readable, timeoutMs: ms).contains(.readable))
     }
 
     /// Takes the agent's registration and answers with the driver's version (VSS_OP_REGISTER1).

@@ -41,7 +41,7 @@ final class QGAClient {
                 buffer.removeSubrange(...nl)
                 return line
             }
-            guard try FD.poll(fd, events: Int16(POLLIN), timeoutMs: timeoutMs) != 0 else {
+            guard try !FD.poll(fd, for: .readable, timeoutMs: timeoutMs).isEmpty else {
                 throw LabError("no reply within \(timeoutMs) ms")
             }
             var chunk = [UInt8](repeating: 0, count: 65536)

@@ -31,7 +31,7 @@ final class PeerConnection: @unchecked Sendable {
     init(fd: Int32) { self.fd = fd }
 
     private func fill(timeoutMs: Int32) -> Bool {
-        guard let ready = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: timeoutMs), ready != 0 else { return false }
+        guard let ready = try? FD.poll(fd, for: .readable, timeoutMs: timeoutMs), !ready.isEmpty else { return false }
         var buf = [UInt8](repeating: 0, count: 65536)
         guard let n = try? buf.withUnsafeMutableBytes({ try FD.read(fd, into: $0) }), n > 0 else { return false }
         pending += buf[0..<n]

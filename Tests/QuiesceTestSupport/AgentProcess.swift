@@ -135,8 +135,8 @@ public final class TestClient: @unchecked Sendable {
                 guard case .frame(let bytes) = ev else { continue }
                 return try AgentMessage.decode(frame: bytes)
             }
-            let ready = try FD.poll(fd, events: Int16(POLLIN), timeoutMs: timeoutMs)
-            if ready == 0 { throw LabError("no message within \(timeoutMs) ms") }
+            let ready = try FD.poll(fd, for: .readable, timeoutMs: timeoutMs)
+            if ready.isEmpty { throw LabError("no message within \(timeoutMs) ms") }
             var buf = [UInt8](repeating: 0, count: 65536)
             let n = try buf.withUnsafeMutableBytes { try FD.read(fd, into: $0) }
             if n == 0 { throw LabError("connection closed by the agent") }
@@ -158,7 +158,7 @@ public final class TestClient: @unchecked Sendable {
         var frames: [[UInt8]] = []
         var closed = false
         var buf = [UInt8](repeating: 0, count: 65536)
-        while !closed, let ready = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: 0), ready != 0 {
+        while !closed, let ready = try? FD.poll(fd, for: .readable, timeoutMs: 0), !ready.isEmpty {
             guard let n = try? buf.withUnsafeMutableBytes({ try FD.read(fd, into: $0) }), n > 0 else { closed = true; break }
             decoder.feed(buf[0..<n])
         }
@@ -188,8 +188,8 @@ public final class TestClient: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(Double(timeoutMs) / 1000)
         var buf = [UInt8](repeating: 0, count: 65536)
         while Date() < deadline {
-            guard let ready = try? FD.poll(fd, events: Int16(POLLIN), timeoutMs: 100) else { return true }
-            if ready == 0 { continue }
+            guard let ready = try? FD.poll(fd, for: .readable, timeoutMs: 100) else { return true }
+            if ready.isEmpty { continue }
             guard let n = try? buf.withUnsafeMutableBytes({ try FD.read(fd, into: $0) }) else { return true }
             if n == 0 { return true }
         }
