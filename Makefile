@@ -2,7 +2,9 @@
 SWIFT ?= swift
 # Static Swift runtime: the agent goes into guests that have no Swift installed. Symbols bound
 # at start (-z now), as Debian hardens its daemons (packaging/debian/rules uses the same flags).
-RELEASE_FLAGS = -c release --static-swift-stdlib -Xlinker -z -Xlinker now
+# The agent is linked static-pie, with glibc too (QUIESCE_STATIC_PIE=1, see Package.swift),
+# which needs no $ORIGIN RUNPATH (--disable-local-rpath; nothing here needs one).
+RELEASE_FLAGS = -c release --static-swift-stdlib --disable-local-rpath -Xlinker -z -Xlinker now
 RELEASE_BIN = .build/release
 
 .PHONY: all build release deps test unit bench-smoke vm-test e2e storage-test fuzz-smoke fuzz bench demo demo-local demo-vm deb deb-check db-proof e2e-hooks clean
@@ -18,7 +20,7 @@ build:
 	$(SWIFT) build
 
 release:
-	$(SWIFT) build $(RELEASE_FLAGS)
+	QUIESCE_STATIC_PIE=1 $(SWIFT) build $(RELEASE_FLAGS)
 
 # Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
 # QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), 30 s of protocol
