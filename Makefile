@@ -21,6 +21,7 @@ build:
 
 release:
 	QUIESCE_STATIC_PIE=1 $(SWIFT) build $(RELEASE_FLAGS)
+	@$(RELEASE_BIN)/quiesced --version >/dev/null || { echo "make release: the agent just built does not start (see Package.swift on static-pie)" >&2; exit 1; }
 
 # Every test: the benchmark's smoke run against qemu-ga (release build), the agent in a real
 # QEMU guest (vsock, virtio-serial, a consistent snapshot of a virtio disk), 30 s of protocol

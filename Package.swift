@@ -4,12 +4,15 @@ import PackageDescription
 // The agent's release link with QUIESCE_STATIC_PIE=1 in the environment (`make release` and
 // debian/rules set it): glibc, libstdc++ and the Swift runtime all linked in, position-independent
 // (static-pie, relocated by glibc's own start-up code, so the agent keeps ASLR) and bound at start.
-// A guest then maps no shared library for it: idle RSS about 6.7 MB instead of 8.7 MB, because a
-// dynamic agent has libc, libstdc++ and libm resident beside its own text (bench/README.md,
-// "Memory"). It uses nothing of glibc that loads modules at run time (no NSS, iconv or DNS).
-// GNU gold cannot link a static-pie, so lld links it (from the Swift toolchain). glibc's static-pie
-// start-up aborts on a binary that has a RUNPATH, and SwiftPM adds $ORIGIN to executables unless
-// built with --disable-local-rpath, which is why the switch is not on by default: a plain
+// A guest then maps no shared library for it, and it runs on any guest whatever its glibc. Its RSS
+// is about 2 MB lower, the shared libraries' pages it no longer maps; its PSS, what the guest
+// really pays, 0.2-1 MB lower (bench/README.md, "Memory"). It uses nothing of glibc that loads
+// modules at run time (no NSS, iconv or DNS).
+// GNU gold cannot link a static-pie, so lld links it (from the Swift toolchain). The switch needs
+// --disable-local-rpath beside it: SwiftPM otherwise gives executables a RUNPATH of $ORIGIN, and
+// glibc's static-pie start-up asserts there is none, so such a binary dies of SIGSEGV at start
+// without a word (the assertion fails before anything can print). `make release` checks that the
+// agent it built runs. That is also why the switch is not on by default: a plain
 // `swift build -c release` gives a working, dynamically linked agent.
 let staticPIEAgent: [LinkerSetting] = Context.environment["QUIESCE_STATIC_PIE"] == "1"
     ? [.unsafeFlags(["-static-executable", "-Xclang-linker", "-static-pie", "-Xclang-linker", "-fuse-ld=lld"],
