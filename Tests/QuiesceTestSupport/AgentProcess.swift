@@ -30,7 +30,8 @@ public final class AgentProcess: @unchecked Sendable {
         socketPath = "\(dir)/\(name).sock"
         self.stateDir = stateDir ?? "\(dir)/\(name)-state"
         logPath = "\(dir)/\(name).log"
-        FileManager.default.createFile(atPath: logPath, contents: nil)
+        guard FileManager.default.createFile(atPath: logPath, contents: nil),
+              let log = FileHandle(forWritingAtPath: logPath) else { throw LabError("cannot create the agent's log \(logPath)") }
         let agentArguments = ["--config", "/dev/null", "--listen", "unix:\(socketPath)", "--state-dir", self.stateDir] + arguments
         if let first = launcher.first {
             process.executableURL = URL(fileURLWithPath: first)
@@ -40,7 +41,6 @@ public final class AgentProcess: @unchecked Sendable {
             process.arguments = agentArguments
         }
         if let environment { process.environment = environment }
-        let log = FileHandle(forWritingAtPath: logPath)!
         process.standardError = log
         process.standardOutput = log
         try process.run()
