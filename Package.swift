@@ -6,7 +6,7 @@ import PackageDescription
 // (static-pie, relocated by glibc's own start-up code, so the agent keeps ASLR) and bound at start.
 // A guest then maps no shared library for it, and it runs on any guest whatever its glibc. Its RSS
 // is about 2 MB lower, the shared libraries' pages it no longer maps; its PSS, what the guest
-// really pays, 0.2-1 MB lower (bench/README.md, "Memory"). It uses nothing of glibc that loads
+// really pays, 0.2-1 MB lower idle, about the same after work (bench/README.md, "Memory"). It uses nothing of glibc that loads
 // modules at run time (no NSS, iconv or DNS).
 // GNU gold cannot link a static-pie, so lld links it (from the Swift toolchain). The switch needs
 // --disable-local-rpath beside it: SwiftPM otherwise gives executables a RUNPATH of $ORIGIN, and
