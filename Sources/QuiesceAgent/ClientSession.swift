@@ -72,11 +72,12 @@ final class ClientSession: Sendable {
     }
 
     /// Frames queued or being written (false once the peer is cut off).
-    var hasQueuedOutput: Bool { !dead.load(ordering: .relaxed) && queuedBytes.load(ordering: .relaxed) > 0 }
+    var hasQueuedOutput: Bool { !dead.load(ordering: .sequentiallyConsistent) && queuedBytes.load(ordering: .sequentiallyConsistent) > 0 }
 
     private func cutOff() {
-        if !dead.exchange(true, ordering: .relaxed), isStream { Socket.shutdown(fd) }
+        if !dead.exchange(true, ordering: .sequentiallyConsistent), isStream { Socket.shutdown(fd) }
         wake?.signal()
+        server.sessionOutputDrained()
     }
 
     /// One request answered (its reply queued).
@@ -91,7 +92,10 @@ final class ClientSession: Sendable {
                 if !dead.load(ordering: .relaxed) {
                     do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch { cutOff() }
                 }
-                queuedBytes.subtract(frame.count, ordering: .relaxed)
+                if queuedBytes.subtract(frame.count, ordering: .sequentiallyConsistent).newValue == 0
+                    || dead.load(ordering: .relaxed) {
+                    server.sessionOutputDrained()
+                }
             }
         }
     }

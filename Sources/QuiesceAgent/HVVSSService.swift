@@ -47,11 +47,13 @@ final class HVVSSChannel {
 
     func run() {
         var lastOpenError: String?
+        var retry = RetryBackoff()
         while true {
             let fd: Int32
             do {
                 fd = try FD.openCharacterDevice(path, [.readWrite, .noControllingTerminal])
                 lastOpenError = nil
+                retry.reset()
             } catch {
                 let text = "\(error)"
                 if text != lastOpenError {
@@ -59,7 +61,10 @@ final class HVVSSChannel {
                     logger.warning("Hyper-V VSS device \(path): \(error)\(hint); waiting for it")
                     lastOpenError = text
                 }
-                Threads.sleep(milliseconds: 1000)
+                // A missing device (hv_utils not loaded, not a Hyper-V guest) is waited for
+                // through inotify, with no timer; other errors back off from 1 s to 1 min.
+                if !Paths.exists(path), (try? PathWatch.waitUntilExists(path)) != nil { continue }
+                retry.sleep()
                 continue
             }
             let session = server.nextID.add(1, ordering: .relaxed).oldValue

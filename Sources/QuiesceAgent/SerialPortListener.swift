@@ -10,17 +10,20 @@ extension Server {
     public func serve(serialDevice path: String, dialect: Dialect = .quiesce) {
         Threads.detach(name: "serial-port") { [self] in
             var announcedMissing = false
+            var retry = RetryBackoff()
             while true {
                 let fd: Int32
                 do {
                     fd = try FD.openCharacterDevice(path, [.readWrite, .noControllingTerminal, .nonBlocking])
                     announcedMissing = false
+                    retry.reset()
                 } catch {
                     if !announcedMissing { logger.warning("serial port \(path): \(error); waiting for it") }
                     announcedMissing = true
-                    // A missing port is waited for through inotify (no timer); other errors back off.
+                    // A missing port is waited for through inotify (no timer); other errors back
+                    // off from 1 s to 1 min (RetryBackoff).
                     if !Paths.exists(path), (try? PathWatch.waitUntilExists(path)) != nil { continue }
-                    Threads.sleep(milliseconds: 1000)
+                    retry.sleep()
                     continue
                 }
                 logger.info("serial port \(path) open")

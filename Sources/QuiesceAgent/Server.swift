@@ -21,6 +21,10 @@ public final class Server: Sendable {
     private let stateBox = Mutex<AgentState?>(nil)
     /// The private qemu-ga that qga listeners pass unknown commands to (`qga-forward`).
     let qgaForwarder: QGAForwarder?
+    /// Set by `drainOutput`: from then on a session's writer reports each time it has written
+    /// everything queued, or was cut off, through `outputDrained`.
+    let draining = Atomic<Bool>(false)
+    let outputDrained = Mailbox<Void>()
 
     public init(config: AgentConfig, logger: Logger) {
         self.config = config
@@ -43,13 +47,18 @@ public final class Server: Sendable {
 
     /// Waits (up to `timeoutMs`) until every connection has written what is queued for it, so
     /// that the last replies and events (a `thawed` with reason `signal`) go out before exit.
+    /// Sleeps on the writers' reports (`outputDrained`), with no polling.
     public func drainOutput(timeoutMs: Int64) {
-        let deadline = monotonicNanos() + UInt64(timeoutMs) * 1_000_000
-        while monotonicNanos() < deadline {
-            let pending = connections.withLock { $0.values.contains { $0.hasQueuedOutput } }
-            if !pending { return }
-            Threads.sleep(milliseconds: 2)
+        let deadline = monotonicNanos() + UInt64(max(0, timeoutMs)) * 1_000_000
+        draining.store(true, ordering: .sequentiallyConsistent)
+        while connections.withLock({ $0.values.contains { $0.hasQueuedOutput } }) {
+            if outputDrained.receive(deadlineNanos: deadline) == nil { return }
         }
+    }
+
+    /// Called by a session's writer when it has nothing left queued (written or cut off).
+    func sessionOutputDrained() {
+        if draining.load(ordering: .sequentiallyConsistent) { outputDrained.post(()) }
     }
 
     // MARK: - Requests

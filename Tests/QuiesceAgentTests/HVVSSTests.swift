@@ -235,6 +235,27 @@ struct HVVSSTests {
         }
     }
 
+    @Test("a device that is not there is waited for with no timer: the idle agent does not wake, and registers once it appears")
+    func missingDeviceCostsNoWakeups() async throws {
+        try await LoopLab.with { lab in
+            _ = try lab.filesystem("a")
+            let device = "\(lab.root)/vmbus/hv_vss"  // its directory is missing too, as without hv_utils
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "hv-vss:\(device)"])
+            defer { agent.stop() }
+            try waitUntil(timeoutMs: 3000) { agent.log.contains("waiting for it") }
+            usleep(300_000)
+            let before = try contextSwitches(of: agent.pid)
+            usleep(3_200_000)
+            let switches = try contextSwitches(of: agent.pid) - before
+            // Retrying once a second made 3 here; an inotify watch makes none.
+            #expect(switches <= 1, "\(switches) context switches in 3.2 s waiting for a missing device")
+            try FileManager.default.createDirectory(atPath: "\(lab.root)/vmbus", withIntermediateDirectories: true)
+            let driver = try HVVSSDriverStandIn(link: device)
+            defer { driver.unplug() }
+            #expect(try driver.register(timeoutMs: 5000) == HVVSS.registerMessage)
+        }
+    }
+
     @Test("an agent restarted between FREEZE and THAW registers again and answers the THAW HV_E_FAIL: it held nothing for the host")
     func restartMidBackup() async throws {
         try await LoopLab.with { lab in

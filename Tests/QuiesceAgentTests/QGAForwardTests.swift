@@ -32,7 +32,7 @@ private final class PrivateQemuGA {
         process.executableURL = URL(fileURLWithPath: qemuGA)
         process.arguments = ["-m", "unix-listen", "-p", socket, "-t", "\(lab)/qemu-ga-state", "-f", "\(lab)/qemu-ga.pid",
                              "-b", blockedOnHost.joined(separator: ",")]
-        FileManager.default.createFile(atPath: "\(lab)/qemu-ga.log", contents: nil)
+        guard FileManager.default.createFile(atPath: "\(lab)/qemu-ga.log", contents: nil) else { throw LabError("cannot create \(lab)/qemu-ga.log") }
         let log = FileHandle(forWritingAtPath: "\(lab)/qemu-ga.log")!
         process.standardOutput = log
         process.standardError = log

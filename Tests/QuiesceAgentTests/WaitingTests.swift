@@ -42,6 +42,18 @@ struct WaitingTests {
         #expect(order.woke.withLock { $0 } == [1, 2, 3])
     }
 
+    @Test("a device that cannot be opened is retried after 1 s, then twice as long each time up to a minute, and afresh after an open")
+    func retryBackoff() {
+        var retry = RetryBackoff()
+        var delays: [Int] = []
+        for _ in 0..<9 { delays.append(retry.take()) }
+        #expect(delays == [1000, 2000, 4000, 8000, 16_000, 32_000, 60_000, 60_000, 60_000])
+        retry.reset()
+        #expect(retry.take() == 1000)
+        var odd = RetryBackoff(first: 0, ceiling: -5)
+        #expect(odd.take() == 1 && odd.take() == 1, "a non-positive delay would spin: clamped to 1 ms")
+    }
+
     @Test("presync: another pass only while it will flush at most half of the last one, within budget")
     func presyncConvergence() {
         let mib: UInt64 = 1 << 20
