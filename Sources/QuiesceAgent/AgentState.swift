@@ -112,7 +112,7 @@ public actor AgentState {
                 planner: (any FreezePlanner)? = nil) {
         self.config = config
         self.planner = planner ?? Discovery(scope: config.scope)
-        self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere, kernel: kernel)
+        self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere, presync: config.presync, kernel: kernel)
         self.record = FreezeRecord(stateDir: config.stateDir)
         self.hooks = config.hooksDir.map { Hooks(directory: $0, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger) }
         self.logger = logger

@@ -78,6 +78,12 @@ public struct AgentConfig: Sendable {
     /// abandoned and everything it froze is thawed (10 s: Windows VSS holds writes for at most
     /// 10 s too). Never longer than the freeze's own timeout.
     public var freezeStepTimeoutMs: Int64 = 10_000
+    /// Whether a freeze first syncs every filesystem in parallel while writers still run (the
+    /// presync, repeated while it converges: `PresyncConvergence`). Without it FIFREEZE flushes
+    /// everything with the writers already blocked: ordinary writers stall about twice as long,
+    /// but writers that stream without pause (which re-dirty everything during a presync
+    /// anyway) get the same stall in about half the freeze time (bench/README.md).
+    public var presync = true
     public var hooksDir: String? = nil
     public var hookTimeoutMs: Int64 = 30_000
     /// Whether a freeze bound to a connection thaws when that connection closes.
@@ -109,6 +115,7 @@ public struct AgentConfig: Sendable {
         ("exclude-type", "TYPE", "these filesystem types are never frozen (repeatable)"),
         ("max-freeze", "DURATION", "longest freeze without a keepalive; caps every timeout (default 10m)"),
         ("freeze-step-timeout", "DURATION", "longest the presync or one freeze wave may take before the freeze is abandoned and thawed (default 10s)"),
+        ("presync", "yes|no", "sync every filesystem in parallel before freezing, while writers still run (default yes; no suits guests whose writers stream without pause)"),
         ("hooks-dir", "DIR", "run the hooks in DIR around each freeze (freeze, thaw, freeze-failed)"),
         ("hook-timeout", "DURATION", "how long one hook phase may run unless its header says (default 30s)"),
         ("thaw-on-disconnect", "yes|no", "thaw a bound freeze when its connection closes (default yes)"),
@@ -133,6 +140,13 @@ public struct AgentConfig: Sendable {
         func number(_ v: String) throws(ConfigError) -> UInt32 {
             guard let n = UInt32(v) else { throw ConfigError("\(key): \"\(v)\" is not a non-negative integer") }
             return n
+        }
+        func yesNo(_ v: String) throws(ConfigError) -> Bool {
+            switch v.lowercased() {
+            case "yes", "true", "on", "1": return true
+            case "no", "false", "off", "0": return false
+            default: throw ConfigError("\(key): \"\(v)\" is not yes or no")
+            }
         }
         func nonEmpty(_ v: String) throws(ConfigError) -> String {
             guard !v.isEmpty else { throw ConfigError("\(key): needs a value") }
@@ -188,12 +202,8 @@ public struct AgentConfig: Sendable {
             guard value.hasPrefix("/") else { throw ConfigError("hooks-dir: \"\(value)\" must be an absolute path") }
             hooksDir = value
         case "hook-timeout": hookTimeoutMs = try duration(value)
-        case "thaw-on-disconnect":
-            switch value.lowercased() {
-            case "yes", "true", "on", "1": thawOnDisconnect = true
-            case "no", "false", "off", "0": thawOnDisconnect = false
-            default: throw ConfigError("thaw-on-disconnect: \"\(value)\" is not yes or no")
-            }
+        case "thaw-on-disconnect": thawOnDisconnect = try yesNo(value)
+        case "presync": presync = try yesNo(value)
         case "allow-vsock-cid":
             if fresh(key) { allowedVsockCIDs = [] }
             allowedVsockCIDs.insert(try number(value))

@@ -188,6 +188,8 @@ public final class StuckCalls: Sendable {
 /// never on the Swift concurrency pool, so `ping` and `status` stay answerable during a freeze.
 public struct FreezeEngine: Sendable {
     public var onFrozenElsewhere: FrozenElsewherePolicy
+    /// Whether freezes presync (the `presync` setting); false goes straight to the waves.
+    public var presync: Bool
     /// Calls of abandoned freezes still blocked in the kernel.
     public let stuck = StuckCalls()
     /// Where FIFREEZE, FITHAW and syncfs go: the real kernel, or a fake in tests.
@@ -196,9 +198,10 @@ public struct FreezeEngine: Sendable {
     /// for a sync at once must not start a thread per filesystem each).
     let syncPool: BlockingPool
 
-    public init(onFrozenElsewhere: FrozenElsewherePolicy = .fail, kernel: any FilesystemKernel = LinuxFilesystemKernel(),
-                syncPool: BlockingPool = WorkPools.sync) {
+    public init(onFrozenElsewhere: FrozenElsewherePolicy = .fail, presync: Bool = true,
+                kernel: any FilesystemKernel = LinuxFilesystemKernel(), syncPool: BlockingPool = WorkPools.sync) {
         self.onFrozenElsewhere = onFrozenElsewhere
+        self.presync = presync
         self.kernel = kernel
         self.syncPool = syncPool
     }
@@ -212,7 +215,7 @@ public struct FreezeEngine: Sendable {
     /// call, when it does return, thaws what it froze on its own thread. Nothing stays frozen.
     public func freeze(_ targets: [FreezeTarget], explicit: Bool, opID: String = "",
                        budget: FreezeBudget = .unbounded) async -> Result<FreezeOutcome, FreezeFailure> {
-        let run = FreezeRun(targets: targets, explicit: explicit, policy: onFrozenElsewhere, opID: opID,
+        let run = FreezeRun(targets: targets, explicit: explicit, policy: onFrozenElsewhere, presync: presync, opID: opID,
                             budget: budget, stuck: stuck, kernel: kernel)
         return await Threads.run { run.execute() }
     }
@@ -296,6 +299,7 @@ private struct FreezeRun: Sendable {
     let targets: [FreezeTarget]
     let explicit: Bool
     let policy: FrozenElsewherePolicy
+    let presync: Bool
     let opID: String
     let budget: FreezeBudget
     let stuck: StuckCalls
@@ -358,13 +362,13 @@ private struct FreezeRun: Sendable {
         // (PresyncConvergence), within a time budget; then the freeze.
         let opened = fds
         let presyncStart = monotonicNanos()
-        let syncable = targets.indices.filter { opened[$0] != nil }
+        let syncable = presync ? targets.indices.filter { opened[$0] != nil } : []
         var convergence = PresyncConvergence(filesystems: syncable.count, start: presyncStart, budget: budget)
         let devices = Set(syncable.flatMap { targets[$0].devices })
-        let before = kernel.writeback(of: devices)
+        let before = syncable.isEmpty ? WritebackSample(written: nil, dirty: nil, dirtied: nil) : kernel.writeback(of: devices)
         var writtenBefore = before.written
         var dirtiedBefore = before.dirtied
-        presyncLoop: while true {
+        presyncLoop: while !syncable.isEmpty {
             let presync = bounded(syncable, call: "syncfs") { i -> Call in
                 // Arguments evaluate left to right: take the end time after the syncfs returns.
                 let t = monotonicNanos()
@@ -394,7 +398,7 @@ private struct FreezeRun: Sendable {
             guard convergence.anotherPass(flushed: flushed, remaining: remaining, dirtied: dirtied, now: monotonicNanos())
             else { break presyncLoop }
         }
-        let presyncUs = micros(since: presyncStart)
+        let presyncUs = syncable.isEmpty ? 0 : micros(since: presyncStart)
         let presyncPasses = convergence.passes
 
         // Freeze wave by wave; each wave in parallel, within the budget.

@@ -122,7 +122,7 @@ if checkOnly {
     if !config.scope.exclude.isEmpty || !config.scope.excludeTypes.isEmpty {
         scope += ", exclude \((config.scope.exclude + config.scope.excludeTypes.map { "type " + $0 }).joined(separator: " "))"
     }
-    print("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs))")
+    print("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no")")
     CurrentProcess.exit(0)
 }
 

@@ -581,6 +581,7 @@ struct SystemdAndConfigTests {
             ("# ok\nlisten = tcp:1234\n", "line 2", "unknown kind"),
             ("frobnicate = yes\n", "line 1", "unknown setting"),
             ("listen\n", "line 1", "expected \"key = value\""),
+            ("presync = sometimes\n", "line 1", "presync: \"sometimes\" is not yes or no"),
         ]
         for (text, line, reason) in cases {
             let path = dir + "/quiesced.conf"
@@ -589,9 +590,9 @@ struct SystemdAndConfigTests {
             #expect(out.contains("\(path):\(line.dropFirst(5))") && out.contains(reason) && out.contains("exit=2"), "\(out)")
         }
         let good = dir + "/good.conf"
-        try "listen = vsock:5123\ninclude = /srv/*\nmax-freeze = 2m   # two minutes\nthaw-on-disconnect = no\n# listen = unix:/commented\nlisten = unix:/run/a#b.sock\n".write(toFile: good, atomically: true, encoding: .utf8)
+        try "listen = vsock:5123\ninclude = /srv/*\nmax-freeze = 2m   # two minutes\nthaw-on-disconnect = no\npresync = off\n# listen = unix:/commented\nlisten = unix:/run/a#b.sock\n".write(toFile: good, atomically: true, encoding: .utf8)
         let ok = try sh("'\(buildProductsDir)/quiesced' --config '\(good)' --check-config")
-        #expect(ok.contains("vsock:5123") && ok.contains("2m"))
+        #expect(ok.contains("vsock:5123") && ok.contains("2m") && ok.contains("presync no"), "\(ok)")
         #expect(ok.contains("unix:/run/a#b.sock") && !ok.contains("/commented"), "a # inside a value is part of it: \(ok)")
         let flagWins = try sh("'\(buildProductsDir)/quiesced' --config '\(good)' --listen unix:/tmp/x.sock --check-config")
         #expect(flagWins.contains("unix:/tmp/x.sock") && !flagWins.contains("vsock:5123"), "a flag replaces the file's list")

@@ -65,6 +65,32 @@ struct FreezeLabTests {
         }
     }
 
+    @Test("presync = no: the freeze goes straight to FIFREEZE, which flushes the dirty data itself; the reply shows no presync")
+    func withoutPresync() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let loop = try sh("findmnt -n -o SOURCE '\(a)'").trimmingCharacters(in: .whitespacesAndNewlines)
+            func sectorsWritten() throws -> Int {
+                let fields = try String(contentsOfFile: "/sys/block/\((loop as NSString).lastPathComponent)/stat", encoding: .utf8)
+                    .split(separator: " ", omittingEmptySubsequences: true)
+                return Int(fields[6]) ?? -1
+            }
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--presync", "no"])
+            defer { agent.stop() }
+            let client = try TestClient(path: agent.socketPath)
+            try lab.dirty(a, mb: 8)
+            let before = try sectorsWritten()
+            let frozen = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 60_000])
+            let written = (try sectorsWritten() - before) * 512
+            #expect(try isFrozen(a))
+            #expect(frozen["presync_us"]?.intValue == 0, "\(frozen)")
+            for fs in frozen["filesystems"]!.arrayValue! { #expect(fs["presync_us"] == nil, "no syncfs ran: \(fs)") }
+            #expect(written >= 8 << 20, "the freeze wrote \(written) bytes of 8 MiB dirty: FIFREEZE must flush it")
+            #expect(try client.result(["op": "thaw"])["was_frozen"] == true)
+            #expect(try !isFrozen(a))
+        }
+    }
+
     @Test("an explicit mount list freezes exactly those mounts; an unknown, ineligible or out-of-scope one freezes nothing")
     func explicitListFreezesExactlyThose() async throws {
         try await LoopLab.with { lab in
