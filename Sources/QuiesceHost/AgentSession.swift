@@ -20,11 +20,10 @@ struct SessionEnd: Sendable {
 
 /// One agent's thread: connect, hello, freeze, keep alive, thaw.
 final class AgentSession: Sendable {
-    enum Order: Sendable { case thaw }
 
     let index: Int
     let address: AgentAddress
-    /// What the coordinator wants of the session, beyond its orders; read by the session thread.
+    /// What the coordinator wants of the session, beyond the thaw order; read by the session thread.
     enum Mode: UInt8, AtomicRepresentable {
         case running
         /// Do not freeze (the checkpoint was interrupted before this agent froze).
@@ -39,7 +38,11 @@ final class AgentSession: Sendable {
         var dropsConnection: Bool { self == .forced || self == .abandoned }
     }
 
-    let orders = Mailbox<Order>()
+    /// Set by `orderThaw`; read by the session thread while it holds the freeze.
+    private let thawOrdered = Atomic<Bool>(false)
+    /// Wakes the session thread from its wait on the connection (`orderThaw`). Nil only when no
+    /// eventfd could be made: the thread then looks for the order every 100 ms instead.
+    private let wake: Wakeup? = try? Wakeup()
     let mode = Atomic<Mode>(.running)
     /// Monotonic time at which COMMAND is stopped (0: not known yet); caps the keepalive leases.
     let hardDeadline = Atomic<UInt64>(0)
@@ -48,6 +51,13 @@ final class AgentSession: Sendable {
     init(index: Int, address: AgentAddress) {
         self.index = index
         self.address = address
+    }
+
+    /// Tells the session to end its freeze: it thaws as soon as it holds one (at once if it
+    /// does already). Any thread; never blocks.
+    func orderThaw() {
+        thawOrdered.store(true, ordering: .releasing)
+        wake?.signal()
     }
 
     func attach(_ c: Connection) {
@@ -113,28 +123,37 @@ final class AgentSession: Sendable {
 
         // Keep the freeze alive until told to thaw. Keepalives come from this thread, which never
         // waits for COMMAND, so a long snapshot is never cut short while we are alive, and a
-        // stopped or dead coordinator lets the lease run out. Between keepalives the connection
-        // is watched, so a freeze lost while COMMAND runs (the agent thawed by itself and said
-        // so, or the connection dropped) is known within a tenth of a second, not at the thaw.
+        // stopped or dead coordinator lets the lease run out. Between keepalives the thread
+        // sleeps in one poll on the connection and the thaw order's eventfd, so a freeze lost
+        // while COMMAND runs (the agent thawed by itself and said so, or the connection dropped)
+        // is known when it happens, not at the thaw, and a long COMMAND costs no wakeups.
         let interval = UInt64(max(100, lease / 3)) * 1_000_000
-        let watchSlice: UInt64 = 100_000_000
         var next = frozenAt + interval
         var keepalives = 0
         var keepaliveFailed = false
         var lost = false
-        while orders.receive(deadlineNanos: lost ? next : min(next, monotonicNanos() + watchSlice)) == nil {
-            if !lost {
-                do {
-                    try client.takeIncoming()
-                } catch {
-                    lost = true
-                    if !thawedByAgent.load(ordering: .acquiring) {
-                        events.post(.connectionLost(i, error, monotonicNanos()))
-                    }
+        func takeIncoming() {
+            guard !lost else { return }
+            do {
+                try client.takeIncoming()
+            } catch {
+                lost = true
+                if !thawedByAgent.load(ordering: .acquiring) {
+                    events.post(.connectionLost(i, error, monotonicNanos()))
                 }
-                if thawedByAgent.load(ordering: .acquiring) { lost = true }
             }
-            guard monotonicNanos() >= next else { continue }
+            if thawedByAgent.load(ordering: .acquiring) { lost = true }
+        }
+        while !thawOrdered.load(ordering: .acquiring) {
+            if let wake {
+                let ready = client.connection.waitForIncoming(watching: !lost, or: wake, deadline: next)
+                if ready.woken { continue }  // the order is checked at the top
+                if ready.incoming { takeIncoming() }
+            } else {
+                Threads.sleep(milliseconds: Int(min(100, max(1, (Int64(next) - Int64(monotonicNanos())) / 1_000_000))))
+                takeIncoming()
+            }
+            guard monotonicNanos() >= next, !thawOrdered.load(ordering: .acquiring) else { continue }
             next = monotonicNanos() + interval
             guard !keepaliveFailed, !lost, mode.load(ordering: .acquiring) != .forced else { continue }
             var ttl = lease
@@ -156,6 +175,9 @@ final class AgentSession: Sendable {
                 keepaliveFailed = true
                 events.post(.keepaliveFailed(i, error, monotonicNanos()))
             }
+            // Events that came in the same read as the keepalive's reply are handled now: the
+            // next poll would not see them.
+            takeIncoming()
         }
         let outcome = thaw(client, plan: plan, keepalives: keepalives,
                            confirmedByAgent: { thawedByAgent.load(ordering: .acquiring) })

@@ -184,7 +184,7 @@ final class CheckpointRun {
         thawStarted = true
         guard !thawPending.isEmpty else { return }
         note(monotonicNanos(), nil, "thaw", "thawing \(thawPending.count) agent\(thawPending.count == 1 ? "" : "s")")
-        for i in thawPending { sessions[i].orders.post(.thaw) }
+        for i in thawPending { sessions[i].orderThaw() }
     }
 
     /// Gives up on agents that did not freeze in time: each counts as failed, and its connection
@@ -210,7 +210,7 @@ final class CheckpointRun {
             // Its session ends on its own, undoing a late freeze by op id; one that got through
             // just before the drop is told to thaw at once. The run ends when it has.
             switch e {
-            case .frozen: sessions[i].orders.post(.thaw)
+            case .frozen: sessions[i].orderThaw()
             case .failed(_, _, let error, let at):
                 undoPending.remove(i)
                 note(at, i, "gave-up", "after giving up: \(error.message)")

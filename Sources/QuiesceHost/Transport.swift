@@ -189,6 +189,27 @@ public final class Connection: Sendable {
         }
     }
 
+    /// What ended `waitForIncoming`.
+    struct Readiness {
+        /// The agent sent bytes or closed the connection (or polling it failed): `receive` says which.
+        var incoming: Bool
+        /// `wake` was signalled.
+        var woken: Bool
+    }
+
+    /// Sleeps until the agent sends something or closes the connection, `wake` is signalled,
+    /// or the monotonic `deadline` passes (both false then), without reading: one poll(2) on the
+    /// socket and the eventfd, with no timer in between. `watching` false waits for `wake` and
+    /// the deadline only (a connection already known to be lost would be ready at once).
+    func waitForIncoming(watching: Bool, or wake: Wakeup, deadline: UInt64) -> Readiness {
+        let now = monotonicNanos()
+        let timeoutMs = now >= deadline ? 0 : Int32(clamping: (deadline - now + 999_999) / 1_000_000)
+        let socket = open.withLock { $0 } && watching ? fd : -1
+        guard let ready = try? FD.poll([(fd: socket, events: .readable), (fd: wake.fd, events: .readable)], timeoutMs: timeoutMs)
+        else { return Readiness(incoming: watching, woken: false) }
+        return Readiness(incoming: !ready[0].isEmpty, woken: !ready[1].isEmpty)
+    }
+
     /// Sends bytes; `timeoutMs` bounds the wait for an agent that stopped reading.
     func send(_ bytes: [UInt8], timeoutMs: Int64) throws(AgentError) {
         do {

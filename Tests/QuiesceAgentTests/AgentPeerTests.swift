@@ -5,18 +5,6 @@ import QuiesceProtocol
 import QuiesceTestSupport
 import Testing
 
-/// Context switches (voluntary + nonvoluntary) of every thread of `pid`, from /proc/PID/task/*/status.
-func contextSwitches(of pid: Int32) throws -> Int {
-    var total = 0
-    for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") {
-        guard let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8) else { continue }
-        for line in status.split(separator: "\n") where line.contains("ctxt_switches:") {
-            total += Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
-        }
-    }
-    return total
-}
-
 @Suite("what a peer of quiesced sees", .enabled(if: canUseLoopDevices, "needs root and loop devices"))
 struct AgentPeerTests {
     @Test("a thaw by request: every other hello'd connection gets thawed with reason request; the requester gets its reply only")

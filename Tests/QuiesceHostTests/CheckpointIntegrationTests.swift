@@ -124,7 +124,7 @@ struct CheckpointIntegrationTests {
             let status = try TestClient(path: g.agents[0].socketPath).result(["op": "status"])
             #expect(status["last_auto_thaw"]?["reason"] == "deadline")
             ctl.signal(SIGCONT)
-            FileManager.default.createFile(atPath: go, contents: nil)
+            #expect(FileManager.default.createFile(atPath: go, contents: nil))
             let r = try #require(ctl.wait(timeoutMs: 15_000))
             #expect(r.status == ExitCodes.freezeFailed, "the freeze did not hold until COMMAND finished: \(r.stderr)")
             #expect(r.stderr.contains("the freeze did not hold"))
@@ -145,8 +145,8 @@ struct CheckpointIntegrationTests {
             g.agents[0].signal(SIGTERM)
             #expect(g.agents[0].waitForExit() == 0)
             #expect(try !isFrozen(g.mounts[0]), "the agent thawed before exiting")
-            usleep(300_000)  // quiescectl notices within its 100 ms watch
-            FileManager.default.createFile(atPath: go, contents: nil)
+            usleep(300_000)  // quiescectl notices at once: it sleeps on the connection
+            #expect(FileManager.default.createFile(atPath: go, contents: nil))
             let r = try #require(ctl.wait(timeoutMs: 15_000))
             #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
             let agent = try #require(r.json?["agents"]?.arrayValue?.first)
@@ -154,6 +154,30 @@ struct CheckpointIntegrationTests {
             #expect(agent["thaw_error"] == nil, "the agent's thawed event confirms the thaw")
             let thawedAt = try #require(r.timelineMs("agent-thawed")), doneAt = try #require(r.timelineMs("command-done"))
             #expect(thawedAt < doneAt - 200, "noticed while COMMAND ran: \(thawedAt) ms vs \(doneAt) ms")
+        }
+    }
+
+    @Test("a long COMMAND costs quiescectl no periodic wakeups: it sleeps on the connection until a keepalive is due or COMMAND ends")
+    func holdingCostsNoWakeups() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 1)
+            defer { g.stop() }
+            let dir = TempDir()
+            let ready = dir.file("ready"), go = dir.file("go")
+            // A 60 s lease: the first keepalive is due after 20 s, well past the 2.5 s counted.
+            let ctl = try Ctl(g.addresses + ["checkpoint", "--lease", "60s", "--", "sh", "-c",
+                                             "touch '\(ready)'; while [ ! -e '\(go)' ]; do sleep 0.05; done"], in: dir)
+            #expect(eventually(withinMs: 10_000) { FileManager.default.fileExists(atPath: ready) })
+            usleep(300_000)
+            let before = try contextSwitches(of: ctl.pid)
+            usleep(2_500_000)
+            let switches = try contextSwitches(of: ctl.pid) - before
+            // Watching the connection in 100 ms slices made about 25 here.
+            #expect(switches <= 4, "\(switches) context switches of quiescectl in 2.5 s while COMMAND ran")
+            #expect(FileManager.default.createFile(atPath: go, contents: nil))
+            let r = try #require(ctl.wait(timeoutMs: 15_000))
+            #expect(r.status == 0, "\(r.stderr)")
+            #expect(try !isFrozen(g.mounts[0]))
         }
     }
 

@@ -158,6 +158,18 @@ public final class LoopLab: @unchecked Sendable {
     }
 }
 
+/// Context switches (voluntary + nonvoluntary) of every thread of `pid`, from /proc/PID/task/*/status.
+public func contextSwitches(of pid: Int32) throws -> Int {
+    var total = 0
+    for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/status", encoding: .utf8) else { continue }
+        for line in status.split(separator: "\n") where line.contains("ctxt_switches:") {
+            total += Int(line.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) ?? 0
+        }
+    }
+    return total
+}
+
 /// Judges frozen state without our code: a second FIFREEZE (fsfreeze -f) answers EBUSY when the
 /// filesystem is frozen. When it was not frozen, the probe's own freeze is undone at once.
 public func isFrozen(_ mountPoint: String) throws -> Bool {
