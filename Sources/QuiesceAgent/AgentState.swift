@@ -113,7 +113,7 @@ public actor AgentState {
         self.config = config
         self.planner = planner ?? Discovery(scope: config.scope)
         self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere, presync: config.presync, kernel: kernel)
-        self.record = FreezeRecord(stateDir: config.stateDir)
+        self.record = FreezeRecord(stateDir: config.stateDir, hooksDir: config.hooksDir)
         self.hooks = config.hooksDir.map { Hooks(directory: $0, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger) }
         self.logger = logger
         self.guardian = DeadlineGuard(kernel: kernel) { [logger] opID, mounts in
@@ -199,10 +199,13 @@ public actor AgentState {
                                 sinceMs: p.sinceMs, requestedBy: p.requestedBy, lastAutoThaw: lastAutoThaw,
                                 hooks: p.hookReports, hooksRefused: hooksRefused, stuck: engine.stuck.current)
         case .frozen(let f), .thawing(let f):
-            let remainingMs = Int64((Int64(bitPattern: f.deadline) - Int64(bitPattern: monotonicNanos())) / 1_000_000)
+            // While thawing there is no deadline to count down: the thaw is under way (and the
+            // filesystems may already be thawed while the thaw hooks run).
+            let remainingMs = isThawing ? nil
+                : max(0, Int64((Int64(bitPattern: f.deadline) - Int64(bitPattern: monotonicNanos())) / 1_000_000))
             return StatusResult(state: isThawing ? .thawing : .frozen, opID: f.opID, mode: f.mode,
-                                filesystems: f.held.mountPoints, sinceMs: f.sinceMs, deadlineMs: f.result.deadlineMs,
-                                remainingMs: max(0, remainingMs), requestedBy: f.requestedBy, lastAutoThaw: lastAutoThaw,
+                                filesystems: f.held.mountPoints, sinceMs: f.sinceMs, deadlineMs: isThawing ? nil : f.result.deadlineMs,
+                                remainingMs: remainingMs, requestedBy: f.requestedBy, lastAutoThaw: lastAutoThaw,
                                 hooks: liveHookReports(f), hooksRefused: hooksRefused, stuck: engine.stuck.current)
         }
     }
@@ -515,6 +518,8 @@ public actor AgentState {
         }
         phase = .thawing(f)
         let outcome = await engine.thaw(f.held)
+        // Frozen until the last FITHAW returned; the thaw hooks below run with writers free.
+        let frozenUs = micros(since: f.frozenAt)
         LogGate.shared.release()
         var log = logger
         log[metadataKey: "op_id"] = "\(f.opID)"
@@ -524,7 +529,6 @@ public actor AgentState {
             // Ended once: a retry of a failed thaw must not end them again.
             if case .thawing(var t) = phase { t.hooksOwed = []; phase = .thawing(t) }
         }
-        let frozenUs = micros(since: f.frozenAt)
         let result = ThawResult(opID: f.opID, wasFrozen: true, filesystems: outcome.filesystems, hooks: hookReports,
                                 totalUs: outcome.totalUs, frozenUs: frozenUs)
         if !outcome.remaining.isEmpty {

@@ -15,9 +15,14 @@ public struct FreezeRecord: Sendable {
     public let ownerPID: Int32
     public var path: String { FreezeRecord.path(stateDir: stateDir, pid: ownerPID) }
 
-    public init(stateDir: String, ownerPID: Int32 = CurrentProcess.id) {
+    /// The hooks directory of the agent writing the record, kept in it so that recovery ends
+    /// the owed hooks from where they ran, whatever configuration the recovering run has.
+    public let hooksDir: String?
+
+    public init(stateDir: String, ownerPID: Int32 = CurrentProcess.id, hooksDir: String? = nil) {
         self.stateDir = stateDir
         self.ownerPID = ownerPID
+        self.hooksDir = hooksDir
     }
 
     static func path(stateDir: String, pid: Int32) -> String { "\(stateDir)/freeze-\(pid).json" }
@@ -29,6 +34,7 @@ public struct FreezeRecord: Sendable {
         try? Paths.makeDirectory(stateDir, mode: 0o700)
         let body: JSON = [
             "op_id": .string(opID),
+            "hooks_dir": hooksDir.map(JSON.string) ?? nil,
             "hooks_owed": .array(hooksOwed.map(JSON.string)),
             "stage": .string(filesystemsFreezing ? "filesystems" : "hooks"),
             "pid": .int(Int64(CurrentProcess.id)),
@@ -63,7 +69,7 @@ public struct FreezeRecord: Sendable {
     }
 
     /// Reads the record at `path`, if there is one. A damaged record gives its error.
-    static func read(path: String) -> Result<(opID: String, entries: [Entry], hooksOwed: [String], filesystemsFreezing: Bool)?, ProtocolError> {
+    static func read(path: String) -> Result<(opID: String, entries: [Entry], hooksOwed: [String], filesystemsFreezing: Bool, hooksDir: String?)?, ProtocolError> {
         guard let bytes = try? FD.readWholeFile(atPath: path) else { return .success(nil) }
         let text = String(decoding: bytes, as: UTF8.self)
         do {
@@ -76,7 +82,7 @@ public struct FreezeRecord: Sendable {
                 entries.append(Entry(mountPoint: mp, devices: Set(devs)))
             }
             let owed = (json["hooks_owed"]?.arrayValue ?? []).compactMap(\.stringValue)
-            return .success((opID, entries, owed, json["stage"]?.stringValue != "hooks"))
+            return .success((opID, entries, owed, json["stage"]?.stringValue != "hooks", json["hooks_dir"]?.stringValue))
         } catch {
             return .failure(ProtocolError(.internal, "damaged freeze record \(path): \(error)"))
         }
@@ -87,8 +93,9 @@ public struct FreezeRecord: Sendable {
         /// Records of agents that are gone, thawed: the op id and one line per filesystem.
         public var recovered: [(opID: String, lines: [String])] = []
         /// Hooks those agents owed an ending, per operation, with the phase to end them with:
-        /// `thaw` when the filesystems had begun to freeze, else `freeze-failed`.
-        public var hooksOwed: [(opID: String, phase: HookPhase, names: [String])] = []
+        /// `thaw` when the filesystems had begun to freeze, else `freeze-failed`; and the hooks
+        /// directory they ran from (nil in records of earlier versions).
+        public var hooksOwed: [(opID: String, phase: HookPhase, names: [String], hooksDir: String?)] = []
         /// Pids of running agents whose records were left alone.
         public var liveOwners: [Int32] = []
     }
@@ -114,7 +121,7 @@ public struct FreezeRecord: Sendable {
                 continue
             }
             if case .success(let r?) = read(path: path), !r.hooksOwed.isEmpty {
-                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? .thaw : .freezeFailed, r.hooksOwed))
+                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? .thaw : .freezeFailed, r.hooksOwed, r.hooksDir))
             }
             if let r = recover(path: path) { recovery.recovered.append(r) }
         }

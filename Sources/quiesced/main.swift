@@ -149,17 +149,18 @@ for r in recovery.recovered {
 }
 // Hooks a dead agent owed an ending get it now, after the thaw above (every hook that got
 // `freeze` gets exactly one of `thaw` or `freeze-failed`).
-if let dir = config.hooksDir {
+// They run from the directory the record names (where they got `freeze`), so a recovery run
+// with other settings (`quiesced --recover` without the agent's --hooks-dir) still ends them;
+// Hooks checks that directory and each hook as at any freeze (root-owned, not writable by others).
+for owed in recovery.hooksOwed {
+    guard let dir = owed.hooksDir ?? config.hooksDir else {
+        logger.error("op \(owed.opID) owed hooks \(owed.names.joined(separator: ", ")) a \(owed.phase), but its record names no hooks directory and no hooks-dir is configured")
+        continue
+    }
     let hooks = Hooks(directory: dir, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger)
-    for owed in recovery.hooksOwed {
-        let reports = hooks.recover(names: owed.names, phase: owed.phase, opID: owed.opID)
-        logger.warning("ended the hooks op \(owed.opID) owed: \(reports.map { "\($0.name) \($0.phase) \($0.effectiveOutcome.rawValue)" }.joined(separator: ", "))",
-                       metadata: ["op_id": "\(owed.opID)"])
-    }
-} else {
-    for owed in recovery.hooksOwed {
-        logger.error("op \(owed.opID) owed hooks \(owed.names.joined(separator: ", ")) a \(owed.phase), but no hooks-dir is configured")
-    }
+    let reports = hooks.recover(names: owed.names, phase: owed.phase, opID: owed.opID)
+    logger.warning("ended the hooks op \(owed.opID) owed: \(reports.map { "\($0.name) \($0.phase) \($0.effectiveOutcome.rawValue)" }.joined(separator: ", "))",
+                   metadata: ["op_id": "\(owed.opID)"])
 }
 for pid in recovery.liveOwners {
     logger.notice("state dir \(config.stateDir) is also used by the running quiesced pid \(pid); its freeze record is left to it")

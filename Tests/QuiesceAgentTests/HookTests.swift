@@ -41,6 +41,32 @@ struct HookPhaseTests {
         }
     }
 
+    @Test("a slow thaw hook is not counted as frozen: frozen_us ends at FITHAW, and status while it runs says thawing with no countdown")
+    func thawHookTimeIsNotFrozenTime() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, ["10-slow-thaw": "[ \"$1\" = thaw ] && sleep 1.5; exit 0"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            defer { agent.stop() }
+            let c = try TestClient(path: agent.socketPath)
+            _ = try c.result(["op": "freeze", "mode": "detached"])
+            #expect(try isFrozen(a))
+            try c.sendRaw(Array("{\"id\":\"t\",\"op\":\"thaw\"}\n".utf8))
+            usleep(600_000)  // FITHAW is done; the hook sleeps
+            #expect(try writeCompletes(a, withinMs: 2000), "thawed while the thaw hook runs")
+            let status = try TestClient(path: agent.socketPath).result(["op": "status"])
+            #expect(status["state"] == "thawing", "\(status)")
+            #expect(status["remaining_ms"] == nil && status["deadline_ms"] == nil, "no auto-thaw countdown while thawing: \(status)")
+            guard case .reply(let r) = try c.readMessage(timeoutMs: 10_000), case .success(let t) = r.outcome else {
+                Issue.record("no thaw reply"); return
+            }
+            let frozenUs = t["frozen_us"]?.intValue ?? -1
+            let hookUs = t["hooks"]?.arrayValue?.first?["duration_us"]?.intValue ?? -1
+            #expect(hookUs >= 1_400_000, "the thaw hook ran 1.5 s: \(t)")
+            #expect(frozenUs >= 0 && frozenUs < 1_000_000, "frozen for \(frozenUs) us, though FITHAW came before the 1.5 s hook")
+        }
+    }
+
     @Test("a FIFREEZE that fails (filesystem frozen by someone else) ends the hooks with freeze-failed")
     func fifreezeFails() async throws {
         try await LoopLab.with { lab in
@@ -269,6 +295,27 @@ struct HookPhaseTests {
             #expect(try !isFrozen(a))
             #expect(lines(log) == ["10-db freeze", "recovery=", "10-db thaw", "recovery=1"])
             again.stop()
+        }
+    }
+
+    @Test("quiesced --recover without the agent's --hooks-dir still ends the owed hooks: the record names their directory")
+    func recoverByHandEndsHooksFromTheRecord() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, ["10-db": journaling("10-db", log, then: "echo \"recovery=$QUIESCE_RECOVERY\" >> '\(log)'")])
+            let state = "\(lab.root)/shared-state"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks], stateDir: state)
+            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached"])
+            #expect(try isFrozen(a))
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            // What the unit's ExecStopPost, or an administrator, runs: no hooks-dir given.
+            let out = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(state)' 2>&1; echo \"exit=$?\"")
+            #expect(out.contains("exit=0"), "\(out)")
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["10-db freeze", "recovery=", "10-db thaw", "recovery=1"], "\(out)")
+            #expect(!out.contains("no hooks-dir"), "\(out)")
         }
     }
 }
