@@ -115,6 +115,9 @@ do {
     fail("\(error)")
 }
 if checkOnly {
+    if let st = try? Stat.of(path: config.stateDir), st.kind != .directory {
+        fail("state-dir \(config.stateDir): not a directory")
+    }
     let listen = config.listen.isEmpty
         ? "unix:\(config.stateDir)/quiesced.sock (default, unless socket-activated)"
         : config.listen.map(\.description).joined(separator: " ")
@@ -141,7 +144,16 @@ Signals.ignore(Signals.pipe)
 // Crash recovery: thaw what the records of agents that are gone name. Records of agents still
 // running (sharing this state dir) are theirs to thaw: a second agent, or --recover by hand,
 // must never thaw a live agent's freeze under a running checkpoint.
-try? Paths.makeDirectory(config.stateDir, mode: 0o700)
+// The state dir must take the freeze records: an agent that cannot write one refuses every
+// freeze, so it must not start and tell systemd it is ready. Probed by writing a file there.
+do throws(SystemError) {
+    try Paths.makeDirectory(config.stateDir, mode: 0o700)
+    let probe = "\(config.stateDir)/.probe-\(CurrentProcess.id)"
+    FD.close(try FD.open(probe, [.writeOnly, .create, .truncate], mode: 0o600))
+    Paths.remove(probe)
+} catch {
+    fail("state-dir \(config.stateDir): cannot keep freeze records there: \(error)", code: 1)
+}
 let recovery = FreezeRecord.recoverAbandoned(stateDir: config.stateDir)
 for r in recovery.recovered {
     logger.warning("found a freeze record left by an earlier run (op \(r.opID)); thawed: \(r.lines.joined(separator: "; "))",

@@ -596,6 +596,13 @@ struct SystemdAndConfigTests {
         #expect(ok.contains("unix:/run/a#b.sock") && !ok.contains("/commented"), "a # inside a value is part of it: \(ok)")
         let flagWins = try sh("'\(buildProductsDir)/quiesced' --config '\(good)' --listen unix:/tmp/x.sock --check-config")
         #expect(flagWins.contains("unix:/tmp/x.sock") && !flagWins.contains("vsock:5123"), "a flag replaces the file's list")
+        // A state dir that cannot take the freeze records: refused at start, not at every freeze.
+        let notADir = dir + "/state-file"
+        try "".write(toFile: notADir, atomically: true, encoding: .utf8)
+        let checked = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --state-dir '\(notADir)' --check-config 2>&1; echo \"exit=$?\"")
+        #expect(checked.contains("state-dir \(notADir): not a directory") && checked.contains("exit=2"), "\(checked)")
+        let started = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --state-dir '\(notADir)' --listen unix:\(dir)/s.sock 2>&1; echo \"exit=$?\"")
+        #expect(started.contains("cannot keep freeze records there") && started.contains("ENOTDIR") && started.contains("exit=1"), "\(started)")
     }
 
     @Test("--version names the release, and --help keeps each option's text apart (help2man makes quiesced(8) from it)")
