@@ -512,7 +512,8 @@ public actor AgentState {
                 if let ended = endedOps.last(where: { $0.opID == opID }), ended.reason != .request {
                     return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
                 }
-                return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(current.opID) does)"))
+                return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(current.opID) does)",
+                                              details: ["frozen_by": .string(current.opID)]))
             }
             f = current
         }
@@ -575,9 +576,9 @@ public actor AgentState {
         case .request: "a thaw request"
         default: "\(reason)"
         }
-        let seconds = max(0, wallClockMillis() - atMs) / 1000
+        let ago = TimeSpan.human(microseconds: max(0, wallClockMillis() - atMs) * 1000)
         return ProtocolError(.notFrozen,
-            "operation \(opID) was thawed by the agent before this thaw: at \(atMs) ms since the epoch (\(seconds) s ago), because \(why); a snapshot taken after that was not quiesced",
+            "operation \(opID) was thawed by the agent before this thaw: at \(utcTimestamp(millis: atMs)) (\(ago) ago), because \(why); a snapshot taken after that was not quiesced",
             details: ["op_id": .string(opID), "thawed_reason": .string(reason.rawValue), "thawed_at_ms": .int(atMs)])
     }
 

@@ -46,7 +46,13 @@ public enum AgentCalls {
 
     /// The exit code for a set of calls: unreachable wins over a refused request.
     public static func exitCode<V>(_ calls: [AgentCall<V>], refused: Int32 = ExitCodes.freezeFailed) -> Int32 {
-        if calls.contains(where: { !$0.ok && $0.stage == .connect }) { return ExitCodes.agentUnreachable }
+        // An agent that answered the connection with an error (a peer it does not allow, too
+        // many connections) was reached: that is a refusal, not an unreachable agent.
+        func unreachable(_ c: AgentCall<V>) -> Bool {
+            guard c.stage == .connect, case .failure(let e) = c.outcome else { return false }
+            return e.remote == nil
+        }
+        if calls.contains(where: unreachable) { return ExitCodes.agentUnreachable }
         if calls.contains(where: { !$0.ok }) { return refused }
         return ExitCodes.success
     }

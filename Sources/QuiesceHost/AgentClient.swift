@@ -333,7 +333,7 @@ extension AgentClient {
             let original = error
             let until = request.timeoutMs.map { "for up to \(TimeSpan(milliseconds: $0).human) (its deadline)" } ?? "until the agent's --max-freeze deadline"
             guard let op = request.opID else {
-                throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `quiescectl --agent \(address) thaw`")
+                throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             }
             let giveUp = monotonicNanos() + UInt64(max(replyTimeoutMs, 1000)) * 1_000_000
             var undo: Result<String, AgentError>
@@ -361,7 +361,7 @@ extension AgentClient {
             case .success(let what):
                 throw AgentError(original.code, "\(original.message). The freeze \(op) was undone: \(what); nothing is frozen by it")
             case .failure(let e):
-                throw AgentError(original.code, "\(original.message). The guest MAY BE FROZEN \(until): undoing the freeze failed (\(e.message)); thaw it with `quiescectl --agent \(address) thaw --op-id \(op)`")
+                throw AgentError(original.code, "\(original.message). The guest MAY BE FROZEN \(until): undoing the freeze failed (\(e.message)); thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw", "--op-id", op]))`")
             }
         }
     }

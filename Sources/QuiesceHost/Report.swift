@@ -9,7 +9,8 @@ public enum ExitCodes {
     public static let success: Int32 = 0
     /// Bad command line: unknown flag, bad address, bad duration.
     public static let usage: Int32 = 64
-    /// An agent could not be reached, did not answer hello, or does not speak the protocol.
+    /// An agent could not be reached, did not answer hello, or does not speak the protocol. (One
+    /// that answered the connection with an error refused it: `freezeFailed`.)
     public static let agentUnreachable: Int32 = 69
     /// An agent refused or failed the request (for `checkpoint`: the freeze failed, or did not
     /// hold until COMMAND finished, or a holding hook not marked optional ended while frozen).
@@ -26,7 +27,7 @@ public enum ExitCodes {
         (success, "success"),
         (usage, "usage error (bad flag, address or duration, or a COMMAND that cannot run: nothing was frozen)"),
         (agentUnreachable, "an agent is unreachable or does not speak the protocol"),
-        (freezeFailed, "an agent refused or failed the request; for checkpoint: a freeze (or a holding hook) failed or did not hold"),
+        (freezeFailed, "an agent refused (the connection too: allow-uid, allow-vsock-cid, max-connections) or failed the request; for checkpoint: a freeze (or a holding hook) failed or did not hold; for thaw --op-id: that operation holds no freeze"),
         (commandFailed, "COMMAND failed, could not start, or was stopped at the deadline (its own code is reported)"),
         (thawFailed, "a thaw failed or could not be confirmed: a guest may still be frozen"),
         (interrupted, "interrupted by SIGINT/SIGTERM (forwarded to COMMAND, guests thawed)"),
@@ -387,9 +388,11 @@ public enum Describe {
         return lines
     }
 
-    public static func freeze(_ r: FreezeResult, nowWallMs: Int64) -> [String] {
+    /// `agent`: where the freeze was taken, for the thaw command printed with it.
+    public static func freeze(_ r: FreezeResult, agent: AgentAddress, nowWallMs: Int64) -> [String] {
         var lines = ["\(frozen(r))", "op: \(r.opID) (\(r.mode.rawValue))\(r.replayed ? ", replayed" : "")"]
-        if r.deadlineMs > 0 { lines.append("auto-thaw in \(TimeSpan.human(microseconds: max(0, r.deadlineMs - nowWallMs) * 1000)) unless thawed: quiescectl thaw --op-id \(r.opID)") }
+        let thaw = shellQuoted(["quiescectl", "--agent", agent.description, "thaw", "--op-id", r.opID])
+        if r.deadlineMs > 0 { lines.append("auto-thaw in \(TimeSpan.human(microseconds: max(0, r.deadlineMs - nowWallMs) * 1000)) unless thawed: \(thaw)") }
         let width = r.filesystems.map(\.mountPoint.count).max() ?? 0
         for f in r.filesystems {
             var s = "  \(f.mountPoint.padding(width))"

@@ -136,3 +136,16 @@ public func wallClockMillis() -> Int64 {
     clock_gettime(CLOCK_REALTIME, &ts)
     return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
 }
+
+/// `millis` (ms since the epoch, as `wallClockMillis()`) as "2026-11-30 12:47:38.869 UTC"
+/// (gmtime_r(3)), for messages a person reads.
+public func utcTimestamp(millis: Int64) -> String {
+    let (q, r) = millis.quotientAndRemainder(dividingBy: 1000)  // truncates toward zero
+    var seconds = time_t(r < 0 ? q - 1 : q)
+    let ms = Int(r < 0 ? r + 1000 : r)
+    var t = tm()
+    guard gmtime_r(&seconds, &t) != nil else { return "\(millis) ms since the epoch" }
+    func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
+    let msText = ms < 10 ? "00\(ms)" : ms < 100 ? "0\(ms)" : "\(ms)"
+    return "\(t.tm_year + 1900)-\(two(t.tm_mon + 1))-\(two(t.tm_mday)) \(two(t.tm_hour)):\(two(t.tm_min)):\(two(t.tm_sec)).\(msText) UTC"
+}

@@ -126,7 +126,7 @@ struct GlobalOptions: ParsableArguments {
 
     func requireAgents() throws -> [AgentAddress] {
         guard !agents.isEmpty else {
-            throw ValidationError("--agent is required: say which agent to talk to, e.g. --agent vsock:42:5123 or --agent unix:/run/quiesce.sock")
+            throw ValidationError("--agent is required: say which agent to talk to, e.g. --agent vsock:42:5123 or --agent unix:/run/quiesce/quiesced.sock")
         }
         return agents
     }
@@ -282,8 +282,8 @@ struct Freeze: ParsableCommand {
             // A reply that cannot be read leaves the outcome unknown: undo the freeze by its op id.
             try c.freezeOrUndo(request, replyTimeoutMs: replyMs)
         }
-        try Output.finish("freeze", calls, json: g.json, result: { .object($0.json) }) { _, r in
-            Describe.freeze(r, nowWallMs: wallClockMillis())
+        try Output.finish("freeze", calls, json: g.json, result: { .object($0.json) }) { call, r in
+            Describe.freeze(r, agent: call.address, nowWallMs: wallClockMillis())
         }
     }
 }
@@ -303,7 +303,14 @@ struct Thaw: ParsableCommand {
         let calls = try g.callAgents(stage: .thaw) { c throws(AgentError) in
             try c.thawConfirmed(opID: op)
         }
-        try Output.finish("thaw", calls, json: g.json, refusedCode: ExitCodes.thawFailed, result: { $0.json }) { _, t in
+        // The named operation holds no freeze, and none is held by another (`frozen_by`): nothing
+        // is left frozen, so this is a refusal (70), not a thaw that failed (72).
+        let nothingFrozen = calls.allSatisfy { c in
+            guard case .failure(let e) = c.outcome else { return true }
+            return e.remote?.code == .notFrozen && e.remote?.details?["frozen_by"] == nil
+        }
+        try Output.finish("thaw", calls, json: g.json, refusedCode: nothingFrozen ? ExitCodes.freezeFailed : ExitCodes.thawFailed,
+                          result: { $0.json }) { _, t in
             if let r = t.result { return Describe.thaw(r) }
             return ["thawed: \(t.confirmation ?? "")"]
         }

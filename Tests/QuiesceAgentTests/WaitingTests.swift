@@ -54,6 +54,14 @@ struct WaitingTests {
         #expect(odd.take() == 1 && odd.take() == 1, "a non-positive delay would spin: clamped to 1 ms")
     }
 
+    @Test("wall-clock instants in messages read as UTC times, to the millisecond, before and after the epoch")
+    func utcTimestamps() {
+        #expect(utcTimestamp(millis: 0) == "1970-01-01 00:00:00.000 UTC")
+        #expect(utcTimestamp(millis: 1_796_043_008_869) == "2026-11-30 12:50:08.869 UTC")
+        #expect(utcTimestamp(millis: 1_796_043_008_009) == "2026-11-30 12:50:08.009 UTC")
+        #expect(utcTimestamp(millis: -1) == "1969-12-31 23:59:59.999 UTC")
+    }
+
     @Test("presync: another pass only while it will flush at most half of the last one, within budget")
     func presyncConvergence() {
         let mib: UInt64 = 1 << 20

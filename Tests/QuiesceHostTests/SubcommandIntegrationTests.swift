@@ -1,6 +1,7 @@
 // quiescectl's simple subcommands against a real quiesced on real loop filesystems this test creates.
 import Foundation
 import QuiesceProtocol
+import QuiesceHost
 import QuiesceTestSupport
 import Testing
 
@@ -34,6 +35,38 @@ struct SubcommandIntegrationTests {
             let thawed = try Ctl.run(ctl + ["thaw"], in: dir)
             #expect(thawed.status == 0, "\(thawed.stderr)")
             #expect(try !isFrozen(a) && !isFrozen(b))
+        }
+    }
+
+    @Test("the thaw command freeze prints works as pasted; thaw --op-id of an operation that holds nothing exits 70, of one while another holds the freeze 72; a refused peer exits 70")
+    func thawHintsAndExitCodes() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let ctl = ["--agent", "unix:\(agent.socketPath)"]
+            let nothing = try Ctl.run(ctl + ["thaw", "--op-id", "nosuch"], in: dir)
+            #expect(nothing.status == ExitCodes.freezeFailed, "nothing is frozen: not a failed thaw (\(nothing.status)): \(nothing.stderr)")
+
+            let frozen = try Ctl.run(ctl + ["freeze", "--op-id", "held op", "--timeout", "60s"], in: dir)
+            #expect(frozen.status == 0, "\(frozen.stderr)")
+            let other = try Ctl.run(ctl + ["thaw", "--op-id", "other"], in: dir)
+            #expect(other.status == ExitCodes.thawFailed, "the guest stays frozen by another operation: \(other.stderr)")
+            #expect(try isFrozen(a))
+            // The printed command, run by a shell as a user would paste it.
+            let hint = try #require(frozen.stdout.split(separator: "\n").first { $0.contains("unless thawed: ") })
+            let command = String(hint[hint.range(of: "unless thawed: ")!.upperBound...])
+            #expect(command.hasPrefix("quiescectl --agent unix:"), "\(command)")
+            let pasted = try sh("PATH='\(buildProductsDir)':$PATH \(command) >/dev/null 2>&1; echo $?")
+            #expect(pasted.trimmingCharacters(in: .whitespacesAndNewlines) == "0", "\(command)")
+            #expect(try !isFrozen(a))
+
+            let picky = try AgentProcess(in: lab.root, name: "picky", arguments: ["--include", "\(lab.root)/*", "--allow-uid", "4242"])
+            defer { picky.stop() }
+            let refused = try Ctl.run(["--agent", "unix:\(picky.socketPath)", "status"], in: dir)
+            #expect(refused.status == ExitCodes.freezeFailed, "reached and refused, not unreachable: \(refused.stderr)")
+            #expect(refused.stderr.contains("allow-uid"), "\(refused.stderr)")
         }
     }
 
