@@ -60,8 +60,26 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
 /// A configuration problem, with the file and line when it comes from a file.
 public struct ConfigError: Error, Sendable, CustomStringConvertible {
     public var message: String
-    public init(_ message: String) { self.message = message }
+    /// Control characters a value brought into `message` (a CR of a file edited on Windows,
+    /// a NUL) are shown as escapes, so the error stays one readable line.
+    public init(_ message: String) { self.message = ConfigError.visible(message) }
     public var description: String { message }
+
+    /// `s` with its control characters as escapes (`\r`, `\n`, `\t`, `\0`, `\xNN`).
+    public static func visible(_ s: String) -> String {
+        var out = ""
+        for u in s.unicodeScalars {
+            switch u.value {
+            case 0x0D: out += "\\r"
+            case 0x0A: out += "\\n"
+            case 0x09: out += "\\t"
+            case 0x00: out += "\\0"
+            case 0x01..<0x20, 0x7F: out += "\\x" + (u.value < 0x10 ? "0" : "") + String(u.value, radix: 16)
+            default: out.unicodeScalars.append(u)
+            }
+        }
+        return out
+    }
 }
 
 /// Everything the agent can be told. Every key of the config file is also a flag.
@@ -258,10 +276,16 @@ public struct AgentConfig: Sendable {
         guard maxFreezeMs >= 1000 else { throw ConfigError("max-freeze: at least 1s") }
     }
 
+    /// Keys that may be given more than once, each line adding to a list.
+    public static let listKeys: Set<String> = ["listen", "include", "exclude", "include-type", "exclude-type",
+                                               "allow-vsock-cid", "allow-uid"]
+
     public mutating func load(file path: String, text: String) throws(ConfigError) {
         var replacing = Set<String>()
+        var firstLine: [String: Int] = [:]
         var lineNumber = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+        // Lines end in LF or CRLF ("\r\n" is one Character in Swift, so it is named too).
+        for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" }) {
             lineNumber += 1
             // A comment starts at a `#` that begins the line or follows a space or tab, as in
             // the shell: a `#` inside a value (unix:/run/a#b.sock) is part of it.
@@ -276,6 +300,11 @@ public struct AgentConfig: Sendable {
             }
             let key = String(trimmed[..<eq]).trimmingASCIIWhitespace()
             let value = String(trimmed[trimmed.index(after: eq)...]).trimmingASCIIWhitespace()
+            // A setting given twice in one file is a mistake (which one was meant?), not a list.
+            if !AgentConfig.listKeys.contains(key), let first = firstLine.updateValue(firstLine[key] ?? lineNumber, forKey: key),
+               first != lineNumber {
+                throw ConfigError("\(path):\(lineNumber): \(key) is already set on line \(first): keep one")
+            }
             do {
                 try apply(key: key, value: value, replacing: &replacing)
             } catch {

@@ -15,6 +15,10 @@ extension Errno {
     public static let EHOSTUNREACH = Errno(Glibc.EHOSTUNREACH)
     public static let ENETUNREACH = Errno(Glibc.ENETUNREACH)
     public static let EADDRNOTAVAIL = Errno(Glibc.EADDRNOTAVAIL)
+    /// File too large: also what `FD.readWholeFile` says past its `maxBytes`.
+    public static let EFBIG = Errno(Glibc.EFBIG)
+    /// Exec format error: an executable the kernel cannot run (a script without `#!`).
+    public static let ENOEXEC = Errno(Glibc.ENOEXEC)
 }
 
 extension Signals {

@@ -103,6 +103,7 @@ do {
     if Paths.exists(configPath) || configExplicit {
         let bytes: [UInt8]
         do { bytes = try FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20) } catch {
+            if error.errno == .EFBIG { fail("config file \(configPath) is larger than 1 MiB: not a config file?") }
             fail("cannot read config file \(configPath): \(error.errno)")
         }
         guard let text = String(validating: bytes, as: UTF8.self) else { fail("\(configPath): not UTF-8 text") }
@@ -125,7 +126,11 @@ if checkOnly {
     if !config.scope.exclude.isEmpty || !config.scope.excludeTypes.isEmpty {
         scope += ", exclude \((config.scope.exclude + config.scope.excludeTypes.map { "type " + $0 }).joined(separator: " "))"
     }
-    print("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no")")
+    if let dir = config.hooksDir, !Paths.exists(dir) {
+        FD.writeOnce(FD.standardError, Array("quiesced: warning: hooks-dir \(dir) does not exist: freezes run no hooks until it does\n".utf8))
+    }
+    // Paths may hold control characters (legal in a file name): shown escaped, not sent to the terminal.
+    print(ConfigError.visible("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no")"))
     CurrentProcess.exit(0)
 }
 
@@ -182,6 +187,9 @@ if recoverOnly && recovery.recovered.isEmpty && !recovery.liveOwners.isEmpty {
 }
 if recoverOnly { CurrentProcess.exit(0) }
 if CurrentProcess.effectiveUID != 0 { logger.warning("not running as root: freezing needs CAP_SYS_ADMIN") }
+if let dir = config.hooksDir, !Paths.exists(dir) {
+    logger.warning("hooks-dir \(dir) does not exist: freezes run no hooks until it does")
+}
 
 // MARK: - Listeners
 

@@ -582,13 +582,25 @@ struct SystemdAndConfigTests {
             ("frobnicate = yes\n", "line 1", "unknown setting"),
             ("listen\n", "line 1", "expected \"key = value\""),
             ("presync = sometimes\n", "line 1", "presync: \"sometimes\" is not yes or no"),
+            // A setting twice is a mistake, also in a file with CRLF line ends; lists add up.
+            ("listen = vsock:1\r\nmax-freeze = 2m\r\nlisten = vsock:2\r\nmax-freeze = 3m\r\n", "line 4", "max-freeze is already set on line 2: keep one"),
+            // A control character in a value is shown escaped: the error stays one line.
+            ("listen = unix:/run/a\u{0}b\n", "line 1", "unix:/run/a\\0b"),
+            ("max-freeze = 2\u{1b}[2Jm\n", "line 1", "2\\x1b[2Jm"),
         ]
         for (text, line, reason) in cases {
             let path = dir + "/quiesced.conf"
             try text.write(toFile: path, atomically: true, encoding: .utf8)
             let out = try sh("'\(buildProductsDir)/quiesced' --config '\(path)' --check-config 2>&1; echo \"exit=$?\"")
             #expect(out.contains("\(path):\(line.dropFirst(5))") && out.contains(reason) && out.contains("exit=2"), "\(out)")
+            #expect(out.split(separator: "\n").count == 2 && !out.contains("\r"), "one line, then exit=: \(out)")
         }
+        let crlf = dir + "/crlf.conf"
+        try "listen = vsock:5123\r\nmax-freeze = 2m\r\n".write(toFile: crlf, atomically: true, encoding: .utf8)
+        let crlfOK = try sh("'\(buildProductsDir)/quiesced' --config '\(crlf)' --check-config 2>&1")
+        #expect(crlfOK.contains("vsock:5123") && crlfOK.contains("max-freeze 2m"), "CRLF line ends: \(crlfOK)")
+        let noHooks = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --hooks-dir '\(dir)/no-such-hooks' --check-config 2>&1; echo \"exit=$?\"")
+        #expect(noHooks.contains("hooks-dir \(dir)/no-such-hooks does not exist") && noHooks.contains("exit=0"), "\(noHooks)")
         let good = dir + "/good.conf"
         try "listen = vsock:5123\ninclude = /srv/*\nmax-freeze = 2m   # two minutes\nthaw-on-disconnect = no\npresync = off\n# listen = unix:/commented\nlisten = unix:/run/a#b.sock\n".write(toFile: good, atomically: true, encoding: .utf8)
         let ok = try sh("'\(buildProductsDir)/quiesced' --config '\(good)' --check-config")
