@@ -103,7 +103,12 @@ public struct Hooks: Sendable {
             let path = directory + "/" + name
             guard let st = try? Stat.ofLink(path: path) else { continue }
             if st.kind == .symbolicLink { refused.append(RefusedHook(name: name, reason: "a symbolic link")); continue }
-            guard st.kind == .regular else { continue }
+            guard st.kind == .regular else {
+                // Hooks are not looked for in subdirectories; a FIFO, socket or device is no hook.
+                let what = st.kind == .directory ? "a directory (hooks in subdirectories do not run)" : "not a regular file"
+                refused.append(RefusedHook(name: name, reason: what))
+                continue
+            }
             if st.permissions & 0o111 == 0 { refused.append(RefusedHook(name: name, reason: "not executable")); continue }
             if let why = Hooks.unsafeOwnership(st) { refused.append(RefusedHook(name: name, reason: why)); continue }
             let head = Hooks.readHead(path)

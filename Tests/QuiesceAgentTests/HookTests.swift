@@ -176,14 +176,16 @@ struct HookPhaseTests {
                 "30-bad-header": "# quiesce: hodl\ntouch '\(ran)'",
             ])
             _ = try sh("chmod 775 '\(hooks)/10-group-writable'")
+            // Neither a subdirectory (hooks in it do not run) nor a FIFO is a hook: both are named.
+            _ = try sh("mkdir '\(hooks)/40-subdir' && mkfifo '\(hooks)/50-fifo'")
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
             let c = try TestClient(path: agent.socketPath)
             let r = try c.result(["op": "freeze", "mode": "detached"])
             let refused = r["hooks_refused"]?.arrayValue?.compactMap { $0["name"]?.stringValue }
-            #expect(refused == ["10-group-writable", "30-bad-header"])
+            #expect(refused == ["10-group-writable", "30-bad-header", "40-subdir", "50-fifo"])
             #expect(r["hooks"]?.arrayValue?.compactMap { $0["name"]?.stringValue } == ["20-ok"])
             let status = try c.result(["op": "status"])
-            #expect(status["hooks_refused"]?.arrayValue?.count == 2)
+            #expect(status["hooks_refused"]?.arrayValue?.count == 4)
             _ = try c.result(["op": "thaw"])
             #expect(!FileManager.default.fileExists(atPath: ran))
 
