@@ -35,8 +35,12 @@ public struct HookSpec: Sendable, Equatable {
                 if word == "hold" { hold = true }
                 else if word == "optional" { optional = true }
                 else if word.hasPrefix("timeout=") {
-                    guard let t = try? TimeSpan(parsing: String(word.dropFirst(8))), t.milliseconds > 0 else {
-                        return .failure(HookHeaderError("bad timeout \"\(word.dropFirst(8))\" in its quiesce: header"))
+                    let t: TimeSpan
+                    do { t = try TimeSpan(parsing: String(word.dropFirst(8))) } catch {
+                        return .failure(HookHeaderError("bad timeout \"\(word.dropFirst(8))\" in its quiesce: header: \(error)"))
+                    }
+                    guard t.milliseconds > 0 else {
+                        return .failure(HookHeaderError("bad timeout \"\(word.dropFirst(8))\" in its quiesce: header: must be longer than 0"))
                     }
                     timeout = t.milliseconds
                 } else {
@@ -127,6 +131,19 @@ public struct Hooks: Sendable {
         return (specs, Array(refused.prefix(HookReport.maxHooks)))
     }
 
+    /// Why a hook did not start, with the usual cause of ENOEXEC named.
+    static func couldNotStart(_ error: SystemError) -> String {
+        "could not start: \(error)" + (error.errno == .ENOEXEC ? " (a script needs a #! line naming its interpreter)" : "")
+    }
+
+    /// The last non-empty line a hook printed, quoted and at most 200 characters, for a message
+    /// that says why it failed; empty when it printed nothing.
+    static func lastLine(of output: String) -> String {
+        guard let line = output.split(separator: "\n").last(where: { !$0.allSatisfy(\.isWhitespace) }) else { return "" }
+        let text = String(line).trimmingASCIIWhitespace()
+        return ": \"" + (text.count > 200 ? String(text.prefix(200)) + "…" : text) + "\""
+    }
+
     /// The first 4 KiB of a file (where the header is), empty when it cannot be read.
     static func readHead(_ path: String) -> [UInt8] {
         guard let fd = try? FD.open(path, [.readOnly, .noFollow]) else { return [] }
@@ -181,7 +198,7 @@ public struct Hooks: Sendable {
                 out.owed.append(ActiveHook(spec: spec, holder: holder))
                 await onOwed(out.owed)
             } else if !spec.optional {
-                out.failure = "freeze hook \(spec.name) \(report.error ?? report.effectiveOutcome.rawValue)"
+                out.failure = "freeze hook \(spec.name) \(report.error ?? report.effectiveOutcome.rawValue)" + Hooks.lastLine(of: report.output)
                 return out
             }
         }
@@ -233,7 +250,7 @@ public struct Hooks: Sendable {
         do {
             run = try HookRun(spec: spec, arguments: [spec.path, HookPhase.freeze.rawValue], environment: env, watchReady: spec.hold)
         } catch {
-            return (report(spec, .freeze, start, .failed, error: "could not start: \(error)"), nil)
+            return (report(spec, .freeze, start, .failed, error: Hooks.couldNotStart(error)), nil)
         }
         if !spec.hold { run.child.closeStdin() }  // only a holding hook is told anything there
         let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
@@ -274,7 +291,7 @@ public struct Hooks: Sendable {
         do {
             run = try HookRun(spec: spec, arguments: [spec.path, phase.rawValue], environment: env, watchReady: false)
         } catch {
-            return report(spec, phase, start, .failed, error: "could not start: \(error)")
+            return report(spec, phase, start, .failed, error: Hooks.couldNotStart(error))
         }
         run.child.closeStdin()
         switch run.waitExit(deadline: deadline) {

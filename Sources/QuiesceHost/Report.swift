@@ -312,6 +312,11 @@ public enum Describe {
             var s = "\(h.name) \(h.effectiveOutcome.rawValue) (\(TimeSpan.human(microseconds: h.durationUs))"
             if h.optional { s += ", optional" }
             if !h.succeeded, let e = h.error { s += ", \(e)" }
+            // What a failed hook said last (its output tail), on one line.
+            if !h.succeeded, let said = h.output.split(separator: "\n").last(where: { !$0.allSatisfy(\.isWhitespace) }) {
+                let text = String(said).trimmingASCIIWhitespace()
+                s += ": \"" + (text.count > 120 ? String(text.prefix(120)) + "…" : text) + "\""
+            }
             return s + ")"
         }.joined(separator: ", ")
     }

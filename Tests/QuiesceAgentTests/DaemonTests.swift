@@ -811,6 +811,7 @@ final class NotifyListener {
 extension Result where Failure == ProtocolError {
     var failureCode: ErrorCode? { if case .failure(let e) = self { return e.code }; return nil }
     var failureDetails: JSONObject? { if case .failure(let e) = self { return e.details }; return nil }
+    var failureMessage: String? { if case .failure(let e) = self { return e.message }; return nil }
 }
 
 @Suite("Concurrent requests", .enabled(if: canUseLoopDevices, "needs root and loop devices"))

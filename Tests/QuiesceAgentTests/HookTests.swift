@@ -178,14 +178,17 @@ struct HookPhaseTests {
             _ = try sh("chmod 775 '\(hooks)/10-group-writable'")
             // Neither a subdirectory (hooks in it do not run) nor a FIFO is a hook: both are named.
             _ = try sh("mkdir '\(hooks)/40-subdir' && mkfifo '\(hooks)/50-fifo'")
+            _ = try makeHooks(in: lab.root, ["60-long-timeout": "# quiesce: timeout=99h\nexit 0"])
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
             let c = try TestClient(path: agent.socketPath)
             let r = try c.result(["op": "freeze", "mode": "detached"])
             let refused = r["hooks_refused"]?.arrayValue?.compactMap { $0["name"]?.stringValue }
-            #expect(refused == ["10-group-writable", "30-bad-header", "40-subdir", "50-fifo"])
+            #expect(refused == ["10-group-writable", "30-bad-header", "40-subdir", "50-fifo", "60-long-timeout"])
+            let why = r["hooks_refused"]?.arrayValue?.last?["reason"]?.stringValue ?? ""
+            #expect(why.contains("longer than one day"), "says why the timeout is bad: \(why)")
             #expect(r["hooks"]?.arrayValue?.compactMap { $0["name"]?.stringValue } == ["20-ok"])
             let status = try c.result(["op": "status"])
-            #expect(status["hooks_refused"]?.arrayValue?.count == 4)
+            #expect(status["hooks_refused"]?.arrayValue?.count == 5)
             _ = try c.result(["op": "thaw"])
             #expect(!FileManager.default.fileExists(atPath: ran))
 
@@ -196,6 +199,26 @@ struct HookPhaseTests {
             #expect(r2["hooks_refused"]?.arrayValue?.first?["reason"]?.stringValue?.contains("writable by group or others") == true)
             _ = try c.result(["op": "thaw"])
             agent.stop()
+        }
+    }
+
+    @Test("a failing freeze hook's error quotes the last line it printed; a script without #! is named as such")
+    func failureSaysWhy() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, ["10-db": "echo 'connecting'\necho 'db said no' >&2\nexit 3"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            defer { agent.stop() }
+            let c = try TestClient(path: agent.socketPath)
+            let failed = try c.call(["op": "freeze", "mode": "detached"])
+            #expect(failed.outcome.failureCode == .hookFailed)
+            #expect(failed.outcome.failureMessage?.hasSuffix("freeze hook 10-db exit code 3: \"db said no\"") == true, "\(failed)")
+            #expect(try !isFrozen(a))
+            _ = try sh("printf 'echo hi\\n' > '\(hooks)/10-db'")
+            let noShebang = try c.call(["op": "freeze", "mode": "detached"])
+            #expect(noShebang.outcome.failureMessage?.contains("ENOEXEC") == true, "\(noShebang)")
+            #expect(noShebang.outcome.failureMessage?.contains("#! line") == true, "\(noShebang)")
+            #expect(try !isFrozen(a))
         }
     }
 
