@@ -70,8 +70,36 @@ public enum Signals {
         case SIGCONT: "SIGCONT"
         case SIGSTOP: "SIGSTOP"
         case SIGTSTP: "SIGTSTP"
+        case SIGVTALRM: "SIGVTALRM"
+        case SIGPROF: "SIGPROF"
+        case SIGXCPU: "SIGXCPU"
+        case SIGXFSZ: "SIGXFSZ"
+        case SIGPWR: "SIGPWR"
         default: "signal \(sig)"
         }
+    }
+
+    /// Every signal but the synchronous faults (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP,
+    /// SIGABRT, SIGSYS), which must reach the thread that caused them.
+    public static var asynchronous: sigset_t {
+        var s = sigset_t()
+        sigfillset(&s)
+        for fault in [SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS] { sigdelset(&s, fault) }
+        return s
+    }
+
+    /// Signals whose default action ends the process and that a daemon should rather take as a
+    /// request to stop cleanly (signal(7)): SIGTERM, SIGINT, SIGQUIT, SIGALRM, SIGVTALRM,
+    /// SIGPROF, SIGXCPU, SIGXFSZ, SIGPWR.
+    public static let stopping: [Int32] = [SIGTERM, SIGINT, SIGQUIT, SIGALRM, SIGVTALRM, SIGPROF, SIGXCPU, SIGXFSZ, SIGPWR]
+    /// Signals whose default action ends the process but that mean nothing to a daemon unless
+    /// it gives them a meaning: SIGHUP (a reload), SIGUSR1, SIGUSR2.
+    public static let informational: [Int32] = [SIGHUP, SIGUSR1, SIGUSR2]
+
+    /// Blocks every asynchronous signal in the calling thread (`asynchronous`).
+    public static func blockAsynchronous() {
+        var s = asynchronous
+        pthread_sigmask(SIG_BLOCK, &s, nil)
     }
 
     static func set(_ signals: [Int32]) -> sigset_t {

@@ -49,11 +49,16 @@ public enum Threads {
         defer { pthread_attr_destroy(&attr) }
         let box = Unmanaged.passRetained(ThreadBody(name.map { name in { setCurrentName(name); body() } } ?? body)).toOpaque()
         var thread = pthread_t()
+        // Born with every asynchronous signal blocked (`Signals.asynchronous`): only the thread
+        // that waits for them with sigwait(2) takes a SIGTERM, whichever thread made this one.
+        var blocked = Signals.asynchronous, old = sigset_t()
+        pthread_sigmask(SIG_BLOCK, &blocked, &old)
         let rc = pthread_create(&thread, &attr, { ctx in
             let b = Unmanaged<ThreadBody>.fromOpaque(ctx!).takeRetainedValue()
             b.body()
             return nil
         }, box)
+        pthread_sigmask(SIG_SETMASK, &old, nil)
         precondition(rc == 0, "pthread_create failed: \(rc)")
         return thread
     }

@@ -5,6 +5,11 @@ import QuiesceAgent
 import QuiesceLinux
 import QuiesceProtocol
 
+// Every asynchronous signal is blocked before any thread exists, so that every thread inherits
+// that mask: a SIGTERM (or SIGINT, SIGQUIT, SIGUSR1, ...) can then only be taken by the main
+// thread's sigwait below, which thaws first, and never kills the agent through another thread
+// while the guest is frozen. (Threads.spawn and the executor block them for their threads too.)
+Signals.blockAsynchronous()
 // Swift concurrency's global executor on two threads of our own that sleep on a condition
 // variable: libdispatch's default one wakes the agent once a second forever (its workqueue
 // monitor). Before any task exists.
@@ -142,8 +147,9 @@ var logger = Logger(label: "quiesced")
 // Signals are taken synchronously by this thread (sigwait), so block them before any thread
 // starts. SIGIO is sent to the serial-port threads (F_SETOWN_EX) and taken with sigtimedwait:
 // keep it blocked everywhere, so a stray one can never take its default action (terminate).
-let stopSignals = [Signals.terminate, Signals.interrupt, Signals.hangUp]
-Signals.block(stopSignals + [Signals.io])
+// Taken by this thread (sigwait): those whose default action would end the process stop it
+// cleanly, thawing first; SIGHUP, SIGUSR1 and SIGUSR2 are logged and otherwise ignored.
+let awaitedSignals = Signals.stopping + Signals.informational
 Signals.ignore(Signals.pipe)
 
 // Crash recovery: thaw what the records of agents that are gone name. Records of agents still
@@ -275,15 +281,19 @@ if let usec = Systemd.watchdogMicroseconds() {
 
 var stopping = false
 while true {
-    let sig = Signals.wait(stopSignals)
+    let sig = Signals.wait(awaitedSignals)
     guard sig >= 0 else { continue }
     if sig == Signals.hangUp {
         logger.notice("SIGHUP: configuration is read at start; restart the service to apply changes")
         continue
     }
+    if Signals.informational.contains(sig) {
+        logger.notice("\(Signals.name(sig)) ignored: it has no meaning for quiesced (SIGTERM stops it)")
+        continue
+    }
     if stopping { continue }
     stopping = true
-    logger.info("stopping on signal \(sig)")
+    logger.info("stopping on \(Signals.name(sig))")
     Systemd.notify("STOPPING=1")
     let paths = unixPaths
     Task.detached {
