@@ -2,6 +2,7 @@
 import QuiesceLinux
 import QuiesceProtocol
 import Logging
+import Synchronization
 
 extension Server {
     /// Serves a listening stream socket (Unix or vsock) on a thread of its own.
@@ -27,7 +28,10 @@ extension Server {
     private func admit(fd: Int32, peer: Peer, listener: String, dialect: Dialect) {
         Socket.setSendTimeout(fd, milliseconds: 5000)
         if let refusal = refusal(for: peer) {
-            logger.warning("refused connection", metadata: ["peer": "\(peer)", "listener": "\(listener)", "reason": "\(refusal)"])
+            if let more = refusalLog.note(now: monotonicNanos()) {
+                logger.warning("refused connection", metadata: ["peer": "\(peer)", "listener": "\(listener)", "reason": "\(refusal)",
+                                                                "refused_since_last_line": "\(more)"])
+            }
             Server.refuse(fd, dialect.errorFrame(ProtocolError(.permissionDenied, refusal), id: nil))
             return
         }
@@ -39,28 +43,56 @@ extension Server {
             return true
         }
         guard admitted else {
+            if let more = refusalLog.note(now: monotonicNanos()) {
+                logger.warning("refused connection: too many connections", metadata: ["peer": "\(peer)", "listener": "\(listener)",
+                                                                                     "max_connections": "\(config.maxConnections)",
+                                                                                     "refused_since_last_line": "\(more)"])
+            }
             Server.refuse(fd, dialect.errorFrame(ProtocolError(.busy, "too many connections (\(config.maxConnections))"), id: nil))
             return
         }
-        Threads.detach(name: "session-\(id)") { conn.runStream() }
+        guard Threads.tryDetach(name: "session-\(id)", { conn.runStream() }) else {
+            connections.withLock { _ = $0.removeValue(forKey: id) }
+            logger.error("refused connection: no thread can be started for it (a pids or process limit is reached)")
+            Server.refuse(fd, dialect.errorFrame(ProtocolError(.busy, "the agent cannot start a thread for this connection now"), id: nil))
+            return
+        }
     }
 
     /// Tells a refused peer why, then closes so that it can still read the reason: our side is
     /// shut down first and what the peer sent is drained briefly (closing with unread input
     /// would reset the connection under it). Off the accept thread, bounded to 250 ms.
+    ///
+    /// At most `maxDrainingRefusals` such drains run at once: a storm of connections (a peer
+    /// that is not allowed, or past max-connections) is then closed at once instead, so that it
+    /// cannot make the agent start a thread per connection.
     static func refuse(_ fd: Int32, _ errorFrame: [UInt8]) {
         try? FD.writeAll(fd, errorFrame, timeoutMs: 1000)
         Socket.shutdownWrite(fd)
-        Threads.detach(name: "refuse") {
+        guard drainingRefusals.add(1, ordering: .relaxed).oldValue < maxDrainingRefusals else {
+            drainingRefusals.subtract(1, ordering: .relaxed)
+            FD.close(fd)
+            return
+        }
+        let started = Threads.tryDetach(name: "refuse") {
             let deadline = monotonicNanos() + 250_000_000
             var scratch = [UInt8](repeating: 0, count: 4096)
             while monotonicNanos() < deadline {
-                guard let ev = try? FD.poll(fd, for: .readable, timeoutMs: 50), !ev.isEmpty else { continue }
+                let left = Int32((deadline &- monotonicNanos()) / 1_000_000) + 1
+                guard let ev = try? FD.poll(fd, for: .readable, timeoutMs: max(1, left)), !ev.isEmpty else { continue }
                 guard case .success(let n) = FD.readSome(fd, into: &scratch), n > 0 else { break }
             }
             FD.close(fd)
+            drainingRefusals.subtract(1, ordering: .relaxed)
+        }
+        if !started {
+            drainingRefusals.subtract(1, ordering: .relaxed)
+            FD.close(fd)
         }
     }
+
+    static let maxDrainingRefusals = 8
+    static let drainingRefusals = Atomic<Int>(0)
 
     /// Why a peer may not connect, or nil when it may.
     func refusal(for peer: Peer) -> String? {

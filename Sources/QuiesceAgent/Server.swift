@@ -24,6 +24,8 @@ public final class Server: Sendable {
     /// Set by `drainOutput`: from then on a session's writer reports each time it has written
     /// everything queued, or was cut off, through `outputDrained`.
     let draining = Atomic<Bool>(false)
+    /// Refused connections are logged at most once a second, with how many went unlogged.
+    let refusalLog = LogThrottle(intervalNanos: 1_000_000_000)
     let outputDrained = Mailbox<Void>()
 
     public init(config: AgentConfig, logger: Logger) {
@@ -81,4 +83,25 @@ public final class Server: Sendable {
 
     static let capabilities = ["events", "freeze-list", "bound-freeze", "detached-freeze", "keepalive", "sync",
                                "op-id-replay", "parallel-freeze", "stacking-order", "hooks"]
+}
+
+/// Lets a repeated log line through at most once per interval, counting what it held back.
+final class LogThrottle: Sendable {
+    private let intervalNanos: UInt64
+    private let state = Mutex<(last: UInt64, held: Int)>((0, 0))
+
+    init(intervalNanos: UInt64) { self.intervalNanos = intervalNanos }
+
+    /// Nil to stay quiet; else how many occurrences were held back since the last line logged.
+    func note(now: UInt64) -> Int? {
+        state.withLock { s in
+            if s.last != 0 && now &- s.last < intervalNanos {
+                s.held += 1
+                return nil
+            }
+            let held = s.held
+            s = (now, 0)
+            return held
+        }
+    }
 }

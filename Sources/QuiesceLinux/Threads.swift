@@ -41,8 +41,24 @@ public enum Threads {
         while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
     }
 
-    /// Starts a joinable thread.
+    /// Starts a detached thread, or returns false when none can be made (pthread_create's EAGAIN:
+    /// a pids cgroup's or RLIMIT_NPROC's limit), where `detach` stops the process. For threads
+    /// a peer's actions make, so a peer can never crash the agent by exhausting them.
+    @discardableResult
+    public static func tryDetach(name: String? = nil, _ body: @escaping @Sendable () -> Void) -> Bool {
+        guard let t = trySpawn(name: name, body) else { return false }
+        pthread_detach(t)
+        return true
+    }
+
+    /// Starts a joinable thread. A thread that cannot be made stops the process (see `tryDetach`).
     public static func spawn(name: String? = nil, _ body: @escaping @Sendable () -> Void) -> pthread_t {
+        guard let t = trySpawn(name: name, body) else { preconditionFailure("pthread_create failed") }
+        return t
+    }
+
+    /// Starts a joinable thread; nil when pthread_create fails.
+    public static func trySpawn(name: String? = nil, _ body: @escaping @Sendable () -> Void) -> pthread_t? {
         var attr = pthread_attr_t()
         pthread_attr_init(&attr)
         pthread_attr_setstacksize(&attr, 256 * 1024)
@@ -59,7 +75,10 @@ public enum Threads {
             return nil
         }, box)
         pthread_sigmask(SIG_SETMASK, &old, nil)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
+        guard rc == 0 else {
+            Unmanaged<ThreadBody>.fromOpaque(box).release()
+            return nil
+        }
         return thread
     }
 

@@ -77,6 +77,35 @@ struct AgentPeerTests {
         }
     }
 
+    @Test("a storm of connections past max-connections costs a bounded number of threads and log lines, and the admitted peers go on")
+    func refusalStormIsBounded() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--max-connections", "2"])
+            defer { agent.stop() }
+            let admitted = try TestClient(path: agent.socketPath)
+            _ = try admitted.result(["op": "freeze", "mode": "bound"])
+            let second = try TestClient(path: agent.socketPath)
+            _ = try second.result(["op": "ping"])
+            // 400 connections held open without reading: each is refused busy.
+            var storm: [Int32] = []
+            defer { storm.forEach { FD.close($0) } }
+            var mostThreads = 0
+            for i in 0..<400 {
+                if let fd = try? Socket.connectUnix(path: agent.socketPath, timeoutMs: 1000) { storm.append(fd) }
+                if i % 50 == 0 { mostThreads = max(mostThreads, try FileManager.default.contentsOfDirectory(atPath: "/proc/\(agent.pid)/task").count) }
+            }
+            mostThreads = max(mostThreads, try FileManager.default.contentsOfDirectory(atPath: "/proc/\(agent.pid)/task").count)
+            // A thread per refused connection made 410 here.
+            #expect(mostThreads < 40, "\(mostThreads) threads during the storm")
+            #expect(try admitted.result(["op": "status"])["state"] == "frozen", "the admitted peers are served")
+            #expect(try isFrozen(a))
+            _ = try admitted.result(["op": "thaw"])
+            let logged = agent.log.components(separatedBy: "refused connection").count - 1
+            #expect(logged >= 1 && logged <= 10, "\(logged) log lines for 400 refusals")
+        }
+    }
+
     @Test("a peer's op_id with a newline and control bytes cannot forge or split stderr log lines")
     func logLinesCannotBeForged() async throws {
         try await LoopLab.with { lab in
