@@ -85,9 +85,10 @@ final class ClientSession: Sendable {
         if outstanding.subtract(1, ordering: .relaxed).newValue == 0 { wake?.signal() }
     }
 
-    /// Starts the thread that writes queued frames in order, each within the send timeout.
-    private func startWriter() -> JoinableThread {
-        Threads.spawn(name: "writer-\(id)") { [self] in
+    /// Starts the thread that writes queued frames in order, each within the send timeout; nil
+    /// when no thread can be started (a pids or process limit).
+    private func startWriter() -> JoinableThread? {
+        Threads.trySpawn(name: "writer-\(id)") { [self] in
             while let item = outbox.receive(), let frame = item {
                 if !dead.load(ordering: .relaxed) {
                     do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch { cutOff() }
@@ -135,14 +136,14 @@ final class ClientSession: Sendable {
 
     /// Reads and serves a socket until the peer closes it or breaks the framing.
     func runStream() {
-        guard let wake else {
-            FD.writeOnce(fd, dialect.errorFrame(ProtocolError(.internal, "the agent has no descriptor left for this connection"), id: nil))
+        guard let wake, let writer = startWriter() else {
+            let why = wake == nil ? "no descriptor" : "no thread"
+            FD.writeOnce(fd, dialect.errorFrame(ProtocolError(.internal, "the agent has \(why) left for this connection"), id: nil))
             finish()
             Socket.shutdown(fd)
             FD.close(fd)
             return
         }
-        let writer = startWriter()
         startWorker()
         var decoder = FrameDecoder(framing: dialect.framing)
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
@@ -180,7 +181,11 @@ final class ClientSession: Sendable {
     /// Serves one host session on a serial port. Returns true when the device itself failed.
     /// `first`: bytes this host sent just before its connected notice, handled first.
     func runSerialSession(first: [UInt8] = []) -> Bool {
-        let writer = startWriter()
+        guard let writer = startWriter() else {
+            server.logger.error("serial port session: no thread can be started for it (a pids or process limit is reached)")
+            finish()
+            return true  // reopened after a pause, like a failed device
+        }
         startWorker()
         var decoder = FrameDecoder(framing: dialect.framing)
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
