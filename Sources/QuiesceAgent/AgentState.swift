@@ -553,6 +553,10 @@ public actor AgentState {
         endedOps.append((f.opID, reason, wallClockMillis(), f.timeoutMs))
         if endedOps.count > 64 { endedOps.removeFirst() }
         log.info("thawed", metadata: ["reason": "\(reason.rawValue)", "frozen_us": "\(frozenUs)", "thaw_us": "\(outcome.totalUs)"])
+        let elsewhere = outcome.filesystems.filter { $0.thawedElsewhere == true }.map(\.mountPoint)
+        if !elsewhere.isEmpty {
+            log.warning("\(elsewhere.joined(separator: ", ")) was no longer frozen at the thaw: something else thawed it (fsfreeze -u, qemu-ga's guest-fsfreeze-thaw) while this freeze held it; a copy taken after that was not quiesced")
+        }
         let at = wallClockMillis()
         if reason != .request {
             lastAutoThaw = AutoThawReport(reason: reason, opID: f.opID, atMs: at, filesystems: f.held.mountPoints)

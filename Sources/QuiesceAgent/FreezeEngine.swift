@@ -32,6 +32,8 @@ public struct HeldFreeze: Sendable, Equatable {
     public struct Entry: Sendable, Equatable {
         public var target: FreezeTarget
         public var fd: Int32
+        /// An earlier FITHAW of this entry failed: an EINVAL now may be that thaw's own doing.
+        public var retried = false
     }
     /// In freeze order.
     public var entries: [Entry]
@@ -276,8 +278,13 @@ public struct FreezeEngine: Sendable {
                 r.thawUs = Int64(ns / 1000)
                 if let e, e != .EINVAL {
                     r.error = "FITHAW: \(e)"
-                    remaining.append(entry)
+                    var again = entry
+                    again.retried = true
+                    remaining.append(again)
                 } else {
+                    // EINVAL: not frozen any more. This freeze's fd kept it mounted, so someone
+                    // else thawed it (FITHAW from another process) while it was held.
+                    if e == .EINVAL && !entry.retried { r.thawedElsewhere = true }
                     kernel.close(entry.fd)
                 }
                 reports[members[k]] = r

@@ -297,6 +297,13 @@ final class CheckpointRun {
                 note(at, i, "hook-lost", "WARNING: \(lost.joined(separator: ", ")) ended while holding: the snapshot is only "
                      + "filesystem-consistent for \(lost.count == 1 ? "that application" : "those applications") (COMMAND was told otherwise)")
             }
+            let elsewhere = (outcome.result?.filesystems ?? []).filter { $0.thawedElsewhere == true }.map(\.mountPoint)
+            if !elsewhere.isEmpty && report.agents[i].freezeLost == nil {
+                // The agent's FITHAW found them thawed already: some other process thawed them
+                // while COMMAND ran, and the copy may have been taken after that.
+                report.agents[i].freezeLost = "\(elsewhere.joined(separator: ", ")) \(elsewhere.count == 1 ? "was" : "were") thawed by something else "
+                    + "(fsfreeze -u, qemu-ga's thaw) before the thaw: the agent found \(elsewhere.count == 1 ? "it" : "them") no longer frozen"
+            }
             if outcome.alreadyThawed && report.agents[i].freezeLost == nil {
                 report.agents[i].freezeLost = outcome.endedEarly.map { "the agent says: \($0)" }
                     ?? "the agent had already thawed when asked to (deadline or lost connection)"
@@ -354,6 +361,12 @@ final class CheckpointRun {
 
     func finish() {
         var r = report
+        // A freeze that ended before COMMAND did (the agent thawed by itself, something else
+        // thawed a filesystem, the connection dropped) vouches for nothing: crash-consistent.
+        for i in r.agents.indices where r.agents[i].freezeLost != nil {
+            r.agents[i].consistency = .crash
+            if let told = r.consistency { r.consistency = min(told, .crash) }
+        }
         let thawFailures = r.agents.filter { $0.thawError != nil }
         let phase1Failures = r.agents.filter { $0.failure != nil }
         let lost = r.agents.filter { $0.freezeLost != nil && $0.thawError == nil }

@@ -329,6 +329,9 @@ public enum Describe {
         }
         if let frozenUs { s += ", frozen for \(TimeSpan.human(microseconds: frozenUs))" }
         if reconnected { s += " (after reconnecting)" }
+        if let elsewhere = r?.filesystems.filter({ $0.thawedElsewhere == true }).map(\.mountPoint), !elsewhere.isEmpty {
+            s += "; WARNING: \(elsewhere.joined(separator: ", ")) had already been thawed by something else"
+        }
         return s
     }
 

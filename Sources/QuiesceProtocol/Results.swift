@@ -66,6 +66,10 @@ public struct FilesystemReport: WireObject, Equatable {
     public var syncUs: Int64?
     /// What went wrong with this filesystem, e.g. "EIO: Input/output error".
     public var error: String?
+    /// True when the thaw's FITHAW found this filesystem no longer frozen (EINVAL): something
+    /// else thawed it while the freeze held it (`fsfreeze -u`, qemu-ga's thaw of every mount),
+    /// so a copy taken after that moment was not quiesced. Nil otherwise.
+    public var thawedElsewhere: Bool?
 
     /// How many mountpoints this superblock has in all: its own and every other one.
     public var mountCount: Int64 { 1 + (otherMountsTotal ?? Int64(otherMounts.count)) }
@@ -98,6 +102,7 @@ public struct FilesystemReport: WireObject, Equatable {
         o.set("thaw_us", thawUs)
         o.set("sync_us", syncUs)
         o.set("error", error)
+        if thawedElsewhere == true { o["thawed_elsewhere"] = true }
         return o
     }
 
@@ -118,6 +123,7 @@ public struct FilesystemReport: WireObject, Equatable {
         thawUs = try f.int("thaw_us")
         syncUs = try f.int("sync_us")
         error = try f.string("error")
+        thawedElsewhere = try f.bool("thawed_elsewhere").flatMap { $0 ? true : nil }
     }
 }
 

@@ -181,6 +181,24 @@ struct CheckpointIntegrationTests {
         }
     }
 
+    @Test("a filesystem thawed by something else while COMMAND runs (fsfreeze -u): the run reports the lost freeze (70), naming it")
+    func thawedElsewhereMidCommand() async throws {
+        try await LoopLab.with { lab in
+            let g = try Guests(lab, filesystems: 2)
+            defer { g.stop() }
+            let dir = TempDir()
+            let r = try Ctl.run(g.addresses + ["--json", "checkpoint", "--", "fsfreeze", "-u", g.mounts[1]], in: dir)
+            #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+            let agent = try #require(r.json?["agents"]?.arrayValue?.first)
+            #expect(agent["freeze_lost"]?.stringValue?.contains("\(g.mounts[1]) was thawed by something else") == true, "\(agent)")
+            #expect(agent["consistency"]?.stringValue == "crash", "\(agent)")
+            let reports = agent["thaw"]?["filesystems"]?.arrayValue ?? []
+            #expect(reports.filter { $0["thawed_elsewhere"] == true }.compactMap { $0["mountpoint"]?.stringValue } == [g.mounts[1]])
+            #expect(try !isFrozen(g.mounts[0]) && !isFrozen(g.mounts[1]))
+            #expect(g.agents[0].log.contains("was no longer frozen at the thaw"))
+        }
+    }
+
     @Test("an unreachable agent with --on-agent-failure fail: COMMAND does not run and the reachable guest is thawed")
     func unreachableFail() async throws {
         try await LoopLab.with { lab in
