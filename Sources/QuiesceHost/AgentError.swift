@@ -36,9 +36,14 @@ public struct AgentError: Error, Sendable, CustomStringConvertible {
     /// The system error underneath, if any.
     public let errno: Errno?
 
+    /// The longest `message` kept, in characters: an agent's error text is the guest's to choose,
+    /// and a timeline repeats it. The report's JSON keeps the agent's whole message.
+    public static let maxMessageCharacters = 600
+
     public init(_ code: Code, _ message: String, remote: ProtocolError? = nil, errno: Errno? = nil) {
         self.code = code
-        self.message = message
+        self.message = message.count <= AgentError.maxMessageCharacters ? message
+            : String(message.prefix(AgentError.maxMessageCharacters)) + "… (\(message.count) characters; --json has the agent's whole message)"
         self.remote = remote
         self.errno = errno
     }

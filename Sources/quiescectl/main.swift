@@ -157,9 +157,33 @@ extension AgentFailurePolicy: ExpressibleByArgument {}
 
 enum Output {
     /// Unbuffered, so lines keep their order with COMMAND's output on the same descriptors.
-    static func out(_ s: String) { try? FD.writeAll(1, Array((s + "\n").utf8)) }
+    /// One line each: what a guest sent (mountpoints, messages, hook output) cannot move the
+    /// cursor, set the title or forge a line of ours (`Output.terminalSafe`).
+    static func out(_ s: String) { try? FD.writeAll(1, Array((terminalSafe(s) + "\n").utf8)) }
 
-    static func err(_ s: String) { try? FD.writeAll(2, Array((s + "\n").utf8)) }
+    static func err(_ s: String) { try? FD.writeAll(2, Array((terminalSafe(s) + "\n").utf8)) }
+
+    /// `s` with the characters a terminal acts on written as `\uXXXX`: C0 controls but tab (ESC,
+    /// CR, LF, BEL), DEL, C1 controls (U+0080-U+009F, CSI among them), the bidirectional
+    /// overrides and isolates (U+202A-U+202E, U+2066-U+2069) and the line and paragraph
+    /// separators. The same spelling is a valid JSON escape, so a JSON document stays valid.
+    static func terminalSafe(_ s: String) -> String {
+        func acted(_ v: UInt32) -> Bool {
+            (v < 0x20 && v != 0x09) || (0x7F...0x9F).contains(v) || (0x202A...0x202E).contains(v)
+                || (0x2066...0x2069).contains(v) || v == 0x2028 || v == 0x2029
+        }
+        guard s.unicodeScalars.contains(where: { acted($0.value) }) else { return s }
+        var out = String.UnicodeScalarView()
+        for u in s.unicodeScalars {
+            if acted(u.value) {
+                let hex = String(u.value, radix: 16)
+                out.append(contentsOf: ("\\u" + String(repeating: "0", count: 4 - hex.count) + hex).unicodeScalars)
+            } else {
+                out.append(u)
+            }
+        }
+        return String(out)
+    }
 
     /// Prints each agent's lines (indented under a header when there are several agents) or its
     /// error on standard error; or the JSON document. Then exits with the right code.

@@ -33,6 +33,31 @@ struct HostileGuestTests {
         #expect(r.stderr.contains("was undone") && r.stderr.contains("nothing is frozen by it"), "\(r.stderr)")
     }
 
+    @Test("what a guest sends cannot drive the host's terminal: escapes, newlines and bidi overrides in mountpoints and errors are shown as \\u escapes, and a long error is cut")
+    func guestTextCannotDriveTheTerminal() throws {
+        let dir = TempDir()
+        let forged = "/fake\n[ 9.9 ms] checkpoint succeeded: application-consistent\u{1b}]0;owned\u{07}\u{202e}"
+        let agent = try FakeAgent(in: dir, .init(mounts: [forged]))
+        let r = try Ctl.run(["--agent", "unix:\(dir.file("fake.sock"))", "checkpoint", "--", "true"], in: dir)
+        #expect(r.status == 0, "\(r.stderr)")
+        let text = r.stdout + r.stderr
+        #expect(!text.unicodeScalars.contains { $0.value == 0x1B || $0.value == 0x07 || $0.value == 0x202E }, "raw control characters reached the terminal")
+        #expect(!text.split(separator: "\n").contains { $0.hasPrefix("[ 9.9 ms]") }, "a forged line of the timeline: \(text)")
+        _ = agent
+        #expect(text.contains("/fake\\u000a[ 9.9 ms]") && text.contains("\\u001b]0;owned\\u0007\\u202e"), "\(text)")
+
+        let long = String(repeating: "x", count: 3200)
+        let refusing = try FakeAgent(in: dir, name: "refusing", .init(freezeError: ProtocolError(.freezeFailed, "\u{1b}[2J" + long)))
+        let f = try Ctl.run(["--agent", "unix:\(dir.file("refusing.sock"))", "checkpoint", "--", "true"], in: dir)
+        #expect(f.status == ExitCodes.freezeFailed)
+        #expect(!f.stderr.contains("\u{1b}") && f.stderr.contains("\\u001b[2J"), "\(f.stderr.prefix(200))")
+        #expect(!f.stderr.contains(long) && f.stderr.contains(" characters; --json has the agent's whole message)"), "\(f.stderr.prefix(300))")
+        let j = try Ctl.run(["--agent", "unix:\(dir.file("refusing.sock"))", "--json", "checkpoint", "--", "true"], in: dir)
+        #expect(j.json != nil, "the JSON document stays valid")
+        #expect(j.stdout.contains(long), "--json keeps the agent's whole message")
+        _ = refusing
+    }
+
     @Test("when the undo fails too, quiescectl says the guest may be frozen until its deadline and prints the thaw command")
     func unreadableFreezeReplyAndFailedUndo() throws {
         let dir = TempDir()
