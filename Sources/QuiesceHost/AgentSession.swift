@@ -118,6 +118,15 @@ final class AgentSession: Sendable {
             events.post(.failed(i, .freeze, error, monotonicNanos()))
             return
         }
+        // A freeze that froze nothing (no eligible filesystem in the agent's scope, or qemu-ga
+        // answering 0) makes nothing consistent: it counts as a failed freeze, after ending it
+        // (its freeze hooks are owed their thaw).
+        if result.filesystemCount == 0 {
+            let end = thaw(client, plan: plan, keepalives: 0, confirmedByAgent: { false })
+            let undone = end.error.map { "; ending it failed: \($0.message)" } ?? ""
+            events.post(.failed(i, .freeze, AgentError(.refused, "the freeze froze no filesystem: nothing in the agent's scope can be frozen, so a snapshot would only be crash-consistent\(undone)"), monotonicNanos()))
+            return
+        }
         let frozenAt = monotonicNanos()
         events.post(.frozen(i, result, frozenAt))
 

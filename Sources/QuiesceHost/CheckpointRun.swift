@@ -30,9 +30,9 @@ final class CheckpointRun {
                                   agents: plan.agents.map { AgentReport(address: $0) })
     }
 
-    func note(_ at: UInt64, _ agent: Int?, _ event: String, _ message: String) {
+    func note(_ at: UInt64, _ agent: Int?, _ event: String, _ message: String, detail: [String] = []) {
         let entry = TimelineEntry(offsetNs: at > start ? at - start : 0, agent: agent.map { plan.agents[$0].description },
-                                  event: event, message: message)
+                                  event: event, message: message, detail: detail)
         report.timeline.append(entry)
         onTimeline(entry)
     }
@@ -390,6 +390,7 @@ final class CheckpointRun {
         }
         r.endNs = monotonicNanos() - start
         report = r
-        note(monotonicNanos(), nil, "done", report.summary)
+        let summary = report.summaryLines
+        note(monotonicNanos(), nil, "done", summary.first ?? "", detail: Array(summary.dropFirst()))
     }
 }

@@ -55,7 +55,11 @@ extension AgentClient {
             // guest-fsfreeze-freeze-list with mounts, guest-fsfreeze-freeze without.
             let count = try qgaExecute(.fsfreezeFreeze(mountpoints: r.mounts), timeoutMs: timeoutMs)
             let us = Int64((monotonicNanos() - start) / 1000)
-            let n = Int(count.intValue ?? 0)
+            // A count of frozen filesystems, or the freeze's outcome is unknown (and undone).
+            guard let frozen = count.intValue, frozen >= 0, frozen <= 1 << 20 else {
+                throw AgentError(.protocolViolation, "qemu-ga answered guest-fsfreeze-freeze with \(printable(count.text)), not a count of frozen filesystems")
+            }
+            let n = Int(frozen)
             // qemu-ga names no filesystem: with an explicit list these are the ones asked for.
             let reports = r.mounts.flatMap { $0.count == n ? $0 : nil }.map(AgentClient.qgaReports) ?? AgentClient.qgaReports(count: n)
             return FreezeResult(opID: r.opID ?? "qga", mode: .detached, filesystems: reports, skipped: [], hooks: [],

@@ -40,12 +40,15 @@ public struct TimelineEntry: Sendable {
     public var agent: String?
     /// A stable keyword: start, connected, frozen, unreachable, freeze-failed, command-started, ...
     public var event: String
+    /// One line: a newline in it is part of what a guest sent, never a line break of ours.
     public var message: String
+    /// Lines that follow `message` (the closing summary's per-agent lines).
+    public var detail: [String] = []
 
     public var json: JSON {
         var o: JSONObject = ["t_ms": ms(offsetNs), "event": .string(event)]
         if let agent { o["agent"] = .string(agent) }
-        o["message"] = .string(message)
+        o["message"] = .string(([message] + detail).joined(separator: "\n"))
         return .object(o)
     }
 
@@ -55,6 +58,9 @@ public struct TimelineEntry: Sendable {
         let pad = String(repeating: " ", count: max(0, 9 - t.count))
         return "[\(pad)\(t)] " + (agent.map { "\($0): " } ?? "") + message
     }
+
+    /// `human`, then the `detail` lines: each one line on a terminal.
+    public var humanLines: [String] { [human] + detail }
 }
 
 /// Why an agent did not freeze.
@@ -224,7 +230,10 @@ public struct CheckpointReport: Sendable {
     }
 
     /// One paragraph saying how it ended.
-    public var summary: String {
+    public var summary: String { summaryLines.joined(separator: "\n") }
+
+    /// How it ended, a line each: the verdict, then what happened to each agent.
+    public var summaryLines: [String] {
         var lines: [String] = []
         let frozen = agents.filter { $0.freeze != nil }.count
         switch outcome {
@@ -258,7 +267,7 @@ public struct CheckpointReport: Sendable {
         if command != nil && !crash.isEmpty {
             lines.append("  WARNING: this checkpoint is only CRASH-CONSISTENT for \(crash.map(\.description).joined(separator: ", "))")
         }
-        return lines.joined(separator: "\n")
+        return lines
     }
 
     public var json: JSON {

@@ -457,7 +457,7 @@ struct Checkpoint: ParsableCommand {
             policy: onAgentFailure, connectTimeoutMs: g.connectTimeout.milliseconds, replyTimeoutMs: g.replyTimeout.milliseconds,
             freezeWaitMs: freezeWait?.milliseconds, command: command, commandStdoutToStderr: json, baseEnvironment: Subprocess.currentEnvironment())
         let checkpoint = QuiesceHost.Checkpoint(plan: plan) { entry in
-            if !json { Output.err(entry.human) }
+            if !json { entry.humanLines.forEach(Output.err) }
         }
         Threads.detach {
             while true {

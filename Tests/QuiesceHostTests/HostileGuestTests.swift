@@ -5,6 +5,7 @@ import QuiesceHost
 import QuiesceLinux
 import QuiesceProtocol
 import QuiesceTestSupport
+import Synchronization
 import Testing
 
 /// A directory path of about `length` bytes under `base` (components of at most 250 bytes).
@@ -31,6 +32,58 @@ struct HostileGuestTests {
         #expect(agent.thawOps == ["hostile-1"], "thawed by its op id: \(agent.thawOps)")
         #expect(!agent.frozen)
         #expect(r.stderr.contains("was undone") && r.stderr.contains("nothing is frozen by it"), "\(r.stderr)")
+    }
+
+    @Test("a freeze that froze no filesystem is a failed freeze: COMMAND does not run (70), or runs as crash-consistent when the policy allows")
+    func freezingNothingIsNoCheckpoint() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir, .init(mounts: []))
+        let marker = dir.file("ran")
+        let r = try Ctl.run(["--agent", "unix:\(dir.file("fake.sock"))", "checkpoint", "--", "touch", marker], in: dir)
+        #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+        #expect(r.stderr.contains("froze no filesystem"), "\(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: marker), "COMMAND did not run")
+        let c = try Ctl.run(["--agent", "unix:\(dir.file("fake.sock"))", "--json", "checkpoint", "--on-agent-failure", "crash-consistent",
+                             "--", "sh", "-c", "echo $QUIESCE_CONSISTENCY > '\(marker)'"], in: dir)
+        #expect(c.status == 0, "\(c.stderr)")
+        #expect((try? String(contentsOfFile: marker, encoding: .utf8))?.hasPrefix("crash") == true)
+        _ = agent
+    }
+
+    @Test("a qemu-ga whose freeze answer is not a count of filesystems: the freeze is undone and COMMAND does not run",
+          arguments: ["\"lots\"", "-5", "99999999999999999999999", "null"])
+    func qgaFreezeAnswerMustBeACount(_ answer: String) throws {
+        let dir = TempDir()
+        let thawed = Mutex(false)
+        let peer = try ScriptedPeer(path: dir.file("qga.sock")) { c in
+            while let line = c.readLine(timeoutMs: 10_000) {
+                // The client's 0xFF resync byte leads its first line (read as U+FFFD).
+                let text = String(line.drop(while: { $0 == "\u{FFFD}" }))
+                guard let json = try? JSON.parse(text), let cmd = json["execute"]?.stringValue else { continue }
+                switch cmd {
+                case "guest-sync-delimited", "guest-sync":
+                    c.send([0xFF])
+                    c.send("{\"return\": \(json["arguments"]?["id"]?.text ?? "0")}\n")
+                case "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list": c.send("{\"return\": \(answer)}\n")
+                case "guest-fsfreeze-thaw":
+                    thawed.withLock { $0 = true }
+                    c.send("{\"return\": 0}\n")
+                case "guest-fsfreeze-status": c.send("{\"return\": \"thawed\"}\n")
+                case "guest-info":
+                    let names = ["guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+                    let list = names.map { "{\"name\": \"\($0)\", \"enabled\": true}" }.joined(separator: ", ")
+                    c.send("{\"return\": {\"version\": \"7.2.0\", \"supported_commands\": [\(list)]}}\n")
+                default: c.send("{\"return\": {}}\n")
+                }
+            }
+        }
+        defer { peer.stop() }
+        let marker = dir.file("ran")
+        let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("qga.sock"))", "checkpoint", "--", "touch", marker], in: dir)
+        #expect(r.status == ExitCodes.freezeFailed, "\(answer): \(r.stderr)")
+        #expect(r.stderr.contains("not a count of frozen filesystems"), "\(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: marker), "COMMAND did not run")
+        #expect(thawed.withLock { $0 }, "the freeze of unknown outcome was undone")
     }
 
     @Test("what a guest sends cannot drive the host's terminal: escapes, newlines and bidi overrides in mountpoints and errors are shown as \\u escapes, and a long error is cut")
