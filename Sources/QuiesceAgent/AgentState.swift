@@ -352,7 +352,8 @@ public actor AgentState {
         // own deadline counted from the request: a FIFREEZE that never returns cannot keep the
         // guest frozen past it.
         let budget = FreezeBudget(stepNanos: UInt64(min(config.freezeStepTimeoutMs, timeoutMs)) * 1_000_000,
-                                  deadline: start + UInt64(timeoutMs) * 1_000_000)
+                                  deadline: start + UInt64(timeoutMs) * 1_000_000,
+                                  setByRequest: timeoutMs < config.freezeStepTimeoutMs)
         let outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget)
         switch outcome {
         case .failure(let failure):

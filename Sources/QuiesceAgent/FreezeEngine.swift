@@ -126,10 +126,14 @@ public struct FreezeBudget: Sendable {
     /// Monotonic nanoseconds (`monotonicNanos()`) after which no step is waited for: the
     /// freeze's own deadline.
     public var deadline: UInt64
+    /// True when `stepNanos` is the request's own timeout (shorter than freeze-step-timeout): a
+    /// step cut short then says so, rather than blaming the storage.
+    public var setByRequest: Bool
 
-    public init(stepNanos: UInt64, deadline: UInt64) {
+    public init(stepNanos: UInt64, deadline: UInt64, setByRequest: Bool = false) {
         self.stepNanos = stepNanos
         self.deadline = deadline
+        self.setByRequest = setByRequest
     }
 
     /// Unbounded (tests of other behaviour).
@@ -518,7 +522,10 @@ private struct FreezeRun: Sendable {
         let budgetMs = budget.stepNanos / 1_000_000
         for i in unfinished { reports[i].error = "\(call) did not return within \(budgetMs) ms" }
         var message = "\(call) of \(names.joined(separator: ", ")) did not return within \(budgetMs) ms"
-            + " (its storage is not completing writes, or it rests on a filesystem frozen before it); the freeze was abandoned"
+            + (budget.setByRequest
+                ? " (the request's own timeout_ms: too short for this flush; ask for a longer one)"
+                : " (its storage is not completing writes, or it rests on a filesystem frozen before it)")
+            + "; the freeze was abandoned"
         if !rolledBack.isEmpty { message += "; thawed again: \(rolledBack.joined(separator: ", "))" }
         if call == "FIFREEZE" { message += "; a FIFREEZE that returns later is thawed at once" }
         if !couldNotThaw.isEmpty { message += "; COULD NOT THAW: \(couldNotThaw.joined(separator: "; "))" }

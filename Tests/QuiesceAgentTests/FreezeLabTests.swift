@@ -91,6 +91,21 @@ struct FreezeLabTests {
         }
     }
 
+    @Test("a freeze whose own timeout_ms is too short for the flush says so, not that the storage is stuck; nothing stays frozen")
+    func tooShortTimeoutSaysSo() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"])
+            defer { agent.stop() }
+            try lab.dirty(a, mb: 32)
+            let r = try TestClient(path: agent.socketPath).call(["op": "freeze", "mode": "detached", "timeout_ms": 1])
+            guard case .failure(let e) = r.outcome else { Issue.record("a 1 ms freeze of 32 MiB dirty succeeded: \(r)"); return }
+            #expect(e.code == .freezeFailed)
+            #expect(e.message.contains("the request's own timeout_ms") && !e.message.contains("storage is not completing"), "\(e.message)")
+            try waitUntil(timeoutMs: 10_000) { try !isFrozen(a) }
+        }
+    }
+
     @Test("an explicit mount list freezes exactly those mounts; an unknown, ineligible or out-of-scope one freezes nothing")
     func explicitListFreezesExactlyThose() async throws {
         try await LoopLab.with { lab in
