@@ -75,10 +75,19 @@ final class ClientSession: Sendable {
     var hasQueuedOutput: Bool { !dead.load(ordering: .sequentiallyConsistent) && queuedBytes.load(ordering: .sequentiallyConsistent) > 0 }
 
     private func cutOff() {
-        if !dead.exchange(true, ordering: .sequentiallyConsistent), isStream { Socket.shutdown(fd) }
+        if !dead.exchange(true, ordering: .sequentiallyConsistent) {
+            server.logger.warning("peer cut off: it stopped reading (its unread replies passed \(ClientSession.maxQueuedBytes >> 20) MiB, or a write blocked 5 s)",
+                                  metadata: ["peer": "\(peer)", "connection": "\(id)"])
+            if isStream { Socket.shutdown(fd) }
+        }
         wake?.signal()
         server.sessionOutputDrained()
     }
+
+    /// Rate-limited requests are logged once per session (the peer hears each one).
+    private let loggedRateLimit = Atomic<Bool>(false)
+    /// Likewise frames too large (a serial session skips them and goes on).
+    private let loggedTooLarge = Atomic<Bool>(false)
 
     /// One request answered (its reply queued).
     private func answered() {
@@ -234,12 +243,18 @@ final class ClientSession: Sendable {
         case .reset:
             return true
         case .tooLarge:
+            if !loggedTooLarge.exchange(true, ordering: .relaxed) { server.logger.warning("frame larger than \(dialect.framing.maxFrameBytes) bytes\(isStream ? ": connection closed" : ": skipped")",
+                                  metadata: ["peer": "\(peer)", "connection": "\(id)"]) }
             send(dialect.errorFrame(ProtocolError(.frameTooLarge,
                 "frame exceeds \(dialect.framing.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")",
                 details: ["max_frame": .int(Int64(dialect.framing.maxFrameBytes))]), id: nil))
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {
+                if !loggedRateLimit.exchange(true, ordering: .relaxed) {
+                    server.logger.warning("peer rate-limited: more than \(server.config.rateLimit) requests per second (logged once per connection)",
+                                          metadata: ["peer": "\(peer)", "connection": "\(id)"])
+                }
                 send(dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"),
                                         id: readableID(of: bytes)))
                 return true

@@ -310,6 +310,7 @@ struct HostilePeerTests {
             #expect(bad.isClosedByPeer(timeoutMs: 2000))
             _ = try bystander.result(["op": "ping"])
             _ = try TestClient(path: agent.socketPath).result(["op": "ping"])
+            #expect(agent.log.contains("frame larger than 65536 bytes: connection closed"), "the agent's log says so: \(agent.log)")
             agent.stop()
         }
     }
@@ -446,6 +447,8 @@ struct HostilePeerTests {
             #expect(ids == Set((0..<300).map { JSON.int(Int64(1000 + $0)) }), "ids: \(ids.count) distinct, null: \(ids.contains(.null))")
             usleep(1_000_000)
             _ = try c.result(["op": "ping"])
+            let logged = agent.log.components(separatedBy: "peer rate-limited").count - 1
+            #expect(logged == 1, "logged once for \(limited) refusals: \(logged)")
             agent.stop()
         }
     }
