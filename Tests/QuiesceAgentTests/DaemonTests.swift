@@ -733,6 +733,9 @@ struct SystemdAndConfigTests {
             s.sendall(b'{"id":1,"op":"hello","version":1}\\n')
             print(s.makefile().readline().strip())
             """.write(toFile: script, atomically: true, encoding: .utf8)
+        // Readable by the other users whatever the umask: listenUnix (a fake agent in another
+        // suite of this process) narrows the process's umask for a moment while it binds.
+        try FileManager.default.setAttributes([.posixPermissions: 0o644], ofItemAtPath: script)
         func hello(as uid: Int, socket: String) throws -> String {
             try sh("setpriv --reuid=\(uid) --regid=\(uid) --clear-groups /usr/bin/python3 '\(script)' '\(socket)' 2>&1")
         }
