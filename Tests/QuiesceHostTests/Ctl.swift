@@ -45,7 +45,8 @@ final class Ctl: @unchecked Sendable {
     }
 
     var pid: Int32 { process.processIdentifier }
-    func signal(_ sig: Int32) { kill(pid, sig) }
+    /// Only while it runs: a reaped pid may be another process by now.
+    func signal(_ sig: Int32) { if process.isRunning { kill(pid, sig) } }
     var stderrSoFar: String { (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "" }
 
     /// Waits for the exit; nil when it is still running after `timeoutMs`.

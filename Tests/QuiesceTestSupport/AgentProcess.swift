@@ -60,7 +60,8 @@ public final class AgentProcess: @unchecked Sendable {
     public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
     public var pid: Int32 { process.processIdentifier }
 
-    public func signal(_ sig: Int32) { kill(process.processIdentifier, sig) }
+    /// Only while it runs: a reaped pid may be another process by now.
+    public func signal(_ sig: Int32) { if process.isRunning { kill(process.processIdentifier, sig) } }
 
     /// Waits for exit; returns the status, or nil on timeout.
     public func waitForExit(timeoutMs: Int = 10_000) -> Int32? {
