@@ -65,7 +65,7 @@ final class ClientSession: Sendable {
         // The limit is on what is already waiting: one large reply (a forwarded qemu-ga reply
         // may be up to QGAForwarder.maxReplyBytes) is queued when the peer has read the rest.
         if queuedBytes.add(frame.count, ordering: .relaxed).oldValue >= ClientSession.maxQueuedBytes {
-            cutOff()
+            cutOff(stoppedReading: "its unread replies and events passed \(ClientSession.maxQueuedBytes >> 20) MiB")
             return
         }
         outbox.post(frame)
@@ -74,10 +74,13 @@ final class ClientSession: Sendable {
     /// Frames queued or being written (false once the peer is cut off).
     var hasQueuedOutput: Bool { !dead.load(ordering: .sequentiallyConsistent) && queuedBytes.load(ordering: .sequentiallyConsistent) > 0 }
 
-    private func cutOff() {
+    /// Stops writing to the peer. `stoppedReading` says why when the peer is alive but not
+    /// reading (logged); nil when it is gone (a write failed: EPIPE, ECONNRESET).
+    private func cutOff(stoppedReading: String? = nil) {
         if !dead.exchange(true, ordering: .sequentiallyConsistent) {
-            server.logger.warning("peer cut off: it stopped reading (its unread replies passed \(ClientSession.maxQueuedBytes >> 20) MiB, or a write blocked 5 s)",
-                                  metadata: ["peer": "\(peer)", "connection": "\(id)"])
+            if let why = stoppedReading {
+                server.logger.warning("peer cut off: it stopped reading (\(why))", metadata: ["peer": "\(peer)", "connection": "\(id)"])
+            }
             if isStream { Socket.shutdown(fd) }
         }
         wake?.signal()
@@ -100,7 +103,9 @@ final class ClientSession: Sendable {
         Threads.trySpawn(name: "writer-\(id)") { [self] in
             while let item = outbox.receive(), let frame = item {
                 if !dead.load(ordering: .relaxed) {
-                    do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch { cutOff() }
+                    do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch {
+                        cutOff(stoppedReading: (error as? SystemError)?.errno == .ETIMEDOUT ? "a write blocked for 5 s" : nil)
+                    }
                 }
                 if queuedBytes.subtract(frame.count, ordering: .sequentiallyConsistent).newValue == 0
                     || dead.load(ordering: .relaxed) {
@@ -243,8 +248,10 @@ final class ClientSession: Sendable {
         case .reset:
             return true
         case .tooLarge:
-            if !loggedTooLarge.exchange(true, ordering: .relaxed) { server.logger.warning("frame larger than \(dialect.framing.maxFrameBytes) bytes\(isStream ? ": connection closed" : ": skipped")",
-                                  metadata: ["peer": "\(peer)", "connection": "\(id)"]) }
+            if !loggedTooLarge.exchange(true, ordering: .relaxed) {
+                server.logger.warning("frame larger than \(dialect.framing.maxFrameBytes) bytes\(isStream ? ": connection closed" : ": skipped (logged once per session)")",
+                                      metadata: ["peer": "\(peer)", "connection": "\(id)"])
+            }
             send(dialect.errorFrame(ProtocolError(.frameTooLarge,
                 "frame exceeds \(dialect.framing.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")",
                 details: ["max_frame": .int(Int64(dialect.framing.maxFrameBytes))]), id: nil))

@@ -36,13 +36,14 @@ public struct AgentError: Error, Sendable, CustomStringConvertible {
     /// The system error underneath, if any.
     public let errno: Errno?
 
-    /// The longest `message` kept, in characters: an agent's error text is the guest's to choose,
-    /// and a timeline repeats it. The report's JSON keeps the agent's whole message.
+    /// The longest `message` kept, in characters, when it carries an agent's error (`remote`):
+    /// that text is the guest's to choose, and a timeline repeats it. The report's JSON keeps
+    /// the agent's whole message. Messages of our own (the thaw command to run) are never cut.
     public static let maxMessageCharacters = 600
 
     public init(_ code: Code, _ message: String, remote: ProtocolError? = nil, errno: Errno? = nil) {
         self.code = code
-        self.message = message.count <= AgentError.maxMessageCharacters ? message
+        self.message = remote == nil || message.count <= AgentError.maxMessageCharacters ? message
             : String(message.prefix(AgentError.maxMessageCharacters)) + "… (\(message.count) characters; --json has the agent's whole message)"
         self.remote = remote
         self.errno = errno
