@@ -103,7 +103,8 @@ final class ClientSession: Sendable {
         Threads.trySpawn(name: "writer-\(id)") { [self] in
             while let item = outbox.receive(), let frame = item {
                 if !dead.load(ordering: .relaxed) {
-                    do { try FD.writeAll(fd, frame, timeoutMs: 5000) } catch {
+                    // A serial port may still say hung up just after a host connected: 1 s grace.
+                    do { try FD.writeAll(fd, frame, timeoutMs: 5000, hangupGraceMs: isStream ? 0 : 1000) } catch {
                         cutOff(stoppedReading: (error as? SystemError)?.errno == .ETIMEDOUT ? "a write blocked for 5 s" : nil)
                     }
                 }

@@ -39,21 +39,35 @@ public enum FD {
 
     /// Writes every byte, waiting for writability on a non-blocking descriptor.
     /// `timeoutMs` bounds each wait for a peer that stopped reading (nil waits forever).
-    public static func writeAll(_ fd: Int32, _ bytes: [UInt8], timeoutMs: Int32? = nil) throws(SystemError) {
+    /// `hangupGraceMs`: how long a hang-up (POLLHUP) is retried before it counts as the peer
+    /// gone (EPIPE). A virtio-serial port learns that the host connected through a control
+    /// message that can arrive after the host's first bytes (drivers/char/virtio_console.c
+    /// sets host_connected on VIRTIO_CONSOLE_PORT_OPEN), so an answer written at once may meet
+    /// the previous hang-up for a moment.
+    public static func writeAll(_ fd: Int32, _ bytes: [UInt8], timeoutMs: Int32? = nil, hangupGraceMs: Int32 = 0) throws(SystemError) {
         var offset = 0
+        var hangupSince: UInt64?
         while offset < bytes.count {
             let r = bytes.withUnsafeBytes { buf in
                 syscallResult { Glibc.write(fd, buf.baseAddress! + offset, buf.count - offset) }
             }
             switch r {
-            case .success(let n): offset += n
+            case .success(let n):
+                offset += n
+                hangupSince = nil
             case .failure(let e) where e == .EAGAIN:
                 let ready = try poll(fd, events: Int16(POLLOUT), timeoutMs: timeoutMs ?? -1)
                 if ready == 0 { throw SystemError("write", "fd \(fd)", .ETIMEDOUT) }
                 // A virtio-serial port whose host left polls POLLHUP (never POLLOUT) and its
-                // writes fail with EAGAIN: the peer is gone, not slow.
+                // writes fail with EAGAIN: the peer is gone, not slow (after the grace).
                 if ready & Int16(POLLOUT) == 0 && ready & Int16(POLLHUP | POLLERR | POLLNVAL) != 0 {
-                    throw SystemError("write", "fd \(fd)", Errno(Glibc.EPIPE))
+                    let now = monotonicNanos()
+                    let since = hangupSince ?? now
+                    hangupSince = since
+                    guard ready & Int16(POLLNVAL) == 0, now - since < UInt64(max(0, hangupGraceMs)) * 1_000_000 else {
+                        throw SystemError("write", "fd \(fd)", Errno(Glibc.EPIPE))
+                    }
+                    usleep(5_000)  // bounded by the grace; only while the port says hung up
                 }
             case .failure(let e): throw SystemError("write", "fd \(fd)", e)
             }
