@@ -65,16 +65,16 @@ public enum Threads {
         defer { pthread_attr_destroy(&attr) }
         let box = Unmanaged.passRetained(ThreadBody(name.map { name in { setCurrentName(name); body() } } ?? body)).toOpaque()
         var thread = pthread_t()
-        // Born with every asynchronous signal blocked (`Signals.asynchronous`): only the thread
-        // that waits for them with sigwait(2) takes a SIGTERM, whichever thread made this one.
-        var blocked = Signals.asynchronous, old = sigset_t()
-        pthread_sigmask(SIG_BLOCK, &blocked, &old)
+        // The new thread inherits its creator's signal mask. quiesced blocks every asynchronous
+        // signal on its main thread before any thread exists (`Signals.blockAsynchronous`), so
+        // all of its threads are born with them blocked. (Blocking here as well would hand a
+        // fully blocked mask to every thread and child process of other programs using this
+        // module: a test's `Process` children could no longer be stopped by SIGTERM.)
         let rc = pthread_create(&thread, &attr, { ctx in
             let b = Unmanaged<ThreadBody>.fromOpaque(ctx!).takeRetainedValue()
             b.body()
             return nil
         }, box)
-        pthread_sigmask(SIG_SETMASK, &old, nil)
         guard rc == 0 else {
             Unmanaged<ThreadBody>.fromOpaque(box).release()
             return nil

@@ -186,11 +186,13 @@ struct HiddenDependencyTests {
             defer { agent.stop() }
             let client = try TestClient(path: agent.socketPath)
 
+            // Dirty data waiting for the server, written while it still answers: once it is
+            // stopped, even a directory lookup that misses the cache would block for good.
+            try lab.dirty(served, mb: 4)
             // The server stops answering, as a hung nbd or iSCSI server would.
             try sh("kill -STOP \(fuse.pid)")
             var resumed = false
             defer { if !resumed { _ = try? sh("kill -CONT \(fuse.pid)", allowFailure: true) } }
-            try lab.dirty(served, mb: 4)
             let t0 = Date()
             let reply = try client.call(["op": "freeze", "mode": "detached", "mounts": [.string(served), .string(other)]],
                                         timeoutMs: 30_000)
