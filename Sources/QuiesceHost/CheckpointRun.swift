@@ -334,9 +334,12 @@ final class CheckpointRun {
             report.interruptedBy = Signals.name(interruptedBy!)
             if signalsSeen == 1 {
                 if pid != nil && !childExited {
-                    note(at, nil, "interrupted", "\(Signals.name(sig)): forwarding it to COMMAND and thawing")
-                    report.command?.stoppedBy = Signals.name(sig)
-                    signalCommand(sig)
+                    // SIGINT, SIGTERM and SIGHUP are passed on as they came; any other stopping
+                    // signal (SIGQUIT, SIGXCPU, SIGPWR, ...) stops COMMAND with SIGTERM.
+                    let toCommand = [Signals.interrupt, Signals.terminate, Signals.hangUp].contains(sig) ? sig : Signals.terminate
+                    note(at, nil, "interrupted", "\(Signals.name(sig)): \(toCommand == sig ? "forwarding it" : "sending SIGTERM") to COMMAND and thawing")
+                    report.command?.stoppedBy = Signals.name(toCommand)
+                    signalCommand(toCommand)
                     killAt = monotonicNanos() + UInt64(plan.killGraceMs) * 1_000_000
                     startThaw()
                 } else {

@@ -48,6 +48,9 @@ public enum Signals {
     public static let pipe = SIGPIPE
     /// SIGIO: signal-driven I/O (the serial ports, `SerialPortWait`).
     public static let io = SIGIO
+    /// SIGUSR1 and SIGUSR2: no meaning to Quiesce's programs.
+    public static let userDefined1 = SIGUSR1
+    public static let userDefined2 = SIGUSR2
 
     /// "SIGTERM" for 15, "signal N" for numbers without a common name.
     public static func name(_ sig: Int32) -> String {

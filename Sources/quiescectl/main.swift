@@ -445,9 +445,14 @@ struct Checkpoint: ParsableCommand {
     func run() throws {
         let g = root.global
         let agents = try g.requireAgents()
-        // Before any thread exists: SIGINT/SIGTERM/SIGHUP are collected by one thread (sigwait).
-        let handled = [Signals.interrupt, Signals.terminate, Signals.hangUp]
-        Signals.block(handled)
+        // Before any thread exists, every asynchronous signal is blocked (threads inherit the
+        // mask; COMMAND is started with a clean one), and one thread collects them (sigwait):
+        // a signal whose default action would end quiescectl (SIGINT, SIGTERM, SIGHUP, SIGQUIT,
+        // SIGXCPU, ...) interrupts the checkpoint, which stops COMMAND and thaws; SIGUSR1 and
+        // SIGUSR2 are ignored. None of them can end quiescectl with the guests frozen.
+        Signals.blockAsynchronous()
+        let ignored = [Signals.userDefined1, Signals.userDefined2]
+        let handled = Signals.stopping + [Signals.hangUp] + ignored
         // A closed stdout or stderr must not kill us before the guests are thawed.
         Signals.ignore(Signals.pipe)
         let json = g.json
@@ -462,7 +467,7 @@ struct Checkpoint: ParsableCommand {
         Threads.detach {
             while true {
                 let sig = Signals.wait(handled)
-                if sig > 0 { checkpoint.interrupt(signal: sig) }
+                if sig > 0 && !ignored.contains(sig) { checkpoint.interrupt(signal: sig) }
             }
         }
         let report = checkpoint.run()

@@ -147,6 +147,28 @@ struct CheckpointTests {
         #expect(r.stderr.contains("interrupted by \(Signals.name(sig))"))
     }
 
+    @Test("signals whose default would end quiescectl (QUIT, XCPU, PWR, ALRM) interrupt it cleanly: COMMAND gets SIGTERM, the guests are thawed, exit 73; USR1 and USR2 are ignored",
+          arguments: [SIGQUIT, SIGXCPU, SIGPWR, SIGALRM])
+    func otherSignalsInterruptCleanly(sig: Int32) throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir)
+        let ready = dir.file("ready"), got = dir.file("got")
+        let script = "trap 'echo TERM > \(got); exit 9' TERM; touch \(ready); while :; do sleep 0.05; done"
+        let ctl = try Ctl(agentArgs([a]) + ["checkpoint", "--", "sh", "-c", script], in: dir)
+        #expect(eventually(withinMs: 10_000) { FileManager.default.fileExists(atPath: ready) })
+        ctl.signal(SIGUSR1)
+        ctl.signal(SIGUSR2)
+        usleep(300_000)
+        #expect(a.frozen, "USR1 and USR2 change nothing")
+        #expect(ctl.wait(timeoutMs: 10) == nil, "quiescectl survives USR1 and USR2")
+        ctl.signal(sig)
+        let r = try #require(ctl.wait(timeoutMs: 10_000))
+        #expect(r.status == ExitCodes.interrupted, "\(Signals.name(sig)): \(r.status) \(r.stderr)")
+        #expect(contents(got) == "TERM\n", "COMMAND was stopped with SIGTERM")
+        #expect(!a.frozen)
+        #expect(a.thawReasons == ["request"], "thawed by quiescectl, not by the connection dropping")
+    }
+
     @Test("SIGINT while agents are still freezing: COMMAND does not run, what froze is thawed, exit 73")
     func interruptedWhileFreezing() throws {
         let dir = TempDir()
