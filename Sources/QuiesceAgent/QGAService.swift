@@ -41,7 +41,11 @@ enum QGAService {
             return countOrError(await state.qgaFreeze(mounts: mountpoints, context: context), id: id)
         case .fsfreezeThaw:
             switch await state.qgaThaw() {
-            case .success(let r): return countOrError(Reply(id: nil, result: r.json), id: id)
+            case .success(let r):
+                // As qemu-ga counts: the filesystems its FITHAW thawed. One that something else
+                // had thawed already (EINVAL) is not counted, so a host that compares the count
+                // with the freeze's sees that the freeze did not hold.
+                return QGA.returnFrame(.int(Int64(r.filesystems.filter { $0.thawedElsewhere != true }.count)), id: id)
             case .failure(let e): return countOrError(Reply(id: nil, error: e), id: id)
             }
         }

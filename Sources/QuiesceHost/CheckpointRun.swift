@@ -297,6 +297,13 @@ final class CheckpointRun {
                 note(at, i, "hook-lost", "WARNING: \(lost.joined(separator: ", ")) ended while holding: the snapshot is only "
                      + "filesystem-consistent for \(lost.count == 1 ? "that application" : "those applications") (COMMAND was told otherwise)")
             }
+            // qemu-ga names no filesystem: it counts those its thaw thawed, which leaves out any
+            // that something else thawed first. Fewer than it froze: the freeze did not hold.
+            if case .qga = plan.agents[i], let froze = report.agents[i].freeze?.filesystemCount,
+               let thawed = outcome.result, thawed.wasFrozen, thawed.filesystemCount < froze, report.agents[i].freezeLost == nil {
+                report.agents[i].freezeLost = "qemu-ga's thaw thawed \(thawed.filesystemCount) of the \(froze) filesystems it froze: "
+                    + "the others had been thawed by something else before the thaw"
+            }
             let elsewhere = (outcome.result?.filesystems ?? []).filter { $0.thawedElsewhere == true }.map(\.mountPoint)
             if !elsewhere.isEmpty && report.agents[i].freezeLost == nil {
                 // The agent's FITHAW found them thawed already: some other process thawed them

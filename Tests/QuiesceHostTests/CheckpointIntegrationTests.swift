@@ -199,6 +199,22 @@ struct CheckpointIntegrationTests {
         }
     }
 
+    @Test("through qemu-ga's dialect too: a filesystem thawed by something else mid-COMMAND leaves the thaw's count short, and the run reports the lost freeze (70)")
+    func thawedElsewhereThroughQGA() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a"), b = try lab.filesystem("b")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let r = try Ctl.run(["--agent", "qga:unix:\(qga)", "--json", "checkpoint", "--", "fsfreeze", "-u", b], in: dir)
+            #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+            let lost = r.json?["agents"]?.arrayValue?.first?["freeze_lost"]?.stringValue ?? ""
+            #expect(lost.contains("thawed 1 of the 2 filesystems it froze"), "\(r.stdout)")
+            #expect(try !isFrozen(a) && !isFrozen(b))
+        }
+    }
+
     @Test("an unreachable agent with --on-agent-failure fail: COMMAND does not run and the reachable guest is thawed")
     func unreachableFail() async throws {
         try await LoopLab.with { lab in
