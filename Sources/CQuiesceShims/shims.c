@@ -43,3 +43,38 @@ int qs_spawn_closefrom(void *actions, int lowfd) {
 int qs_malloc_arena_max(int arenas) { return mallopt(M_ARENA_MAX, arenas); }
 
 int qs_set_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }
+
+// Fault signals sent by another process (kill -SEGV, kill -ABRT): taken as a request to stop.
+// A fault signal cannot be left blocked (a real fault while it is blocked kills at once), so it
+// reaches whichever thread it hits, and its default action would end the agent with the guest
+// frozen. This handler tells the two apart by siginfo (signal(7), sigaction(2)): si_code <= 0
+// and a pid other than ours means kill(2)/sigqueue(3) from outside, turned into a SIGTERM to
+// ourselves, which the main thread's sigwait takes (thaw, then exit). A real fault (si_code > 0)
+// or our own abort() gets the action that was there before (the default, or the runtime's
+// crash handler): for a fault by returning to the faulting instruction, for abort() at once.
+static const int fault_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS};
+#define FAULT_SIGNALS (int)(sizeof fault_signals / sizeof fault_signals[0])
+static struct sigaction previous[FAULT_SIGNALS];
+
+static void on_fault_signal(int sig, siginfo_t *info, void *context) {
+    (void)context;
+    if (info != NULL && info->si_code <= 0 && info->si_pid != getpid()) {
+        kill(getpid(), SIGTERM);
+        return;
+    }
+    for (int k = 0; k < FAULT_SIGNALS; k++) {
+        if (fault_signals[k] == sig) sigaction(sig, &previous[k], NULL);
+    }
+    if (info == NULL || info->si_code <= 0) raise(sig);
+}
+
+int qs_stop_on_sent_fault_signals(void) {
+    struct sigaction action;
+    action.sa_sigaction = on_fault_signal;
+    action.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    for (int k = 0; k < FAULT_SIGNALS; k++) {
+        if (sigaction(fault_signals[k], &action, &previous[k]) != 0) return -1;
+    }
+    return 0;
+}

@@ -53,7 +53,10 @@ extension Server {
         }
         guard Threads.tryDetach(name: "session-\(id)", { conn.runStream() }) else {
             connections.withLock { _ = $0.removeValue(forKey: id) }
-            logger.error("refused connection: no thread can be started for it (a pids or process limit is reached)")
+            if let more = refusalLog.note(now: monotonicNanos()) {
+                logger.error("refused connection: no thread can be started for it (a pids or process limit is reached)",
+                             metadata: ["refused_since_last_line": "\(more)"])
+            }
             Server.refuse(fd, dialect.errorFrame(ProtocolError(.busy, "the agent cannot start a thread for this connection now"), id: nil))
             return
         }

@@ -168,6 +168,10 @@ public struct AgentConfig: Sendable {
         }
         func nonEmpty(_ v: String) throws(ConfigError) -> String {
             guard !v.isEmpty else { throw ConfigError("\(key): needs a value") }
+            // No path, glob or type name holds a control character; a NUL would cut it short.
+            if v.unicodeScalars.contains(where: { $0.value < 0x20 || $0.value == 0x7F }) {
+                throw ConfigError("\(key): \"\(v)\" contains a control character")
+            }
             return v
         }
         // A mountpoint glob: mountpoints are absolute, so a relative pattern never matches and

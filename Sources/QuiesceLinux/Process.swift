@@ -99,10 +99,17 @@ public enum Signals {
     /// it gives them a meaning: SIGHUP (a reload), SIGUSR1, SIGUSR2.
     public static let informational: [Int32] = [SIGHUP, SIGUSR1, SIGUSR2]
 
-    /// Blocks every asynchronous signal in the calling thread (`asynchronous`).
+    /// Makes a fault signal sent by another process (`kill -SEGV`, `kill -ABRT`) a SIGTERM to
+    /// this process, so that it stops cleanly instead of dying of it; a real fault, or this
+    /// process's own abort(), keeps its earlier action (qs_stop_on_sent_fault_signals).
+    public static func stopOnSentFaultSignals() { _ = qs_stop_on_sent_fault_signals() }
+
+    /// Sets the calling thread's mask to every asynchronous signal (`asynchronous`), and only
+    /// those: fault signals a parent left blocked (a mask survives execve) are unblocked, so
+    /// that a real fault is never held pending and one sent with kill(1) reaches its handler.
     public static func blockAsynchronous() {
         var s = asynchronous
-        pthread_sigmask(SIG_BLOCK, &s, nil)
+        pthread_sigmask(SIG_SETMASK, &s, nil)
     }
 
     static func set(_ signals: [Int32]) -> sigset_t {

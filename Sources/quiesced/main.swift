@@ -10,6 +10,8 @@ import QuiesceProtocol
 // thread's sigwait below, which thaws first, and never kills the agent through another thread
 // while the guest is frozen. (Threads.spawn and the executor block them for their threads too.)
 Signals.blockAsynchronous()
+// Fault signals cannot stay blocked; sent with kill(1), they are turned into a SIGTERM.
+Signals.stopOnSentFaultSignals()
 // Swift concurrency's global executor on two threads of our own that sleep on a condition
 // variable: libdispatch's default one wakes the agent once a second forever (its workqueue
 // monitor). Before any task exists.

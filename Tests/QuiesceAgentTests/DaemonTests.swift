@@ -169,7 +169,9 @@ struct NeverLeftFrozenTests {
     }
 
     @Test("signals in quick succession while frozen (HUP then TERM, INT twice, QUIT, USR1 and USR2 before TERM) never kill the agent before it thaws",
-          arguments: [[SIGHUP, SIGTERM], [SIGINT, SIGINT], [SIGUSR1, SIGUSR2, SIGTERM], [SIGQUIT], [SIGXCPU]])
+          arguments: [[SIGHUP, SIGTERM], [SIGINT, SIGINT], [SIGUSR1, SIGUSR2, SIGTERM], [SIGQUIT], [SIGXCPU],
+                      // Fault signals sent with kill(1) cannot be blocked: they become a SIGTERM.
+                      [SIGSEGV], [SIGABRT], [SIGTRAP], [SIGBUS]])
     func signalBurstsWhileFrozenThawFirst(signals: [Int32]) async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
@@ -622,6 +624,7 @@ struct SystemdAndConfigTests {
             // A control character in a value is shown escaped: the error stays one line.
             ("listen = unix:/run/a\u{0}b\n", "line 1", "unix:/run/a\\0b"),
             ("max-freeze = 2\u{1b}[2Jm\n", "line 1", "2\\x1b[2Jm"),
+            ("include = /srv/a\u{0}b\n", "line 1", "include: \"/srv/a\\0b\" contains a control character"),
         ]
         for (text, line, reason) in cases {
             let path = dir + "/quiesced.conf"

@@ -96,5 +96,9 @@ int qs_pidfd_open(int pid);
 
 /// pthread_setname_np(pthread_self(), name): names the calling thread (at most 15 bytes). 0 on success.
 int qs_set_thread_name(const char *name);
+/// SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT and SIGSYS sent by another process become a
+/// SIGTERM to this one; real faults and this process's own abort() keep their earlier action.
+/// 0, or -1 with errno from sigaction(2).
+int qs_stop_on_sent_fault_signals(void);
 
 #endif
