@@ -305,13 +305,15 @@ public struct Hooks: Sendable {
     /// Runs `phase` for each named hook in reverse order, as one-shot runs: crash recovery's
     /// ending for hooks a dead agent owed one. Blocking.
     public func recover(names: [String], phase: HookPhase, opID: String) -> [HookReport] {
-        let (specs, _) = list()
+        let (specs, refused) = list()
         let context = HookContext(opID: opID, mounts: [], freezeTimeoutMs: 0, recovery: true)
         var reports: [HookReport] = []
         for name in names.reversed() {
             guard let spec = specs.first(where: { $0.name == name }) else {
-                reports.append(HookReport(name: name, phase: phase, exitCode: nil, durationUs: 0,
-                                          error: "no longer a runnable hook in \(directory)", outcome: .failed))
+                // Say why: gone, or refused now (made writable by others, its owner changed...).
+                let why = refused.first(where: { $0.name == name || $0.name == directory }).map { "refused: \($0.reason)" }
+                    ?? "no longer a runnable hook in \(directory)"
+                reports.append(HookReport(name: name, phase: phase, exitCode: nil, durationUs: 0, error: why, outcome: .failed))
                 continue
             }
             var oneShot = spec

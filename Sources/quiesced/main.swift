@@ -184,7 +184,7 @@ for owed in recovery.hooksOwed {
     }
     let hooks = Hooks(directory: dir, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger)
     let reports = hooks.recover(names: owed.names, phase: owed.phase, opID: owed.opID)
-    logger.warning("ended the hooks op \(owed.opID) owed: \(reports.map { "\($0.name) \($0.phase) \($0.effectiveOutcome.rawValue)" }.joined(separator: ", "))",
+    logger.warning("ended the hooks op \(owed.opID) owed: \(reports.map { "\($0.name) \($0.phase) \($0.effectiveOutcome.rawValue)\($0.succeeded ? "" : $0.error.map { " (\($0))" } ?? "")" }.joined(separator: ", "))",
                    metadata: ["op_id": "\(owed.opID)"])
 }
 for pid in recovery.liveOwners {

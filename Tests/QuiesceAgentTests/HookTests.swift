@@ -341,6 +341,17 @@ struct HookPhaseTests {
             #expect(try !isFrozen(a))
             #expect(lines(log) == ["10-db freeze", "recovery=", "10-db thaw", "recovery=1"], "\(out)")
             #expect(!out.contains("no hooks-dir"), "\(out)")
+
+            // A hook made unsafe meanwhile is not run, and recovery says why.
+            let again = try AgentProcess(in: lab.root, name: "agent2", arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks], stateDir: state)
+            _ = try TestClient(path: again.socketPath).result(["op": "freeze", "mode": "detached"])
+            again.signal(SIGKILL)
+            _ = again.waitForExit()
+            _ = try sh("chmod 777 '\(hooks)/10-db'")
+            let refused = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(state)' 2>&1")
+            #expect(try !isFrozen(a))
+            #expect(refused.contains("10-db thaw failed (refused: writable by group or others"), "\(refused)")
+            #expect(lines(log).count == 6, "the unsafe hook did not run: \(lines(log))")
         }
     }
 }
