@@ -136,14 +136,6 @@ public struct Hooks: Sendable {
         "could not start: \(error)" + (error.errno == .ENOEXEC ? " (a script needs a #! line naming its interpreter)" : "")
     }
 
-    /// The last non-empty line a hook printed, quoted and at most 200 characters, for a message
-    /// that says why it failed; empty when it printed nothing.
-    static func lastLine(of output: String) -> String {
-        guard let line = output.split(separator: "\n").last(where: { !$0.allSatisfy(\.isWhitespace) }) else { return "" }
-        let text = String(line).trimmingASCIIWhitespace()
-        return ": \"" + (text.count > 200 ? String(text.prefix(200)) + "…" : text) + "\""
-    }
-
     /// The first 4 KiB of a file (where the header is), empty when it cannot be read.
     static func readHead(_ path: String) -> [UInt8] {
         guard let fd = try? FD.open(path, [.readOnly, .noFollow]) else { return [] }
@@ -198,7 +190,8 @@ public struct Hooks: Sendable {
                 out.owed.append(ActiveHook(spec: spec, holder: holder))
                 await onOwed(out.owed)
             } else if !spec.optional {
-                out.failure = "freeze hook \(spec.name) \(report.error ?? report.effectiveOutcome.rawValue)" + Hooks.lastLine(of: report.output)
+                out.failure = "freeze hook \(spec.name) \(report.error ?? report.effectiveOutcome.rawValue)"
+                    + (report.lastOutputLine(limit: 200).map { ": \"\($0)\"" } ?? "")
                 return out
             }
         }

@@ -322,10 +322,7 @@ public enum Describe {
             if h.optional { s += ", optional" }
             if !h.succeeded, let e = h.error { s += ", \(e)" }
             // What a failed hook said last (its output tail), on one line.
-            if !h.succeeded, let said = h.output.split(separator: "\n").last(where: { !$0.allSatisfy(\.isWhitespace) }) {
-                let text = String(said).trimmingASCIIWhitespace()
-                s += ": \"" + (text.count > 120 ? String(text.prefix(120)) + "…" : text) + "\""
-            }
+            if !h.succeeded, let said = h.lastOutputLine(limit: 120) { s += ": \"\(said)\"" }
             return s + ")"
         }.joined(separator: ", ")
     }

@@ -178,6 +178,14 @@ public struct HookReport: WireObject, Equatable {
     public static let maxOutputBytes = 512
     public static let maxHooks = 16
 
+    /// The last non-blank line of `output`, trimmed and cut to `limit` characters (with "…"),
+    /// for a message saying why the hook failed; nil when it printed nothing.
+    public func lastOutputLine(limit: Int) -> String? {
+        guard let line = output.split(separator: "\n").last(where: { !$0.allSatisfy(\.isWhitespace) }) else { return nil }
+        let text = String(line).trimmingASCIIWhitespace()
+        return text.count > limit ? String(text.prefix(limit)) + "…" : text
+    }
+
     public var name: String
     /// Empty from agents that did not report it (their reports were all of the freeze phase).
     public var phase: HookPhase
