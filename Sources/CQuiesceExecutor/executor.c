@@ -4,7 +4,6 @@
 // few and short, and its blocking work runs on dedicated threads anyway.
 #define _GNU_SOURCE
 #include <pthread.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
@@ -140,14 +139,8 @@ int qs_install_global_executor(int threads) {
     pthread_attr_t tattr;
     pthread_attr_init(&tattr);
     pthread_attr_setstacksize(&tattr, 512 * 1024);  // async frames live on the heap; calls need little
-    // The workers are born with every asynchronous signal blocked (a new thread inherits its
-    // creator's mask), so a process-directed SIGTERM can only reach the thread that waits for
-    // it with sigwait(2), never take its default action here. Faults stay deliverable.
-    sigset_t all, old;
-    sigfillset(&all);
-    int faults[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS};
-    for (unsigned k = 0; k < sizeof faults / sizeof faults[0]; k++) sigdelset(&all, faults[k]);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
+    // The workers inherit the installing thread's signal mask (quiesced blocks every
+    // asynchronous signal before it installs this executor).
     int started = 0;
     for (int i = 0; i < (threads < 1 ? 1 : threads); i++) {
         pthread_t t;
@@ -156,7 +149,6 @@ int qs_install_global_executor(int threads) {
             started++;
         }
     }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
     pthread_attr_destroy(&tattr);
     if (started == 0) return -1;
     swift_task_enqueueGlobal_hook = hook_enqueue;

@@ -8,7 +8,7 @@ import QuiesceProtocol
 // Every asynchronous signal is blocked before any thread exists, so that every thread inherits
 // that mask: a SIGTERM (or SIGINT, SIGQUIT, SIGUSR1, ...) can then only be taken by the main
 // thread's sigwait below, which thaws first, and never kills the agent through another thread
-// while the guest is frozen. (Threads.spawn and the executor block them for their threads too.)
+// while the guest is frozen. (Threads.spawn and the executor's workers inherit the mask.)
 Signals.blockAsynchronous()
 // Fault signals cannot stay blocked; sent with kill(1), they are turned into a SIGTERM.
 Signals.stopOnSentFaultSignals()
