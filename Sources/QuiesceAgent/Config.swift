@@ -60,26 +60,10 @@ public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
 /// A configuration problem, with the file and line when it comes from a file.
 public struct ConfigError: Error, Sendable, CustomStringConvertible {
     public var message: String
-    /// Control characters a value brought into `message` (a CR of a file edited on Windows,
-    /// a NUL) are shown as escapes, so the error stays one readable line.
-    public init(_ message: String) { self.message = ConfigError.visible(message) }
+    /// The problem as found; a value in it may hold control characters (a CR of a file edited
+    /// on Windows, a NUL): print it with `OneLine.escaped`.
+    public init(_ message: String) { self.message = message }
     public var description: String { message }
-
-    /// `s` with its control characters as escapes (`\r`, `\n`, `\t`, `\0`, `\xNN`).
-    public static func visible(_ s: String) -> String {
-        var out = ""
-        for u in s.unicodeScalars {
-            switch u.value {
-            case 0x0D: out += "\\r"
-            case 0x0A: out += "\\n"
-            case 0x09: out += "\\t"
-            case 0x00: out += "\\0"
-            case 0x01..<0x20, 0x7F: out += "\\x" + (u.value < 0x10 ? "0" : "") + String(u.value, radix: 16)
-            default: out.unicodeScalars.append(u)
-            }
-        }
-        return out
-    }
 }
 
 /// Everything the agent can be told. Every key of the config file is also a flag.

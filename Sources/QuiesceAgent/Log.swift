@@ -80,16 +80,32 @@ public struct AgentLogHandler: LogHandler {
             if Systemd.journalSend(fields) { return }
         }
         do {
-            let meta = metadata.sorted(by: { $0.key < $1.key }).map { "\(escaped($0.key))=\(escaped($0.value))" }.joined(separator: " ")
-            let line = "quiesced: \(level): \(escaped(message))\(meta.isEmpty ? "" : " " + meta)\n"
+            let meta = metadata.sorted(by: { $0.key < $1.key }).map { "\(OneLine.escaped($0.key))=\(OneLine.escaped($0.value))" }.joined(separator: " ")
+            let line = "quiesced: \(level): \(OneLine.escaped(message))\(meta.isEmpty ? "" : " " + meta)\n"
             FD.writeOnce(FD.standardError, Array(line.utf8))
         }
     }
 
-    /// `text` safe for one stderr log line: a peer's value (an op_id, a path) must not start a
-    /// line of its own or drive the terminal. Backslash becomes `\\`; `\n`, `\r`, `\t` their C
-    /// escapes; other C0 controls and DEL `\xHH`; C1 controls (U+0080-U+009F) `\u{HH}`.
-    static func escaped(_ text: String) -> String {
+    static func priority(_ level: Logger.Level) -> Int {
+        switch level {
+        case .trace, .debug: 7
+        case .info: 6
+        case .notice: 5
+        case .warning: 4
+        case .error: 3
+        case .critical: 2
+        }
+    }
+}
+
+/// Text the agent writes as one line of stderr (a log line, a start-up error, the
+/// `--check-config` summary). A peer's or a file's value (an op_id, a path, a config value with
+/// a CR from Windows) must not start a line of its own or drive the terminal.
+public enum OneLine {
+    /// `text` with backslash as `\\`; `\n`, `\r`, `\t` as their C escapes; other C0 controls
+    /// and DEL as `\xHH`; C1 controls (U+0080-U+009F) as `\u{HH}`. Text without any of them is
+    /// returned as it is.
+    public static func escaped(_ text: String) -> String {
         guard text.unicodeScalars.contains(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) || $0 == "\\" }) else {
             return text
         }
@@ -111,16 +127,5 @@ public struct AgentLogHandler: LogHandler {
     private static func hex(_ v: UInt32) -> String {
         let digits = Array("0123456789abcdef")
         return String([digits[Int(v >> 4) & 0xF], digits[Int(v) & 0xF]])
-    }
-
-    static func priority(_ level: Logger.Level) -> Int {
-        switch level {
-        case .trace, .debug: 7
-        case .info: 6
-        case .notice: 5
-        case .warning: 4
-        case .error: 3
-        case .critical: 2
-        }
     }
 }

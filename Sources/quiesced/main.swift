@@ -61,8 +61,10 @@ extension String {
     }
 }
 
+/// Paths and config values may hold control characters (legal in a file name): every message
+/// is shown escaped, one line, never sent to the terminal as they are.
 func fail(_ message: String, code: Int32 = 2) -> Never {
-    let line = "quiesced: \(message)\n"
+    let line = "quiesced: \(OneLine.escaped(message))\n"
     FD.writeOnce(FD.standardError, Array(line.utf8))
     CurrentProcess.exit(code)
 }
@@ -134,10 +136,9 @@ if checkOnly {
         scope += ", exclude \((config.scope.exclude + config.scope.excludeTypes.map { "type " + $0 }).joined(separator: " "))"
     }
     if let dir = config.hooksDir, !Paths.exists(dir) {
-        FD.writeOnce(FD.standardError, Array("quiesced: warning: hooks-dir \(dir) does not exist: freezes run no hooks until it does\n".utf8))
+        FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("hooks-dir \(dir) does not exist: freezes run no hooks until it does"))\n".utf8))
     }
-    // Paths may hold control characters (legal in a file name): shown escaped, not sent to the terminal.
-    print(ConfigError.visible("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no")"))
+    print(OneLine.escaped("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no")"))
     CurrentProcess.exit(0)
 }
 

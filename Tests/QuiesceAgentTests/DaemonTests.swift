@@ -622,9 +622,11 @@ struct SystemdAndConfigTests {
             // A setting twice is a mistake, also in a file with CRLF line ends; lists add up.
             ("listen = vsock:1\r\nmax-freeze = 2m\r\nlisten = vsock:2\r\nmax-freeze = 3m\r\n", "line 4", "max-freeze is already set on line 2: keep one"),
             // A control character in a value is shown escaped: the error stays one line.
-            ("listen = unix:/run/a\u{0}b\n", "line 1", "unix:/run/a\\0b"),
+            ("listen = unix:/run/a\u{0}b\n", "line 1", "unix:/run/a\\x00b"),
             ("max-freeze = 2\u{1b}[2Jm\n", "line 1", "2\\x1b[2Jm"),
-            ("include = /srv/a\u{0}b\n", "line 1", "include: \"/srv/a\\0b\" contains a control character"),
+            // A backslash the file holds is doubled, so it cannot pass for an escape.
+            ("max-freeze = 2\\x1b[2Jm\n", "line 1", "2\\\\x1b[2Jm"),
+            ("include = /srv/a\u{0}b\n", "line 1", "include: \"/srv/a\\x00b\" contains a control character"),
         ]
         for (text, line, reason) in cases {
             let path = dir + "/quiesced.conf"
