@@ -59,7 +59,11 @@ static struct sigaction previous[FAULT_SIGNALS];
 static void on_fault_signal(int sig, siginfo_t *info, void *context) {
     (void)context;
     if (info != NULL && info->si_code <= 0 && info->si_pid != getpid()) {
-        kill(getpid(), SIGTERM);
+        // The SIGTERM carries which signal it stands for and who sent it (qs_sigwait_sender
+        // unpacks them); sigqueue(3) is async-signal-safe (signal-safety(7)).
+        union sigval value;
+        value.sival_int = (int)(((unsigned)info->si_pid << 8) | (unsigned)sig);
+        sigqueue(getpid(), SIGTERM, value);
         return;
     }
     for (int k = 0; k < FAULT_SIGNALS; k++) {
@@ -77,4 +81,21 @@ int qs_stop_on_sent_fault_signals(void) {
         if (sigaction(fault_signals[k], &action, &previous[k]) != 0) return -1;
     }
     return 0;
+}
+
+int qs_sigwait_sender(const sigset_t *set, int *sender, int *fault) {
+    siginfo_t info;
+    int sig;
+    do { sig = sigwaitinfo(set, &info); } while (sig < 0 && errno == EINTR);
+    if (sig < 0) return -1;
+    *sender = -1;
+    *fault = 0;
+    if (info.si_code == SI_QUEUE && info.si_pid == getpid() && sig == SIGTERM) {
+        // One of ours: a fault signal sent from outside, forwarded by on_fault_signal.
+        *fault = info.si_value.sival_int & 0xff;
+        *sender = (int)((unsigned)info.si_value.sival_int >> 8);
+    } else if (info.si_code == SI_USER || info.si_code == SI_QUEUE || info.si_code == SI_TKILL) {
+        *sender = info.si_pid;
+    }
+    return sig;
 }

@@ -148,6 +148,40 @@ public enum Signals {
         }
     }
 
+    /// A signal taken by `waitWithSender`.
+    public struct Received: Sendable {
+        /// The signal as delivered.
+        public var signal: Int32
+        /// The process that sent it (kill(2), sigqueue(3), tgkill(2)); nil when the kernel raised
+        /// it (SIGXCPU at a CPU limit, SIGPIPE).
+        public var sender: pid_t?
+        /// For a SIGTERM that `stopOnSentFaultSignals` made of a fault signal sent from outside:
+        /// that fault signal (`sender` is then who sent it).
+        public var forwardedFault: Int32?
+
+        /// "SIGTERM from pid 1 (systemd)", "SIGSEGV from pid 812 (kill)", "SIGXCPU from the kernel":
+        /// the command name read from /proc/PID/comm while the sender still exists.
+        public var description: String {
+            let name = Signals.name(forwardedFault ?? signal)
+            guard let sender else { return "\(name) from the kernel" }
+            let comm = (try? FD.readWholeFile(atPath: "/proc/\(sender)/comm", maxBytes: 64))
+                .map { $0.prefix { $0 != 0x0A } }
+                .flatMap { String(validating: $0, as: UTF8.self) }
+            return "\(name) from pid \(sender)" + (comm.map { " (\($0))" } ?? "")
+        }
+    }
+
+    /// Waits for one of `signals`, which must be blocked in every thread (sigwaitinfo(2)), and
+    /// says who sent it. Returns nil only if the wait itself fails.
+    public static func waitWithSender(_ signals: [Int32]) -> Received? {
+        var s = set(signals)
+        var sender: Int32 = -1
+        var fault: Int32 = 0
+        let sig = qs_sigwait_sender(&s, &sender, &fault)
+        guard sig > 0 else { return nil }
+        return Received(signal: sig, sender: sender >= 0 ? sender : nil, forwardedFault: fault > 0 ? fault : nil)
+    }
+
     /// Sends `sig` to a process, or to its whole process group.
     public static func send(_ sig: Int32, to pid: pid_t, group: Bool = false) throws(SystemError) {
         let target = group ? -pid : pid

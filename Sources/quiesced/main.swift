@@ -284,19 +284,19 @@ if let usec = Systemd.watchdogMicroseconds() {
 
 var stopping = false
 while true {
-    let sig = Signals.wait(awaitedSignals)
-    guard sig >= 0 else { continue }
+    guard let received = Signals.waitWithSender(awaitedSignals) else { continue }
+    let sig = received.signal
     if sig == Signals.hangUp {
-        logger.notice("SIGHUP: configuration is read at start; restart the service to apply changes")
+        logger.notice("\(received.description): configuration is read at start; restart the service to apply changes")
         continue
     }
     if Signals.informational.contains(sig) {
-        logger.notice("\(Signals.name(sig)) ignored: it has no meaning for quiesced (SIGTERM stops it)")
+        logger.notice("\(received.description) ignored: it has no meaning for quiesced (SIGTERM stops it)")
         continue
     }
     if stopping { continue }
     stopping = true
-    logger.info("stopping on \(Signals.name(sig))")
+    logger.info("stopping on \(received.description)")
     Systemd.notify("STOPPING=1")
     let paths = unixPaths
     Task.detached {

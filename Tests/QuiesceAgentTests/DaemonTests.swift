@@ -185,6 +185,10 @@ struct NeverLeftFrozenTests {
                 let status = agent.waitForExit(timeoutMs: 10_000)
                 #expect(status == 0, "round \(round): \(signals.map(Signals.name)) ended the agent with \(String(describing: status))")
                 #expect(try !isFrozen(a) && !isFrozen(b), "round \(round): thawed before exiting")
+                // The log names the signal that stopped it (a fault signal by its own name, not
+                // the SIGTERM it was turned into) and who sent it: this test process.
+                let stopper = signals.first { ![SIGHUP, SIGUSR1, SIGUSR2].contains($0) }!
+                #expect(agent.log.contains("stopping on \(Signals.name(stopper)) from pid \(getpid())"), "\(agent.log)")
             }
             // USR1 and USR2 alone mean nothing: the agent goes on holding its freeze.
             let agent = try AgentProcess(in: lab.root, name: "agent-usr", arguments: ["--include", "\(lab.root)/*"])
@@ -198,7 +202,7 @@ struct NeverLeftFrozenTests {
             #expect(agent.waitForExit(timeoutMs: 10_000) == 0)
             #expect(try !isFrozen(a) && !isFrozen(b))
             // Logged once thawed: lines are held back while the guest is frozen.
-            #expect(agent.log.contains("SIGUSR1 ignored") && agent.log.contains("SIGUSR2 ignored"), "\(agent.log)")
+            #expect(agent.log.contains("SIGUSR1 from pid \(getpid())") && agent.log.contains("SIGUSR2 from pid \(getpid())") && agent.log.contains(") ignored: it has no meaning"), "\(agent.log)")
         }
     }
 

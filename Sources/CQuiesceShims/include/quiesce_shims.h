@@ -4,6 +4,7 @@
 
 #include <stdint.h>
 #include <sys/types.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/ioctl.h>
 #include <sys/un.h>
@@ -100,5 +101,10 @@ int qs_set_thread_name(const char *name);
 /// SIGTERM to this one; real faults and this process's own abort() keep their earlier action.
 /// 0, or -1 with errno from sigaction(2).
 int qs_stop_on_sent_fault_signals(void);
+// sigwaitinfo(2) on `set`, retried on EINTR. Returns the signal (-1 and errno on failure);
+// `sender` is the pid of the process that sent it with kill(2)/sigqueue(3)/tgkill(2), -1 when the
+// kernel raised it; `fault` is the fault signal a SIGTERM from qs_stop_on_sent_fault_signals's
+// handler stands for (its `sender` is then the fault signal's sender), else 0.
+int qs_sigwait_sender(const sigset_t *set, int *sender, int *fault);
 
 #endif
