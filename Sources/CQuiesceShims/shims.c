@@ -9,6 +9,8 @@
 #include <spawn.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include "quiesce_shims.h"
 
 int qs_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
@@ -98,4 +100,56 @@ int qs_sigwait_sender(const sigset_t *set, int *sender, int *fault) {
         *sender = info.si_pid;
     }
     return sig;
+}
+
+int qs_spawn_tied(const char *path, char *const argv[], char *const envp[],
+                  int new_process_group, int stdout_to_stderr, int death_signal, pid_t *pid_out) {
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) != 0) return errno;
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(report[0]);
+        close(report[1]);
+        return e;
+    }
+    if (pid == 0) {
+        // The child of a threaded process: async-signal-safe calls only, until execve.
+        int e = 0;
+        if (new_process_group && setpgid(0, 0) != 0) e = errno;
+        struct sigaction dfl;
+        dfl.sa_handler = SIG_DFL;
+        dfl.sa_flags = 0;
+        sigemptyset(&dfl.sa_mask);
+        for (int sig = 1; sig < 32; sig++) {
+            if (sig != SIGKILL && sig != SIGSTOP) sigaction(sig, &dfl, NULL);
+        }
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        if (e == 0 && stdout_to_stderr && dup2(2, 1) < 0) e = errno;
+        if (e == 0 && prctl(PR_SET_PDEATHSIG, death_signal) != 0) e = errno;
+        // The parent may have died before prctl: then nobody would send the signal.
+        if (e == 0 && getppid() != parent) _exit(127);
+        if (e == 0) {
+            execve(path, argv, envp);
+            e = errno;
+        }
+        ssize_t unused = write(report[1], &e, sizeof e);
+        (void)unused;
+        _exit(127);
+    }
+    close(report[1]);
+    int e = 0;
+    ssize_t n;
+    do { n = read(report[0], &e, sizeof e); } while (n < 0 && errno == EINTR);
+    close(report[0]);
+    if (n == (ssize_t)sizeof e) {
+        int status;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+        return e;
+    }
+    *pid_out = pid;
+    return 0;
 }

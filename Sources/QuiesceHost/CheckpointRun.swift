@@ -115,8 +115,11 @@ final class CheckpointRun {
         }
         let merged = CommandEnvironment.merge(base: plan.baseEnvironment, env)
         do {
+            // Tied to this thread, which watches COMMAND until it ends: if quiescectl is killed
+            // (SIGKILL, the OOM killer), COMMAND gets SIGTERM instead of copying on after the
+            // agents have thawed for the lost connection.
             let child = try Subprocess.spawn(arguments: plan.command, environment: merged, newProcessGroup: true,
-                                             stdoutToStderr: plan.commandStdoutToStderr)
+                                             stdoutToStderr: plan.commandStdoutToStderr, parentDeathSignal: Signals.terminate)
             pid = child
             report.command?.pid = child
             report.command?.startedNs = monotonicNanos() - start

@@ -207,22 +207,32 @@ public enum Subprocess {
     /// EACCES when found but not an executable file. Lets a caller refuse a COMMAND before it
     /// freezes anything; `spawn` still reports what happens at the real start.
     public static func cannotRun(_ program: String, searchPath: String? = getenv("PATH").map { String(cString: $0) }) -> Errno? {
+        if case .failure(let e) = locate(program, searchPath: searchPath) { return e }
+        return nil
+    }
+
+    /// The file `program` names: itself when it has a slash, else the first executable regular
+    /// file of that name in `searchPath`'s directories (an empty entry is the current
+    /// directory; no PATH: /usr/local/bin:/usr/bin:/bin), as execvp(3) searches. Errors as
+    /// `cannotRun`.
+    public static func locate(_ program: String, searchPath: String? = getenv("PATH").map { String(cString: $0) }) -> Result<String, Errno> {
         func check(_ candidate: String) -> Errno? {
             var st = stat()
             guard stat(candidate, &st) == 0 else { return Errno(errno) }
             guard (st.st_mode & S_IFMT) == S_IFREG, access(candidate, X_OK) == 0 else { return .EACCES }
             return nil
         }
-        guard !program.isEmpty else { return .ENOENT }
-        if program.contains("/") { return check(program) }
+        guard !program.isEmpty else { return .failure(.ENOENT) }
+        if program.contains("/") { return check(program).map { .failure($0) } ?? .success(program) }
         var found: Errno = .ENOENT
         let dirs = (searchPath ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":", omittingEmptySubsequences: false)
         for dir in dirs {
-            let e = check((dir.isEmpty ? "." : String(dir)) + "/" + program)
-            if e == nil { return nil }
+            let candidate = (dir.isEmpty ? "." : String(dir)) + "/" + program
+            let e = check(candidate)
+            if e == nil { return .success(candidate) }
             if e == .EACCES { found = .EACCES }
         }
-        return found
+        return .failure(found)
     }
 
     /// Starts `arguments[0]` (searched in PATH when it has no slash) with `arguments` and
@@ -230,10 +240,29 @@ public enum Subprocess {
     /// the parent blocked or ignored. With `newProcessGroup` it leads a process group of its own,
     /// so a terminal's Ctrl-C reaches only the parent, which decides what to forward.
     /// With `stdoutToStderr` the child's standard output is the parent's standard error.
+    /// With `parentDeathSignal` the kernel sends the child that signal when the calling thread
+    /// ends, even when the parent dies of SIGKILL (prctl(2) PR_SET_PDEATHSIG): call it from a
+    /// thread that lives as long as it watches the child. Errors: the execve(2)/posix_spawn(3)
+    /// errno (ENOENT, EACCES, ENOEXEC...).
     public static func spawn(arguments: [String], environment: [String], newProcessGroup: Bool = true,
-                             stdoutToStderr: Bool = false) throws(SystemError) -> pid_t {
+                             stdoutToStderr: Bool = false, parentDeathSignal: Int32? = nil) throws(SystemError) -> pid_t {
         guard let program = arguments.first, !program.isEmpty else {
             throw SystemError("spawn", "(empty command)", .EINVAL)
+        }
+        if let parentDeathSignal {
+            // Searched here rather than with execvpe(3), which would run a script without a #!
+            // line through /bin/sh, where posix_spawnp(3) and execve(2) fail with ENOEXEC.
+            let path: String
+            switch locate(program) {
+            case .success(let found): path = found
+            case .failure(let e): throw SystemError("spawn", program, e)
+            }
+            var pid: pid_t = 0
+            let rc = withCArrays(arguments, environment) { argv, envp in
+                qs_spawn_tied(path, argv, envp, newProcessGroup ? 1 : 0, stdoutToStderr ? 1 : 0, parentDeathSignal, &pid)
+            }
+            guard rc == 0 else { throw SystemError("spawn", program, Errno(rc)) }
+            return pid
         }
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)

@@ -169,6 +169,25 @@ struct CheckpointTests {
         #expect(a.thawReasons == ["request"], "thawed by quiescectl, not by the connection dropping")
     }
 
+    @Test("quiescectl killed with SIGKILL while COMMAND runs: COMMAND gets SIGTERM from the kernel, and the agent thaws on the lost connection")
+    func killedCoordinatorStopsCommand() throws {
+        let dir = TempDir()
+        let a = try FakeAgent(in: dir)
+        let ready = dir.file("ready"), got = dir.file("got")
+        let script = "trap 'echo TERM > \(got); exit 9' TERM; echo $$ > \(ready); while :; do sleep 0.05; done"
+        let ctl = try Ctl(agentArgs([a]) + ["checkpoint", "--", "sh", "-c", script], in: dir)
+        #expect(eventually(withinMs: 10_000) { contents(ready)?.hasSuffix("\n") == true })
+        // Whatever happens, the test leaves no COMMAND behind.
+        defer { if let pid = Int32((contents(ready) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)) { kill(pid, SIGKILL) } }
+        ctl.signal(SIGKILL)
+        _ = ctl.wait(timeoutMs: 10_000)
+        // Before: COMMAND, in a process group of its own, went on copying a guest that the
+        // agent had already thawed for the dropped connection.
+        #expect(eventually(withinMs: 5000) { contents(got) == "TERM\n" }, "COMMAND was stopped with SIGTERM")
+        #expect(eventually(withinMs: 5000) { !a.frozen })
+        #expect(a.thawReasons == ["disconnect"])
+    }
+
     @Test("SIGINT while agents are still freezing: COMMAND does not run, what froze is thawed, exit 73")
     func interruptedWhileFreezing() throws {
         let dir = TempDir()
