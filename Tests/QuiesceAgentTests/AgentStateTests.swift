@@ -289,18 +289,32 @@ struct AgentStateTests {
         defer { h.cleanUp() }
         h.kernel.failThaws("/fake/b", [.EIO])
         _ = try await h.freeze("op-eio").get()
+        // Taken before the thaw: the agent's retry is due 1 s after a failure that comes later.
+        let failedAt = monotonicNanos()
         let failed = await h.thaw("op-eio")
         let error = try #require(failed.error)
         #expect(error.code == .thawFailed)
         #expect(error.message.contains("/fake/b") && error.message.contains("EIO"), "\(error.message)")
-        #expect(h.kernel.frozen == ["/fake/b"])
+        // The agent retries by itself 1 s after the failure (the next test). When the suites
+        // starve this task past that (seen: 73 s on two loaded cores), its retry may be under
+        // way or done before ours: then ours is refused busy, or finds nothing frozen.
         let status = await h.state.status()
-        #expect(status.state == .frozen)
-        #expect(status.filesystems == ["/fake/b"], "status must show what is still frozen")
+        let beforeAgentRetry = monotonicNanos() - failedAt < 900_000_000
+        if beforeAgentRetry {
+            #expect(h.kernel.frozen == ["/fake/b"])
+            #expect(status.state == .frozen)
+            #expect(status.filesystems == ["/fake/b"], "status must show what is still frozen")
+        }
 
-        let retried = try await h.thaw("op-eio").get()
-        #expect(retried.filesystems.map(\.mountPoint) == ["/fake/b"])
-        #expect(retried.filesystems.allSatisfy { $0.error == nil })
+        let retried = await h.thaw("op-eio")
+        if beforeAgentRetry, case .success(let thawed) = retried {
+            #expect(thawed.filesystems.map(\.mountPoint) == ["/fake/b"])
+            #expect(thawed.filesystems.allSatisfy { $0.error == nil })
+        } else if !beforeAgentRetry {
+            #expect(await h.eventually { await h.state.status().state == .thawed })
+        } else {
+            Issue.record("the retried thaw failed: \(String(describing: retried.error))")
+        }
         #expect(h.kernel.frozen.isEmpty)
         #expect(await h.state.status().state == .thawed)
     }
