@@ -31,8 +31,11 @@ final class ClientSession: Sendable {
     private let dead = Atomic<Bool>(false)
     static let maxQueuedBytes = 1 << 20
     private let hello = Atomic<Bool>(false)
-    private let queue: AsyncStream<Work>.Continuation
-    private let stream: AsyncStream<Work>
+    private let queue: AsyncStream<(work: Work, held: Int)>.Continuation
+    private let stream: AsyncStream<(work: Work, held: Int)>
+    /// Bytes of `server.largeCommands` held for the command being read (used by the reader
+    /// thread only; atomic to keep the class Sendable).
+    private let readingHeld = Atomic<Int>(0)
     /// Queued freeze/thaw/sync/keepalive requests (bounded per connection).
     private let inFlight = Atomic<Int>(0)
     /// Every request not yet answered, fast or queued.
@@ -52,7 +55,7 @@ final class ClientSession: Sendable {
         self.isStream = isStream
         self.dialect = dialect
         wake = try? Wakeup()
-        (stream, queue) = AsyncStream.makeStream(of: Work.self)
+        (stream, queue) = AsyncStream.makeStream(of: (work: Work, held: Int).self)
     }
 
     var helloDone: Bool { hello.load(ordering: .relaxed) }
@@ -127,7 +130,7 @@ final class ClientSession: Sendable {
         let context = RequestContext(connection: id, peer: peer)
         let stream = self.stream
         Task { [self] in
-            for await work in stream {
+            for await (work, held) in stream {
                 switch work {
                 case .request(let request):
                     send(await state.handle(request, context: context).frame)
@@ -143,6 +146,7 @@ final class ClientSession: Sendable {
                 case .answer(let bytes):
                     send(bytes)
                 }
+                server.largeCommands.release(held)
                 inFlight.subtract(1, ordering: .relaxed)
                 answered()
             }
@@ -169,7 +173,15 @@ final class ClientSession: Sendable {
             while let event = decoder.next() {
                 if !handle(event, limiter: &limiter) { break reading }
             }
+            guard holdCommandBeingRead(bufferedBytes: decoder.bufferedByteCount) else {
+                let inUse = server.largeCommands.inUse >> 20
+                server.logger.warning("qemu-ga command over 64 KiB refused: other connections hold \(inUse) MiB of such commands (at most \(Server.largeCommandBytes >> 20) MiB); connection closed",
+                                      metadata: ["peer": "\(peer)", "connection": "\(id)"])
+                send(dialect.errorFrame(ProtocolError(.busy, "the agent already holds \(inUse) MiB of commands over 64 KiB from other connections (at most \(Server.largeCommandBytes >> 20) MiB); closing the connection, try again"), id: nil))
+                break reading
+            }
         }
+        server.largeCommands.release(readingHeld.exchange(0, ordering: .relaxed))
         // The peer may only have closed its sending side (`echo … | socat`): answer what it
         // asked before closing. A peer that is really gone fails the write and is cut off.
         // It sleeps until the last answer is queued, or the peer hangs up for good: POLLHUP
@@ -331,15 +343,46 @@ final class ClientSession: Sendable {
     }
 
     /// Queues work for the in-order worker; false when this connection already has
-    /// `maxInFlight` queued.
-    fileprivate func enqueue(_ work: Work) -> Bool {
+    /// `maxInFlight` queued. `held`: bytes of `server.largeCommands` the work holds, given back
+    /// once it is answered (by the caller when this returns false).
+    fileprivate func enqueue(_ work: Work, held: Int = 0) -> Bool {
         guard inFlight.add(1, ordering: .relaxed).newValue <= ClientSession.maxInFlight else {
             inFlight.subtract(1, ordering: .relaxed)
             return false
         }
         outstanding.add(1, ordering: .relaxed)
-        queue.yield(work)
+        queue.yield((work, held))
         return true
+    }
+
+    /// Keeps `readingHeld` equal to what the unfinished command in the decoder holds over
+    /// 64 KiB (stream sessions; a serial session is not counted). False when that no longer
+    /// fits in `server.largeCommands`.
+    fileprivate func holdCommandBeingRead(bufferedBytes: Int) -> Bool {
+        let need = max(0, bufferedBytes - ProtocolLimits.maxFrameBytes)
+        let held = readingHeld.load(ordering: .relaxed)
+        if need > held {
+            guard server.largeCommands.reserve(need - held) else { return false }
+        } else {
+            server.largeCommands.release(held - need)
+        }
+        readingHeld.store(need, ordering: .relaxed)
+        return true
+    }
+
+    /// Moves what a complete command over 64 KiB holds from `readingHeld` to the command
+    /// itself (a stream session), taking what the reading had not reserved yet. Returns the
+    /// bytes it holds, or nil when they do not fit.
+    fileprivate func holdCompleteCommand(_ bytes: Int) -> Int? {
+        guard isStream else { return 0 }
+        let excess = max(0, bytes - ProtocolLimits.maxFrameBytes)
+        let moved = min(readingHeld.load(ordering: .relaxed), excess)
+        readingHeld.subtract(moved, ordering: .relaxed)
+        guard server.largeCommands.reserve(excess - moved) else {
+            server.largeCommands.release(moved)
+            return nil
+        }
+        return excess
     }
 }
 
@@ -349,7 +392,13 @@ extension ClientSession {
     fileprivate func dispatchQGA(_ bytes: [UInt8]) {
         // A command over 64 KiB (up to maxQGAFrameBytes) is taken only with nothing ahead of it, so
         // a connection holds at most one such frame queued besides the one being read.
+        guard let held = holdCompleteCommand(bytes.count) else {
+            let busy = Dialect.qga.errorFrame(ProtocolError(.busy, "the agent already holds \(server.largeCommands.inUse >> 20) MiB of commands over 64 KiB from other connections; try again"), id: nil)
+            if !enqueue(.answer(busy)) { send(busy) }
+            return
+        }
         if bytes.count > ProtocolLimits.maxFrameBytes && inFlight.load(ordering: .relaxed) > 0 {
+            server.largeCommands.release(held)
             let busy = Dialect.qga.errorFrame(ProtocolError(.busy, "a command over 64 KiB is taken only when the commands before it are answered"), id: nil)
             if !enqueue(.answer(busy)) { send(busy) }
             return
@@ -367,7 +416,8 @@ extension ClientSession {
             work = .qga(decoded.command, id: decoded.id)
             id = decoded.id
         }
-        if !enqueue(work) {
+        if !enqueue(work, held: held) {
+            server.largeCommands.release(held)
             send(Dialect.qga.errorFrame(ProtocolError(.busy, "too many commands in flight on this connection"), id: id))
         }
     }

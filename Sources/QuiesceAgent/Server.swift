@@ -27,6 +27,15 @@ public final class Server: Sendable {
     /// Refused connections are logged at most once a second, with how many went unlogged.
     let refusalLog = LogThrottle(intervalNanos: 1_000_000_000)
     let outputDrained = Mailbox<Void>()
+    /// What socket connections of qemu-ga's dialect may hold at once of commands over 64 KiB,
+    /// being read or waiting their turn (only the part over 64 KiB counts). Each may be up to
+    /// `ProtocolLimits.maxQGAFrameBytes`; without a shared bound, 32 connections sending 16 MiB
+    /// commands held about 580 MB. Serial sessions, one per port and the host's own channel,
+    /// are not counted against it.
+    let largeCommands = ByteBudget(capacity: Server.largeCommandBytes)
+    /// Twice the largest command: one connection's command being read and the one before it
+    /// waiting its turn, or two connections' commands.
+    static let largeCommandBytes = 2 * ProtocolLimits.maxQGAFrameBytes
 
     public init(config: AgentConfig, logger: Logger) {
         self.config = config
@@ -104,4 +113,32 @@ final class LogThrottle: Sendable {
             return held
         }
     }
+}
+
+/// A count of bytes shared by threads, never above `capacity`.
+final class ByteBudget: Sendable {
+    let capacity: Int
+    private let used = Atomic<Int>(0)
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    /// Takes `bytes` if they fit; false (nothing taken) if not.
+    func reserve(_ bytes: Int) -> Bool {
+        guard bytes > 0 else { return true }
+        var current = used.load(ordering: .relaxed)
+        while true {
+            guard current + bytes <= capacity else { return false }
+            let (done, seen) = used.compareExchange(expected: current, desired: current + bytes, ordering: .relaxed)
+            if done { return true }
+            current = seen
+        }
+    }
+
+    /// Gives back what `reserve` took.
+    func release(_ bytes: Int) {
+        if bytes > 0 { used.subtract(bytes, ordering: .relaxed) }
+    }
+
+    /// Bytes taken now.
+    var inUse: Int { used.load(ordering: .relaxed) }
 }

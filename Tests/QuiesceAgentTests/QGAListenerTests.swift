@@ -101,6 +101,37 @@ struct QGAListenerTests {
         }
     }
 
+    @Test("connections sending unfinished commands of up to 16 MiB share 32 MiB: the next is refused busy and closed, the agent's memory stays bounded, and it serves the rest")
+    func largeCommandsShareOneBudget() async throws {
+        try await LoopLab.with { lab in
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"])
+            // 15 MiB of a command whose end never comes.
+            let head = Array(#"{"execute":"guest-file-write","arguments":{"handle":1,"buf-b64":""#.utf8)
+            let partial = head + [UInt8](repeating: 0x41, count: 15 << 20)
+            var held: [QGAClient] = []
+            var refused: [JSON] = []
+            for _ in 0..<12 {
+                let c = try QGAClient(path: qga)
+                try? FD.writeAll(c.fd, partial, timeoutMs: 30_000)
+                if let reply = try? c.reply(timeoutMs: 2000) { refused.append(reply) } else { held.append(c) }
+            }
+            // Two 15 MiB commands fit in 32 MiB; every later one is refused, saying why.
+            #expect(held.count == 2 && refused.count == 10, "held \(held.count), refused \(refused.count)")
+            #expect(refused.allSatisfy { $0["error"]?["desc"]?.stringValue?.hasPrefix("busy: the agent already holds") == true }, "\(refused.first.map { "\($0)" } ?? "")")
+            let rssKiB = Int(try sh("awk '/VmRSS/ {print $2}' /proc/\(agent.pid)/status").trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+            // Before: every connection held its 15 MiB (about 200 MB for these 12).
+            #expect(rssKiB < 80 << 10, "RSS \(rssKiB) KiB")
+            // The agent still answers, and a connection that gives its command up frees its share.
+            #expect(try QGAClient(path: qga).call(#"{"execute":"guest-ping"}"#) == ["return": [:]])
+            held.removeAll()
+            let late = try QGAClient(path: qga)
+            try? FD.writeAll(late.fd, partial, timeoutMs: 30_000)
+            #expect((try? late.reply(timeoutMs: 1000)) == nil, "room again once the holders closed")
+            #expect(agent.log.contains("qemu-ga command over 64 KiB refused"), "\(agent.log)")
+        }
+    }
+
     @Test("Proxmox's way: guest-sync-delimited, and a freeze that outlives its connection until thaw or --max-freeze")
     func proxmoxSequence() async throws {
         try await LoopLab.with { lab in
