@@ -65,8 +65,10 @@ public struct CheckpointPlan: Sendable {
     /// The lease when none is given: the timeout, but at most 10 s.
     public static func defaultLease(timeoutMs: Int64) -> Int64 { min(timeoutMs, 10_000) }
 
-    /// A fresh operation id: "qc-<epoch ms>-<random>".
+    /// A fresh operation id: "qc-<epoch ms>-<8 hex digits, random>", always 25 or more characters
+    /// of the same shape, so ids line up in logs and sort by time.
     public static func makeOpID() -> String {
-        "qc-\(wallClockMillis())-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
+        let suffix = String(UInt32.random(in: 0...UInt32.max), radix: 16)
+        return "qc-\(wallClockMillis())-\(String(repeating: "0", count: 8 - suffix.count))\(suffix)"
     }
 }

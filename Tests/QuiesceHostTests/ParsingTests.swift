@@ -1,4 +1,4 @@
-// Agent addresses and durations as written on the command line.
+// Agent addresses and durations as written on the command line, and the op ids quiescectl makes.
 import QuiesceProtocol
 import QuiesceHost
 import Testing
@@ -108,5 +108,19 @@ struct DurationTests {
         #expect(TimeSpan.human(microseconds: 62_000) == "62 ms")
         #expect(TimeSpan.human(microseconds: 2_060_000) == "2.06 s")
         #expect(TimeSpan.human(microseconds: 12_340_000) == "12.3 s")
+    }
+}
+
+@Suite("Operation ids")
+struct OperationIDTests {
+    @Test("a generated op id is qc-<epoch ms>-<8 hex digits>, also when the random part is small")
+    func generatedShape() {
+        let ids = (0..<2000).map { _ in CheckpointPlan.makeOpID() }
+        for id in ids {
+            let parts = id.split(separator: "-")
+            #expect(parts.count == 3 && parts[0] == "qc" && Int64(parts[1]) != nil, "\(id)")
+            #expect(parts.last.map { $0.count == 8 && $0.allSatisfy(\.isHexDigit) } == true, "\(id)")
+        }
+        #expect(Set(ids).count == ids.count)
     }
 }
