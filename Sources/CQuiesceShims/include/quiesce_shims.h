@@ -101,19 +101,19 @@ int qs_set_thread_name(const char *name);
 /// SIGTERM to this one; real faults and this process's own abort() keep their earlier action.
 /// 0, or -1 with errno from sigaction(2).
 int qs_stop_on_sent_fault_signals(void);
-// sigwaitinfo(2) on `set`, retried on EINTR. Returns the signal (-1 and errno on failure);
-// `sender` is the pid of the process that sent it with kill(2)/sigqueue(3)/tgkill(2), -1 when the
-// kernel raised it; `fault` is the fault signal a SIGTERM from qs_stop_on_sent_fault_signals's
-// handler stands for (its `sender` is then the fault signal's sender), else 0.
-// Starts the program at `path` (no PATH search) like posix_spawn with default signal
-// actions and an empty mask, but with prctl(PR_SET_PDEATHSIG, `death_signal`) set in the child
-// before execve: when the calling THREAD ends (prctl(2)), the kernel sends the child that
-// signal, also when the parent is SIGKILLed. posix_spawn(3) has no attribute for it, so this is
-// fork(2), with only async-signal-safe calls in the child. Returns 0 and the pid in `pid_out`,
-// or an errno value (the child's execve failure is reported through a close-on-exec pipe, and
-// that child is reaped).
+/// Starts the program at `path` (no PATH search) like posix_spawn with default signal
+/// actions and an empty mask, but with prctl(PR_SET_PDEATHSIG, `death_signal`) set in the child
+/// before execve: when the calling THREAD ends (prctl(2)), the kernel sends the child that
+/// signal, also when the parent is SIGKILLed. posix_spawn(3) has no attribute for it, so this is
+/// fork(2), with only async-signal-safe calls in the child. Returns 0 and the pid in `pid_out`,
+/// or an errno value (the child's execve failure is reported through a close-on-exec pipe, and
+/// that child is reaped).
 int qs_spawn_tied(const char *path, char *const argv[], char *const envp[],
                   int new_process_group, int stdout_to_stderr, int death_signal, pid_t *pid_out);
+/// sigwaitinfo(2) on `set`, retried on EINTR. Returns the signal (-1 and errno on failure);
+/// `sender` is the pid of the process that sent it with kill(2)/sigqueue(3)/tgkill(2), -1 when the
+/// kernel raised it; `fault` is the fault signal a SIGTERM from qs_stop_on_sent_fault_signals's
+/// handler stands for (its `sender` is then the fault signal's sender), else 0.
 int qs_sigwait_sender(const sigset_t *set, int *sender, int *fault);
 
 #endif
