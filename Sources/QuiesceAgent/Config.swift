@@ -268,21 +268,54 @@ public struct AgentConfig: Sendable {
     public static let listKeys: Set<String> = ["listen", "include", "exclude", "include-type", "exclude-type",
                                                "allow-vsock-cid", "allow-uid"]
 
-    public mutating func load(file path: String, text: String) throws(ConfigError) {
-        var replacing = Set<String>()
-        var firstLine: [String: Int] = [:]
+    /// The lines of a config file that are not blank or comments, numbered from 1, without
+    /// their comment and surrounding blanks. Lines end in LF or CRLF ("\r\n" is one Character in
+    /// Swift, so it is named too). A comment starts at a `#` that begins the line or follows a
+    /// space or tab, as in the shell: a `#` inside a value (unix:/run/a#b.sock) is part of it.
+    static func settingLines(_ text: String) -> [(number: Int, text: String)] {
+        var out: [(number: Int, text: String)] = []
         var lineNumber = 0
-        // Lines end in LF or CRLF ("\r\n" is one Character in Swift, so it is named too).
         for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" }) {
             lineNumber += 1
-            // A comment starts at a `#` that begins the line or follows a space or tab, as in
-            // the shell: a `#` inside a value (unix:/run/a#b.sock) is part of it.
             var line = Substring(rawLine)
             if let hash = line.indices.first(where: { i in
                 line[i] == "#" && (i == line.startIndex || line[line.index(before: i)] == " " || line[line.index(before: i)] == "\t")
             }) { line = line[..<hash] }
             let trimmed = String(line).trimmingASCIIWhitespace()
-            if trimmed.isEmpty { continue }
+            if !trimmed.isEmpty { out.append((lineNumber, trimmed)) }
+        }
+        return out
+    }
+
+    /// The settings crash recovery needs: where freeze records are, and how to run the hooks
+    /// they owe.
+    public static let recoveryKeys: Set<String> = ["state-dir", "hooks-dir", "hook-timeout"]
+
+    /// Takes from `text` only the settings named in `keys` that are valid, skipping every other
+    /// line and every error: for `quiesced --recover`, which must thaw what a dead agent left
+    /// frozen even when the file is broken (an edit made while the agent ran), and must find
+    /// the records where the file says they are. Returns the problems it skipped.
+    public mutating func salvage(file path: String, text: String, keys: Set<String>) -> [String] {
+        var problems: [String] = []
+        var replacing = Set<String>()
+        for (lineNumber, line) in AgentConfig.settingLines(text) {
+            guard let eq = line.firstIndex(of: "=") else { continue }
+            let key = String(line[..<eq]).trimmingASCIIWhitespace()
+            guard keys.contains(key) else { continue }
+            do throws(ConfigError) {
+                replacing.remove(key)
+                try apply(key: key, value: String(line[line.index(after: eq)...]).trimmingASCIIWhitespace(), replacing: &replacing)
+            } catch {
+                problems.append("\(path):\(lineNumber): \(error.message)")
+            }
+        }
+        return problems
+    }
+
+    public mutating func load(file path: String, text: String) throws(ConfigError) {
+        var replacing = Set<String>()
+        var firstLine: [String: Int] = [:]
+        for (lineNumber, trimmed) in AgentConfig.settingLines(text) {
             guard let eq = trimmed.firstIndex(of: "=") else {
                 throw ConfigError("\(path):\(lineNumber): expected \"key = value\", got \"\(trimmed)\"")
             }

@@ -44,7 +44,10 @@ DURATION is 500ms, 30s, 5m, 1h or plain seconds.
 OPTIONS:
   --config FILE           settings file (default /etc/quiesce/quiesced.conf; flags override it)
 \(AgentConfig.keys.map { "  --\($0.key) \($0.value)".padding(26) + $0.help }.joined(separator: "\n"))
-  --recover               thaw what a crashed agent left frozen (from the state dir) and exit
+  --recover               thaw what a crashed agent left frozen and exit: the records in the
+                          state dir and in /run/quiesce; a config file that is not valid
+                          does not stop it (state-dir, hooks-dir and hook-timeout are taken
+                          from it where they are valid)
   --check-config          validate the configuration and exit
   --version               print the version
   -h, --help              show this help
@@ -112,17 +115,29 @@ do {
     if Paths.exists(configPath) || configExplicit {
         let bytes: [UInt8]
         do { bytes = try FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20) } catch {
-            if error.errno == .EFBIG { fail("config file \(configPath) is larger than 1 MiB: not a config file?") }
-            fail("cannot read config file \(configPath): \(error.errno)")
+            if error.errno == .EFBIG { throw ConfigError("config file \(configPath) is larger than 1 MiB: not a config file?") }
+            throw ConfigError("cannot read config file \(configPath): \(error.errno)")
         }
-        guard let text = String(validating: bytes, as: UTF8.self) else { fail("\(configPath): not UTF-8 text") }
+        guard let text = String(validating: bytes, as: UTF8.self) else { throw ConfigError("\(configPath): not UTF-8 text") }
         try config.load(file: configPath, text: text)
     }
     var replacing = Set<String>()
     for (k, v) in flags { try config.apply(key: k, value: v, replacing: &replacing) }
     try config.validate()
 } catch {
-    fail("\(error)")
+    guard recoverOnly else { fail("\(error)") }
+    // A broken config must not keep a guest frozen: recovery (ExecStopPost of the units) takes
+    // what it needs from the file and the flags where it can, and the defaults otherwise.
+    config = AgentConfig()
+    var skipped: [String] = []
+    if let bytes = try? FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20), let text = String(validating: bytes, as: UTF8.self) {
+        skipped = config.salvage(file: configPath, text: text, keys: AgentConfig.recoveryKeys)
+    }
+    var replacing = Set<String>()
+    for (k, v) in flags where AgentConfig.recoveryKeys.contains(k) {
+        do throws(ConfigError) { try config.apply(key: k, value: v, replacing: &replacing) } catch { skipped.append("--\(k): \(error.message)") }
+    }
+    FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("the configuration is not valid (\(error)); recovering anyway with state-dir \(config.stateDir)\(skipped.isEmpty ? "" : "; also skipped: " + skipped.joined(separator: "; "))"))\n".utf8))
 }
 if checkOnly {
     if let st = try? Stat.of(path: config.stateDir), st.kind != .directory {
@@ -168,7 +183,15 @@ do throws(SystemError) {
 } catch {
     fail("state-dir \(config.stateDir): cannot keep freeze records there: \(error)", code: 1)
 }
-let recovery = FreezeRecord.recoverAbandoned(stateDir: config.stateDir)
+var recovery = FreezeRecord.recoverAbandoned(stateDir: config.stateDir)
+// --recover also looks in the default state dir: the dead agent may have been started before
+// its config was changed to another one (the record is where that agent wrote it).
+if recoverOnly && config.stateDir != AgentConfig.defaultStateDir && Paths.exists(AgentConfig.defaultStateDir) {
+    let other = FreezeRecord.recoverAbandoned(stateDir: AgentConfig.defaultStateDir)
+    recovery.recovered += other.recovered
+    recovery.hooksOwed += other.hooksOwed
+    recovery.liveOwners += other.liveOwners
+}
 for r in recovery.recovered {
     logger.warning("found a freeze record left by an earlier run (op \(r.opID)); thawed: \(r.lines.joined(separator: "; "))",
                    metadata: ["op_id": "\(r.opID)"])

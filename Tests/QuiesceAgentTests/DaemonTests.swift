@@ -206,6 +206,38 @@ struct NeverLeftFrozenTests {
         }
     }
 
+    @Test("quiesced --recover thaws what a killed agent left frozen although the config file was broken meanwhile, and finds a record in the default state dir after the config moved it")
+    func recoverDespiteConfigChanges() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let conf = "\(lab.root)/quiesced.conf"
+            let state = "\(lab.root)/state-x"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"], stateDir: state)
+            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached"])
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            #expect(try isFrozen(a))
+            // Edited while the agent ran: a line the agent would refuse at start.
+            try "state-dir = \(state)\nmax-freeze = 10 minutes\ninclude = \(lab.root)/*\n".write(toFile: conf, atomically: true, encoding: .utf8)
+            #expect(try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --check-config 2>&1; echo \"exit=$?\"").hasSuffix("exit=2\n"))
+            // Before: --recover (the units' ExecStopPost) refused the file too and thawed nothing.
+            let out = try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --recover 2>&1; echo \"exit=$?\"")
+            #expect(out.hasSuffix("exit=0\n") && out.contains("recovering anyway with state-dir \(state)") && out.contains("max-freeze"), "\(out)")
+            #expect(try !isFrozen(a))
+
+            // The agent wrote its record in the default state dir (the units'); the config
+            // names another one by the time it is recovered.
+            let unitLike = try AgentProcess(in: lab.root, name: "agent-default", arguments: ["--include", "\(lab.root)/*"], stateDir: "/run/quiesce")  // AgentConfig.defaultStateDir
+            _ = try TestClient(path: unitLike.socketPath).result(["op": "freeze", "mode": "detached"])
+            unitLike.signal(SIGKILL)
+            _ = unitLike.waitForExit()
+            try "state-dir = \(lab.root)/moved\n".write(toFile: conf, atomically: true, encoding: .utf8)
+            let moved = try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --recover 2>&1; echo \"exit=$?\"")
+            #expect(moved.hasSuffix("exit=0\n") && moved.contains("found a freeze record"), "\(moved)")
+            #expect(try !isFrozen(a))
+        }
+    }
+
     @Test("SIGTERM or SIGINT while frozen thaws, then exits cleanly", arguments: [SIGTERM, SIGINT])
     func stopSignalWhileFrozenThawsFirst(signal: Int32) async throws {
         try await LoopLab.with { lab in
