@@ -101,6 +101,9 @@ public actor AgentState {
     ///     (operation id and mountpoints). `status` reports the last as `last_auto_thaw` with
     ///     reason `restart`; a `thaw` naming one is told so; a qemu-ga freeze's later
     ///     `guest-fsfreeze-thaw` fails once saying why, as after a deadline.
+    ///   - endedEarlier: the same for freezes an earlier process ended by itself as it stopped,
+    ///     or that `quiesced --recover` thawed (`FreezeRecord.takeEndedNotes`), with their
+    ///     reason and time; taken before `recovered`.
     ///   - kernel: where FIFREEZE, FITHAW and syncfs go (the real kernel; a fake in tests).
     ///   - planner: what plans a freeze (nil: `Discovery` of the live system in `config.scope`).
     public init(config: AgentConfig, logger: Logger,
@@ -108,12 +111,13 @@ public actor AgentState {
                 reportStatus: @escaping @Sendable (String) -> Void = { _ in },
                 statusCountdown: Bool = false,
                 recovered: [(opID: String, filesystems: [String])] = [],
+                endedEarlier: [FreezeRecord.EndedFreeze] = [],
                 kernel: any FilesystemKernel = LinuxFilesystemKernel(),
                 planner: (any FreezePlanner)? = nil) {
         self.config = config
         self.planner = planner ?? Discovery(scope: config.scope)
         self.engine = FreezeEngine(onFrozenElsewhere: config.onFrozenElsewhere, presync: config.presync, kernel: kernel)
-        self.record = FreezeRecord(stateDir: config.stateDir, hooksDir: config.hooksDir)
+        self.record = FreezeRecord(stateDir: config.stateDir, hooksDir: config.hooksDir, identity: config.identity)
         self.hooks = config.hooksDir.map { Hooks(directory: $0, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger) }
         self.logger = logger
         self.guardian = DeadlineGuard(kernel: kernel) { [logger] opID, mounts in
@@ -124,9 +128,11 @@ public actor AgentState {
         self.reportStatus = reportStatus
         self.statusCountdown = statusCountdown
         let at = wallClockMillis()
-        for r in recovered.suffix(64) {
-            endedOps.append((r.opID, .restart, at, 0))
-            lastAutoThaw = AutoThawReport(reason: .restart, opID: r.opID, atMs: at, filesystems: r.filesystems)
+        let ended = endedEarlier.map { (opID: $0.opID, filesystems: $0.filesystems, reason: $0.reason, atMs: $0.atMs) }
+            + recovered.map { (opID: $0.opID, filesystems: $0.filesystems, reason: ThawReason.restart, atMs: at) }
+        for r in ended.suffix(64) {
+            endedOps.append((r.opID, r.reason, r.atMs, 0))
+            lastAutoThaw = AutoThawReport(reason: r.reason, opID: r.opID, atMs: r.atMs, filesystems: r.filesystems)
             if r.opID.hasPrefix(AgentState.qgaOpPrefix) { qgaOpID = r.opID }
         }
     }
@@ -551,6 +557,11 @@ public actor AgentState {
         for t in deadlineTasks { t.cancel() }
         deadlineTasks = []
         record.remove()
+        if reason == .signal {
+            // This process is about to exit: its successor must know, for the host's late thaw.
+            FreezeRecord.leaveEndedNote(.init(opID: f.opID, filesystems: outcome.filesystems.map(\.mountPoint), reason: reason,
+                                              identity: config.identity), stateDir: config.stateDir)
+        }
         endedOps.append((f.opID, reason, wallClockMillis(), f.timeoutMs))
         if endedOps.count > 64 { endedOps.removeFirst() }
         log.info("thawed", metadata: ["reason": "\(reason.rawValue)", "frozen_us": "\(frozenUs)", "thaw_us": "\(outcome.totalUs)"])

@@ -264,6 +264,11 @@ public struct AgentConfig: Sendable {
         guard maxFreezeMs >= 1000 else { throw ConfigError("max-freeze: at least 1s") }
     }
 
+    /// Tells agents sharing a state dir apart (quiesced.service and quiesced-qga.service share
+    /// /run/quiesce): the listen addresses as configured, sorted, space-separated; empty when
+    /// none are (the default socket, or socket activation).
+    public var identity: String { listen.map(\.description).sorted().joined(separator: " ") }
+
     /// Keys that may be given more than once, each line adding to a list.
     public static let listKeys: Set<String> = ["listen", "include", "exclude", "include-type", "exclude-type",
                                                "allow-vsock-cid", "allow-uid"]

@@ -18,14 +18,78 @@ public struct FreezeRecord: Sendable {
     /// The hooks directory of the agent writing the record, kept in it so that recovery ends
     /// the owed hooks from where they ran, whatever configuration the recovering run has.
     public let hooksDir: String?
+    /// Which agent wrote it, when several share a state dir (quiesced.service and
+    /// quiesced-qga.service share /run/quiesce): `AgentConfig.identity`. Kept so that the note
+    /// recovery leaves (`EndedFreeze`) goes to the agent of the same unit.
+    public let identity: String
 
-    public init(stateDir: String, ownerPID: Int32 = CurrentProcess.id, hooksDir: String? = nil) {
+    public init(stateDir: String, ownerPID: Int32 = CurrentProcess.id, hooksDir: String? = nil, identity: String = "") {
         self.stateDir = stateDir
         self.ownerPID = ownerPID
         self.hooksDir = hooksDir
+        self.identity = identity
     }
 
     static func path(stateDir: String, pid: Int32) -> String { "\(stateDir)/freeze-\(pid).json" }
+
+    /// A freeze that ended without its host's thaw, just before the agent process went away: it
+    /// thawed on a stop signal, or `quiesced --recover` (the units' ExecStopPost) thawed what a
+    /// killed agent left. The next agent process reads these notes at start (`takeEndedNotes`),
+    /// so that the host's late thaw of that freeze is told it ended early, as the same process
+    /// would have told it: above all a qemu-ga host's `guest-fsfreeze-thaw`, which names no
+    /// freeze and would otherwise read `{"return": 0}` as a snapshot taken while frozen.
+    public struct EndedFreeze: Sendable, Equatable {
+        public var opID: String
+        public var filesystems: [String]
+        public var reason: ThawReason
+        /// When it was thawed, wall clock, ms since the epoch.
+        public var atMs: Int64
+        /// The agent it belongs to (`AgentConfig.identity`): only that one takes the note.
+        public var identity: String
+
+        public init(opID: String, filesystems: [String], reason: ThawReason, atMs: Int64 = wallClockMillis(), identity: String) {
+            self.opID = opID
+            self.filesystems = filesystems
+            self.reason = reason
+            self.atMs = atMs
+            self.identity = identity
+        }
+    }
+
+    /// Leaves `ended` for the next agent process in `stateDir` (`ended-PID-MS.json`, mode 0600).
+    /// Best effort: a note that cannot be written costs only the late thaw's error message.
+    public static func leaveEndedNote(_ ended: EndedFreeze, stateDir: String) {
+        let body: JSON = ["op_id": .string(ended.opID), "filesystems": .array(ended.filesystems.map(JSON.string)),
+                          "reason": .string(ended.reason.rawValue), "at_ms": .int(ended.atMs), "identity": .string(ended.identity)]
+        let path = "\(stateDir)/ended-\(CurrentProcess.id)-\(ended.atMs).json"
+        guard let fd = try? FD.open(path + ".tmp", [.writeOnly, .create, .truncate], mode: 0o600) else { return }
+        let written = (try? FD.writeAll(fd, body.encodedLine())) != nil
+        FD.close(fd)
+        if written { try? Paths.rename(path + ".tmp", to: path) } else { Paths.remove(path + ".tmp") }
+    }
+
+    /// The notes `leaveEndedNote` left in `stateDir` for the agent `identity`, oldest first,
+    /// each removed as it is read; another agent's are left to it, unless a day old (dropped).
+    public static func takeEndedNotes(stateDir: String, identity: String) -> [EndedFreeze] {
+        var notes: [EndedFreeze] = []
+        for name in (FD.directoryEntries(atPath: stateDir) ?? []) where name.hasPrefix("ended-") && name.hasSuffix(".json") {
+            let path = "\(stateDir)/\(name)"
+            guard let o = (try? FD.readWholeFile(atPath: path, maxBytes: 1 << 20)).flatMap({ try? JSON.parse($0) }),
+                  let opID = o["op_id"]?.stringValue, let reason = o["reason"]?.stringValue, let at = o["at_ms"]?.intValue else {
+                Paths.remove(path)
+                continue
+            }
+            let owner = o["identity"]?.stringValue ?? ""
+            guard owner == identity else {
+                if wallClockMillis() - at > 86_400_000 { Paths.remove(path) }
+                continue
+            }
+            Paths.remove(path)
+            let filesystems = o["filesystems"]?.arrayValue?.compactMap(\.stringValue) ?? []
+            notes.append(EndedFreeze(opID: opID, filesystems: filesystems, reason: ThawReason(rawValue: reason), atMs: at, identity: owner))
+        }
+        return notes.sorted { $0.atMs < $1.atMs }
+    }
 
     /// Writes the record. `hooksOwed` names the hooks whose `freeze` succeeded (owed a `thaw` or
     /// `freeze-failed`), in order; `filesystemsFreezing` is true from just before the first
@@ -35,6 +99,7 @@ public struct FreezeRecord: Sendable {
         let body: JSON = [
             "op_id": .string(opID),
             "hooks_dir": hooksDir.map(JSON.string) ?? nil,
+            "identity": .string(identity),
             "hooks_owed": .array(hooksOwed.map(JSON.string)),
             "stage": .string(filesystemsFreezing ? "filesystems" : "hooks"),
             "pid": .int(Int64(CurrentProcess.id)),
@@ -69,7 +134,7 @@ public struct FreezeRecord: Sendable {
     }
 
     /// Reads the record at `path`, if there is one. A damaged record gives its error.
-    static func read(path: String) -> Result<(opID: String, entries: [Entry], hooksOwed: [String], filesystemsFreezing: Bool, hooksDir: String?)?, ProtocolError> {
+    static func read(path: String) -> Result<(opID: String, entries: [Entry], hooksOwed: [String], filesystemsFreezing: Bool, hooksDir: String?, identity: String)?, ProtocolError> {
         guard let bytes = try? FD.readWholeFile(atPath: path) else { return .success(nil) }
         let text = String(decoding: bytes, as: UTF8.self)
         do {
@@ -82,7 +147,8 @@ public struct FreezeRecord: Sendable {
                 entries.append(Entry(mountPoint: mp, devices: Set(devs)))
             }
             let owed = (json["hooks_owed"]?.arrayValue ?? []).compactMap(\.stringValue)
-            return .success((opID, entries, owed, json["stage"]?.stringValue != "hooks", json["hooks_dir"]?.stringValue))
+            return .success((opID, entries, owed, json["stage"]?.stringValue != "hooks", json["hooks_dir"]?.stringValue,
+                             json["identity"]?.stringValue ?? ""))
         } catch {
             return .failure(ProtocolError(.internal, "damaged freeze record \(path): \(error)"))
         }
@@ -91,7 +157,7 @@ public struct FreezeRecord: Sendable {
     /// What recovery found in a state dir.
     public struct Recovery: Sendable {
         /// Records of agents that are gone, thawed: the op id and one line per filesystem.
-        public var recovered: [(opID: String, lines: [String])] = []
+        public var recovered: [(opID: String, lines: [String], identity: String)] = []
         /// Hooks those agents owed an ending, per operation, with the phase to end them with:
         /// `thaw` when the filesystems had begun to freeze, else `freeze-failed`; and the hooks
         /// directory they ran from (nil in records of earlier versions).
@@ -143,13 +209,14 @@ public struct FreezeRecord: Sendable {
     /// Thaws everything one record names (FITHAW on each; EINVAL means it was not frozen).
     /// Returns one line per filesystem for the log, then removes the record; nil when the
     /// record is gone already.
-    static func recover(path: String) -> (opID: String, lines: [String])? {
+    static func recover(path: String) -> (opID: String, lines: [String], identity: String)? {
         let entries: [Entry]
         let opID: String
+        let identity: String
         switch read(path: path) {
         case .success(nil): return nil
-        case .success(let r?): opID = r.opID; entries = r.entries
-        case .failure(let e): Paths.remove(path); return ("unknown", ["\(e)"])
+        case .success(let r?): opID = r.opID; entries = r.entries; identity = r.identity
+        case .failure(let e): Paths.remove(path); return ("unknown", ["\(e)"], "")
         }
         var lines: [String] = []
         // Thaw in reverse freeze order: what rests on others thaws last.
@@ -167,6 +234,6 @@ public struct FreezeRecord: Sendable {
             }
         }
         Paths.remove(path)
-        return (opID, lines)
+        return (opID, lines, identity)
     }
 }

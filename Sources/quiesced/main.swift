@@ -217,7 +217,14 @@ for pid in recovery.liveOwners {
 if recoverOnly && recovery.recovered.isEmpty && !recovery.liveOwners.isEmpty {
     logger.notice("nothing to recover: the agents using \(config.stateDir) are running and thaw their own freezes")
 }
-if recoverOnly { CurrentProcess.exit(0) }
+if recoverOnly {
+    // The agent that starts next (the unit's restart) owes the host of each the truth.
+    for r in recovery.recovered {
+        let mounts = r.lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) }
+        FreezeRecord.leaveEndedNote(.init(opID: r.opID, filesystems: mounts, reason: .restart, identity: r.identity), stateDir: config.stateDir)
+    }
+    CurrentProcess.exit(0)
+}
 if CurrentProcess.effectiveUID != 0 { logger.warning("not running as root: freezing needs CAP_SYS_ADMIN") }
 if let dir = config.hooksDir, !Paths.exists(dir) {
     logger.warning("hooks-dir \(dir) does not exist: freezes run no hooks until it does")
@@ -233,7 +240,9 @@ let state = AgentState(config: config, logger: logger,
                        // What start-up recovery thawed is reported as promised (reason restart).
                        recovered: recovery.recovered.map { r in
                            (r.opID, r.lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) })
-                       })
+                       },
+                       // What the last process ended as it stopped, or --recover thawed after it.
+                       endedEarlier: FreezeRecord.takeEndedNotes(stateDir: config.stateDir, identity: config.identity))
 server.state = state
 
 var unixPaths: [String] = []

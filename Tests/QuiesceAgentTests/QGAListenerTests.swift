@@ -219,6 +219,43 @@ struct QGAListenerTests {
         }
     }
 
+    @Test("under systemd the thaw comes from ExecStopPost=quiesced --recover, or from a stop (SIGTERM): the next agent still fails the host's late guest-fsfreeze-thaw once, and only the agent it belongs to")
+    func lateThawAfterRecoverOrStop() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let qga = "\(lab.root)/qga.sock"
+            let state = "\(lab.root)/shared-state"
+            let args = ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"]
+            // Killed, then the unit's ExecStopPost: the records are thawed before the restart.
+            let agent = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            #expect(try QGAClient(path: qga).call(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 1])
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            _ = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(state)' 2>&1")
+            #expect(try !isFrozen(a))
+            // Another agent sharing the state dir (quiesced.service beside quiesced-qga) starts
+            // first: the note is not its own.
+            let other = try AgentProcess(in: lab.root, name: "other", arguments: ["--include", "\(lab.root)/*"], stateDir: state)
+            #expect(try TestClient(path: other.socketPath).result(["op": "status"])["last_auto_thaw"] == nil)
+            other.stop()
+            // Before: the restarted agent knew nothing, and answered {"return": 0}.
+            var again = try AgentProcess(in: lab.root, arguments: args, stateDir: state)  // the same unit: the same listeners
+            var late = try QGAClient(path: qga).call(#"{"execute":"guest-fsfreeze-thaw"}"#)
+            #expect(late["error"]?["class"] == "GenericError" && late["error"]?["desc"]?.stringValue?.contains("restarted") == true, "\(late)")
+            #expect(try QGAClient(path: qga).call(#"{"execute":"guest-fsfreeze-thaw"}"#) == ["return": 0], "told once")
+
+            // Stopped (apt install --reinstall, systemctl restart): it thaws on SIGTERM and exits.
+            #expect(try QGAClient(path: qga).call(#"{"execute":"guest-fsfreeze-freeze"}"#) == ["return": 1])
+            again.signal(SIGTERM)
+            #expect(again.waitForExit() == 0)
+            #expect(try !isFrozen(a))
+            again = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            late = try QGAClient(path: qga).call(#"{"execute":"guest-fsfreeze-thaw"}"#)
+            #expect(late["error"]?["class"] == "GenericError" && late["error"]?["desc"]?.stringValue?.contains("the agent was stopped") == true, "\(late)")
+            again.stop()
+        }
+    }
+
     @Test("qga+serial: on a pty port: resync with 0xFF and guest-sync-delimited; a freeze survives the host's hang-up")
     func serialPort() async throws {
         try await LoopLab.with { lab in
