@@ -56,10 +56,16 @@ extension AgentClient {
             let count = try qgaExecute(.fsfreezeFreeze(mountpoints: r.mounts), timeoutMs: timeoutMs)
             let us = Int64((monotonicNanos() - start) / 1000)
             // A count of frozen filesystems, or the freeze's outcome is unknown (and undone).
-            guard let frozen = count.intValue, frozen >= 0, frozen <= 1 << 20 else {
+            guard let frozen = count.intValue, frozen >= 0, frozen <= AgentClient.qgaMaxCount else {
                 throw AgentError(.protocolViolation, "qemu-ga answered guest-fsfreeze-freeze with \(printable(count.text)), not a count of frozen filesystems")
             }
             let n = Int(frozen)
+            // qemu-ga's freeze-list skips a mountpoint it does not find and counts the rest: a
+            // checkpoint of fewer filesystems than asked for is not the one asked for. Treated
+            // as a freeze of unknown extent, so it is undone.
+            if let asked = r.mounts, n != asked.count {
+                throw AgentError(.protocolViolation, "qemu-ga froze \(n) filesystem\(n == 1 ? "" : "s") of the \(asked.count) asked for (\(asked.joined(separator: ", "))): it skips mountpoints it does not find or cannot freeze")
+            }
             // qemu-ga names no filesystem: with an explicit list these are the ones asked for.
             let reports = r.mounts.flatMap { $0.count == n ? $0 : nil }.map(AgentClient.qgaReports) ?? AgentClient.qgaReports(count: n)
             return FreezeResult(opID: r.opID ?? "qga", mode: .detached, filesystems: reports, skipped: [], hooks: [],
@@ -80,7 +86,9 @@ extension AgentClient {
                 }
                 throw error
             }
-            let n = count.intValue ?? 0
+            guard let n = count.intValue, n >= 0, n <= AgentClient.qgaMaxCount else {
+                throw AgentError(.protocolViolation, "qemu-ga answered guest-fsfreeze-thaw with \(printable(count.text)), not a count of thawed filesystems: the thaw is not confirmed")
+            }
             return ThawResult(opID: opID, wasFrozen: n > 0, filesystems: AgentClient.qgaReports(count: Int(n)),
                               totalUs: Int64((monotonicNanos() - start) / 1000), frozenUs: nil).json
         case .filesystems, .sync:
@@ -88,6 +96,11 @@ extension AgentClient {
             throw AgentError(.refused, "\(operation.name.rawValue) refused: \(e.code): \(e.message)", remote: e)
         }
     }
+
+    /// The largest count of filesystems believed from qemu-ga (a guest with more than 65536
+    /// frozen superblocks is not real); each counted one becomes a report, so a larger count
+    /// would cost the host memory without bound (10^9 took 22 GB).
+    static let qgaMaxCount: Int64 = 65_536
 
     /// Reports for filesystems qemu-ga counted but did not name.
     static func qgaReports(count n: Int) -> [FilesystemReport] {

@@ -367,14 +367,14 @@ public enum Describe {
         if !s.filesystems.isEmpty {
             lines.append("filesystems: \(list(s.filesystems, limit: 32, total: s.filesystemsTotal.map(Int.init)))")
         }
-        if let since = s.sinceMs { lines.append("since: \(TimeSpan.human(microseconds: max(0, nowWallMs - since) * 1000)) ago") }
-        if let r = s.remainingMs { lines.append("auto-thaw in: \(TimeSpan.human(microseconds: max(0, r) * 1000))") }
-        else if let d = s.deadlineMs { lines.append("auto-thaw in: \(TimeSpan.human(microseconds: max(0, d - nowWallMs) * 1000))") }
+        if let since = s.sinceMs { lines.append("since: \(TimeSpan.human(milliseconds: max(0, nowWallMs - since))) ago") }
+        if let r = s.remainingMs { lines.append("auto-thaw in: \(TimeSpan.human(milliseconds: max(0, r)))") }
+        else if let d = s.deadlineMs { lines.append("auto-thaw in: \(TimeSpan.human(milliseconds: max(0, d - nowWallMs)))") }
         if let by = s.requestedBy { lines.append("requested by: \(by)") }
         if !s.hooks.isEmpty { lines.append(hooks(s.hooks)) }
         for r in s.hooksRefused { lines.append("hook refused: \(r.name): \(r.reason)") }
         if let a = s.lastAutoThaw {
-            lines.append("last auto-thaw: \(a.reason), op \(a.opID), \(TimeSpan.human(microseconds: max(0, nowWallMs - a.atMs) * 1000)) ago, \(a.filesystemsTotal ?? Int64(a.filesystems.count)) filesystem\((a.filesystemsTotal ?? Int64(a.filesystems.count)) == 1 ? "" : "s")")
+            lines.append("last auto-thaw: \(a.reason), op \(a.opID), \(TimeSpan.human(milliseconds: max(0, nowWallMs - a.atMs))) ago, \(a.filesystemsTotal ?? Int64(a.filesystems.count)) filesystem\((a.filesystemsTotal ?? Int64(a.filesystems.count)) == 1 ? "" : "s")")
         }
         return lines
     }
@@ -406,7 +406,7 @@ public enum Describe {
     public static func freeze(_ r: FreezeResult, agent: AgentAddress, nowWallMs: Int64) -> [String] {
         var lines = ["\(frozen(r))", "op: \(r.opID) (\(r.mode.rawValue))\(r.replayed ? ", replayed" : "")"]
         let thaw = shellQuoted(["quiescectl", "--agent", agent.description, "thaw", "--op-id", r.opID])
-        if r.deadlineMs > 0 { lines.append("auto-thaw in \(TimeSpan.human(microseconds: max(0, r.deadlineMs - nowWallMs) * 1000)) unless thawed: \(thaw)") }
+        if r.deadlineMs > 0 { lines.append("auto-thaw in \(TimeSpan.human(milliseconds: max(0, r.deadlineMs - nowWallMs))) unless thawed: \(thaw)") }
         let width = r.filesystems.map(\.mountPoint.count).max() ?? 0
         for f in r.filesystems {
             var s = "  \(f.mountPoint.padding(width))"

@@ -72,7 +72,11 @@ public struct FilesystemReport: WireObject, Equatable {
     public var thawedElsewhere: Bool?
 
     /// How many mountpoints this superblock has in all: its own and every other one.
-    public var mountCount: Int64 { 1 + (otherMountsTotal ?? Int64(otherMounts.count)) }
+    /// Saturating: `mounts_total` comes from the agent and may be anything up to Int64.max.
+    public var mountCount: Int64 {
+        let (sum, overflow) = (otherMountsTotal ?? Int64(otherMounts.count)).addingReportingOverflow(1)
+        return overflow ? Int64.max : sum
+    }
 
     public init(mountPoint: String, type: String, device: String, source: String, otherMounts: [String] = [],
                 wave: Int64? = nil, dependsOn: [String] = []) {
@@ -375,7 +379,12 @@ public struct FreezeResult: WireObject, Equatable {
     public var filesystemCount: Int64 { filesystemsTotal ?? Int64(filesystems.count) }
     /// How many mountpoints the frozen filesystems have in all, as far as this result tells
     /// (bind mounts included; a lower bound when `filesystems` itself is a sample).
-    public var mountCount: Int64 { filesystems.reduce(0) { $0 + $1.mountCount } }
+    public var mountCount: Int64 {
+        filesystems.reduce(0) { total, fs in
+            let (sum, overflow) = total.addingReportingOverflow(fs.mountCount)
+            return overflow ? Int64.max : sum
+        }
+    }
 
     public init(opID: String, mode: FreezeMode, filesystems: [FilesystemReport], skipped: [SkippedReport],
                 hooks: [HookReport], presyncUs: Int64, freezeUs: Int64, stallUs: Int64, totalUs: Int64,

@@ -71,13 +71,20 @@ public struct TimeSpan: Sendable, Hashable, Comparable, CustomStringConvertible 
         if us < 1_000_000 { return "\((us + 500) / 1000) ms" }
         if us < 10_000_000 { return "\(trimmed(fixed(Double(us) / 1_000_000, 2))) s" }
         if us < 60_000_000 { return "\(trimmed(fixed(Double(us) / 1_000_000, 1))) s" }
-        let s = (us + 500_000) / 1_000_000
+        // Rounded without adding first: a guest's duration may be near Int64.max.
+        let s = us / 1_000_000 + (us % 1_000_000 >= 500_000 ? 1 : 0)
         if s < 3600 { return s % 60 == 0 ? "\(s / 60) min" : "\(s / 60) min \(s % 60) s" }
         let m = s / 60
         return m % 60 == 0 ? "\(m / 60) h" : "\(m / 60) h \(m % 60) min"
     }
 
     public static func human(nanoseconds ns: UInt64) -> String { human(microseconds: Int64(ns / 1000)) }
+
+    /// `human(microseconds:)` of `ms` milliseconds, for any Int64 (no overflow: a value from a
+    /// guest may be anything the wire allows; above about 292,000 years it reads as that).
+    public static func human(milliseconds ms: Int64) -> String {
+        human(microseconds: ms.multipliedReportingOverflow(by: 1000).overflow ? (ms < 0 ? 0 : Int64.max) : ms * 1000)
+    }
 
     static func fixed(_ v: Double, _ digits: Int) -> String {
         var scale = 1.0

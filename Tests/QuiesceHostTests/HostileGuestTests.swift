@@ -50,12 +50,17 @@ struct HostileGuestTests {
         _ = agent
     }
 
-    @Test("a qemu-ga whose freeze answer is not a count of filesystems: the freeze is undone and COMMAND does not run",
-          arguments: ["\"lots\"", "-5", "99999999999999999999999", "null"])
-    func qgaFreezeAnswerMustBeACount(_ answer: String) throws {
-        let dir = TempDir()
-        let thawed = Mutex(false)
-        let peer = try ScriptedPeer(path: dir.file("qga.sock")) { c in
+    /// Whether something happened, across threads.
+    final class Seen: Sendable {
+        private let flag = Mutex(false)
+        func saw() { flag.withLock { $0 = true } }
+        var happened: Bool { flag.withLock { $0 } }
+    }
+
+    /// A qemu-ga on a Unix socket that answers freeze with `freezeAnswer` and thaw with
+    /// `thawAnswer` (JSON text), and records that a thaw came.
+    static func scriptedQGA(_ path: String, freezeAnswer: String, thawAnswer: String = "0", status: String = "thawed", thawed: Seen) throws -> ScriptedPeer {
+        try ScriptedPeer(path: path) { c in
             while let line = c.readLine(timeoutMs: 10_000) {
                 // The client's 0xFF resync byte leads its first line (read as U+FFFD).
                 let text = String(line.drop(while: { $0 == "\u{FFFD}" }))
@@ -64,11 +69,11 @@ struct HostileGuestTests {
                 case "guest-sync-delimited", "guest-sync":
                     c.send([0xFF])
                     c.send("{\"return\": \(json["arguments"]?["id"]?.text ?? "0")}\n")
-                case "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list": c.send("{\"return\": \(answer)}\n")
+                case "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list": c.send("{\"return\": \(freezeAnswer)}\n")
                 case "guest-fsfreeze-thaw":
-                    thawed.withLock { $0 = true }
-                    c.send("{\"return\": 0}\n")
-                case "guest-fsfreeze-status": c.send("{\"return\": \"thawed\"}\n")
+                    thawed.saw()
+                    c.send("{\"return\": \(thawAnswer)}\n")
+                case "guest-fsfreeze-status": c.send("{\"return\": \"\(status)\"}\n")
                 case "guest-info":
                     let names = ["guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
                     let list = names.map { "{\"name\": \"\($0)\", \"enabled\": true}" }.joined(separator: ", ")
@@ -77,13 +82,48 @@ struct HostileGuestTests {
                 }
             }
         }
+    }
+
+    @Test("a qemu-ga whose freeze answer is not a count of filesystems: the freeze is undone and COMMAND does not run",
+          arguments: ["\"lots\"", "-5", "99999999999999999999999", "null", "1000000000"])
+    func qgaFreezeAnswerMustBeACount(_ answer: String) throws {
+        let dir = TempDir()
+        let thawed = Seen()
+        let peer = try HostileGuestTests.scriptedQGA(dir.file("qga.sock"), freezeAnswer: answer, thawed: thawed)
         defer { peer.stop() }
         let marker = dir.file("ran")
         let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("qga.sock"))", "checkpoint", "--", "touch", marker], in: dir)
         #expect(r.status == ExitCodes.freezeFailed, "\(answer): \(r.stderr)")
         #expect(r.stderr.contains("not a count of frozen filesystems"), "\(r.stderr)")
         #expect(!FileManager.default.fileExists(atPath: marker), "COMMAND did not run")
-        #expect(thawed.withLock { $0 }, "the freeze of unknown outcome was undone")
+        #expect(thawed.happened, "the freeze of unknown outcome was undone")
+    }
+
+    @Test("qemu-ga froze fewer of the mountpoints asked for than asked (it skips those it does not find): the freeze is undone and COMMAND does not run")
+    func qgaPartialFreezeListIsNoCheckpoint() throws {
+        let dir = TempDir()
+        let thawed = Seen()
+        let peer = try HostileGuestTests.scriptedQGA(dir.file("qga.sock"), freezeAnswer: "1", thawed: thawed)
+        defer { peer.stop() }
+        let marker = dir.file("ran")
+        let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("qga.sock"))", "checkpoint", "--mount", "/srv/a", "--mount", "/srv/b", "--", "touch", marker], in: dir)
+        // Before: "filesystem-consistent", exit 0, with /srv/b never frozen.
+        #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+        #expect(r.stderr.contains("qemu-ga froze 1 filesystem of the 2 asked for"), "\(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: marker))
+        #expect(thawed.happened)
+    }
+
+    @Test("a qemu-ga thaw answer that is not a plausible count is an unconfirmed thaw (72), and costs the host no memory per count")
+    func qgaThawAnswerMustBeACount() throws {
+        let dir = TempDir()
+        let thawed = Seen()
+        let peer = try HostileGuestTests.scriptedQGA(dir.file("qga.sock"), freezeAnswer: "1", thawAnswer: "1000000000", status: "frozen", thawed: thawed)
+        defer { peer.stop() }
+        // Before: one made-up filesystem report per count: 10^9 took 22 GB and the OOM killer.
+        let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("qga.sock"))", "thaw"], in: dir)
+        #expect(r.status == ExitCodes.thawFailed, "\(r.stderr)")
+        #expect(r.stderr.contains("not a count of thawed filesystems"), "\(r.stderr)")
     }
 
     @Test("what a guest sends cannot drive the host's terminal: escapes, newlines and bidi overrides in mountpoints and errors are shown as \\u escapes, and a long error is cut")
@@ -109,6 +149,22 @@ struct HostileGuestTests {
         #expect(j.json != nil, "the JSON document stays valid")
         #expect(j.stdout.contains(long), "--json keeps the agent's whole message")
         _ = refusing
+    }
+
+    @Test("durations, times and totals near Int64.max from a guest (the wire allows them) are printed, not a crash: checkpoint, freeze, status and thaw, text and --json")
+    func extremeNumbersAreNoCrash() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir, .init(hooks: [HookReport(name: "10-db", phase: .freeze, exitCode: 0, durationUs: 5, outcome: .ok)],
+                                                 mounts: ["/fake/data"], extremeNumbers: true))
+        let address = ["--agent", "unix:\(dir.file("fake.sock"))"]
+        // Before: Swift's overflow trap (SIGILL, exit 132) where the report formats them, with
+        // every other guest of the group left frozen behind it.
+        for args in [["checkpoint", "--", "true"], ["--json", "checkpoint", "--", "true"], ["freeze"], ["status"], ["thaw"], ["--json", "status"]] {
+            let r = try Ctl.run(address + args, in: dir)
+            #expect(r.status != 132 && r.status < 128, "\(args): exit \(r.status) \(r.stderr.prefix(300))")
+            #expect(!r.stderr.contains("Fatal error") && !r.stderr.contains("overflow"), "\(args): \(r.stderr.prefix(300))")
+        }
+        #expect(!agent.frozen)
     }
 
     @Test("when the undo fails too, quiescectl says the guest may be frozen until its deadline and prints the thaw command")

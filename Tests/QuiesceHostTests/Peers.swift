@@ -123,6 +123,20 @@ final class FakeAgent: @unchecked Sendable {
         /// or hostile agent.
         var freezeAbuse: Abuse? = nil
         var thawAbuse: Abuse? = nil
+        /// Every duration and total in the freeze and thaw replies (keys ending in _us or
+        /// _total), and every time in status replies (_ms), is sent as Int64.max - 7, which the
+        /// wire allows: a hostile agent.
+        var extremeNumbers = false
+    }
+
+    /// `frame` with the numbers `extremeNumbers` names replaced: durations (`_us`) and totals
+    /// in freeze and thaw replies (their timeout and deadline are checked against the request
+    /// and refused), times (`_ms`) in status replies.
+    static func extreme(_ frame: [UInt8], keys: String = "_us|_total") -> [UInt8] {
+        let text = String(decoding: frame, as: UTF8.self)
+        let pattern = try! NSRegularExpression(pattern: #"("[a-z_]+("# + keys + #")":)-?[0-9]+"#)
+        let out = pattern.stringByReplacingMatches(in: text, range: NSRange(text.startIndex..., in: text), withTemplate: "$1\(Int64.max - 7)")
+        return Array(out.utf8)
     }
 
     enum Abuse: Sendable {
@@ -199,7 +213,9 @@ final class FakeAgent: @unchecked Sendable {
                 c.send(Reply(id: r.id, result: [:]))
             case .status:
                 let s = shared.state.withLock { $0.frozenBy }
-                c.send(Reply(id: r.id, result: StatusResult(state: s == nil ? .thawed : .frozen, opID: s).json))
+                let status = Reply(id: r.id, result: StatusResult(state: s == nil ? .thawed : .frozen, opID: s, sinceMs: wallClockMillis(),
+                                                                  remainingMs: s == nil ? nil : 1000).json).frame
+                c.send(b.extremeNumbers ? extreme(status, keys: "_ms") : status)
             case .filesystems:
                 c.send(Reply(id: r.id, result: FilesystemsResult(filesystems: b.mounts.enumerated().map {
                     FilesystemReport(mountPoint: $0.element, type: "ext4", device: "7:\($0.offset)", source: "/dev/loop\($0.offset)", wave: Int64($0.offset))
@@ -219,7 +235,7 @@ final class FakeAgent: @unchecked Sendable {
                     filesystems: b.mounts.map { FilesystemReport(mountPoint: $0, type: "ext4", device: "7:0", source: "/dev/loop0") },
                     skipped: [], hooks: b.hooks, presyncUs: 1000, freezeUs: 2000, stallUs: 1500, totalUs: 3000,
                     timeoutMs: f.timeoutMs ?? 600_000, deadlineMs: wallClockMillis() + (f.timeoutMs ?? 600_000))
-                c.send(Reply(id: r.id, result: result.json))
+                c.send(b.extremeNumbers ? extreme(Reply(id: r.id, result: result.json).frame) : Reply(id: r.id, result: result.json).frame)
                 if b.eventsAfterFreeze > 0 {
                     let noise = Event(name: "noise", fields: ["n": .int(1)]).frame
                     c.send(Array([[UInt8]](repeating: noise, count: b.eventsAfterFreeze).joined()))
@@ -250,7 +266,8 @@ final class FakeAgent: @unchecked Sendable {
                 }
                 if was { boundOp = nil }
                 if let abuse = b.thawAbuse { abuse.send(on: c, id: r.id); continue }
-                c.send(Reply(id: r.id, result: ThawResult(opID: op, wasFrozen: was, filesystems: [], totalUs: 500, frozenUs: was ? 10_000 : nil).json))
+                let thawed = Reply(id: r.id, result: ThawResult(opID: op, wasFrozen: was, filesystems: [], totalUs: 500, frozenUs: was ? 10_000 : nil).json).frame
+                c.send(b.extremeNumbers ? extreme(thawed) : thawed)
             case .sync:
                 c.send(Reply(id: r.id, result: SyncResult(filesystems: [], totalUs: 100).json))
             }
