@@ -112,7 +112,7 @@ public struct AgentConfig: Sendable {
         ("listen", "ADDR", "where to listen (repeatable): unix:, vsock:, serial:, qga+unix:, qga+serial:, hv-vss: (see ADDR)"),
         ("state-dir", "DIR", "where the crash-safety record lives (default /run/quiesce, a tmpfs)"),
         ("include", "GLOB", "only mountpoints matching a glob are eligible (repeatable)"),
-        ("exclude", "GLOB", "mountpoints matching a glob are never frozen (repeatable)"),
+        ("exclude", "GLOB", "mountpoints matching a glob are never frozen, nor their filesystem through another mount (repeatable)"),
         ("include-type", "TYPE", "only these filesystem types are eligible (repeatable)"),
         ("exclude-type", "TYPE", "these filesystem types are never frozen (repeatable)"),
         ("max-freeze", "DURATION", "longest freeze without a keepalive; caps every timeout (default 10m)"),

@@ -376,9 +376,10 @@ private struct MountTable {
     func selectInScope(_ scope: FreezeScope) -> Selection {
         var skipped: [(index: Int, SkippedMount)] = []
         var listedIneligible = Set<DeviceNumber>()
-        var excluded: [(index: Int, pattern: String)] = []
+        var excluded: [(index: Int, detail: String)] = []
         var candidates: [DeviceNumber: [Int]] = [:]
         var candidateOrder: [DeviceNumber] = []
+        let excludedFilesystems = excludedSuperblocks(scope)
 
         for (index, m) in mounts.enumerated() {
             guard scope.isIncluded(mountPoint: m.mountPoint, fsType: m.fsType) else { continue }
@@ -387,7 +388,9 @@ private struct MountTable {
                     skipped.append((index, SkippedMount(mountPoint: m.mountPoint, fsType: m.fsType, reason: reason, detail: detail)))
                 }
             } else if let pattern = scope.exclusion(mountPoint: m.mountPoint, fsType: m.fsType) {
-                excluded.append((index, pattern))
+                excluded.append((index, "excluded by \(pattern)"))
+            } else if let (other, pattern) = excludedFilesystems[key[index]] {
+                excluded.append((index, "its filesystem is also mounted at \(mounts[other].mountPoint), which is excluded by \(pattern): a freeze through this mount would freeze that one too"))
             } else {
                 if candidates[key[index]] == nil { candidateOrder.append(key[index]) }
                 candidates[key[index], default: []].append(index)
@@ -425,12 +428,8 @@ private struct MountTable {
             }
         }
 
-        for (index, pattern) in excluded {
+        for (index, detail) in excluded {
             let m = mounts[index]
-            var detail = "excluded by \(pattern)"
-            if let through = openedThrough[key[index]] {
-                detail += ", but its filesystem is frozen through \(through)"
-            }
             skipped.append((index, SkippedMount(mountPoint: m.mountPoint, fsType: m.fsType, reason: .excluded, detail: detail)))
         }
 
@@ -439,9 +438,22 @@ private struct MountTable {
         return Selection(planned: planned, skipped: ordered.map { $0.element.1 })
     }
 
+    /// The filesystems an exclusion reaches, with the first mount (mountinfo order) that
+    /// matches it and the pattern. A freeze is of the superblock, so excluding any mount of a
+    /// filesystem (a bind mount of it outside the include scope too) keeps the whole filesystem
+    /// from being frozen: quiesced.conf's "never frozen" holds for every path it is mounted at.
+    func excludedSuperblocks(_ scope: FreezeScope) -> [DeviceNumber: (index: Int, pattern: String)] {
+        var out: [DeviceNumber: (index: Int, pattern: String)] = [:]
+        for (index, m) in mounts.enumerated() where out[key[index]] == nil {
+            if let pattern = scope.exclusion(mountPoint: m.mountPoint, fsType: m.fsType) { out[key[index]] = (index, pattern) }
+        }
+        return out
+    }
+
     func selectExplicit(_ paths: [String], scope: FreezeScope) throws(PlanError) -> Selection {
         var planned: [Selected] = []
         var seenPaths = Set<String>()
+        let excludedFilesystems = excludedSuperblocks(scope)
         for raw in paths {
             let path = FreezePlan.normalise(raw)
             guard seenPaths.insert(path).inserted else { continue }
@@ -462,6 +474,11 @@ private struct MountTable {
             if let pattern = scope.exclusion(mountPoint: m.mountPoint, fsType: m.fsType) {
                 throw PlanError(kind: .ineligibleMount, mountPoint: path,
                                 message: "cannot freeze \(path) (excluded): excluded by \(pattern) in the agent's configuration",
+                                reason: .excluded)
+            }
+            if let (other, pattern) = excludedFilesystems[key[index]] {
+                throw PlanError(kind: .ineligibleMount, mountPoint: path,
+                                message: "cannot freeze \(path) (excluded): its filesystem is also mounted at \(mounts[other].mountPoint), which is excluded by \(pattern) in the agent's configuration",
                                 reason: .excluded)
             }
             if let existing = planned.firstIndex(where: { $0.key == key[index] }) {

@@ -133,14 +133,38 @@ struct FreezePlanTests {
         #expect(plan.skipped.map(\.fsType) == ["overlay", "tmpfs"])
     }
 
-    @Test("excluding one bind mount of a filesystem frozen through another says so")
+    @Test("excluding any mount of a filesystem keeps the whole filesystem from freezing: a freeze through another of its mounts would freeze the excluded one too")
     func excludedBindMount() throws {
         let plan = try FreezePlan.make(
             mounts: mounts(MountInfoFixtures.dockerHost), topology: BlockTopology(), scope: FreezeScope(exclude: ["/opt/*"]))
-        #expect(plan.planned("/")?.otherMountPoints == [])
-        let skipped = try #require(plan.skip("/opt/app/config"))
-        #expect(skipped.reason == .excluded)
-        #expect(skipped.detail == "excluded by /opt/*, but its filesystem is frozen through /")
+        // /opt/app/config is a bind mount of a directory of the root filesystem.
+        #expect(plan.planned("/") == nil && plan.planned("/srv") != nil)
+        #expect(plan.skip("/opt/app/config")?.detail == "excluded by /opt/*")
+        let root = try #require(plan.skip("/"))
+        #expect(root.reason == .excluded)
+        #expect(root.detail.hasPrefix("its filesystem is also mounted at /opt/app/config, which is excluded by /opt/*"), "\(root.detail)")
+        // Named explicitly, it is refused the same way.
+        #expect(throws: PlanError.self) {
+            try FreezePlan.make(mounts: mounts(MountInfoFixtures.dockerHost), topology: BlockTopology(),
+                                scope: FreezeScope(exclude: ["/opt/*"]), explicitMounts: ["/"])
+        }
+    }
+
+    @Test("an excluded filesystem bind-mounted inside the include scope is not frozen: exclude = / with a bind of a root directory under /srv/* leaves / alone (trial)")
+    func excludeReachesBindsInsideTheIncludeScope() throws {
+        let text = #"""
+        25 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw
+        61 25 254:17 / /srv/data rw,relatime shared:32 - xfs /dev/vdb1 rw
+        66 25 254:1 /var/www /srv/www rw,relatime shared:1 - ext4 /dev/vda1 rw
+
+        """#
+        let plan = try FreezePlan.make(mounts: mounts(text), topology: BlockTopology(),
+                                       scope: FreezeScope(include: ["/srv/*"], exclude: ["/"]))
+        // Before: /srv/www was a candidate (in the include scope, itself not excluded), and the
+        // freeze through it froze /.
+        #expect(plan.mountPointsByWave == [["/srv/data"]])
+        #expect(plan.skip("/srv/www")?.reason == .excluded)
+        #expect(plan.skip("/srv/www")?.detail.contains("also mounted at /, which is excluded by /") == true)
     }
 
     @Test("btrfs subvolumes of one filesystem freeze once, keyed by the device of their source")
