@@ -616,9 +616,11 @@ public actor AgentState {
     static let qgaOpPrefix = "qga-"
 
     /// `guest-fsfreeze-thaw`. qemu-ga's thaw has no operation id; this one stands for the last
-    /// freeze taken through qemu-ga's dialect. If the agent ended that freeze by itself
-    /// (deadline, signal) before the host's thaw came, the thaw fails saying when and why, once;
-    /// otherwise it thaws whatever the agent holds (0 filesystems when nothing).
+    /// freeze taken through qemu-ga's dialect. If that freeze ended before the host's thaw came
+    /// (the agent's deadline or a signal, another client's thaw, or so long ago that how is
+    /// forgotten), the thaw fails saying so, once, and never thaws another client's freeze in
+    /// its place; with no freeze of this dialect outstanding it thaws whatever the agent holds
+    /// (0 filesystems when nothing; an administrator's rescue with `virsh domfsthaw`).
     public func qgaThaw() async -> Result<ThawResult, ProtocolError> {
         if let op = qgaOpID {
             switch phase {
@@ -628,8 +630,22 @@ public actor AgentState {
                 return await thaw(opID: op, reason: .request)
             case .frozen, .thawed:
                 qgaOpID = nil
-                if let ended = endedOps.last(where: { $0.opID == op }), ended.reason != .request {
-                    return .failure(AgentState.endedEarly(opID: op, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                // Never thaws another client's freeze: that one is not this dialect's to end.
+                var other = ""
+                if case .frozen(let f) = phase { other = "; the freeze held now (op \(f.opID)) is another client's and stays" }
+                if let ended = endedOps.last(where: { $0.opID == op }) {
+                    if ended.reason != .request {
+                        return .failure(AgentState.endedEarly(opID: op, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                    }
+                    if !other.isEmpty {
+                        return .failure(ProtocolError(.notFrozen, "the freeze taken through qemu-ga's protocol (op \(op)) was thawed by another client's request before this thaw\(other)",
+                                                      details: ["op_id": .string(op), "thawed_reason": .string(ended.reason.rawValue)]))
+                    }
+                } else {
+                    // Forgotten (more than 64 operations since): it ended before this thaw, by
+                    // itself or by someone else; either way not at the host's word.
+                    return .failure(ProtocolError(.notFrozen, "the freeze taken through qemu-ga's protocol (op \(op)) had ended before this thaw (how is no longer remembered: over 64 operations since); a snapshot taken after it ended was not quiesced\(other)",
+                                                  details: ["op_id": .string(op)]))
                 }
             }
         }

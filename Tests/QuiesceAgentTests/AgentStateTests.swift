@@ -319,6 +319,30 @@ struct AgentStateTests {
         #expect(await h.state.status().state == .thawed)
     }
 
+    @Test("qemu-ga's thaw never thaws another client's freeze in place of its own, also when its own ended more than 64 operations ago (trial)")
+    func qgaThawLeavesOtherClientsFreeze() async throws {
+        let h = try Harness()
+        defer { h.cleanUp() }
+        let taken = await h.state.qgaFreeze(mounts: nil, context: Harness.owner)
+        guard case .success(let r) = taken.outcome, let op = r["op_id"]?.stringValue else { Issue.record("qga freeze: \(taken)"); return }
+        // Its freeze ends (here by a native thaw naming it), then so many operations pass that
+        // the agent forgets how; then another client freezes.
+        _ = try await h.thaw(op).get()
+        for k in 0..<70 {
+            _ = try await h.freeze("churn-\(k)", mode: .detached).get()
+            _ = try await h.thaw("churn-\(k)").get()
+        }
+        _ = try await h.freeze("op-other", mode: .detached).get()
+        let late = await h.state.qgaThaw()
+        // Before: it thawed op-other's freeze and answered as if it were its own.
+        #expect(late.error?.code == .notFrozen, "\(late)")
+        #expect(late.error?.message.contains("op-other") == true && late.error?.message.contains("stays") == true, "\(String(describing: late.error))")
+        #expect(await h.state.status().opID == "op-other" && !h.kernel.frozen.isEmpty, "the other client's freeze holds")
+        // Told once; with no freeze of this dialect outstanding it thaws what is held (a rescue).
+        _ = try await h.thaw("op-other").get()
+        #expect(h.kernel.frozen.isEmpty)
+    }
+
     @Test("a failed thaw nobody retries is retried by the agent itself within about a second")
     func failedThawIsRetriedByTheAgent() async throws {
         let h = try Harness()
