@@ -331,7 +331,9 @@ extension AgentClient {
             return try freeze(request, replyTimeoutMs: wait)
         } catch where error.code != .refused && error.code != .unreachable && undo() {
             let original = error
-            let until = request.timeoutMs.map { "for up to \(TimeSpan(milliseconds: $0).human) (its deadline)" } ?? "until the agent's --max-freeze deadline"
+            // qemu-ga has no deadline: a freeze of it lasts until something thaws it.
+            let until = hello?.agent == "qemu-ga" ? "until it is thawed (qemu-ga has no deadline)"
+                : request.timeoutMs.map { "for up to \(TimeSpan(milliseconds: $0).human) (its deadline)" } ?? "until the agent's --max-freeze deadline"
             guard let op = request.opID else {
                 throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             }
@@ -347,7 +349,9 @@ extension AgentClient {
                 } catch {
                     if error.remote?.code == .notFrozen {
                         undo = .success("the agent says the operation holds no freeze (not-frozen)")
-                    } else if error.remote?.code == .busy && monotonicNanos() < giveUp {
+                    } else if (error.remote?.code == .busy || error.remote?.details?["agent_code"] == .string(ErrorCode.busy.rawValue))
+                                && monotonicNanos() < giveUp {
+                        // (Through qemu-ga's dialect the agent's code is in the details.)
                         // The freeze is still being taken: ask again once it is done.
                         Threads.sleep(milliseconds: 200)
                         continue
@@ -361,7 +365,9 @@ extension AgentClient {
             case .success(let what):
                 throw AgentError(original.code, "\(original.message). The freeze \(op) was undone: \(what); nothing is frozen by it")
             case .failure(let e):
-                throw AgentError(original.code, "\(original.message). The guest MAY BE FROZEN \(until): undoing the freeze failed (\(e.message)); thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw", "--op-id", op]))`")
+                var unsure = AgentError(original.code, "\(original.message). The guest MAY BE FROZEN \(until): undoing the freeze failed (\(e.message)); thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw", "--op-id", op]))`")
+                unsure.mayBeFrozen = true
+                throw unsure
             }
         }
     }

@@ -35,6 +35,9 @@ public struct AgentError: Error, Sendable, CustomStringConvertible {
     public let remote: ProtocolError?
     /// The system error underneath, if any.
     public let errno: Errno?
+    /// A freeze whose outcome was unknown and whose undo failed: the guest may still be frozen.
+    /// A checkpoint counts it as a thaw it could not confirm (exit 72), not a plain failed freeze.
+    public var mayBeFrozen = false
 
     /// The longest `message` kept, in characters, when it carries an agent's error (`remote`):
     /// that text is the guest's to choose, and a timeline repeats it. The report's JSON keeps

@@ -197,8 +197,10 @@ final class CheckpointRun {
         for i in late.sorted() {
             abandoned.insert(i)
             undoPending.insert(i)
+            let qga = if case .qga = plan.agents[i] { true } else { false }
             let error = AgentError(.timeout, "did not freeze within \(TimeSpan(milliseconds: plan.freezeWaitMs).human) of the first guest "
-                                   + "(--freeze-wait): dropped its connection (a late bound freeze thaws on disconnect) so the other guests do not wait for it")
+                                   + "(--freeze-wait): dropped its connection so the other guests do not wait for it"
+                                   + (qga ? "; a late qemu-ga freeze is undone by a thaw on a new connection" : " (a late bound freeze thaws on disconnect)"))
             report.agents[i].failure = AgentFailure(stage: .freeze, error: error)
             report.agents[i].consistency = .crash
             note(now, i, "freeze-failed", "cannot freeze: \(error.message)")
@@ -249,6 +251,8 @@ final class CheckpointRun {
         case .failed(let i, let stage, let error, let at):
             report.agents[i].failure = AgentFailure(stage: stage, error: error)
             report.agents[i].consistency = .crash
+            // Its undo failed too: a thaw that could not be confirmed (72), whatever COMMAND did.
+            if error.mayBeFrozen { report.agents[i].thawError = error }
             note(at, i, stage == .connect ? "unreachable" : "freeze-failed",
                  "\(stage == .connect ? "cannot connect" : "cannot freeze"): \(error.message)")
 

@@ -215,6 +215,39 @@ struct CheckpointIntegrationTests {
         }
     }
 
+    @Test("through qemu-ga's dialect, a freeze whose reply comes too late is undone once the agent is done freezing (busy is retried), and an undo that cannot be confirmed exits 72 (trial)")
+    func lateQGAFreezeIsUndone() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = "\(lab.root)/hooks"
+            try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true)
+            try "#!/bin/sh\n[ \"$1\" = freeze ] && sleep 3\nexit 0\n".write(toFile: "\(hooks)/10-slow", atomically: true, encoding: .utf8)
+            _ = try sh("chmod 755 '\(hooks)/10-slow'; chmod 755 '\(hooks)'")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--hooks-dir", hooks])
+            defer { agent.stop() }
+            let dir = TempDir()
+            // The reply is late (3 s hook, 2 s reply timeout); the undo's thaw meets the freeze
+            // still being taken (busy) and asks again until it is done. Before: it took busy
+            // (inside qemu-ga's GenericError) for a failure, printed MAY BE FROZEN, exited 70,
+            // and the guest stayed frozen until --max-freeze.
+            let r = try Ctl.run(["--agent", "qga:unix:\(qga)", "--reply-timeout", "2s", "checkpoint", "--timeout", "2s", "--", "true"], in: dir)
+            #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+            #expect(r.stderr.contains("was undone"), "\(r.stderr)")
+            #expect(try !isFrozen(a))
+            // Too short a wait for the undo too: the guest may still be frozen, which is 72.
+            let short = try Ctl.run(["--agent", "qga:unix:\(qga)", "--reply-timeout", "1s", "checkpoint", "--timeout", "1s", "--", "true"], in: dir)
+            #expect(short.status == ExitCodes.thawFailed, "\(short.stderr)")
+            #expect(short.stderr.contains("MAY BE FROZEN until it is thawed") || short.stderr.contains("MAY BE FROZEN for up to"), "\(short.stderr)")
+            // It was: the slow freeze completed after the undo gave up. What the message says to
+            // do, once the 3 s hook is surely done.
+            sleep(4)
+            #expect(try isFrozen(a), "the freeze the undo could not end")
+            #expect(try Ctl.run(["--agent", "qga:unix:\(qga)", "thaw"], in: dir).status == 0)
+            #expect(try !isFrozen(a))
+        }
+    }
+
     @Test("an unreachable agent with --on-agent-failure fail: COMMAND does not run and the reachable guest is thawed")
     func unreachableFail() async throws {
         try await LoopLab.with { lab in
