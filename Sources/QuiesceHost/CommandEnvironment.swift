@@ -14,7 +14,22 @@ public enum CommandEnvironment {
         ("QUIESCE_DEADLINE_MS", "wall-clock time (ms since the epoch) at which COMMAND is stopped and the guests thawed"),
         ("QUIESCE_HOOKS_NOT_HELD", "per agent, ADDR=HOOK,HOOK for the hooks that did not make it application-consistent (an optional hook that failed, a hook file the agent refused to run), separated by ';'; empty when none"),
         ("QUIESCE_FROZEN_JSON", "the same facts, exact whatever the paths contain: {\"ADDR\": {\"consistency\": C, \"frozen\": [MOUNT, ...], \"hooks_not_held\": [\"HOOK: why\", ...]}, ...}"),
+        ("QUIESCE_TRUNCATED", "the variables above cut to 32 KiB (guests with very many mountpoints; Linux takes at most 128 KiB per variable), separated by ','; empty when none. A cut list ends in ';…' or ',…'; a cut QUIESCE_FROZEN_JSON is {} (the report of quiescectl --json has everything)"),
     ]
+
+    /// The longest value of one variable, in bytes. Linux refuses to start a program with a
+    /// variable over 128 KiB (MAX_ARG_STRLEN, include/uapi/linux/binfmts.h: E2BIG), and guests
+    /// choose their mountpoints: without a cut, one guest's list denied COMMAND to the group.
+    public static let maxValueBytes = 32 << 10
+
+    /// `value` cut to `maxValueBytes` at its last separator (';' or ',') before the limit, with
+    /// '…' after it; nil when it fits.
+    static func cut(_ value: String) -> String? {
+        guard value.utf8.count > maxValueBytes else { return nil }
+        var bytes = Array(value.utf8.prefix(maxValueBytes - 3))
+        if let sep = bytes.lastIndex(where: { $0 == UInt8(ascii: ";") || $0 == UInt8(ascii: ",") }) { bytes = Array(bytes[...sep]) }
+        return String(decoding: bytes, as: UTF8.self) + "…"
+    }
 
     public static func overallConsistency(_ agents: [AgentReport]) -> Consistency {
         agents.map { $0.failure == nil ? Consistency.of($0.freeze) : .crash }.min() ?? .crash
@@ -24,7 +39,8 @@ public enum CommandEnvironment {
     public static func make(opID: String, agents: [AgentReport], deadlineWallMs: Int64) -> [(String, String)] {
         let frozen = agents.filter { $0.freeze != nil && $0.failure == nil }
         let crash = agents.filter { $0.failure != nil || $0.freeze == nil }
-        return [
+        var truncated: [String] = []
+        let vars: [(String, String)] = [
             ("QUIESCE_CONSISTENCY", overallConsistency(agents).rawValue),
             ("QUIESCE_OP_ID", opID),
             ("QUIESCE_AGENTS", agents.map(\.address.description).joined(separator: ";")),
@@ -38,7 +54,13 @@ public enum CommandEnvironment {
                 return names.isEmpty ? nil : "\(a.address)=\(names.joined(separator: ","))"
             }.joined(separator: ";")),
             ("QUIESCE_FROZEN_JSON", frozenJSON(agents)),
-        ]
+        ].map { name, value in
+            guard let short = cut(value) else { return (name, value) }
+            truncated.append(name)
+            // JSON cut in the middle is no JSON: an empty object says "see the report".
+            return (name, name == "QUIESCE_FROZEN_JSON" ? "{}" : short)
+        }
+        return vars + [("QUIESCE_TRUNCATED", truncated.joined(separator: ","))]
     }
 
     /// QUIESCE_FROZEN_JSON: per agent, its consistency and frozen mountpoints, exact whatever

@@ -167,6 +167,22 @@ struct HostileGuestTests {
         #expect(!agent.frozen)
     }
 
+    @Test("a guest with mountpoint lists too long for one environment variable cannot deny COMMAND: the variables are cut to 32 KiB and QUIESCE_TRUNCATED names them")
+    func longListsAreCutForCommand() throws {
+        let dir = TempDir()
+        let mounts = (0..<400).map { "/srv/" + String(repeating: "m", count: 500) + "\($0)" }
+        let agent = try FakeAgent(in: dir, .init(mounts: mounts))
+        let out = dir.file("env")
+        // Before: QUIESCE_FROZEN of 200 KB passed Linux's 128 KiB per variable: E2BIG, exit 71.
+        let r = try Ctl.run(["--agent", "unix:\(dir.file("fake.sock"))", "checkpoint", "--", "sh", "-c",
+                             "printf '%s\\n%s\\n' \"$QUIESCE_TRUNCATED\" \"${#QUIESCE_FROZEN}\" > '\(out)'"], in: dir)
+        #expect(r.status == 0, "\(r.stderr.prefix(400))")
+        let lines = (contents(out) ?? "").split(separator: "\n")
+        #expect(lines.first == "QUIESCE_FROZEN,QUIESCE_FROZEN_JSON", "\(lines)")
+        #expect(lines.count == 2 && (Int(lines[1]) ?? .max) <= 32 << 10, "\(lines)")
+        _ = agent
+    }
+
     @Test("when the undo fails too, quiescectl says the guest may be frozen until its deadline and prints the thaw command")
     func unreadableFreezeReplyAndFailedUndo() throws {
         let dir = TempDir()
