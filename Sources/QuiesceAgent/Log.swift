@@ -61,6 +61,22 @@ public struct AgentLogHandler: LogHandler {
     /// systemd sets JOURNAL_STREAM when stderr is connected to the journal.
     static let useJournal: Bool = CurrentProcess.environment("JOURNAL_STREAM") != nil
 
+    /// The service unit this process runs in ("quiesced.service"), from /proc/self/cgroup, or
+    /// nil. Each journal entry names it as OBJECT_SYSTEMD_UNIT=, which `journalctl -u` and
+    /// `systemctl status` also match for root's messages (sd-journal's add_matches_for_unit):
+    /// journald attributes an entry to a unit by the sender's cgroup, which it can no longer
+    /// read when the sender has exited, as the agent does right after flushing the lines it
+    /// held while / was frozen ("stopping", "thawed").
+    static let serviceUnit: String? = {
+        guard let bytes = try? FD.readWholeFile(atPath: "/proc/self/cgroup", maxBytes: 1 << 16) else { return nil }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            // "0::/system.slice/quiesced.service" (cgroup v2) or "1:name=systemd:/system.slice/..." (v1).
+            guard let path = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false).last else { continue }
+            if let unit = path.split(separator: "/").last(where: { $0.hasSuffix(".service") }) { return String(unit) }
+        }
+        return nil
+    }()
+
     public func log(event: LogEvent) {
         var merged = metadata
         if let extra = event.metadata { merged.merge(extra) { $1 } }
@@ -74,6 +90,7 @@ public struct AgentLogHandler: LogHandler {
     static func write(level: Logger.Level, message: String, metadata: [String: String], label: String) {
         if useJournal {
             var fields = ["MESSAGE=\(message)", "PRIORITY=\(priority(level))", "SYSLOG_IDENTIFIER=quiesced"]
+            if let unit = serviceUnit { fields.append("OBJECT_SYSTEMD_UNIT=\(unit)") }
             for (k, v) in metadata.sorted(by: { $0.key < $1.key }) {
                 fields.append("QUIESCE_\(k.uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" }.reduce("") { $0 + String($1) })=\(v)")
             }
