@@ -110,8 +110,22 @@ while let arg = args.popFirst() {
     }
 }
 
+// Run as root, the agent takes its scope, listeners and hooks directory from the file: one that
+// someone else can write (or owns) hands them the choice of what root freezes and who may ask.
+// Refused like an unsafe hook; /dev/null and other non-regular files are not settings anyone
+// keeps, and are taken as they are.
+var configUnsafe: String?
+if CurrentProcess.effectiveUID == 0, let st = try? Stat.of(path: configPath), st.kind == .regular {
+    if st.permissions & 0o022 != 0 {
+        configUnsafe = "config file \(configPath) is writable by group or others (mode \(String(st.permissions, radix: 8))): make it 0644 or stricter"
+    } else if st.uid != 0 {
+        configUnsafe = "config file \(configPath) is owned by uid \(st.uid), not root: chown root it"
+    }
+}
+
 var config = AgentConfig()
 do {
+    if let configUnsafe { throw ConfigError(configUnsafe) }
     if Paths.exists(configPath) || configExplicit {
         let bytes: [UInt8]
         do { bytes = try FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20) } catch {
@@ -130,7 +144,7 @@ do {
     // what it needs from the file and the flags where it can, and the defaults otherwise.
     config = AgentConfig()
     var skipped: [String] = []
-    if let bytes = try? FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20), let text = String(validating: bytes, as: UTF8.self) {
+    if configUnsafe == nil, let bytes = try? FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20), let text = String(validating: bytes, as: UTF8.self) {
         skipped = config.salvage(file: configPath, text: text, keys: AgentConfig.recoveryKeys)
     }
     var replacing = Set<String>()

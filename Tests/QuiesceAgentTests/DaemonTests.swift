@@ -671,6 +671,12 @@ struct SystemdAndConfigTests {
             #expect(out.contains("\(path):\(line.dropFirst(5))") && out.contains(reason) && out.contains("exit=2"), "\(out)")
             #expect(out.split(separator: "\n").count == 2 && !out.contains("\r"), "one line, then exit=: \(out)")
         }
+        // A file others can write would let them choose what root freezes: refused, like a hook.
+        let open = dir + "/open.conf"
+        try "max-freeze = 2m\n".write(toFile: open, atomically: true, encoding: .utf8)
+        _ = try sh("chmod 666 '\(open)'")
+        let refused = try sh("'\(buildProductsDir)/quiesced' --config '\(open)' --check-config 2>&1; echo \"exit=$?\"")
+        #expect(refused.contains("is writable by group or others (mode 666)") && refused.hasSuffix("exit=2\n"), "\(refused)")
         let crlf = dir + "/crlf.conf"
         try "listen = vsock:5123\r\nmax-freeze = 2m\r\n".write(toFile: crlf, atomically: true, encoding: .utf8)
         let crlfOK = try sh("'\(buildProductsDir)/quiesced' --config '\(crlf)' --check-config 2>&1")
