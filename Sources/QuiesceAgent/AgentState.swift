@@ -470,10 +470,17 @@ public actor AgentState {
             return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(f.opID) does)"))
         }
         let ms = min(timeoutMs ?? f.timeoutMs, config.maxFreezeMs)
+        let earlier = f.deadline
         f.deadline = monotonicNanos() + UInt64(ms) * 1_000_000
         f.result.deadlineMs = wallClockMillis() + ms
         phase = .frozen(f)
         guardian.extend(to: f.deadline)
+        // A keepalive may bring the deadline closer: the deadline task sleeps until the one it
+        // saw, so one more wakes at the new one (each re-checks the current deadline).
+        if f.deadline < earlier {
+            let opID = f.opID
+            deadlineTasks.append(Task { await self.enforceDeadline(opID: opID) })
+        }
         reportStatus(statusLine())
         return .success(status().json)
     }

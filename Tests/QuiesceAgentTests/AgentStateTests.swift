@@ -343,6 +343,23 @@ struct AgentStateTests {
         #expect(h.kernel.frozen.isEmpty)
     }
 
+    @Test("a keepalive that brings the deadline closer is honoured: the freeze ends at the new deadline, not the one it replaced (trial)")
+    func keepaliveCanShortenTheDeadline() async throws {
+        let h = try Harness()
+        defer { h.cleanUp() }
+        let reply = await h.state.handle(Request(id: .int(1), .freeze(FreezeRequest(timeoutMs: 60_000, opID: "op-long", mode: .detached))),
+                                         context: Harness.owner)
+        if case .failure(let e) = reply.outcome { Issue.record("freeze: \(e)") }
+        let start = monotonicNanos()
+        let kept = await h.state.handle(Request(id: .int(2), .keepalive(opID: "op-long", timeoutMs: 300)), context: Harness.owner)
+        if case .failure(let e) = kept.outcome { Issue.record("keepalive: \(e)") }
+        // Before: status said 0 ms remaining while the freeze held on for the first 60 s.
+        #expect(await h.eventually { await h.state.status().state == .thawed })
+        #expect(monotonicNanos() - start < 30_000_000_000, "ended at the new deadline")
+        #expect(await h.state.status().lastAutoThaw?.reason == .deadline)
+        #expect(h.kernel.frozen.isEmpty)
+    }
+
     @Test("a failed thaw nobody retries is retried by the agent itself within about a second")
     func failedThawIsRetriedByTheAgent() async throws {
         let h = try Harness()
