@@ -198,6 +198,8 @@ public struct AgentConfig: Sendable {
         case "max-freeze":
             maxFreezeMs = try duration(value)
             guard maxFreezeMs <= Request.maxTimeoutMs else { throw ConfigError("max-freeze: at most 24h") }
+            // Checked here, not only in validate(), so that the error names the file and line.
+            guard maxFreezeMs >= 1000 else { throw ConfigError("max-freeze: at least 1s") }
         case "freeze-step-timeout":
             freezeStepTimeoutMs = try duration(value)
             guard freezeStepTimeoutMs <= Request.maxTimeoutMs else { throw ConfigError("freeze-step-timeout: at most 24h") }

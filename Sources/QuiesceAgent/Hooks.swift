@@ -93,6 +93,10 @@ public struct Hooks: Sendable {
     /// by `HookReport.maxHooks`: hooks past it are refused).
     public func list() -> (hooks: [HookSpec], refused: [RefusedHook]) {
         guard let dirStat = try? Stat.ofLink(path: directory) else { return ([], []) }  // no directory: no hooks
+        if dirStat.kind == .symbolicLink {
+            // Not followed: whoever can change the link would choose the hooks root runs.
+            return ([], [RefusedHook(name: directory, reason: "the hooks directory is a symbolic link (not followed): name the directory itself in hooks-dir")])
+        }
         if dirStat.kind != .directory {
             return ([], [RefusedHook(name: directory, reason: "the hooks directory is not a directory")])
         }

@@ -167,6 +167,9 @@ if checkOnly {
     if let dir = config.hooksDir, !Paths.exists(dir) {
         FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("hooks-dir \(dir) does not exist: freezes run no hooks until it does"))\n".utf8))
     }
+    if config.freezeStepTimeoutMs > config.maxFreezeMs {
+        FD.writeOnce(FD.standardError, Array("quiesced: warning: freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)) is longer than max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)): a freeze wave that long would outlast the freeze it makes\n".utf8))
+    }
     print(OneLine.escaped("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no")"))
     CurrentProcess.exit(0)
 }
@@ -347,7 +350,7 @@ while true {
     let paths = unixPaths
     Task.detached {
         await state.shutdown()
-        server.drainOutput(timeoutMs: 1000)
+        server.drainOutput(timeoutMs: 5000)  // only while replies are queued; a loaded guest may need more than 1 s
         for p in paths { Paths.remove(p) }
         LogGate.shared.release()
         CurrentProcess.exit(0)
