@@ -1,6 +1,7 @@
 // Logging: swift-log front end; the journal (structured fields) under systemd, stderr otherwise.
 // While filesystems are frozen, log lines are held in memory and written after the thaw.
 import QuiesceLinux
+import QuiesceProtocol
 import Logging
 import Synchronization
 
@@ -84,7 +85,15 @@ public struct AgentLogHandler: LogHandler {
         let level = event.level
         let flat = merged.mapValues { "\($0)" }
         let label = self.label
-        LogGate.shared.submit { AgentLogHandler.write(level: level, message: message, metadata: flat, label: label) }
+        let at = wallClockMillis()
+        LogGate.shared.submit {
+            // Held back while / was frozen: the journal stamps a line when it is written, so the
+            // line says when it happened (a 2-minute freeze read as 10 ms between "frozen" and
+            // "thawed" otherwise).
+            let held = wallClockMillis() - at
+            let text = held >= 1000 ? "\(message) (held \(TimeSpan.human(milliseconds: held)) while frozen; logged at \(utcTimestamp(millis: at)))" : message
+            AgentLogHandler.write(level: level, message: text, metadata: flat, label: label)
+        }
     }
 
     static func write(level: Logger.Level, message: String, metadata: [String: String], label: String) {

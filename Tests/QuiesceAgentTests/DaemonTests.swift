@@ -196,13 +196,15 @@ struct NeverLeftFrozenTests {
             _ = try c.result(["op": "freeze", "mode": "detached"])
             agent.signal(SIGUSR1)
             agent.signal(SIGUSR2)
-            usleep(200_000)
+            usleep(1_200_000)
             #expect(try c.result(["op": "status"])["state"] == "frozen")
             agent.signal(SIGTERM)
             #expect(agent.waitForExit(timeoutMs: 10_000) == 0)
             #expect(try !isFrozen(a) && !isFrozen(b))
             // Logged once thawed: lines are held back while the guest is frozen.
             #expect(agent.log.contains("SIGUSR1 from pid \(getpid())") && agent.log.contains("SIGUSR2 from pid \(getpid())") && agent.log.contains(") ignored: it has no meaning"), "\(agent.log)")
+            // Held back while frozen, they say when they happened.
+            #expect(agent.log.split(separator: "\n").contains { $0.contains("SIGUSR1 from pid") && $0.contains(" while frozen; logged at 20") }, "\(agent.log)")
         }
     }
 
