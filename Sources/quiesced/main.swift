@@ -200,6 +200,10 @@ do throws(SystemError) {
 } catch {
     fail("state-dir \(config.stateDir): cannot keep freeze records there: \(error)", code: 1)
 }
+/// The mountpoints of recovery's lines ("/data: thawed").
+func mountPoints(_ lines: [String]) -> [String] {
+    lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) }
+}
 var recovery = FreezeRecord.recoverAbandoned(stateDir: config.stateDir)
 // --recover also looks in the default state dir: the dead agent may have been started before
 // its config was changed to another one (the record is where that agent wrote it).
@@ -237,8 +241,8 @@ if recoverOnly && recovery.recovered.isEmpty && !recovery.liveOwners.isEmpty {
 if recoverOnly {
     // The agent that starts next (the unit's restart) owes the host of each the truth.
     for r in recovery.recovered {
-        let mounts = r.lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) }
-        FreezeRecord.leaveEndedNote(.init(opID: r.opID, filesystems: mounts, reason: .restart, identity: r.identity), stateDir: config.stateDir)
+        FreezeRecord.leaveEndedNote(.init(opID: r.opID, filesystems: mountPoints(r.lines), reason: .restart, identity: r.identity),
+                                    stateDir: config.stateDir)
     }
     CurrentProcess.exit(0)
 }
@@ -255,9 +259,7 @@ let state = AgentState(config: config, logger: logger,
                        reportStatus: { Systemd.notify("STATUS=\($0)") },
                        statusCountdown: CurrentProcess.environment("NOTIFY_SOCKET") != nil,
                        // What start-up recovery thawed is reported as promised (reason restart).
-                       recovered: recovery.recovered.map { r in
-                           (r.opID, r.lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) })
-                       },
+                       recovered: recovery.recovered.map { r in (r.opID, mountPoints(r.lines)) },
                        // What the last process ended as it stopped, or --recover thawed after it.
                        endedEarlier: FreezeRecord.takeEndedNotes(stateDir: config.stateDir, identity: config.identity))
 server.state = state
