@@ -61,7 +61,7 @@ public struct TimeSpan: Sendable, Hashable, Comparable, CustomStringConvertible 
     }
 
     /// For messages: "5 s", "500 ms", "1.5 s", "2 min 30 s".
-    public var human: String { TimeSpan.human(microseconds: milliseconds * 1000) }
+    public var human: String { TimeSpan.human(milliseconds: milliseconds) }
 
     /// Formats a measured duration for people: "0.42 ms", "6.2 ms", "62 ms", "2.06 s", "2 min 5 s".
     public static func human(microseconds us: Int64) -> String {

@@ -159,7 +159,7 @@ struct HostileGuestTests {
         let address = ["--agent", "unix:\(dir.file("fake.sock"))"]
         // Before: Swift's overflow trap (SIGILL, exit 132) where the report formats them, with
         // every other guest of the group left frozen behind it.
-        for args in [["checkpoint", "--", "true"], ["--json", "checkpoint", "--", "true"], ["freeze"], ["status"], ["thaw"], ["--json", "status"]] {
+        for args in [["checkpoint", "--", "true"], ["--json", "checkpoint", "--", "true"], ["freeze"], ["status"], ["thaw"], ["--json", "status"], ["info"]] {
             let r = try Ctl.run(address + args, in: dir)
             #expect(r.status != 132 && r.status < 128, "\(args): exit \(r.status) \(r.stderr.prefix(300))")
             #expect(!r.stderr.contains("Fatal error") && !r.stderr.contains("overflow"), "\(args): \(r.stderr.prefix(300))")

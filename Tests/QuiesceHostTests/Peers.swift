@@ -208,7 +208,8 @@ final class FakeAgent: @unchecked Sendable {
             switch r.operation {
             case .hello:
                 c.send(Reply(id: r.id, result: HelloResult(version: b.version, agent: "fake-agent", agentVersion: "9.9",
-                                                           capabilities: ["keepalive"], maxFrame: 65536, maxFreezeMs: 600_000).json))
+                                                           capabilities: ["keepalive"], maxFrame: 65536,
+                                                           maxFreezeMs: b.extremeNumbers ? Int64.max - 7 : 600_000).json))
             case .ping:
                 c.send(Reply(id: r.id, result: [:]))
             case .status:
