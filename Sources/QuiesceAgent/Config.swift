@@ -166,7 +166,10 @@ public struct AgentConfig: Sendable {
                 throw ConfigError("\(key): \"\(v)\" never matches: mountpoints are absolute paths (start the glob with /)")
             }
             if let problem = Glob.problem(in: v) { throw ConfigError("\(key): \"\(v)\": \(problem)") }
-            return v
+            // Mountpoints have no trailing slash: "/srv/data/" would match nothing, silently.
+            var trimmed = Substring(v)
+            while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed = trimmed.dropLast() }
+            return String(trimmed)
         }
         // A filesystem type as /proc/self/mountinfo spells it (ext4, xfs, fuse.sshfs, nfs4).
         func fsType(_ v: String) throws(ConfigError) -> String {

@@ -32,6 +32,32 @@ public struct FreezeRecord: Sendable {
 
     static func path(stateDir: String, pid: Int32) -> String { "\(stateDir)/freeze-\(pid).json" }
 
+    /// An agent (run as root) whose state dir is not the default leaves a pointer to it in the
+    /// default one (`elsewhere-PID`, holding the path), so that `quiesced --recover` run with a
+    /// config changed since finds its records. Best effort; the default dir is root's (0700).
+    public static func pointToStateDir(_ stateDir: String, from defaultDir: String) {
+        guard stateDir != defaultDir, (try? Paths.makeDirectory(defaultDir, mode: 0o700)) != nil else { return }
+        let path = "\(defaultDir)/elsewhere-\(CurrentProcess.id)"
+        guard let fd = try? FD.open(path, [.writeOnly, .create, .truncate], mode: 0o600) else { return }
+        _ = try? FD.writeAll(fd, Array(stateDir.utf8))
+        FD.close(fd)
+    }
+
+    /// Where else `--recover` looks: the default dir, and the dirs named by pointers in it
+    /// (those of agents no longer running are removed once read), without `besides`.
+    public static func otherStateDirs(besides stateDir: String, default defaultDir: String) -> [String] {
+        var dirs: [String] = []
+        if defaultDir != stateDir && Paths.exists(defaultDir) { dirs.append(defaultDir) }
+        for name in FD.directoryEntries(atPath: defaultDir) ?? [] where name.hasPrefix("elsewhere-") {
+            let path = "\(defaultDir)/\(name)"
+            guard let bytes = try? FD.readWholeFile(atPath: path, maxBytes: 4096) else { continue }
+            let dir = String(decoding: bytes, as: UTF8.self)
+            if let pid = Int32(name.dropFirst("elsewhere-".count)), !isRunningAgent(pid) { Paths.remove(path) }
+            if dir.hasPrefix("/"), dir != stateDir, !dirs.contains(dir), Paths.exists(dir) { dirs.append(dir) }
+        }
+        return dirs
+    }
+
     /// A freeze that ended without its host's thaw, just before the agent process went away: it
     /// thawed on a stop signal, or `quiesced --recover` (the units' ExecStopPost) thawed what a
     /// killed agent left. The next agent process reads these notes at start (`takeEndedNotes`),

@@ -144,8 +144,10 @@ do {
     // what it needs from the file and the flags where it can, and the defaults otherwise.
     config = AgentConfig()
     var skipped: [String] = []
-    if configUnsafe == nil, let bytes = try? FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20), let text = String(validating: bytes, as: UTF8.self) {
-        skipped = config.salvage(file: configPath, text: text, keys: AgentConfig.recoveryKeys)
+    // Read leniently (a stray non-UTF-8 byte costs only its line); a file others can write is
+    // not read at all: it could point recovery at records (and hooks) of their choosing.
+    if configUnsafe == nil, let bytes = try? FD.readWholeFile(atPath: configPath, maxBytes: 1 << 20) {
+        skipped = config.salvage(file: configPath, text: String(decoding: bytes, as: UTF8.self), keys: AgentConfig.recoveryKeys)
     }
     var replacing = Set<String>()
     for (k, v) in flags where AgentConfig.recoveryKeys.contains(k) {
@@ -205,13 +207,19 @@ func mountPoints(_ lines: [String]) -> [String] {
     lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) }
 }
 var recovery = FreezeRecord.recoverAbandoned(stateDir: config.stateDir)
-// --recover also looks in the default state dir: the dead agent may have been started before
-// its config was changed to another one (the record is where that agent wrote it).
-if recoverOnly && config.stateDir != AgentConfig.defaultStateDir && Paths.exists(AgentConfig.defaultStateDir) {
-    let other = FreezeRecord.recoverAbandoned(stateDir: AgentConfig.defaultStateDir)
-    recovery.recovered += other.recovered
-    recovery.hooksOwed += other.hooksOwed
-    recovery.liveOwners += other.liveOwners
+// --recover also looks where the dead agent kept its records if that is not where the config
+// says now (the config was changed while it ran): the default state dir, and the state dirs
+// that agents running elsewhere left pointers to in it.
+if recoverOnly {
+    for dir in FreezeRecord.otherStateDirs(besides: config.stateDir, default: AgentConfig.defaultStateDir) {
+        let other = FreezeRecord.recoverAbandoned(stateDir: dir)
+        recovery.recovered += other.recovered
+        recovery.hooksOwed += other.hooksOwed
+        recovery.liveOwners += other.liveOwners
+    }
+} else if CurrentProcess.effectiveUID == 0 && CurrentProcess.environment("INVOCATION_ID") != nil {
+    // A systemd service (INVOCATION_ID): the case of a unit's ExecStopPost=quiesced --recover.
+    FreezeRecord.pointToStateDir(config.stateDir, from: AgentConfig.defaultStateDir)
 }
 for r in recovery.recovered {
     logger.warning("found a freeze record left by an earlier run (op \(r.opID)); thawed: \(r.lines.joined(separator: "; "))",
