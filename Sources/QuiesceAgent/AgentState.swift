@@ -63,6 +63,18 @@ public actor AgentState {
     private var phase: Phase = .thawed
     /// Operations that ended, newest last (at most 64): why and when (wall clock ms).
     private var endedOps: [(opID: String, reason: ThawReason, atMs: Int64, timeoutMs: Int64)] = []
+    /// The files of the notes an earlier process left (`FreezeRecord.EndedFreeze`), by op id:
+    /// removed once the late thaw they answer is told, or a new freeze is made.
+    private var endedNotes: [String: String] = [:]
+
+    /// The host has heard of `opID`'s early end (or, with nil, moved on to a new freeze).
+    private func dropEndedNote(_ opID: String?) {
+        let gone = opID.map { op in endedNotes.filter { $0.key == op } } ?? endedNotes
+        for (op, path) in gone {
+            Paths.remove(path)
+            endedNotes[op] = nil
+        }
+    }
     /// The last freeze taken through qemu-ga's dialect that no `guest-fsfreeze-thaw` has answered
     /// for yet: the host's thaw is checked against it (see `qgaThaw`).
     private var qgaOpID: String?
@@ -130,6 +142,7 @@ public actor AgentState {
         let at = wallClockMillis()
         let ended = endedEarlier.map { (opID: $0.opID, filesystems: $0.filesystems, reason: $0.reason, atMs: $0.atMs) }
             + recovered.map { (opID: $0.opID, filesystems: $0.filesystems, reason: ThawReason.restart, atMs: at) }
+        endedNotes = Dictionary(endedEarlier.compactMap { n in n.path.map { (n.opID, $0) } }, uniquingKeysWith: { _, last in last })
         for r in ended.suffix(64) {
             endedOps.append((r.opID, r.reason, r.atMs, 0))
             lastAutoThaw = AutoThawReport(reason: r.reason, opID: r.opID, atMs: r.atMs, filesystems: r.filesystems)
@@ -387,6 +400,7 @@ public actor AgentState {
                                 held: done.held, result: result, hooksOwed: hooksOwed, hookContext: hookContext, sinceMs: sinceMs,
                                 frozenAt: monotonicNanos(), timeoutMs: timeoutMs, deadline: deadline, request: r)
             phase = .frozen(freeze)
+            dropEndedNote(nil)  // a new freeze: the host has moved on from those that ended early
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
                                           "presync_us": "\(done.presyncUs)", "presync_passes": "\(done.presyncPasses)", "total_us": "\(result.totalUs)"])
@@ -515,6 +529,7 @@ public actor AgentState {
                     return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold a freeze"))
                 }
                 if ended.reason != .request {
+                    dropEndedNote(opID)
                     return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
                 }
             }
@@ -524,6 +539,7 @@ public actor AgentState {
         case .frozen(let current):
             if let opID, opID != current.opID {
                 if let ended = endedOps.last(where: { $0.opID == opID }), ended.reason != .request {
+                    dropEndedNote(opID)
                     return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
                 }
                 return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(current.opID) does)",
@@ -642,6 +658,7 @@ public actor AgentState {
                 if case .frozen(let f) = phase { other = "; the freeze held now (op \(f.opID)) is another client's and stays" }
                 if let ended = endedOps.last(where: { $0.opID == op }) {
                     if ended.reason != .request {
+                        dropEndedNote(op)
                         return .failure(AgentState.endedEarly(opID: op, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
                     }
                     if !other.isEmpty {

@@ -72,6 +72,8 @@ public struct FreezeRecord: Sendable {
         public var atMs: Int64
         /// The agent it belongs to (`AgentConfig.identity`): only that one takes the note.
         public var identity: String
+        /// The note's file, as read by `takeEndedNotes` (nil before it is written).
+        public var path: String?
 
         public init(opID: String, filesystems: [String], reason: ThawReason, atMs: Int64 = wallClockMillis(), identity: String) {
             self.opID = opID
@@ -94,8 +96,10 @@ public struct FreezeRecord: Sendable {
         if written { try? Paths.rename(path + ".tmp", to: path) } else { Paths.remove(path + ".tmp") }
     }
 
-    /// The notes `leaveEndedNote` left in `stateDir` for the agent `identity`, oldest first,
-    /// each removed as it is read; another agent's are left to it, unless a day old (dropped).
+    /// The notes `leaveEndedNote` left in `stateDir` for the agent `identity`, oldest first.
+    /// They stay until the late thaw they answer has come, or a new freeze shows the host has
+    /// moved on (`dropEndedNote`), so that a second restart before the host's thaw keeps them;
+    /// another agent's are left to it; any a day old is dropped.
     public static func takeEndedNotes(stateDir: String, identity: String) -> [EndedFreeze] {
         var notes: [EndedFreeze] = []
         for name in (FD.directoryEntries(atPath: stateDir) ?? []) where name.hasPrefix("ended-") && name.hasSuffix(".json") {
@@ -106,13 +110,15 @@ public struct FreezeRecord: Sendable {
                 continue
             }
             let owner = o["identity"]?.stringValue ?? ""
-            guard owner == identity else {
-                if wallClockMillis() - at > 86_400_000 { Paths.remove(path) }
+            if wallClockMillis() - at > 86_400_000 {
+                Paths.remove(path)
                 continue
             }
-            Paths.remove(path)
+            guard owner == identity else { continue }
             let filesystems = o["filesystems"]?.arrayValue?.compactMap(\.stringValue) ?? []
-            notes.append(EndedFreeze(opID: opID, filesystems: filesystems, reason: ThawReason(rawValue: reason), atMs: at, identity: owner))
+            var note = EndedFreeze(opID: opID, filesystems: filesystems, reason: ThawReason(rawValue: reason), atMs: at, identity: owner)
+            note.path = path
+            notes.append(note)
         }
         return notes.sorted { $0.atMs < $1.atMs }
     }

@@ -238,6 +238,11 @@ struct QGAListenerTests {
             let other = try AgentProcess(in: lab.root, name: "other", arguments: ["--include", "\(lab.root)/*"], stateDir: state)
             #expect(try TestClient(path: other.socketPath).result(["op": "status"])["last_auto_thaw"] == nil)
             other.stop()
+            // Restarted twice before the host's thaw comes (a crash loop, an upgrade's stop and
+            // start): the note is kept until the thaw it answers has been told.
+            let between = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            between.signal(SIGKILL)
+            _ = between.waitForExit()
             // Before: the restarted agent knew nothing, and answered {"return": 0}.
             var again = try AgentProcess(in: lab.root, arguments: args, stateDir: state)  // the same unit: the same listeners
             var late = try QGAClient(path: qga).call(#"{"execute":"guest-fsfreeze-thaw"}"#)
