@@ -114,7 +114,7 @@ public actor AgentState {
     ///     reason `restart`; a `thaw` naming one is told so; a qemu-ga freeze's later
     ///     `guest-fsfreeze-thaw` fails once saying why, as after a deadline.
     ///   - endedEarlier: the same for freezes an earlier process ended by itself as it stopped,
-    ///     or that `quiesced --recover` thawed (`FreezeRecord.takeEndedNotes`), with their
+    ///     or that `quiesced --recover` thawed (`FreezeRecord.readEndedNotes`), with their
     ///     reason and time; taken before `recovered`.
     ///   - kernel: where FIFREEZE, FITHAW and syncfs go (the real kernel; a fake in tests).
     ///   - planner: what plans a freeze (nil: `Discovery` of the live system in `config.scope`).

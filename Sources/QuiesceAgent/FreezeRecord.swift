@@ -60,7 +60,7 @@ public struct FreezeRecord: Sendable {
 
     /// A freeze that ended without its host's thaw, just before the agent process went away: it
     /// thawed on a stop signal, or `quiesced --recover` (the units' ExecStopPost) thawed what a
-    /// killed agent left. The next agent process reads these notes at start (`takeEndedNotes`),
+    /// killed agent left. The next agent process reads these notes at start (`readEndedNotes`),
     /// so that the host's late thaw of that freeze is told it ended early, as the same process
     /// would have told it: above all a qemu-ga host's `guest-fsfreeze-thaw`, which names no
     /// freeze and would otherwise read `{"return": 0}` as a snapshot taken while frozen.
@@ -72,7 +72,7 @@ public struct FreezeRecord: Sendable {
         public var atMs: Int64
         /// The agent it belongs to (`AgentConfig.identity`): only that one takes the note.
         public var identity: String
-        /// The note's file, as read by `takeEndedNotes` (nil before it is written).
+        /// The note's file, as read by `readEndedNotes` (nil before it is written).
         public var path: String?
 
         public init(opID: String, filesystems: [String], reason: ThawReason, atMs: Int64 = wallClockMillis(), identity: String) {
@@ -100,7 +100,7 @@ public struct FreezeRecord: Sendable {
     /// They stay until the late thaw they answer has come, or a new freeze shows the host has
     /// moved on (`dropEndedNote`), so that a second restart before the host's thaw keeps them;
     /// another agent's are left to it; any a day old is dropped.
-    public static func takeEndedNotes(stateDir: String, identity: String) -> [EndedFreeze] {
+    public static func readEndedNotes(stateDir: String, identity: String) -> [EndedFreeze] {
         var notes: [EndedFreeze] = []
         for name in (FD.directoryEntries(atPath: stateDir) ?? []) where name.hasPrefix("ended-") && name.hasSuffix(".json") {
             let path = "\(stateDir)/\(name)"

@@ -269,7 +269,7 @@ let state = AgentState(config: config, logger: logger,
                        // What start-up recovery thawed is reported as promised (reason restart).
                        recovered: recovery.recovered.map { r in (r.opID, mountPoints(r.lines)) },
                        // What the last process ended as it stopped, or --recover thawed after it.
-                       endedEarlier: FreezeRecord.takeEndedNotes(stateDir: config.stateDir, identity: config.identity))
+                       endedEarlier: FreezeRecord.readEndedNotes(stateDir: config.stateDir, identity: config.identity))
 server.state = state
 
 var unixPaths: [String] = []
