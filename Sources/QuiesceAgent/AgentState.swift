@@ -67,6 +67,13 @@ public actor AgentState {
     /// removed once the late thaw they answer is told, or a new freeze is made.
     private var endedNotes: [String: String] = [:]
 
+    /// The error for a late thaw of `opID`, which ended early as `ended` says; once told, the
+    /// note an earlier process left for it is no longer needed.
+    private func told(endedEarly opID: String, _ ended: (opID: String, reason: ThawReason, atMs: Int64, timeoutMs: Int64)) -> ProtocolError {
+        dropEndedNote(opID)
+        return AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs)
+    }
+
     /// The host has heard of `opID`'s early end (or, with nil, moved on to a new freeze).
     private func dropEndedNote(_ opID: String?) {
         let gone = opID.map { op in endedNotes.filter { $0.key == op } } ?? endedNotes
@@ -529,8 +536,7 @@ public actor AgentState {
                     return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold a freeze"))
                 }
                 if ended.reason != .request {
-                    dropEndedNote(opID)
-                    return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                    return .failure(told(endedEarly: opID, ended))
                 }
             }
             return .success(ThawResult(opID: opID, wasFrozen: false, filesystems: [], totalUs: 0, frozenUs: nil))
@@ -539,8 +545,7 @@ public actor AgentState {
         case .frozen(let current):
             if let opID, opID != current.opID {
                 if let ended = endedOps.last(where: { $0.opID == opID }), ended.reason != .request {
-                    dropEndedNote(opID)
-                    return .failure(AgentState.endedEarly(opID: opID, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                    return .failure(told(endedEarly: opID, ended))
                 }
                 return .failure(ProtocolError(.notFrozen, "operation \(opID) does not hold the freeze (\(current.opID) does)",
                                               details: ["frozen_by": .string(current.opID)]))
@@ -658,8 +663,7 @@ public actor AgentState {
                 if case .frozen(let f) = phase { other = "; the freeze held now (op \(f.opID)) is another client's and stays" }
                 if let ended = endedOps.last(where: { $0.opID == op }) {
                     if ended.reason != .request {
-                        dropEndedNote(op)
-                        return .failure(AgentState.endedEarly(opID: op, reason: ended.reason, atMs: ended.atMs, timeoutMs: ended.timeoutMs))
+                        return .failure(told(endedEarly: op, ended))
                     }
                     if !other.isEmpty {
                         return .failure(ProtocolError(.notFrozen, "the freeze taken through qemu-ga's protocol (op \(op)) was thawed by another client's request before this thaw\(other)",
