@@ -214,42 +214,43 @@ struct NeverLeftFrozenTests {
             let a = try lab.filesystem("a")
             let conf = "\(lab.root)/quiesced.conf"
             let state = "\(lab.root)/state-x"
-            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"], stateDir: state)
-            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached"])
-            agent.signal(SIGKILL)
-            _ = agent.waitForExit()
+            /// An agent that takes a detached freeze and is killed under it, leaving its record.
+            func killedUnderFreeze(_ name: String, stateDir: String, environment: [String: String]? = nil) throws {
+                let agent = try AgentProcess(in: lab.root, name: name, arguments: ["--include", "\(lab.root)/*"],
+                                             environment: environment, stateDir: stateDir)
+                _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached"])
+                agent.signal(SIGKILL)
+                _ = agent.waitForExit()
+            }
+            /// What the units' ExecStopPost runs, with `config` as the file by then.
+            func recover(withConfig config: String) throws -> String {
+                try config.write(toFile: conf, atomically: true, encoding: .utf8)
+                return try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --recover 2>&1; echo \"exit=$?\"")
+            }
+
+            try killedUnderFreeze("agent", stateDir: state)
             #expect(try isFrozen(a))
             // Edited while the agent ran: a line the agent would refuse at start.
-            try "state-dir = \(state)\nmax-freeze = 10 minutes\ninclude = \(lab.root)/*\n".write(toFile: conf, atomically: true, encoding: .utf8)
-            #expect(try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --check-config 2>&1; echo \"exit=$?\"").hasSuffix("exit=2\n"))
+            let broken = "state-dir = \(state)\nmax-freeze = 10 minutes\ninclude = \(lab.root)/*\n"
             // Before: --recover (the units' ExecStopPost) refused the file too and thawed nothing.
-            let out = try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --recover 2>&1; echo \"exit=$?\"")
+            let out = try recover(withConfig: broken)
+            #expect(try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --check-config 2>&1; echo \"exit=$?\"").hasSuffix("exit=2\n"))
             #expect(out.hasSuffix("exit=0\n") && out.contains("recovering anyway with state-dir \(state)") && out.contains("max-freeze"), "\(out)")
             #expect(try !isFrozen(a))
 
-            // The agent wrote its record in the default state dir (the units'); the config
-            // names another one by the time it is recovered.
-            let unitLike = try AgentProcess(in: lab.root, name: "agent-default", arguments: ["--include", "\(lab.root)/*"], stateDir: "/run/quiesce")  // AgentConfig.defaultStateDir
-            _ = try TestClient(path: unitLike.socketPath).result(["op": "freeze", "mode": "detached"])
-            unitLike.signal(SIGKILL)
-            _ = unitLike.waitForExit()
-            try "state-dir = \(lab.root)/moved\n".write(toFile: conf, atomically: true, encoding: .utf8)
-            let moved = try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --recover 2>&1; echo \"exit=$?\"")
+            // The agent wrote its record in the default state dir (the units', AgentConfig's
+            // defaultStateDir); the config names another one by the time it is recovered.
+            try killedUnderFreeze("agent-default", stateDir: "/run/quiesce")
+            let moved = try recover(withConfig: "state-dir = \(lab.root)/moved\n")
             // (Another test's --recover, which also looks in /run/quiesce, may have been first.)
             #expect(moved.hasSuffix("exit=0\n"), "\(moved)")
             #expect(try !isFrozen(a))
 
             // Under systemd an agent whose state dir is neither leaves a pointer to it there:
             // the config moved from one custom dir to another is recovered from too.
-            let far = "\(lab.root)/state-far"
-            let pointing = try AgentProcess(in: lab.root, name: "agent-far", arguments: ["--include", "\(lab.root)/*"],
-                                            environment: ["INVOCATION_ID": "0123456789abcdef0123456789abcdef", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"],
-                                            stateDir: far)
-            _ = try TestClient(path: pointing.socketPath).result(["op": "freeze", "mode": "detached"])
-            pointing.signal(SIGKILL)
-            _ = pointing.waitForExit()
-            try "state-dir = \(lab.root)/elsewhere-again\n".write(toFile: conf, atomically: true, encoding: .utf8)
-            let pointed = try sh("'\(buildProductsDir)/quiesced' --config '\(conf)' --recover 2>&1; echo \"exit=$?\"")
+            try killedUnderFreeze("agent-far", stateDir: "\(lab.root)/state-far",
+                                  environment: ["INVOCATION_ID": "0123456789abcdef0123456789abcdef", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"])
+            let pointed = try recover(withConfig: "state-dir = \(lab.root)/elsewhere-again\n")
             #expect(pointed.hasSuffix("exit=0\n"), "\(pointed)")
             #expect(try !isFrozen(a), "recovered through the pointer: \(pointed)")
         }
