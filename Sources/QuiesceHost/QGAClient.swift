@@ -56,7 +56,7 @@ extension AgentClient {
             let count = try qgaExecute(.fsfreezeFreeze(mountpoints: r.mounts), timeoutMs: timeoutMs)
             let us = Int64((monotonicNanos() - start) / 1000)
             // A count of frozen filesystems, or the freeze's outcome is unknown (and undone).
-            guard let frozen = count.intValue, frozen >= 0, frozen <= AgentClient.qgaMaxCount else {
+            guard let frozen = AgentClient.qgaCount(count) else {
                 throw AgentError(.protocolViolation, "qemu-ga answered guest-fsfreeze-freeze with \(printable(count.text)), not a count of frozen filesystems")
             }
             let n = Int(frozen)
@@ -86,7 +86,7 @@ extension AgentClient {
                 }
                 throw error
             }
-            guard let n = count.intValue, n >= 0, n <= AgentClient.qgaMaxCount else {
+            guard let n = AgentClient.qgaCount(count) else {
                 throw AgentError(.protocolViolation, "qemu-ga answered guest-fsfreeze-thaw with \(printable(count.text)), not a count of thawed filesystems: the thaw is not confirmed")
             }
             return ThawResult(opID: opID, wasFrozen: n > 0, filesystems: AgentClient.qgaReports(count: Int(n)),
@@ -101,6 +101,13 @@ extension AgentClient {
     /// frozen superblocks is not real); each counted one becomes a report, so a larger count
     /// would cost the host memory without bound (10^9 took 22 GB).
     static let qgaMaxCount: Int64 = 65_536
+
+    /// qemu-ga's answer to a freeze or thaw as a count of filesystems: an integer from 0 to
+    /// `qgaMaxCount`, else nil (not a count, or not a plausible one).
+    static func qgaCount(_ answer: JSON) -> Int64? {
+        guard let n = answer.intValue, (0...qgaMaxCount).contains(n) else { return nil }
+        return n
+    }
 
     /// Reports for filesystems qemu-ga counted but did not name.
     static func qgaReports(count n: Int) -> [FilesystemReport] {
