@@ -57,6 +57,18 @@ public final class AgentClient {
         return client
     }
 
+    /// Connects to undo a freeze. To qemu-ga without the guest-info handshake: qemu-ga carries
+    /// out one command at a time (qga/main.c), so while it is inside a freeze (a slow fsfreeze
+    /// hook) it answers nothing, and a thaw sent only after guest-info's answer would never be
+    /// sent. Written at once instead, the thaw waits in the channel and is carried out as soon
+    /// as the freeze returns. To quiesced, an ordinary `connect`.
+    static func connectToUndo(_ address: AgentAddress, connectTimeoutMs: Int64, replyTimeoutMs: Int64) throws(AgentError) -> AgentClient {
+        guard case .qga = address else {
+            return try connect(address, connectTimeoutMs: connectTimeoutMs, replyTimeoutMs: replyTimeoutMs)
+        }
+        return AgentClient(connection: try Connection.open(address, timeoutMs: connectTimeoutMs), replyTimeoutMs: replyTimeoutMs)
+    }
+
     /// Closes the connection. A bound freeze held by it is thawed by the agent.
     public func close() { connection.close() }
 
@@ -338,10 +350,13 @@ extension AgentClient {
                 throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             }
             let giveUp = monotonicNanos() + UInt64(max(replyTimeoutMs, 1000)) * 1_000_000
+            // qemu-ga serves one client at a time (and QEMU's chardev one connection): this
+            // connection goes first, or the undo's would wait behind it.
+            if isQGA { close() }
             var undo: Result<String, AgentError>
             while true {
                 do {
-                    let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs)
+                    let again = try AgentClient.connectToUndo(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs)
                     defer { again.close() }
                     let t = try again.thawConfirmed(opID: op)
                     undo = .success(t.result.map { $0.wasFrozen ? "thawed \($0.filesystemCount) filesystem\($0.filesystemCount == 1 ? "" : "s")" : "nothing was frozen" }
@@ -355,6 +370,9 @@ extension AgentClient {
                         // The freeze is still being taken: ask again once it is done.
                         Threads.sleep(milliseconds: 200)
                         continue
+                    } else if isQGA && error.code == .timeout {
+                        // The thaw was written: qemu-ga reads it when its freeze returns.
+                        undo = .failure(AgentError(.timeout, "\(error.message); the thaw was sent and waits in qemu-ga's channel, which carries it out when the freeze returns, but it is not confirmed"))
                     } else {
                         undo = .failure(error)
                     }

@@ -219,6 +219,9 @@ final class CheckpointRun {
             case .failed(_, _, let error, let at):
                 undoPending.remove(i)
                 note(at, i, "gave-up", "after giving up: \(error.message)")
+                // Its undo failed: a thaw that could not be confirmed (72), whatever the policy
+                // made of the failed freeze (before, crash-consistent read exit 0).
+                if error.mayBeFrozen { report.agents[i].thawError = error }
             case .thawed(_, let outcome, let at):
                 undoPending.remove(i)
                 note(at, i, outcome.error == nil ? "thawed" : "thaw-failed",

@@ -84,6 +84,98 @@ struct HostileGuestTests {
         }
     }
 
+    /// Models what the host sees of Debian's qemu-ga with a slow fsfreeze hook: one client at a
+    /// time, one command at a time (qga/main.c), and a freeze that returns only after
+    /// `freezeMs` (qemu-ga runs the hook, then FIFREEZEs), reading nothing meanwhile. Records
+    /// whether a thaw came after the freeze had taken hold, that is, whether the guest was left
+    /// frozen. (The real qemu-ga would freeze this machine's filesystems and thaw all of them:
+    /// run-qga-e2e drives it inside the guest.)
+    final class SlowQGA: Sendable {
+        private final class State: Sendable {
+            let lock = Mutex<(frozen: Bool, thawedAfterFreeze: Bool)>((false, false))
+            func withLock<T>(_ body: (inout (frozen: Bool, thawedAfterFreeze: Bool)) -> T) -> T { lock.withLock { body(&$0) } }
+        }
+        private let state = State()
+        let peer: ScriptedPeer
+        var frozen: Bool { state.withLock { $0.frozen } }
+        var thawedAfterFreeze: Bool { state.withLock { $0.thawedAfterFreeze } }
+
+        init(_ path: String, freezeMs: Int) throws {
+            let state = self.state
+            peer = try ScriptedPeer(path: path, serial: true) { c in
+                while let line = c.readLine(timeoutMs: 30_000) {
+                    let text = String(line.drop(while: { $0 == "\u{FFFD}" }))
+                    guard let json = try? JSON.parse(text), let cmd = json["execute"]?.stringValue else { continue }
+                    switch cmd {
+                    case "guest-sync-delimited":
+                        c.send([0xFF])
+                        c.send("{\"return\": \(json["arguments"]?["id"]?.text ?? "0")}\n")
+                    case "guest-info":
+                        let names = ["guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+                        let list = names.map { "{\"name\": \"\($0)\", \"enabled\": true}" }.joined(separator: ", ")
+                        c.send("{\"return\": {\"version\": \"7.2.0\", \"supported_commands\": [\(list)]}}\n")
+                    case "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list":
+                        usleep(useconds_t(freezeMs * 1000))
+                        state.withLock { $0.frozen = true }
+                        c.send("{\"return\": 1}\n")
+                    case "guest-fsfreeze-thaw":
+                        let n = state.withLock { s in
+                            defer { s.frozen = false }
+                            if s.frozen { s.thawedAfterFreeze = true }
+                            return s.frozen ? 1 : 0
+                        }
+                        c.send("{\"return\": \(n)}\n")
+                    case "guest-fsfreeze-status":
+                        c.send("{\"return\": \"\(state.withLock { $0.frozen } ? "frozen" : "thawed")\"}\n")
+                    default: c.send("{\"return\": {}}\n")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Before: the undo asked guest-info first, on a second connection, while the first still
+    /// held qemu-ga; qemu-ga answered neither, the thaw was never sent, and the guest stayed
+    /// frozen with no deadline (trial: a group run even exited 0 under crash-consistent).
+    @Test("a qemu-ga whose freeze returns after quiescectl gave up on it (a slow fsfreeze hook) is thawed as soon as it returns: undone (70) when that is within the reply timeout, else the thaw waits in its channel and the run exits 72, in a group too")
+    func slowQGAFreezeIsThawedWhenItReturns() throws {
+        let dir = TempDir()
+        let marker = dir.file("ran")
+        // Alone: the freeze reply is waited for 2 s, the undo's thaw reply 2 s more.
+        do {
+            let qga = try SlowQGA(dir.file("q1.sock"), freezeMs: 3000)
+            defer { qga.peer.stop() }
+            let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("q1.sock"))", "--reply-timeout", "2s", "checkpoint", "--timeout", "2s",
+                                 "--", "touch", marker], in: dir, timeoutMs: 30_000)
+            #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+            #expect(r.stderr.contains("was undone: thawed 1 filesystem"), "\(r.stderr)")
+            #expect(qga.thawedAfterFreeze && !qga.frozen)
+            #expect(!FileManager.default.fileExists(atPath: marker))
+        }
+        do {
+            let qga = try SlowQGA(dir.file("q2.sock"), freezeMs: 5000)
+            defer { qga.peer.stop() }
+            let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("q2.sock"))", "--reply-timeout", "1s", "checkpoint", "--timeout", "1s",
+                                 "--", "touch", marker], in: dir, timeoutMs: 30_000)
+            #expect(r.status == ExitCodes.thawFailed, "\(r.stderr)")
+            #expect(r.stderr.contains("the thaw was sent and waits in qemu-ga's channel"), "\(r.stderr)")
+            #expect(eventually(withinMs: 10_000) { qga.thawedAfterFreeze && !qga.frozen }, "the thaw written during the freeze was carried out after it")
+        }
+        // In a group, with a fast guest beside it and the policy that lets COMMAND run.
+        for (freezeMs, reply, expected) in [(3000, "10s", ExitCodes.success), (6000, "2s", ExitCodes.thawFailed)] {
+            let fast = try FakeAgent(in: dir, name: "fast-\(freezeMs)")
+            let sock = dir.file("g-\(freezeMs).sock")
+            let qga = try SlowQGA(sock, freezeMs: freezeMs)
+            defer { qga.peer.stop() }
+            let r = try Ctl.run(["--agent", "unix:\(dir.file("fast-\(freezeMs).sock"))", "--agent", "qga:unix:\(sock)", "--reply-timeout", reply,
+                                 "checkpoint", "--freeze-wait", "1s", "--on-agent-failure", "crash-consistent", "--", "true"],
+                                in: dir, timeoutMs: 30_000)
+            #expect(r.status == expected, "freeze \(freezeMs) ms: \(r.stderr)")
+            #expect(eventually(withinMs: 10_000) { qga.thawedAfterFreeze && !qga.frozen }, "freeze \(freezeMs) ms: left frozen")
+            #expect(!fast.frozen)
+        }
+    }
+
     @Test("a qemu-ga whose freeze answer is not a count of filesystems: the freeze is undone and COMMAND does not run",
           arguments: ["\"lots\"", "-5", "99999999999999999999999", "null", "1000000000"])
     func qgaFreezeAnswerMustBeACount(_ answer: String) throws {

@@ -80,17 +80,20 @@ final class ScriptedPeer: @unchecked Sendable {
     let path: String
     private let listener: Int32
 
-    init(path: String, _ script: @escaping @Sendable (PeerConnection) -> Void) throws {
+    /// `serial`: one client at a time, as qemu-ga serves them (qga/main.c): the next connection
+    /// is accepted only when the script is done with the last one.
+    init(path: String, serial: Bool = false, _ script: @escaping @Sendable (PeerConnection) -> Void) throws {
         _ = ignoreSIGPIPE  // a script may write on after the client under test has hung up
         self.path = path
         listener = try Socket.listenUnix(path: path, mode: 0o600, backlog: 64)
         let fd = listener
         Threads.detach {
             while let (conn, _) = try? Socket.accept(fd) {
-                Threads.detach {
+                let serve: @Sendable () -> Void = {
                     script(PeerConnection(fd: conn))
                     FD.close(conn)
                 }
+                if serial { serve() } else { Threads.detach(serve) }
             }
         }
     }
