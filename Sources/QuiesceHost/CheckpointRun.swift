@@ -314,6 +314,14 @@ final class CheckpointRun {
                 report.agents[i].freezeLost = "qemu-ga's thaw thawed \(thawed.filesystemCount) of the \(froze) filesystems it froze: "
                     + "the others had been thawed by something else before the thaw"
             }
+            // More than it froze: its thaw takes no list and thaws every frozen filesystem it
+            // sees, so it also ended freezes that were not this checkpoint's. Ours held; the
+            // other freezer's did not, and it is told here, as nothing else will tell it.
+            if case .qga = plan.agents[i], let froze = report.agents[i].freeze?.filesystemCount,
+               let thawed = outcome.result, thawed.filesystemCount > froze {
+                note(at, i, "thawed-others", "WARNING: qemu-ga's thaw thawed \(thawed.filesystemCount) filesystems, \(thawed.filesystemCount - froze) more "
+                     + "than the \(froze) this checkpoint froze: its thaw ends every freeze in the guest, so a freeze by something else was ended too")
+            }
             let elsewhere = (outcome.result?.filesystems ?? []).filter { $0.thawedElsewhere == true }.map(\.mountPoint)
             if !elsewhere.isEmpty && report.agents[i].freezeLost == nil {
                 // The agent's FITHAW found them thawed already: some other process thawed them

@@ -136,7 +136,18 @@ func duration(_ text: String, flag: String) throws -> TimeSpan {
     do { return try TimeSpan(parsing: text) } catch { throw ValidationError("\(error)") }
 }
 
-func mountList(_ mounts: [String]) -> [String]? { mounts.isEmpty ? nil : mounts }
+/// --mount values as sent: spelled as mountinfo spells a mountpoint (no repeated or trailing
+/// slash, which is lexical only: no symlink or `..` is resolved), each once, in the order given;
+/// nil for none (every eligible filesystem). A mountpoint named twice is asked for once: qemu-ga
+/// counts what it froze, and a repeat read as a freeze short of what was asked.
+func mountList(_ mounts: [String]) -> [String]? {
+    var seen = Set<String>()
+    let list = mounts.map { m in
+        let parts = m.split(separator: "/", omittingEmptySubsequences: true)
+        return "/" + parts.joined(separator: "/")
+    }.filter { seen.insert($0).inserted }
+    return list.isEmpty ? nil : list
+}
 
 /// --mount values: mountpoints as the guest's /proc/self/mountinfo shows them, so absolute.
 func checkMounts(_ mounts: [String]) throws {

@@ -206,6 +206,32 @@ struct HostileGuestTests {
         #expect(thawed.happened)
     }
 
+    @Test("one mountpoint named three ways (again, with a trailing slash, with a doubled slash) is asked for once: qemu-ga's count of 1 is the whole freeze, not a short one")
+    func repeatedMountIsAskedForOnce() throws {
+        let dir = TempDir()
+        let thawed = Seen()
+        let peer = try HostileGuestTests.scriptedQGA(dir.file("qga.sock"), freezeAnswer: "1", thawAnswer: "1", thawed: thawed)
+        defer { peer.stop() }
+        let marker = dir.file("ran")
+        let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("qga.sock"))", "checkpoint", "--mount", "/srv/a", "--mount", "/srv/a/",
+                             "--mount", "//srv//a", "--", "sh", "-c", "echo \"$QUIESCE_FROZEN\" > '\(marker)'"], in: dir)
+        // Before: "qemu-ga froze 1 filesystem of the 3 asked for", exit 70.
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect((try? String(contentsOfFile: marker, encoding: .utf8)) == "qga:unix:\(dir.file("qga.sock"))=/srv/a\n")
+        #expect(thawed.happened)
+    }
+
+    @Test("a qemu-ga thaw that thawed more filesystems than the checkpoint froze (another tool's freeze): the checkpoint holds, and the run warns that a freeze not its own was ended")
+    func qgaThawOfOthersFreezeIsTold() throws {
+        let dir = TempDir()
+        let thawed = Seen()
+        let peer = try HostileGuestTests.scriptedQGA(dir.file("qga.sock"), freezeAnswer: "1", thawAnswer: "3", thawed: thawed)
+        defer { peer.stop() }
+        let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("qga.sock"))", "checkpoint", "--mount", "/srv/a", "--", "true"], in: dir)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr.contains("qemu-ga's thaw thawed 3 filesystems, 2 more than the 1 this checkpoint froze"), "\(r.stderr)")
+    }
+
     @Test("a qemu-ga thaw answer that is not a plausible count is an unconfirmed thaw (72), and costs the host no memory per count")
     func qgaThawAnswerMustBeACount() throws {
         let dir = TempDir()
