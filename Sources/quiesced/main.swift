@@ -166,13 +166,24 @@ if checkOnly {
     if !config.scope.exclude.isEmpty || !config.scope.excludeTypes.isEmpty {
         scope += ", exclude \((config.scope.exclude + config.scope.excludeTypes.map { "type " + $0 }).joined(separator: " "))"
     }
-    if let dir = config.hooksDir, !Paths.exists(dir) {
-        FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("hooks-dir \(dir) does not exist: freezes run no hooks until it does"))\n".utf8))
+    var hooksSummary = "no hooks-dir"
+    if let dir = config.hooksDir {
+        // The same look at the directory as every freeze takes: a hook refused there (writable
+        // by others, a symlink, a bad header) is refused at every freeze until it is fixed.
+        let (hooks, refused) = Hooks(directory: dir, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs).list()
+        if !Paths.exists(dir) && refused.isEmpty {
+            FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("hooks-dir \(dir) does not exist: freezes run no hooks until it does"))\n".utf8))
+        }
+        for r in refused {
+            let what = r.name == dir ? "hooks-dir \(dir): \(r.reason)" : "hook \(r.name) in \(dir) is refused at every freeze: \(r.reason)"
+            FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped(what))\n".utf8))
+        }
+        hooksSummary = "hooks \(hooks.isEmpty ? "none" : hooks.map(\.name).joined(separator: " ")) in \(dir)\(refused.isEmpty ? "" : " (\(refused.count) refused)")"
     }
     if config.freezeStepTimeoutMs > config.maxFreezeMs {
         FD.writeOnce(FD.standardError, Array("quiesced: warning: freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)) is longer than max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)): a freeze wave that long would outlast the freeze it makes\n".utf8))
     }
-    print(OneLine.escaped("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no")"))
+    print(OneLine.escaped("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no"); \(hooksSummary)"))
     CurrentProcess.exit(0)
 }
 
@@ -210,8 +221,10 @@ var recovery = FreezeRecord.recoverAbandoned(stateDir: config.stateDir)
 // --recover also looks where the dead agent kept its records if that is not where the config
 // says now (the config was changed while it ran): the default state dir, and the state dirs
 // that agents running elsewhere left pointers to in it.
+var searchedStateDirs = [config.stateDir]
 if recoverOnly {
     for dir in FreezeRecord.otherStateDirs(besides: config.stateDir, default: AgentConfig.defaultStateDir) {
+        searchedStateDirs.append(dir)
         let other = FreezeRecord.recoverAbandoned(stateDir: dir)
         recovery.recovered += other.recovered
         recovery.hooksOwed += other.hooksOwed
@@ -245,6 +258,9 @@ for pid in recovery.liveOwners {
 }
 if recoverOnly && recovery.recovered.isEmpty && !recovery.liveOwners.isEmpty {
     logger.notice("nothing to recover: the agents using \(config.stateDir) are running and thaw their own freezes")
+} else if recoverOnly && recovery.recovered.isEmpty && recovery.hooksOwed.isEmpty {
+    // Said, so that a run that found nothing is not mistaken for one that looked nowhere.
+    logger.notice("nothing to recover: no freeze record in \(searchedStateDirs.joined(separator: ", "))")
 }
 if recoverOnly {
     // The agent that starts next (the unit's restart) owes the host of each the truth.

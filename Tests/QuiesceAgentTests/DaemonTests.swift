@@ -132,6 +132,10 @@ struct NeverLeftFrozenTests {
             #expect(try isFrozen(a))
             try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(agent.stateDir)' 2>/dev/null")
             #expect(try !isFrozen(a))
+            // A second run finds nothing, and says where it looked (before: not a word).
+            let again = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(agent.stateDir)' 2>&1")
+            // (It also looks in /run/quiesce, where another test's killed agent may have left one.)
+            #expect(again.contains("nothing to recover: no freeze record in \(agent.stateDir)") || again.contains("found a freeze record"), "\(again)")
         }
     }
 
@@ -701,6 +705,19 @@ struct SystemdAndConfigTests {
         #expect(crlfOK.contains("vsock:5123") && crlfOK.contains("max-freeze 2m"), "CRLF line ends: \(crlfOK)")
         let noHooks = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --hooks-dir '\(dir)/no-such-hooks' --check-config 2>&1; echo \"exit=$?\"")
         #expect(noHooks.contains("hooks-dir \(dir)/no-such-hooks does not exist") && noHooks.contains("exit=0"), "\(noHooks)")
+        // Hooks a freeze would refuse are named now, not first at a freeze (before: "configuration OK").
+        let hooksDir = dir + "/hooks"
+        _ = try sh("""
+            mkdir -m 755 '\(hooksDir)' && printf '#!/bin/sh\\nexit 0\\n' > '\(hooksDir)/10-good' && chmod 755 '\(hooksDir)/10-good'
+            cp '\(hooksDir)/10-good' '\(hooksDir)/20-open' && chmod 777 '\(hooksDir)/20-open' && ln -s 10-good '\(hooksDir)/30-link'
+            ln -s hooks '\(dir)/hooks-link'
+            """)
+        let hooked = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --hooks-dir '\(hooksDir)' --check-config 2>&1; echo \"exit=$?\"")
+        #expect(hooked.contains("hook 20-open in \(hooksDir) is refused at every freeze: writable by group or others")
+                && hooked.contains("hook 30-link in \(hooksDir) is refused at every freeze: a symbolic link"), "\(hooked)")
+        #expect(hooked.contains("configuration OK") && hooked.contains("hooks 10-good in \(hooksDir) (2 refused)") && hooked.hasSuffix("exit=0\n"), "\(hooked)")
+        let linked = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --hooks-dir '\(dir)/hooks-link' --check-config 2>&1")
+        #expect(linked.contains("hooks-dir \(dir)/hooks-link: the hooks directory is a symbolic link (not followed)") && linked.contains("hooks none"), "\(linked)")
         let good = dir + "/good.conf"
         try "listen = vsock:5123\ninclude = /srv/*\nmax-freeze = 2m   # two minutes\nthaw-on-disconnect = no\npresync = off\n# listen = unix:/commented\nlisten = unix:/run/a#b.sock\n".write(toFile: good, atomically: true, encoding: .utf8)
         let ok = try sh("'\(buildProductsDir)/quiesced' --config '\(good)' --check-config")
