@@ -354,6 +354,7 @@ extension AgentClient {
             // connection goes first, or the undo's would wait behind it.
             if isQGA { close() }
             var undo: Result<String, AgentError>
+            var queued = false
             while true {
                 do {
                     let again = try AgentClient.connectToUndo(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs)
@@ -372,6 +373,7 @@ extension AgentClient {
                         continue
                     } else if isQGA && error.code == .timeout {
                         // The thaw was written: qemu-ga reads it when its freeze returns.
+                        queued = true
                         undo = .failure(AgentError(.timeout, "\(error.message); the thaw was sent and waits in qemu-ga's channel, which carries it out when the freeze returns, but it is not confirmed"))
                     } else {
                         undo = .failure(error)
@@ -383,7 +385,8 @@ extension AgentClient {
             case .success(let what):
                 throw AgentError(original.code, "\(original.message). The freeze \(op) was undone: \(what); nothing is frozen by it")
             case .failure(let e):
-                var unsure = AgentError(original.code, "\(original.message). The guest MAY BE FROZEN \(until): undoing the freeze failed (\(e.message)); thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw", "--op-id", op]))`")
+                let left = queued ? "until its freeze returns and the thaw written behind it runs" : until
+                var unsure = AgentError(original.code, "\(original.message). The guest MAY BE FROZEN \(left): undoing the freeze failed (\(e.message)); check with `\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`, thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw", "--op-id", op]))`")
                 unsure.mayBeFrozen = true
                 throw unsure
             }
