@@ -224,4 +224,9 @@ public enum ProtocolLimits {
     public static let maxQGAFrameBytes = 16 << 20
     /// The deepest nesting of arrays and objects accepted in a frame.
     public static let maxDepth = 16
+    /// How long a frame may take to arrive on a stream transport once its first byte has, in
+    /// milliseconds (PROTOCOL.md section 8.2). A peer that starts frames and never finishes
+    /// them would otherwise hold a connection slot (and, for qemu-ga's dialect, up to 16 MiB)
+    /// for ever; an idle connection between frames is not limited.
+    public static let frameCompletionMs: Int64 = 30_000
 }

@@ -77,6 +77,51 @@ struct AgentPeerTests {
         }
     }
 
+    /// Before: a peer that began a frame and never ended it held its connection slot for
+    /// ever, so max-connections such peers locked every other local client out (trial).
+    @Test("a frame left unfinished for 30 s closes its connection with bad-request (both dialects), which frees the slot; an idle connection between frames stays")
+    func unfinishedFrameClosesTheConnection() async throws {
+        try await LoopLab.with { lab in
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--max-connections", "3", "--listen", "qga+unix:\(qga)"])
+            defer { agent.stop() }
+            for _ in 0..<300 where !FileManager.default.fileExists(atPath: qga) { usleep(10_000) }
+            // Each peer is known to hold a slot (it was answered) before it starts its frame:
+            // the agent's start-up probe may still hold one for a moment.
+            func admitted(_ path: String, ping: String, answer: String) throws -> TestClient {
+                for _ in 0..<100 {
+                    let c = try TestClient(path: path)
+                    try c.sendRaw(Array((ping + "\n").utf8))
+                    var buffer = [UInt8](repeating: 0, count: 4096)
+                    if try !FD.poll(c.fd, for: .readable, timeoutMs: 5000).isEmpty, case .success(let n) = FD.readSome(c.fd, into: &buffer),
+                       String(decoding: buffer[0..<n], as: UTF8.self).contains(answer) { return c }
+                    usleep(20_000)
+                }
+                throw LabError("not admitted: \(path)")
+            }
+            let idle = try admitted(agent.socketPath, ping: #"{"op":"ping","id":0}"#, answer: #""ok":true"#)
+            let slow = try admitted(agent.socketPath, ping: #"{"op":"ping","id":0}"#, answer: #""ok":true"#)
+            try slow.sendRaw(Array(#"{"op":"ping","id":1"#.utf8))
+            let slowQGA = try admitted(qga, ping: #"{"execute":"guest-ping"}"#, answer: #""return""#)
+            try slowQGA.sendRaw(Array(#"{"execute":"guest-ping""#.utf8))
+            let start = monotonicNanos()
+            // The three slots are taken: a fourth peer is refused.
+            let refused = try TestClient(path: agent.socketPath)
+            if case .failure(let e) = try refused.call(["op": "ping"]).outcome { #expect(e.code == .busy) } else { Issue.record("a fourth peer was admitted") }
+            // Each slow peer gets its answer and then the end of the connection.
+            let answer = String(decoding: try slow.readAll(timeoutMs: 45_000), as: UTF8.self)
+            let waited = (monotonicNanos() - start) / 1_000_000
+            #expect(answer.contains("\"code\":\"bad-request\"") && answer.contains("a frame begun 30 s ago is still unfinished"), "\(answer)")
+            #expect(waited >= 28_000 && waited < 45_000, "closed after \(waited) ms")
+            let qgaAnswer = String(decoding: try slowQGA.readAll(timeoutMs: 15_000), as: UTF8.self)
+            #expect(qgaAnswer.contains("GenericError") && qgaAnswer.contains("still unfinished"), "\(qgaAnswer)")
+            // The slots are free again, and the idle connection was left alone.
+            #expect(throws: Never.self) { _ = try TestClient(path: agent.socketPath).result(["op": "ping"]) }
+            #expect(try idle.result(["op": "status"])["state"] == "thawed")
+            #expect(agent.log.contains("a frame left unfinished for 30 s: connection closed"))
+        }
+    }
+
     @Test("a storm of connections past max-connections costs a bounded number of threads and log lines, and the admitted peers go on")
     func refusalStormIsBounded() async throws {
         try await LoopLab.with { lab in

@@ -102,6 +102,25 @@ public final class TestClient: @unchecked Sendable {
 
     public func sendRaw(_ bytes: [UInt8]) throws { try FD.writeAll(fd, bytes, timeoutMs: 5000) }
 
+    /// The raw bytes the agent sends until it closes the connection; throws when it has not
+    /// closed it within `timeoutMs`.
+    public func readAll(timeoutMs: Int32) throws -> [UInt8] {
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let end = monotonicNanos() + UInt64(timeoutMs) * 1_000_000
+        while true {
+            let now = monotonicNanos()
+            guard now < end else { throw LabError("the connection is still open after \(timeoutMs) ms (\(out.count) bytes read)") }
+            if try FD.poll(fd, for: .readable, timeoutMs: Int32((end - now) / 1_000_000 + 1)).isEmpty { continue }
+            switch FD.readSome(fd, into: &buffer) {
+            case .success(0): return out
+            case .success(let n): out += buffer[0..<n]
+            case .failure(let e) where e == .ECONNRESET: return out
+            case .failure(let e): throw LabError("read: \(e)")
+            }
+        }
+    }
+
     /// Sends `request` (an object without id; one is added) and returns the matching reply.
     public func call(_ request: JSON, timeoutMs: Int32 = 30_000) throws -> Reply {
         guard case .object(var o) = request else { throw LabError("request must be an object") }
