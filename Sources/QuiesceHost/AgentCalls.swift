@@ -19,17 +19,19 @@ public struct AgentCall<Value: Sendable>: Sendable {
 }
 
 public enum AgentCalls {
-    /// Connects to every agent in parallel (a thread each), says hello, runs `body`, closes.
-    /// Results come back in the order of `agents`.
+    /// Connects to every agent in parallel (a thread each), says hello (to qemu-ga only when
+    /// `qgaHandshake`, see `AgentClient.connect`), runs `body`, closes. Results come back in the
+    /// order of `agents`.
     public static func run<Value: Sendable>(
         _ agents: [AgentAddress], connectTimeoutMs: Int64, replyTimeoutMs: Int64, stage: AgentStage = .request,
-        _ body: @escaping @Sendable (AgentClient) throws(AgentError) -> Value
+        qgaHandshake: Bool = true, _ body: @escaping @Sendable (AgentClient) throws(AgentError) -> Value
     ) -> [AgentCall<Value>] {
         Threads.parallelMap(agents.count) { i in
             let start = monotonicNanos()
             let client: AgentClient
             do throws(AgentError) {
-                client = try AgentClient.connect(agents[i], connectTimeoutMs: connectTimeoutMs, replyTimeoutMs: replyTimeoutMs)
+                client = try AgentClient.connect(agents[i], connectTimeoutMs: connectTimeoutMs, replyTimeoutMs: replyTimeoutMs,
+                                                 qgaHandshake: qgaHandshake)
             } catch {
                 return AgentCall(address: agents[i], hello: nil, outcome: .failure(error), stage: .connect,
                                  elapsedNs: monotonicNanos() - start, requestNs: 0)

@@ -43,11 +43,18 @@ public final class AgentClient {
     }
 
     /// Connects, resynchronises a serial port, says `hello` and checks the agent's answer.
+    ///
+    /// `qgaHandshake: false` skips qemu-ga's guest-info (`hello` stays nil), for a thaw: qemu-ga
+    /// carries out one command at a time (qga/main.c), so while it is inside a freeze (a slow
+    /// fsfreeze hook) it answers nothing, and a thaw sent only after guest-info's answer would
+    /// never be sent. Written at once instead, it waits in the channel and is carried out as
+    /// soon as the freeze returns. Other agents always get `hello`.
     public static func connect(_ address: AgentAddress, connectTimeoutMs: Int64, replyTimeoutMs: Int64,
-                               onConnection: ((Connection) -> Void)? = nil) throws(AgentError) -> AgentClient {
+                               onConnection: ((Connection) -> Void)? = nil, qgaHandshake: Bool = true) throws(AgentError) -> AgentClient {
         let connection = try Connection.open(address, timeoutMs: connectTimeoutMs)
         onConnection?(connection)
         let client = AgentClient(connection: connection, replyTimeoutMs: replyTimeoutMs)
+        if !qgaHandshake && client.isQGA { return client }
         do {
             try client.sayHello()
         } catch {
@@ -55,18 +62,6 @@ public final class AgentClient {
             throw error
         }
         return client
-    }
-
-    /// Connects to undo a freeze. To qemu-ga without the guest-info handshake: qemu-ga carries
-    /// out one command at a time (qga/main.c), so while it is inside a freeze (a slow fsfreeze
-    /// hook) it answers nothing, and a thaw sent only after guest-info's answer would never be
-    /// sent. Written at once instead, the thaw waits in the channel and is carried out as soon
-    /// as the freeze returns. To quiesced, an ordinary `connect`.
-    static func connectToUndo(_ address: AgentAddress, connectTimeoutMs: Int64, replyTimeoutMs: Int64) throws(AgentError) -> AgentClient {
-        guard case .qga = address else {
-            return try connect(address, connectTimeoutMs: connectTimeoutMs, replyTimeoutMs: replyTimeoutMs)
-        }
-        return AgentClient(connection: try Connection.open(address, timeoutMs: connectTimeoutMs), replyTimeoutMs: replyTimeoutMs)
     }
 
     /// Closes the connection. A bound freeze held by it is thawed by the agent.
@@ -357,7 +352,7 @@ extension AgentClient {
             var queued = false
             while true {
                 do {
-                    let again = try AgentClient.connectToUndo(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs)
+                    let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs, qgaHandshake: false)
                     defer { again.close() }
                     let t = try again.thawConfirmed(opID: op)
                     undo = .success(t.result.map { $0.wasFrozen ? "thawed \($0.filesystemCount) filesystem\($0.filesystemCount == 1 ? "" : "s")" : "nothing was frozen" }
@@ -371,11 +366,9 @@ extension AgentClient {
                         // The freeze is still being taken: ask again once it is done.
                         Threads.sleep(milliseconds: 200)
                         continue
-                    } else if isQGA && error.code == .timeout {
-                        // The thaw was written: qemu-ga reads it when its freeze returns.
-                        queued = true
-                        undo = .failure(AgentError(.timeout, "\(error.message); the thaw was sent and waits in qemu-ga's channel, which carries it out when the freeze returns, but it is not confirmed"))
                     } else {
+                        // The thaw was written: qemu-ga carries it out when its freeze returns.
+                        queued = error.thawQueued
                         undo = .failure(error)
                     }
                 }

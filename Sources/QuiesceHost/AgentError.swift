@@ -38,6 +38,9 @@ public struct AgentError: Error, Sendable, CustomStringConvertible {
     /// A freeze whose outcome was unknown and whose undo failed: the guest may still be frozen.
     /// A checkpoint counts it as a thaw it could not confirm (exit 72), not a plain failed freeze.
     public var mayBeFrozen = false
+    /// A thaw written to qemu-ga whose answer did not come in time: it waits in qemu-ga's
+    /// channel and is carried out in its turn (after a freeze qemu-ga is still inside).
+    public var thawQueued = false
 
     /// The longest `message` kept, in characters, when it carries an agent's error (`remote`):
     /// that text is the guest's to choose, and a timeline repeats it. The report's JSON keeps

@@ -74,7 +74,12 @@ extension AgentClient {
             let start = monotonicNanos()
             let count: JSON
             do {
-                count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs)
+                count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs, unanswered: { late in
+                    // Written whole, so it waits in the channel for its turn.
+                    var queued = AgentError(.timeout, "\(late.message); the thaw was sent and waits in qemu-ga's channel (qemu-ga does one command at a time, and may still be inside a freeze, such as a slow fsfreeze hook), where it is carried out in its turn, but it is not confirmed")
+                    queued.thawQueued = true
+                    return queued
+                })
             } catch {
                 // quiesced on qemu-ga's port fails the first thaw after its own deadline (or a
                 // restart) ended the freeze with `not-frozen`, saying when and why (PROTOCOL.md
@@ -120,15 +125,22 @@ extension AgentClient {
 
     /// Sends 0xFF and guest-sync-delimited with a fresh id, then the command, and returns the
     /// command's `return` value. Whatever precedes the sync reply (an earlier client's replies
-    /// left in the chardev) is skipped. An `error` reply throws `.refused`.
-    func qgaExecute(_ command: QGA.Command, timeoutMs: Int64) throws(AgentError) -> JSON {
+    /// left in the chardev) is skipped. An `error` reply throws `.refused`. When the command
+    /// was sent but not answered in time, `unanswered` may say more than the timeout does.
+    func qgaExecute(_ command: QGA.Command, timeoutMs: Int64,
+                    unanswered: (AgentError) -> AgentError = { $0 }) throws(AgentError) -> JSON {
         let name = command.name.rawValue
         let syncID = Int64.random(in: 1...Int64(Int32.max))
         try send([0xFF] + QGA.Command.sync(id: syncID, delimited: true).line + command.line)
         let end = deadline(timeoutMs)
         var synced = false
         while true {
-            let frame = try qgaNextFrame(deadline: end, what: name, timeoutMs: timeoutMs)
+            let frame: [UInt8]
+            do {
+                frame = try qgaNextFrame(deadline: end, what: name, timeoutMs: timeoutMs)
+            } catch where error.code == .timeout {
+                throw unanswered(error)
+            }
             guard case .object(let o)? = try? JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth) else {
                 if synced {
                     throw AgentError(.protocolViolation, "\(address.spoken) answered \(name) with something that is not a JSON object")

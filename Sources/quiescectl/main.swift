@@ -118,10 +118,10 @@ struct GlobalOptions: ParsableArguments {
 
     /// The agents, or a usage error naming the flag when there is none.
     /// Runs `body` against every --agent in parallel, with the connect and reply timeouts given.
-    func callAgents<Value: Sendable>(stage: AgentStage = .request,
+    func callAgents<Value: Sendable>(stage: AgentStage = .request, qgaHandshake: Bool = true,
                                      _ body: @escaping @Sendable (AgentClient) throws(AgentError) -> Value) throws -> [AgentCall<Value>] {
         AgentCalls.run(try requireAgents(), connectTimeoutMs: connectTimeout.milliseconds,
-                       replyTimeoutMs: replyTimeout.milliseconds, stage: stage, body)
+                       replyTimeoutMs: replyTimeout.milliseconds, stage: stage, qgaHandshake: qgaHandshake, body)
     }
 
     func requireAgents() throws -> [AgentAddress] {
@@ -335,7 +335,9 @@ struct Thaw: ParsableCommand {
     func run() throws {
         let g = root.global
         let op = opID
-        let calls = try g.callAgents(stage: .thaw) { c throws(AgentError) in
+        // qemu-ga without guest-info first: it answers nothing while inside a freeze, and the
+        // thaw then waits in its channel for the freeze to return (AgentClient.connect).
+        let calls = try g.callAgents(stage: .thaw, qgaHandshake: false) { c throws(AgentError) in
             try c.thawConfirmed(opID: op)
         }
         // The named operation holds no freeze, and none is held by another (`frozen_by`): nothing

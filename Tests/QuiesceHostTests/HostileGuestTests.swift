@@ -137,7 +137,7 @@ struct HostileGuestTests {
     /// Before: the undo asked guest-info first, on a second connection, while the first still
     /// held qemu-ga; qemu-ga answered neither, the thaw was never sent, and the guest stayed
     /// frozen with no deadline (trial: a group run even exited 0 under crash-consistent).
-    @Test("a qemu-ga whose freeze returns after quiescectl gave up on it (a slow fsfreeze hook) is thawed as soon as it returns: undone (70) when that is within the reply timeout, else the thaw waits in its channel and the run exits 72, in a group too")
+    @Test("a qemu-ga whose freeze returns after quiescectl gave up on it (a slow fsfreeze hook) is thawed as soon as it returns: undone (70) when that is within the reply timeout, else the thaw waits in its channel and the run exits 72, in a group too, and so does `quiescectl thaw`")
     func slowQGAFreezeIsThawedWhenItReturns() throws {
         let dir = TempDir()
         let marker = dir.file("ran")
@@ -160,6 +160,25 @@ struct HostileGuestTests {
             #expect(r.status == ExitCodes.thawFailed, "\(r.stderr)")
             #expect(r.stderr.contains("the thaw was sent and waits in qemu-ga's channel"), "\(r.stderr)")
             #expect(eventually(withinMs: 10_000) { qga.thawedAfterFreeze && !qga.frozen }, "the thaw written during the freeze was carried out after it")
+        }
+        // `quiescectl thaw` while qemu-ga is inside a freeze another client asked for: before, it
+        // waited for guest-info's answer and never sent the thaw.
+        for (reply, expected) in [("1s", ExitCodes.thawFailed), ("10s", ExitCodes.success)] {
+            let sock = dir.file("t-\(reply).sock")
+            let qga = try SlowQGA(sock, freezeMs: 3000)
+            defer { qga.peer.stop() }
+            let other = try Socket.connectUnix(path: sock, timeoutMs: 1000)
+            try FD.writeAll(other, Array(#"{"execute":"guest-fsfreeze-freeze"}"#.utf8) + [0x0A], timeoutMs: 1000)
+            usleep(200_000)
+            FD.close(other)
+            let r = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", reply, "thaw"], in: dir, timeoutMs: 30_000)
+            #expect(r.status == expected, "reply timeout \(reply): \(r.stderr)")
+            if expected == ExitCodes.success {
+                #expect(r.stdout.contains("thawed 1 filesystem"), "\(r.stdout)")
+            } else {
+                #expect(r.stderr.contains("the thaw was sent and waits in qemu-ga's channel"), "\(r.stderr)")
+            }
+            #expect(eventually(withinMs: 10_000) { qga.thawedAfterFreeze && !qga.frozen }, "reply timeout \(reply): left frozen")
         }
         // In a group, with a fast guest beside it and the policy that lets COMMAND run.
         for (freezeMs, reply, expected) in [(3000, "10s", ExitCodes.success), (6000, "2s", ExitCodes.thawFailed)] {
