@@ -167,27 +167,37 @@ final class ClientSession: Sendable {
         var decoder = FrameDecoder(framing: dialect.framing)
         var limiter = RateLimiter(rate: server.config.rateLimit, burst: server.config.rateBurst)
         var buffer = [UInt8](repeating: 0, count: 16384)
-        // When the frame being read began (its first byte arrived): it must be complete within
+        // When the frame being read began (its first byte arrived), or, before the first frame,
+        // when the connection was accepted: that frame must be complete within
         // `ProtocolLimits.frameCompletionMs`. Between frames the read waits without a timeout.
-        var frameBegun: UInt64?
+        var frameBegun: UInt64? = monotonicNanos()
+        var framesRead = false
         reading: while true {
             if let begun = frameBegun {
                 let left = Int64(begun) + ProtocolLimits.frameCompletionMs * 1_000_000 - Int64(monotonicNanos())
                 let ready = left <= 0 ? [] : (try? FD.poll(fd, for: .readable, timeoutMs: Int32(min((left + 999_999) / 1_000_000, Int64(Int32.max))))) ?? [.error]
                 if ready.isEmpty {
                     let seconds = ProtocolLimits.frameCompletionMs / 1000
-                    server.logger.warning("a frame left unfinished for \(seconds) s: connection closed",
-                                          metadata: ["peer": "\(peer)", "connection": "\(id)", "bytes_held": "\(decoder.bufferedByteCount)"])
-                    send(dialect.errorFrame(ProtocolError(.badRequest, "a frame begun \(seconds) s ago is still unfinished (\(decoder.bufferedByteCount) bytes, no end); closing the connection"), id: nil))
+                    let held = decoder.bufferedByteCount
+                    let what = held > 0 ? "a frame begun \(seconds) s ago is still unfinished (\(held) bytes, no end)"
+                        : "no frame in the \(seconds) s since the connection was made"
+                    server.logger.warning("\(held > 0 ? "a frame left unfinished" : "a connection silent") for \(seconds) s: connection closed",
+                                          metadata: ["peer": "\(peer)", "connection": "\(id)", "bytes_held": "\(held)"])
+                    send(dialect.errorFrame(ProtocolError(.badRequest, "\(what); closing the connection"), id: nil))
                     break reading
                 }
             }
             guard case .success(let n) = FD.readSome(fd, into: &buffer), n > 0 else { break }
             decoder.feed(buffer[0..<n])
             while let event = decoder.next() {
+                if case .frame = event { framesRead = true }
                 if !handle(event, limiter: &limiter) { break reading }
             }
-            if decoder.bufferedByteCount == 0 { frameBegun = nil } else if frameBegun == nil { frameBegun = monotonicNanos() }
+            if decoder.bufferedByteCount > 0 {
+                if frameBegun == nil { frameBegun = monotonicNanos() }
+            } else if framesRead {
+                frameBegun = nil
+            }
             guard holdCommandBeingRead(bufferedBytes: decoder.bufferedByteCount) else {
                 let inUse = server.largeCommands.inUse >> 20
                 server.logger.warning("qemu-ga command over 64 KiB refused: other connections hold \(inUse) MiB of such commands (at most \(Server.largeCommandBytes >> 20) MiB); connection closed",

@@ -79,11 +79,11 @@ struct AgentPeerTests {
 
     /// Before: a peer that began a frame and never ended it held its connection slot for
     /// ever, so max-connections such peers locked every other local client out (trial).
-    @Test("a frame left unfinished for 30 s closes its connection with bad-request (both dialects), which frees the slot; an idle connection between frames stays")
+    @Test("a frame left unfinished for 30 s, or no frame in the 30 s after connecting, closes the connection with bad-request (both dialects), which frees the slot; an idle connection between frames stays")
     func unfinishedFrameClosesTheConnection() async throws {
         try await LoopLab.with { lab in
             let qga = "\(lab.root)/qga.sock"
-            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--max-connections", "3", "--listen", "qga+unix:\(qga)"])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--max-connections", "4", "--listen", "qga+unix:\(qga)"])
             defer { agent.stop() }
             for _ in 0..<300 where !FileManager.default.fileExists(atPath: qga) { usleep(10_000) }
             // Each peer is known to hold a slot (it was answered) before it starts its frame:
@@ -104,15 +104,20 @@ struct AgentPeerTests {
             try slow.sendRaw(Array(#"{"op":"ping","id":1"#.utf8))
             let slowQGA = try admitted(qga, ping: #"{"execute":"guest-ping"}"#, answer: #""return""#)
             try slowQGA.sendRaw(Array(#"{"execute":"guest-ping""#.utf8))
+            // A peer that connects and says nothing (once admitted: nothing came back at once).
+            let silent = try TestClient(path: agent.socketPath)
+            #expect(try FD.poll(silent.fd, for: .readable, timeoutMs: 300).isEmpty, "the silent peer was admitted")
             let start = monotonicNanos()
-            // The three slots are taken: a fourth peer is refused.
+            // The four slots are taken: a fifth peer is refused.
             let refused = try TestClient(path: agent.socketPath)
-            if case .failure(let e) = try refused.call(["op": "ping"]).outcome { #expect(e.code == .busy) } else { Issue.record("a fourth peer was admitted") }
+            if case .failure(let e) = try refused.call(["op": "ping"]).outcome { #expect(e.code == .busy) } else { Issue.record("a fifth peer was admitted") }
             // Each slow peer gets its answer and then the end of the connection.
             let answer = String(decoding: try slow.readAll(timeoutMs: 45_000), as: UTF8.self)
             let waited = (monotonicNanos() - start) / 1_000_000
             #expect(answer.contains("\"code\":\"bad-request\"") && answer.contains("a frame begun 30 s ago is still unfinished"), "\(answer)")
             #expect(waited >= 28_000 && waited < 45_000, "closed after \(waited) ms")
+            let silentAnswer = String(decoding: try silent.readAll(timeoutMs: 15_000), as: UTF8.self)
+            #expect(silentAnswer.contains("no frame in the 30 s since the connection was made"), "\(silentAnswer)")
             let qgaAnswer = String(decoding: try slowQGA.readAll(timeoutMs: 15_000), as: UTF8.self)
             #expect(qgaAnswer.contains("GenericError") && qgaAnswer.contains("still unfinished"), "\(qgaAnswer)")
             // The slots are free again, and the idle connection was left alone.
