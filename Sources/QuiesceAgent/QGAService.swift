@@ -33,7 +33,12 @@ enum QGAService {
             if let forwarder, let theirs = await Threads.run({ forwarder.commands() }) {
                 commands = QGA.supportedCommands(forwarding: theirs, frozen: frozen)
             }
-            return QGA.returnFrame(["version": .string(QuiesceRelease.version), "supported_commands": commands], id: id)
+            // `quiesce`, a member qemu-ga's guest-info lacks, tells a host that reads it (quiescectl)
+            // which agent this is and its deadline; hosts that do not know it ignore it.
+            let marker: JSONObject = ["agent": "quiesced", "version": .string(QuiesceRelease.version),
+                                      "protocol": .int(ProtocolVersion.current), "max_freeze_ms": .int(state.config.maxFreezeMs)]
+            return QGA.returnFrame(["version": .string(QuiesceRelease.version), "supported_commands": commands,
+                                    "quiesce": .object(marker)], id: id)
         case .fsfreezeStatus:
             let status = await state.status()
             return QGA.returnFrame(QGA.freezeStatus(frozen: status.state != .thawed), id: id)

@@ -338,9 +338,14 @@ extension AgentClient {
             return try freeze(request, replyTimeoutMs: wait)
         } catch where error.code != .refused && error.code != .unreachable && undo() {
             let original = error
-            // qemu-ga has no deadline: a freeze of it lasts until something thaws it.
-            let until = hello?.agent == "qemu-ga" ? "until it is thawed (qemu-ga has no deadline)"
-                : request.timeoutMs.map { "for up to \(TimeSpan(milliseconds: $0).human) (its deadline)" } ?? "until the agent's --max-freeze deadline"
+            // qemu-ga has no deadline: a freeze of it lasts until something thaws it. quiesced on
+            // qemu-ga's port ends it at its max-freeze (qemu-ga's protocol carries no timeout).
+            let until = if isQGA {
+                hello?.agent == "quiesced" && (hello?.maxFreezeMs ?? 0) > 0
+                    ? "for up to \(TimeSpan.human(milliseconds: hello!.maxFreezeMs)) (quiesced's max-freeze)" : "until it is thawed (qemu-ga has no deadline)"
+            } else {
+                request.timeoutMs.map { "for up to \(TimeSpan.human(milliseconds: $0)) (its deadline)" } ?? "until the agent's --max-freeze deadline"
+            }
             guard let op = request.opID else {
                 throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             }

@@ -235,8 +235,9 @@ final class CheckpointRun {
         case .connected(let i, let hello, let at):
             report.agents[i].hello = hello
             report.agents[i].connectedNs = at - start
-            note(at, i, "connected", "connected: \(hello.agent.isEmpty ? "agent" : hello.agent) \(hello.agentVersion), protocol \(hello.version)")
-            if case .qga = plan.agents[i] {
+            let dialect = if case .qga = plan.agents[i] { "qemu-ga's protocol" } else { "protocol \(hello.version)" }
+            note(at, i, "connected", "connected: \(hello.agent.isEmpty ? "agent" : hello.agent) \(hello.agentVersion), \(dialect)")
+            if case .qga = plan.agents[i], hello.agent == "qemu-ga" {
                 note(at, i, "no-deadline", "qemu-ga has no deadline and does not thaw when the connection drops: "
                      + "quiescectl thaws it on every path it controls, but if quiescectl is killed, this guest stays frozen until thawed")
             }

@@ -27,6 +27,13 @@ extension AgentClient {
         }
         var capabilities: [String] = []
         if names.contains(QGA.CommandName.fsfreezeFreezeList.rawValue) { capabilities.append("freeze-list") }
+        // quiesced on qemu-ga's port says so in guest-info (`quiesce`), with its deadline: its
+        // freezes end at max-freeze, where qemu-ga's last until a thaw.
+        if let q = info["quiesce"], q["agent"]?.stringValue == "quiesced" {
+            let maxFreeze = q["max_freeze_ms"]?.intValue.flatMap { $0 > 0 ? $0 : nil } ?? 0
+            return HelloResult(version: ProtocolVersion.current, agent: "quiesced", agentVersion: printable(q["version"]?.stringValue ?? ""),
+                               capabilities: capabilities, maxFrame: Int64(ProtocolLimits.maxFrameBytes), maxFreezeMs: maxFreeze)
+        }
         return HelloResult(version: ProtocolVersion.current, agent: "qemu-ga", agentVersion: info["version"]?.stringValue ?? "",
                            capabilities: capabilities, maxFrame: Int64(ProtocolLimits.maxFrameBytes), maxFreezeMs: 0)
     }

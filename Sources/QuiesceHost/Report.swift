@@ -348,13 +348,18 @@ public enum Describe {
             : items.prefix(limit).joined(separator: ", ") + ", … (\(all - min(limit, items.count)) more)"
     }
 
-    public static func info(_ h: HelloResult) -> [String] {
-        [
+    /// `qga`: the agent was spoken to in qemu-ga's protocol (a `qga:` address): qemu-ga itself,
+    /// or quiesced on qemu-ga's port, which says so in guest-info.
+    public static func info(_ h: HelloResult, qga: Bool = false) -> [String] {
+        let maxFreeze = h.maxFreezeMs > 0 ? TimeSpan(milliseconds: h.maxFreezeMs).human
+            : qga && h.agent == "qemu-ga" ? "none: qemu-ga has no deadline, a freeze holds until it is thawed" : "not announced"
+        return [
             "agent: \(h.agent.isEmpty ? "?" : h.agent) \(h.agentVersion)",
-            "protocol: \(h.version) (quiescectl \(QuiesceRelease.version) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
+            qga ? "protocol: qemu-ga's (guest-sync-delimited, guest-fsfreeze-*)"
+                : "protocol: \(h.version) (quiescectl \(QuiesceRelease.version) speaks \(ProtocolVersion.oldestSupported)...\(ProtocolVersion.current))",
             "capabilities: \(h.capabilities.isEmpty ? "none" : h.capabilities.joined(separator: ", "))",
             "max frame: \(h.maxFrame) bytes",
-            "max freeze: \(h.maxFreezeMs > 0 ? TimeSpan(milliseconds: h.maxFreezeMs).human : "not announced")",
+            "max freeze: \(maxFreeze)",
         ]
     }
 

@@ -247,7 +247,9 @@ struct Info: ParsableCommand {
     func run() throws {
         let g = root.global
         let calls = try g.callAgents { c throws(AgentError) in c.hello! }
-        try Output.finish("info", calls, json: g.json, result: { .object($0.json) }) { _, h in Describe.info(h) }
+        try Output.finish("info", calls, json: g.json, result: { .object($0.json) }) { c, h in
+            Describe.info(h, qga: { if case .qga = c.address { true } else { false } }())
+        }
     }
 }
 

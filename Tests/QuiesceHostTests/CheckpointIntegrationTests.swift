@@ -212,6 +212,12 @@ struct CheckpointIntegrationTests {
             let lost = r.json?["agents"]?.arrayValue?.first?["freeze_lost"]?.stringValue ?? ""
             #expect(lost.contains("thawed 1 of the 2 filesystems it froze"), "\(r.stdout)")
             #expect(try !isFrozen(a) && !isFrozen(b))
+            // quiesced on qemu-ga's port says which agent it is, and its deadline, in guest-info.
+            let info = try Ctl.run(["--agent", "qga:unix:\(qga)", "info"], in: dir)
+            #expect(info.status == 0 && info.stdout.contains("agent: quiesced \(QuiesceRelease.version)")
+                    && info.stdout.contains("protocol: qemu-ga's") && info.stdout.contains("max freeze: 10 min"), "\(info.stdout)")
+            let timeline = try Ctl.run(["--agent", "qga:unix:\(qga)", "checkpoint", "--", "true"], in: dir)
+            #expect(timeline.status == 0 && timeline.stderr.contains("connected: quiesced") && !timeline.stderr.contains("qemu-ga has no deadline"), "\(timeline.stderr)")
         }
     }
 
@@ -238,7 +244,9 @@ struct CheckpointIntegrationTests {
             // Too short a wait for the undo too: the guest may still be frozen, which is 72.
             let short = try Ctl.run(["--agent", "qga:unix:\(qga)", "--reply-timeout", "1s", "checkpoint", "--timeout", "1s", "--", "true"], in: dir)
             #expect(short.status == ExitCodes.thawFailed, "\(short.stderr)")
-            #expect(short.stderr.contains("MAY BE FROZEN until it is thawed") || short.stderr.contains("MAY BE FROZEN for up to"), "\(short.stderr)")
+            // quiesced says in guest-info that its freezes end at its max-freeze.
+            #expect(short.stderr.contains("MAY BE FROZEN for up to 10 min (quiesced's max-freeze)"), "\(short.stderr)")
+            #expect(!short.stderr.contains("qemu-ga has no deadline"), "\(short.stderr)")
             // It was: the slow freeze completed after the undo gave up. What the message says to
             // do, once the 3 s hook is surely done.
             sleep(4)

@@ -249,6 +249,10 @@ struct HostileGuestTests {
         let r = try Ctl.run(["--agent", "qga:unix:\(dir.file("qga.sock"))", "checkpoint", "--mount", "/srv/a", "--", "true"], in: dir)
         #expect(r.status == 0, "\(r.stderr)")
         #expect(r.stderr.contains("qemu-ga's thaw thawed 3 filesystems, 2 more than the 1 this checkpoint froze"), "\(r.stderr)")
+        // qemu-ga itself (no `quiesce` member in guest-info): no deadline, and the run says so.
+        #expect(r.stderr.contains("connected: qemu-ga 7.2.0, qemu-ga's protocol") && r.stderr.contains("qemu-ga has no deadline"), "\(r.stderr)")
+        let info = try Ctl.run(["--agent", "qga:unix:\(dir.file("qga.sock"))", "info"], in: dir)
+        #expect(info.stdout.contains("max freeze: none: qemu-ga has no deadline"), "\(info.stdout)")
     }
 
     @Test("a qemu-ga thaw answer that is not a plausible count is an unconfirmed thaw (72), and costs the host no memory per count")
