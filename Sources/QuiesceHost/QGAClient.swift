@@ -53,7 +53,11 @@ extension AgentClient {
             // Nothing to extend (qemu-ga has no deadline); make sure the freeze still holds.
             let state = try qgaExecute(.fsfreezeStatus, timeoutMs: timeoutMs)
             guard QGA.isFrozen(status: state) else {
-                let e = ProtocolError(.notFrozen, "qemu-ga reports \(state.stringValue ?? "\(state)"): somebody thawed it")
+                // quiesced on qemu-ga's port ends a freeze at its max-freeze; qemu-ga never does.
+                let why = if let h = hello, h.agent == "quiesced", h.maxFreezeMs > 0 {
+                    "quiesced ended it at its deadline (max-freeze \(TimeSpan.human(milliseconds: h.maxFreezeMs))), or something else thawed it"
+                } else { "somebody thawed it" }
+                let e = ProtocolError(.notFrozen, "\(hello?.agent ?? "qemu-ga") reports \(printable(state.stringValue ?? "\(state)")): \(why)")
                 throw AgentError(.refused, "keepalive refused: \(e.code): \(e.message)", remote: e)
             }
             return ["remaining_ms": .int(0)]
