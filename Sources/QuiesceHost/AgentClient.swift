@@ -331,11 +331,27 @@ extension AgentClient {
     /// op id on a fresh connection. The error then says what became of it: undone, or (when it
     /// cannot be undone) that the guest may stay frozen until its deadline, with the command
     /// that thaws it. Without an op id nothing can be undone safely: the error says so.
-    /// `undo` is asked first; when it says no, the error is thrown as it came.
+    /// `undo` is asked first; when it says no (a second signal: stop at once), the error is
+    /// thrown as it came, except to qemu-ga, which has no deadline and does not thaw when the
+    /// connection drops: its thaw is still written, without waiting for an answer.
     public func freezeOrUndo(_ request: FreezeRequest, replyTimeoutMs wait: Int64? = nil,
                              undo: () -> Bool = { true }) throws(AgentError) -> FreezeResult {
         do {
             return try freeze(request, replyTimeoutMs: wait)
+        } catch where error.code != .refused && error.code != .unreachable && !undo() && isQGA {
+            close()
+            let sent: String
+            do {
+                let again = try AgentClient.connect(address, connectTimeoutMs: min(replyTimeoutMs, 1000), replyTimeoutMs: replyTimeoutMs, qgaHandshake: false)
+                defer { again.close() }
+                try again.qgaSend(.fsfreezeThaw)
+                sent = "a thaw was written without waiting (stopping at once), which qemu-ga carries out when its freeze returns"
+            } catch {
+                sent = "stopping at once, writing a thaw failed too (\(error.message))"
+            }
+            var unsure = AgentError(error.code, "\(error.message). The guest MAY BE FROZEN (qemu-ga has no deadline): \(sent); check with `\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`, thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
+            unsure.mayBeFrozen = true
+            throw unsure
         } catch where error.code != .refused && error.code != .unreachable && undo() {
             let original = error
             // qemu-ga has no deadline: a freeze of it lasts until something thaws it. quiesced on

@@ -134,6 +134,12 @@ extension AgentClient {
         mountPoints.map { FilesystemReport(mountPoint: $0, type: "", device: "", source: "") }
     }
 
+    /// Writes 0xFF, guest-sync-delimited and the command, and waits for nothing: for a thaw
+    /// that must reach qemu-ga even when nobody can wait for its answer.
+    func qgaSend(_ command: QGA.Command) throws(AgentError) {
+        try send([0xFF] + QGA.Command.sync(id: Int64.random(in: 1...Int64(Int32.max)), delimited: true).line + command.line)
+    }
+
     /// Sends 0xFF and guest-sync-delimited with a fresh id, then the command, and returns the
     /// command's `return` value. Whatever precedes the sync reply (an earlier client's replies
     /// left in the chardev) is skipped. An `error` reply throws `.refused`. When the command

@@ -225,6 +225,27 @@ struct HostileGuestTests {
         #expect(thawed.happened)
     }
 
+    /// Before: the second signal dropped the connection and undid nothing, as for quiesced,
+    /// whose bound freeze ends with the connection; qemu-ga's does not, and the run exited 73
+    /// without a word of it (trial E, B1).
+    @Test("two SIGTERMs while qemu-ga is still inside a slow freeze: quiescectl stops at once, but writes the thaw first, which qemu-ga carries out when its freeze returns; exit 72, MAY BE FROZEN")
+    func secondSignalStillThawsQGA() throws {
+        let dir = TempDir()
+        let sock = dir.file("q.sock")
+        let qga = try SlowQGA(sock, freezeMs: 4000)
+        defer { qga.peer.stop() }
+        let ctl = try Ctl(["--agent", "qga:unix:\(sock)", "checkpoint", "--", "true"], in: dir)
+        #expect(eventually(withinMs: 5000) { ctl.stderrSoFar.contains("connected") })
+        usleep(300_000)
+        ctl.signal(SIGTERM)
+        usleep(300_000)
+        ctl.signal(SIGTERM)
+        let r = try #require(ctl.wait(timeoutMs: 3000), "quiescectl stopped at once after the second signal")
+        #expect(r.status == ExitCodes.thawFailed, "\(r.stderr)")
+        #expect(r.stderr.contains("MAY BE FROZEN") && r.stderr.contains("a thaw was written without waiting"), "\(r.stderr)")
+        #expect(eventually(withinMs: 10_000) { qga.thawedAfterFreeze && !qga.frozen }, "the written thaw was carried out after the freeze returned")
+    }
+
     @Test("one mountpoint named three ways (again, with a trailing slash, with a doubled slash) is asked for once: qemu-ga's count of 1 is the whole freeze, not a short one")
     func repeatedMountIsAskedForOnce() throws {
         let dir = TempDir()
