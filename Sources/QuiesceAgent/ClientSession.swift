@@ -46,6 +46,9 @@ final class ClientSession: Sendable {
     /// Signalled when the last outstanding request is answered or the peer is cut off: a session
     /// that has stopped reading sleeps on it until then, with no timer (nil: no descriptor left).
     private let wake: Wakeup?
+    /// qemu-ga's dialect: signalled when a queued command is answered (or the peer is cut off),
+    /// so that a reader whose connection has `maxInFlight` queued can take the next one in turn.
+    private let slotFreed: Wakeup?
 
     init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool, dialect: Dialect = .quiesce) {
         self.id = id
@@ -55,6 +58,7 @@ final class ClientSession: Sendable {
         self.isStream = isStream
         self.dialect = dialect
         wake = try? Wakeup()
+        slotFreed = dialect == .qga ? try? Wakeup() : nil
         (stream, queue) = AsyncStream.makeStream(of: (work: Work, held: Int).self)
     }
 
@@ -87,6 +91,7 @@ final class ClientSession: Sendable {
             if isStream { Socket.shutdown(fd) }
         }
         wake?.signal()
+        slotFreed?.signal()
         server.sessionOutputDrained()
     }
 
@@ -148,6 +153,7 @@ final class ClientSession: Sendable {
                 }
                 server.largeCommands.release(held)
                 inFlight.subtract(1, ordering: .relaxed)
+                slotFreed?.signal()
                 answered()
             }
         }
@@ -290,9 +296,10 @@ final class ClientSession: Sendable {
                 server.logger.warning("frame larger than \(dialect.framing.maxFrameBytes) bytes\(isStream ? ": connection closed" : ": skipped (logged once per session)")",
                                       metadata: ["peer": "\(peer)", "connection": "\(id)"])
             }
-            send(dialect.errorFrame(ProtocolError(.frameTooLarge,
+            let refusal = dialect.errorFrame(ProtocolError(.frameTooLarge,
                 "frame exceeds \(dialect.framing.maxFrameBytes) bytes\(isStream ? "; closing the connection" : "; skipped to the next \(dialect == .qga ? "command" : "line")")",
-                details: ["max_frame": .int(Int64(dialect.framing.maxFrameBytes))]), id: nil))
+                details: ["max_frame": .int(Int64(dialect.framing.maxFrameBytes))]), id: nil)
+            if dialect == .qga { _ = enqueueInOrder(.answer(refusal)) } else { send(refusal) }
             return !isStream
         case .frame(let bytes):
             guard limiter.allow(now: monotonicNanos()) else {
@@ -300,8 +307,10 @@ final class ClientSession: Sendable {
                     server.logger.warning("peer rate-limited: more than \(server.config.rateLimit) requests per second (logged once per connection)",
                                           metadata: ["peer": "\(peer)", "connection": "\(id)"])
                 }
-                send(dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"),
-                                        id: readableID(of: bytes)))
+                let refusal = dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"),
+                                                 id: readableID(of: bytes))
+                // qemu-ga's dialect answers in order, refusals too (a reply may carry no id).
+                if dialect == .qga { _ = enqueueInOrder(.answer(refusal)) } else { send(refusal) }
                 return true
             }
             if dialect == .qga {
@@ -419,31 +428,39 @@ extension ClientSession {
         // a connection holds at most one such frame queued besides the one being read.
         guard let held = holdCompleteCommand(bytes.count) else {
             let busy = Dialect.qga.errorFrame(ProtocolError(.busy, "the agent already holds \(server.largeCommands.inUse >> 20) MiB of commands over 64 KiB from other connections; try again"), id: nil)
-            if !enqueue(.answer(busy)) { send(busy) }
+            _ = enqueueInOrder(.answer(busy))
             return
         }
         if bytes.count > ProtocolLimits.maxFrameBytes && inFlight.load(ordering: .relaxed) > 0 {
             server.largeCommands.release(held)
             let busy = Dialect.qga.errorFrame(ProtocolError(.busy, "a command over 64 KiB is taken only when the commands before it are answered"), id: nil)
-            if !enqueue(.answer(busy)) { send(busy) }
+            _ = enqueueInOrder(.answer(busy))
             return
         }
         let work: Work
-        let id: JSON?
         switch QGA.decode(frame: bytes) {
         case .failure(let refusal) where refusal.unknownCommand != nil && server.qgaForwarder != nil:
             work = .forward(name: refusal.unknownCommand!, frame: bytes, id: refusal.id)
-            id = refusal.id
         case .failure(let refusal):
             work = .answer(QGA.errorFrame(refusal.failure, id: refusal.id))
-            id = refusal.id
         case .success(let decoded):
             work = .qga(decoded.command, id: decoded.id)
-            id = decoded.id
         }
-        if !enqueue(work, held: held) {
-            server.largeCommands.release(held)
-            send(Dialect.qga.errorFrame(ProtocolError(.busy, "too many commands in flight on this connection"), id: id))
+        if !enqueueInOrder(work, held: held) { server.largeCommands.release(held) }
+    }
+
+    /// Queues qemu-ga work in its turn. With `maxInFlight` commands already queued it waits for
+    /// one to be answered, so the reader stops taking commands and the rest wait in the socket,
+    /// as with qemu-ga, which reads the next command only after answering the last. (Answering
+    /// busy at once instead put that refusal ahead of replies owed before it, and a host that
+    /// sends no ids took it for its freeze's answer while the freeze held: trial E.) False when
+    /// the peer has been cut off meanwhile: the work is dropped.
+    fileprivate func enqueueInOrder(_ work: Work, held: Int = 0) -> Bool {
+        while !enqueue(work, held: held) {
+            guard let slotFreed, !dead.load(ordering: .sequentiallyConsistent) else { return false }
+            _ = try? FD.poll(slotFreed.fd, for: .readable, timeoutMs: -1)
+            slotFreed.clear()
         }
+        return true
     }
 }

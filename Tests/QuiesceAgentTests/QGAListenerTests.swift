@@ -198,6 +198,34 @@ struct QGAListenerTests {
         }
     }
 
+    /// Before: commands 17 to 21 were refused busy at once, ahead of the freeze's answer, which
+    /// a host sending no ids reads as its freeze's (trial E, B6).
+    @Test("40 commands pipelined without ids, a slow freeze first: every answer comes in its turn (the agent stops reading while 16 wait), none is refused")
+    func pipelinedCommandsAnswerInOrder() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = "\(lab.root)/hooks"
+            try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true)
+            try "#!/bin/sh\n[ \"$1\" = freeze ] && sleep 1\nexit 0\n".write(toFile: "\(hooks)/10-slow", atomically: true, encoding: .utf8)
+            _ = try sh("chmod 755 '\(hooks)/10-slow' '\(hooks)'")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--hooks-dir", hooks])
+            defer { agent.stop() }
+            let c = try QGAClient(path: qga)
+            var lines = [#"{"execute":"guest-fsfreeze-freeze-list","arguments":{"mountpoints":["\#(a)"]}}"#]
+            lines += Array(repeating: #"{"execute":"guest-fsfreeze-status"}"#, count: 38)
+            lines.append(#"{"execute":"guest-fsfreeze-thaw"}"#)
+            try FD.writeAll(c.fd, Array(lines.joined(separator: "\n").utf8) + [0x0A], timeoutMs: 5000)
+            #expect(try c.reply() == ["return": 1], "the freeze's answer comes first")
+            for i in 1...38 {
+                let r = try c.reply()
+                #expect(r == ["return": "frozen"], "status \(i): \(r)")
+            }
+            #expect(try c.reply() == ["return": 1], "the thaw comes last")
+            #expect(try !isFrozen(a))
+        }
+    }
+
     @Test("an agent killed under a qemu-ga freeze and restarted: the host's late guest-fsfreeze-thaw fails once, saying the agent restarted")
     func lateThawAfterRestart() async throws {
         try await LoopLab.with { lab in
