@@ -37,11 +37,25 @@ extension Server {
         }
         let id = nextID.add(1, ordering: .relaxed).oldValue
         let conn = ClientSession(id: id, fd: fd, peer: peer, server: self, isStream: true, dialect: dialect)
+        var madeRoom: (session: ClientSession, idleNs: UInt64)?
         let admitted = connections.withLock { table -> Bool in
-            guard table.count < config.maxConnections else { return false }
+            if table.count >= config.maxConnections {
+                // Full: close the connection idle longest, if any has been idle long enough,
+                // has nothing unanswered and holds no bound freeze, so that peers which connect
+                // and then say nothing cannot lock every other client out.
+                let now = monotonicNanos()
+                let bound = state.boundConnection.withLock { $0 }
+                let idle = table.values.compactMap { s in
+                    s.id == bound ? nil : s.idleNanos(now: now).flatMap { $0 >= Server.idleToClose ? (s, $0) : nil }
+                }
+                guard let victim = idle.max(by: { $0.1 < $1.1 }) else { return false }
+                table.removeValue(forKey: victim.0.id)
+                madeRoom = victim
+            }
             table[id] = conn
             return true
         }
+        if let (victim, idleNs) = madeRoom { victim.closeToMakeRoom(idleNs: idleNs, maxConnections: config.maxConnections) }
         guard admitted else {
             if let more = refusalLog.note(now: monotonicNanos()) {
                 logger.warning("refused connection: too many connections", metadata: ["peer": "\(peer)", "listener": "\(listener)",

@@ -58,9 +58,24 @@ public actor AgentState {
         case freezing(Pending)
         case frozen(Freeze)
         case thawing(Freeze)
+
+        /// The owner of a bound freeze in this phase.
+        var boundOwner: ConnectionID? {
+            switch self {
+            case .thawed: nil
+            case .freezing(let p): p.mode == .bound ? p.owner : nil
+            case .frozen(let f), .thawing(let f): f.mode == .bound ? f.owner : nil
+            }
+        }
     }
 
-    private var phase: Phase = .thawed
+    private var phase: Phase = .thawed {
+        didSet { boundConnection.withLock { $0 = phase.boundOwner } }
+    }
+    /// The connection a bound freeze belongs to while it is being taken, held or thawed: the
+    /// admission of a connection past max-connections never closes that one to make room.
+    /// Readable from any thread.
+    nonisolated let boundConnection = Mutex<ConnectionID?>(nil)
     /// Operations that ended, newest last (at most 64): why and when (wall clock ms).
     private var endedOps: [(opID: String, reason: ThawReason, atMs: Int64, timeoutMs: Int64)] = []
     /// The files of the notes an earlier process left (`FreezeRecord.EndedFreeze`), by op id:

@@ -49,6 +49,9 @@ final class ClientSession: Sendable {
     /// qemu-ga's dialect: signalled when a queued command is answered (or the peer is cut off),
     /// so that a reader whose connection has `maxInFlight` queued can take the next one in turn.
     private let slotFreed: Wakeup?
+    /// When the peer last sent a frame or was last sent one (monotonic ns): how long it has
+    /// been idle, for making room past max-connections (`Server.idleToClose`).
+    private let lastActivity = Atomic<UInt64>(monotonicNanos())
 
     init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool, dialect: Dialect = .quiesce) {
         self.id = id
@@ -68,6 +71,7 @@ final class ClientSession: Sendable {
     /// events from the state actor, which a peer that stops reading must not be able to stall.
     /// A peer whose unread backlog passes 1 MiB is cut off.
     func send(_ frame: [UInt8]) {
+        lastActivity.store(monotonicNanos(), ordering: .relaxed)
         guard !dead.load(ordering: .relaxed) else { return }
         // The limit is on what is already waiting: one large reply (a forwarded qemu-ga reply
         // may be up to QGAForwarder.maxReplyBytes) is queued when the peer has read the rest.
@@ -93,6 +97,24 @@ final class ClientSession: Sendable {
         wake?.signal()
         slotFreed?.signal()
         server.sessionOutputDrained()
+    }
+
+    /// Nanoseconds since the peer last sent or was sent a frame, when it could be closed to
+    /// make room: a stream connection with no request unanswered; nil otherwise. (Whether it
+    /// holds a bound freeze is the state's to say: `AgentState.boundConnection`.)
+    func idleNanos(now: UInt64) -> UInt64? {
+        guard isStream, outstanding.load(ordering: .relaxed) == 0, !dead.load(ordering: .relaxed) else { return nil }
+        let last = lastActivity.load(ordering: .relaxed)
+        return now > last ? now - last : 0
+    }
+
+    /// Closes an idle connection to make room for a new one: tells the peer why, stops reading
+    /// (the read loop ends as at the peer's EOF), and the session then finishes as usual.
+    func closeToMakeRoom(idleNs: UInt64, maxConnections: Int) {
+        server.logger.notice("closed a connection idle for \(TimeSpan.human(milliseconds: Int64(idleNs / 1_000_000))) to make room: \(maxConnections) connections (max-connections) were open",
+                             metadata: ["peer": "\(peer)", "connection": "\(id)"])
+        send(dialect.errorFrame(ProtocolError(.busy, "closing this connection, idle for \(idleNs / 1_000_000_000) s, to make room for a new one: max-connections (\(maxConnections)) are open"), id: nil))
+        Socket.shutdownRead(fd)
     }
 
     /// Rate-limited requests are logged once per session (the peer hears each one).
@@ -302,6 +324,7 @@ final class ClientSession: Sendable {
             if dialect == .qga { _ = enqueueInOrder(.answer(refusal)) } else { send(refusal) }
             return !isStream
         case .frame(let bytes):
+            lastActivity.store(monotonicNanos(), ordering: .relaxed)
             guard limiter.allow(now: monotonicNanos()) else {
                 if !loggedRateLimit.exchange(true, ordering: .relaxed) {
                     server.logger.warning("peer rate-limited: more than \(server.config.rateLimit) requests per second (logged once per connection)",

@@ -15,6 +15,10 @@ import Synchronization
 public final class Server: Sendable {
     let config: AgentConfig
     let logger: Logger
+    /// How long a connection must have been idle (nothing sent either way, nothing unanswered,
+    /// no bound freeze) before a new connection past max-connections may close it, in ns.
+    static let idleToClose: UInt64 = 30_000_000_000
+
     /// Every admitted session, by id (admission counts them against `max-connections`).
     let connections = Mutex<[ConnectionID: ClientSession]>([:])
     let nextID = Atomic<UInt64>(1)

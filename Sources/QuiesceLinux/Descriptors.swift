@@ -121,6 +121,12 @@ extension Socket {
         _ = Glibc.shutdown(fd, Int32(SHUT_WR))
     }
 
+    /// Shuts down our receiving side (SHUT_RD): a read blocked on it returns 0 (end of
+    /// stream), while what we still have to send can be written.
+    public static func shutdownRead(_ fd: Int32) {
+        _ = Glibc.shutdown(fd, Int32(SHUT_RD))
+    }
+
     /// Sends one datagram on a fresh AF_UNIX socket to `path` (a leading `@` names an abstract
     /// address): how systemd's notify and journal sockets are spoken to. False when it could not
     /// be sent whole (no such socket, a path too long, ENOBUFS…).

@@ -127,6 +127,36 @@ struct AgentPeerTests {
         }
     }
 
+    /// Before: max-connections peers that said one thing and then nothing locked every other
+    /// local client out for as long as they stayed (trial E, B5).
+    @Test("past max-connections, a new peer is admitted by closing the connection idle longest (30 s, nothing unanswered), never the one holding a bound freeze")
+    func idleConnectionMakesRoom() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--max-connections", "2"])
+            defer { agent.stop() }
+            // The holder's freeze is bound to its connection, which is idle from here on too.
+            let holder = try TestClient(path: agent.socketPath)
+            _ = try holder.result(["op": "freeze", "mode": "bound", "timeout_ms": 120_000])
+            let idle = try TestClient(path: agent.socketPath)
+            _ = try idle.result(["op": "ping"])
+            // Full, and nobody idle long enough yet: refused.
+            let early = try TestClient(path: agent.socketPath)
+            if case .failure(let e) = try early.call(["op": "ping"]).outcome { #expect(e.code == .busy) } else { Issue.record("admitted past max-connections") }
+            usleep(31_000_000)
+            // Now the idle one makes room; the holder, idle as long, keeps its freeze.
+            let late = try TestClient(path: agent.socketPath)
+            #expect(throws: Never.self) { _ = try late.result(["op": "ping"]) }
+            let told = String(decoding: try idle.readAll(timeoutMs: 5000), as: UTF8.self)
+            #expect(told.contains("\"code\":\"busy\"") && told.contains("to make room for a new one"), "\(told)")
+            #expect(try isFrozen(a))
+            #expect(try holder.result(["op": "status"])["state"] == "frozen")
+            _ = try holder.result(["op": "thaw"])
+            #expect(try !isFrozen(a))
+            #expect(agent.log.contains("to make room: 2 connections (max-connections) were open"))
+        }
+    }
+
     @Test("a storm of connections past max-connections costs a bounded number of threads and log lines, and the admitted peers go on")
     func refusalStormIsBounded() async throws {
         try await LoopLab.with { lab in
