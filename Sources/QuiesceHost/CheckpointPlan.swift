@@ -32,18 +32,23 @@ public struct CheckpointPlan: Sendable {
     /// decides), and its connection is dropped so that a late freeze thaws. One slow or hostile
     /// agent cannot keep the other guests frozen beyond this.
     public var freezeWaitMs: Int64
-    /// COMMAND and its arguments.
+    /// COMMAND and its arguments, as shown (read as UTF-8).
     public var command: [String]
+    /// COMMAND and its arguments as given, byte for byte: what the child gets (an argument
+    /// that is not UTF-8, such as a file name, reaches it unchanged).
+    public var commandArguments: [[UInt8]]
     /// Send COMMAND's standard output to our standard error (keeps --json output clean).
     public var commandStdoutToStderr: Bool
-    /// The environment COMMAND inherits, before the QUIESCE_* variables are added.
-    public var baseEnvironment: [String]
+    /// The environment COMMAND inherits ("NAME=value" bytes), before the QUIESCE_* variables
+    /// are added.
+    public var baseEnvironment: [[UInt8]]
 
     public init(opID: String = CheckpointPlan.makeOpID(), agents: [AgentAddress], mounts: [String]? = nil,
                 timeoutMs: Int64 = 60_000, leaseMs: Int64? = nil, killGraceMs: Int64 = 5000,
                 policy: AgentFailurePolicy = .fail, connectTimeoutMs: Int64 = 5000, replyTimeoutMs: Int64 = 30_000,
                 freezeWaitMs: Int64? = nil,
-                command: [String], commandStdoutToStderr: Bool = false, baseEnvironment: [String] = []) {
+                command: [String], commandArguments: [[UInt8]]? = nil, commandStdoutToStderr: Bool = false,
+                baseEnvironment: [[UInt8]] = []) {
         self.opID = opID
         self.agents = agents
         self.mounts = mounts
@@ -55,6 +60,7 @@ public struct CheckpointPlan: Sendable {
         self.replyTimeoutMs = replyTimeoutMs
         self.freezeWaitMs = freezeWaitMs ?? CheckpointPlan.defaultFreezeWait(replyTimeoutMs: replyTimeoutMs)
         self.command = command
+        self.commandArguments = commandArguments ?? command.map { Array($0.utf8) }
         self.commandStdoutToStderr = commandStdoutToStderr
         self.baseEnvironment = baseEnvironment
     }

@@ -118,7 +118,7 @@ final class CheckpointRun {
             // Tied to this thread, which watches COMMAND until it ends: if quiescectl is killed
             // (SIGKILL, the OOM killer), COMMAND gets SIGTERM instead of copying on after the
             // agents have thawed for the lost connection.
-            let child = try Subprocess.spawn(arguments: plan.command, environment: merged, newProcessGroup: true,
+            let child = try Subprocess.spawn(argumentBytes: plan.commandArguments, environmentBytes: merged, newProcessGroup: true,
                                              stdoutToStderr: plan.commandStdoutToStderr, parentDeathSignal: Signals.terminate)
             pid = child
             report.command?.pid = child

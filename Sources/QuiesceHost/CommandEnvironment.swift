@@ -79,11 +79,17 @@ public enum CommandEnvironment {
 
     /// `base` with every QUIESCE_* variable replaced by `vars`.
     public static func merge(base: [String], _ vars: [(String, String)]) -> [String] {
-        let names = Set(vars.map { $0.0 })
+        merge(base: base.map { Array($0.utf8) }, vars).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// `base` ("NAME=value" bytes, as the environment holds them: other variables keep their
+    /// bytes, UTF-8 or not) with every variable named in `vars` replaced by it.
+    public static func merge(base: [[UInt8]], _ vars: [(String, String)]) -> [[UInt8]] {
+        let names = Set(vars.map { Array($0.0.utf8) })
         let kept = base.filter { entry in
-            guard let eq = entry.firstIndex(of: "=") else { return true }
-            return !names.contains(String(entry[..<eq]))
+            guard let eq = entry.firstIndex(of: UInt8(ascii: "=")) else { return true }
+            return !names.contains(Array(entry[..<eq]))
         }
-        return kept + vars.map { "\($0.0)=\($0.1)" }
+        return kept + vars.map { Array("\($0.0)=\($0.1)".utf8) }
     }
 }

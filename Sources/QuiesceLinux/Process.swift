@@ -192,6 +192,18 @@ public enum Signals {
 /// Starting and reaping child processes with posix_spawn.
 public enum Subprocess {
     /// This process's environment as "NAME=value" strings.
+    /// The process's environment as its bytes ("NAME=value" each, without the NUL): a value
+    /// that is not UTF-8 stays as it is, where `currentEnvironment` would replace its bytes.
+    public static func currentEnvironmentBytes() -> [[UInt8]] {
+        var out: [[UInt8]] = []
+        var p = environ
+        while let entry = p.pointee {
+            out.append(Array(UnsafeBufferPointer(start: UnsafeRawPointer(entry).assumingMemoryBound(to: UInt8.self), count: strlen(entry))))
+            p += 1
+        }
+        return out
+    }
+
     public static func currentEnvironment() -> [String] {
         var out: [String] = []
         var p = environ
@@ -246,9 +258,20 @@ public enum Subprocess {
     /// errno (ENOENT, EACCES, ENOEXEC...).
     public static func spawn(arguments: [String], environment: [String], newProcessGroup: Bool = true,
                              stdoutToStderr: Bool = false, parentDeathSignal: Int32? = nil) throws(SystemError) -> pid_t {
-        guard let program = arguments.first, !program.isEmpty else {
+        try spawn(argumentBytes: arguments.map { Array($0.utf8) }, environmentBytes: environment.map { Array($0.utf8) },
+                  newProcessGroup: newProcessGroup, stdoutToStderr: stdoutToStderr, parentDeathSignal: parentDeathSignal)
+    }
+
+    /// `spawn` with the arguments and environment as bytes, passed to the child exactly (a
+    /// file name that is not UTF-8, say). The program itself, `argumentBytes[0]`, is looked
+    /// for by its name read as UTF-8.
+    public static func spawn(argumentBytes: [[UInt8]], environmentBytes: [[UInt8]], newProcessGroup: Bool = true,
+                             stdoutToStderr: Bool = false, parentDeathSignal: Int32? = nil) throws(SystemError) -> pid_t {
+        let arguments = argumentBytes, environment = environmentBytes
+        guard let first = arguments.first, !first.isEmpty else {
             throw SystemError("spawn", "(empty command)", .EINVAL)
         }
+        let program = String(decoding: first, as: UTF8.self)
         if let parentDeathSignal {
             // Searched here rather than with execvpe(3), which would run a script without a #!
             // line through /bin/sh, where posix_spawnp(3) and execve(2) fail with ENOEXEC.
@@ -359,11 +382,23 @@ func resetSignals(_ attr: inout posix_spawnattr_t) {
 /// posix_spawn(3) takes them, freed afterwards.
 func withCArrays<T>(_ arguments: [String], _ environment: [String],
                     _ body: ([UnsafeMutablePointer<CChar>?], [UnsafeMutablePointer<CChar>?]) -> T) -> T {
-    let argv = arguments.map { strdup($0) } + [nil]
-    let envp = environment.map { strdup($0) } + [nil]
+    withCArrays(arguments.map { Array($0.utf8) }, environment.map { Array($0.utf8) }, body)
+}
+
+/// The same with each string given as its bytes (no NUL inside).
+func withCArrays<T>(_ arguments: [[UInt8]], _ environment: [[UInt8]],
+                    _ body: ([UnsafeMutablePointer<CChar>?], [UnsafeMutablePointer<CChar>?]) -> T) -> T {
+    func cString(_ bytes: [UInt8]) -> UnsafeMutablePointer<CChar> {
+        let p = UnsafeMutablePointer<CChar>.allocate(capacity: bytes.count + 1)
+        for (i, b) in bytes.enumerated() { p[i] = CChar(bitPattern: b) }
+        p[bytes.count] = 0
+        return p
+    }
+    let argv: [UnsafeMutablePointer<CChar>?] = arguments.map(cString) + [nil]
+    let envp: [UnsafeMutablePointer<CChar>?] = environment.map(cString) + [nil]
     defer {
-        for p in argv { free(p) }
-        for p in envp { free(p) }
+        for p in argv { p?.deallocate() }
+        for p in envp { p?.deallocate() }
     }
     return body(argv, envp)
 }

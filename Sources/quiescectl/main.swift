@@ -149,10 +149,18 @@ func mountList(_ mounts: [String]) -> [String]? {
     return list.isEmpty ? nil : list
 }
 
-/// --mount values: mountpoints as the guest's /proc/self/mountinfo shows them, so absolute.
+/// --mount values: mountpoints as the guest's /proc/self/mountinfo shows them, so absolute,
+/// with no `.` or `..` component (mountinfo has none, and `..` cannot be resolved here, on the
+/// host), and at most PATH_MAX (4096) bytes, the most the protocol carries.
 func checkMounts(_ mounts: [String]) throws {
     for m in mounts where m.isEmpty || !m.hasPrefix("/") || m.utf8.contains(0) {
         throw ValidationError("--mount \"\(m)\" is not a mountpoint: give the absolute path the guest mounts it at, e.g. --mount /var/lib/mysql")
+    }
+    for m in mounts where m.split(separator: "/").contains(where: { $0 == "." || $0 == ".." }) {
+        throw ValidationError("--mount \"\(m)\" has a . or .. component: give the mountpoint as the guest's mountinfo spells it, e.g. --mount /var/lib/mysql")
+    }
+    for m in mounts where m.utf8.count > 4096 {
+        throw ValidationError("--mount is \(m.utf8.count) bytes long: a mountpoint is at most 4096 (PATH_MAX)")
     }
 }
 
@@ -475,7 +483,8 @@ struct Checkpoint: ParsableCommand {
             opID: opID ?? CheckpointPlan.makeOpID(), agents: agents, mounts: mountList(mounts),
             timeoutMs: timeout.milliseconds, leaseMs: lease?.milliseconds, killGraceMs: killGrace.milliseconds,
             policy: onAgentFailure, connectTimeoutMs: g.connectTimeout.milliseconds, replyTimeoutMs: g.replyTimeout.milliseconds,
-            freezeWaitMs: freezeWait?.milliseconds, command: command, commandStdoutToStderr: json, baseEnvironment: Subprocess.currentEnvironment())
+            freezeWaitMs: freezeWait?.milliseconds, command: command, commandArguments: RawArguments.command(as: command),
+            commandStdoutToStderr: json, baseEnvironment: Subprocess.currentEnvironmentBytes())
         let checkpoint = QuiesceHost.Checkpoint(plan: plan) { entry in
             if !json { entry.humanLines.forEach(Output.err) }
         }
@@ -491,4 +500,42 @@ struct Checkpoint: ParsableCommand {
     }
 }
 
+/// The command line as the kernel gave it (bytes), where Swift's `CommandLine.arguments` and so
+/// ArgumentParser see each argument decoded as UTF-8, a byte that is not UTF-8 made U+FFFD.
+enum RawArguments {
+    static let all: [[UInt8]] = (0..<Int(CommandLine.argc)).map { i in
+        guard let p = CommandLine.unsafeArgv[i] else { return [] }
+        var bytes: [UInt8] = []
+        var q = UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self)
+        while q.pointee != 0 { bytes.append(q.pointee); q += 1 }
+        return bytes
+    }
+
+    /// COMMAND's arguments as given: the end of argv after a `--`, when it reads as `command`
+    /// (ArgumentParser's copy); else `command` itself.
+    static func command(as command: [String]) -> [[UInt8]] {
+        let tail = Array(all.suffix(command.count))
+        guard all.count > command.count, all[all.count - command.count - 1] == Array("--".utf8),
+              zip(tail, command).allSatisfy({ String(decoding: $0, as: UTF8.self) == $1 }) else {
+            return command.map { Array($0.utf8) }
+        }
+        return tail
+    }
+
+    /// A usage error for an argument before `--` that is not UTF-8: options and mountpoints
+    /// travel as JSON text, and a replaced byte would name another mountpoint (or two as one).
+    /// COMMAND's arguments, after `--`, are passed on as they are.
+    static func refuseNonUTF8Options() {
+        for (i, arg) in all.enumerated().dropFirst() {
+            if arg == Array("--".utf8) { return }
+            if String(validating: arg, as: UTF8.self) == nil {
+                let shown = arg.map { $0 < 0x80 && $0 >= 0x20 ? String(UnicodeScalar($0)) : "\\x" + String($0, radix: 16) }.joined()
+                Output.err("Error: argument \(i) (\(shown)) is not UTF-8: options and mountpoints are sent as UTF-8 text (COMMAND's arguments after -- are passed on byte for byte)")
+                CurrentProcess.exit(ExitCodes.usage)
+            }
+        }
+    }
+}
+
+RawArguments.refuseNonUTF8Options()
 Quiescectl.main()

@@ -294,6 +294,9 @@ struct CheckpointTests {
         (["--agent", "unix:/x", "freeze", "--mount", ""], "--mount \"\" is not a mountpoint"),
         (["--agent", "unix:/x", "freeze", "--mount", "data"], "--mount \"data\" is not a mountpoint"),
         (["--agent", "unix:/x", "sync", "--mount", "data"], "--mount \"data\" is not a mountpoint"),
+        (["--agent", "unix:/x", "freeze", "--mount", "/srv/a/.."], "--mount \"/srv/a/..\" has a . or .. component"),
+        (["--agent", "unix:/x", "checkpoint", "--mount", "/./srv", "--", "true"], "--mount \"/./srv\" has a . or .. component"),
+        (["--agent", "unix:/x", "freeze", "--mount", "/" + String(repeating: "x", count: 5000)], "--mount is 5001 bytes long: a mountpoint is at most 4096"),
         (["--agent", "unix:/x", "filesystems", "--mount", "./x"], "is not a mountpoint"),
         (["--agent", "unix:/x", "checkpoint", "--mount", "srv", "--", "true"], "--mount \"srv\" is not a mountpoint"),
         (["--agent", "unix:/x", "checkpoint", "--", "/tmp"], "COMMAND /tmp is not an executable file (EACCES)"),
@@ -370,6 +373,28 @@ struct EnvironmentTests {
         #expect(vars["QUIESCE_HOOKS_NOT_HELD"] == "")
         let merged = CommandEnvironment.merge(base: ["PATH=/bin", "QUIESCE_OP_ID=stale", "HOME=/root"], [("QUIESCE_OP_ID", "op-1")])
         #expect(merged == ["PATH=/bin", "HOME=/root", "QUIESCE_OP_ID=op-1"])
+    }
+
+    /// Before: Swift reads argv and environ as UTF-8, so a byte that is not (a Latin-1 file
+    /// name) reached COMMAND as U+FFFD: `cp $'caf\xe9'` copied another file's name (trial E).
+    @Test("COMMAND gets its arguments and environment byte for byte, UTF-8 or not; an option that is not UTF-8 (--mount) is a usage error, not a different mountpoint")
+    func commandBytesPassUnchanged() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir)
+        let script = dir.file("run.sh")
+        try """
+            #!/bin/bash
+            export LATIN=$'z\\xe9'
+            '\(Ctl.path)' --agent '\(agent.address)' checkpoint -- sh -c 'printf "%s|%s" "$1" "$LATIN" > "$2"' x $'caf\\xe9' '\(dir.file("got"))'
+            echo "checkpoint=$?"
+            '\(Ctl.path)' --agent '\(agent.address)' checkpoint --mount $'/srv/caf\\xe9' -- true 2>&1
+            echo "mount=$?"
+            """.write(toFile: script, atomically: true, encoding: .utf8)
+        let out = try sh("bash '\(script)'")
+        #expect(out.contains("checkpoint=0") && out.contains("mount=64"), "\(out)")
+        #expect(out.contains("argument 5 (/srv/caf\\xe9) is not UTF-8"), "\(out)")
+        let got = try #require(FileManager.default.contents(atPath: dir.file("got")))
+        #expect(Array(got) == Array("caf".utf8) + [0xE9, UInt8(ascii: "|"), UInt8(ascii: "z"), 0xE9], "\(Array(got))")
     }
 }
 
