@@ -306,14 +306,18 @@ extension AgentClient {
     /// whose reply breaks the protocol's limits, a garbled frame) asks `status` on a fresh
     /// connection: if nothing (or another operation) holds a freeze, the thaw happened and that
     /// is reported, not a failure. Errors the agent sent, timeouts and lost connections are thrown.
+    /// To qemu-ga this connection is closed first (it serves one client at a time).
     public func thawConfirmed(opID: String?) throws(AgentError) -> ConfirmedThaw {
         do {
             return ConfirmedThaw(result: try thaw(opID: opID), confirmation: nil)
         } catch where error.code == .protocolViolation {
             let unreadable = error
             let status: StatusResult
+            // qemu-ga serves one client at a time: this connection goes first, and the status
+            // is asked without the guest-info handshake, as the thaw was.
+            if isQGA { close() }
             do {
-                let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs)
+                let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs, qgaHandshake: false)
                 defer { again.close() }
                 status = try again.status()
             } catch {

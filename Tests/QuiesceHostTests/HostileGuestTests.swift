@@ -100,7 +100,8 @@ struct HostileGuestTests {
         var frozen: Bool { state.withLock { $0.frozen } }
         var thawedAfterFreeze: Bool { state.withLock { $0.thawedAfterFreeze } }
 
-        init(_ path: String, freezeMs: Int) throws {
+        /// `thawAnswer`: what the thaw's `return` is, as JSON text (default: the count).
+        init(_ path: String, freezeMs: Int, thawAnswer: String? = nil) throws {
             let state = self.state
             peer = try ScriptedPeer(path: path, serial: true) { c in
                 while let line = c.readLine(timeoutMs: 30_000) {
@@ -124,7 +125,7 @@ struct HostileGuestTests {
                             if s.frozen { s.thawedAfterFreeze = true }
                             return s.frozen ? 1 : 0
                         }
-                        c.send("{\"return\": \(n)}\n")
+                        c.send("{\"return\": \(thawAnswer ?? "\(n)")}\n")
                     case "guest-fsfreeze-status":
                         c.send("{\"return\": \"\(state.withLock { $0.frozen } ? "frozen" : "thawed")\"}\n")
                     default: c.send("{\"return\": {}}\n")
@@ -179,6 +180,20 @@ struct HostileGuestTests {
                 #expect(r.stderr.contains("the thaw was sent and waits in qemu-ga's channel"), "\(r.stderr)")
             }
             #expect(eventually(withinMs: 10_000) { qga.thawedAfterFreeze && !qga.frozen }, "reply timeout \(reply): left frozen")
+        }
+        // A thaw answer that cannot be read: the status that confirms the thaw is asked on a
+        // new connection, the thaw's closed first (before: it waited behind it, then 72).
+        do {
+            let sock = dir.file("garbled.sock")
+            let qga = try SlowQGA(sock, freezeMs: 0, thawAnswer: "\"lots\"")
+            defer { qga.peer.stop() }
+            let other = try Socket.connectUnix(path: sock, timeoutMs: 1000)
+            try FD.writeAll(other, Array(#"{"execute":"guest-fsfreeze-freeze"}"#.utf8) + [0x0A], timeoutMs: 1000)
+            #expect(eventually(withinMs: 5000) { qga.frozen })
+            FD.close(other)
+            let r = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", "3s", "thaw"], in: dir, timeoutMs: 30_000)
+            #expect(r.status == 0 && r.stdout.contains("status confirms"), "\(r.stdout)\(r.stderr)")
+            #expect(!qga.frozen)
         }
         // In a group, with a fast guest beside it and the policy that lets COMMAND run.
         for (freezeMs, reply, expected) in [(3000, "10s", ExitCodes.success), (6000, "2s", ExitCodes.thawFailed)] {
