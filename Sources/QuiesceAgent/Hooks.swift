@@ -140,6 +140,26 @@ public struct Hooks: Sendable {
         "could not start: \(error)" + (error.errno == .ENOEXEC ? " (a script needs a #! line naming its interpreter)" : "")
     }
 
+    /// Why execve(2) would refuse to start this hook, or nil when it looks startable: it needs
+    /// an ELF header or a `#!` line naming an interpreter that exists and is executable
+    /// (execve(2), "Interpreter scripts"). A hook that cannot start fails every freeze.
+    public static func startProblem(_ spec: HookSpec) -> String? {
+        let head = readHead(spec.path)
+        if head.starts(with: [0x7F, 0x45, 0x4C, 0x46]) { return nil }  // \x7fELF
+        guard head.starts(with: Array("#!".utf8)) else {
+            return "it has no #! line and is not an ELF executable: execve fails with ENOEXEC"
+        }
+        let line = head.dropFirst(2).prefix { $0 != 0x0A }
+        let words = line.split(whereSeparator: { $0 == 0x20 || $0 == 0x09 || $0 == 0x0D })
+        guard let first = words.first else { return "its #! line names no interpreter" }
+        let interpreter = String(decoding: first, as: UTF8.self)
+        guard interpreter.hasPrefix("/") else { return "its #! interpreter \(interpreter) is not an absolute path" }
+        if case .failure(let e) = Subprocess.locate(interpreter) {
+            return "its #! interpreter \(interpreter) cannot be run (\(e)): execve fails with \(e == .EACCES ? "EACCES" : "ENOENT")"
+        }
+        return nil
+    }
+
     /// The first 4 KiB of a file (where the header is), empty when it cannot be read.
     static func readHead(_ path: String) -> [UInt8] {
         guard let fd = try? FD.open(path, [.readOnly, .noFollow]) else { return [] }

@@ -178,6 +178,10 @@ if checkOnly {
             let what = r.name == dir ? "hooks-dir \(dir): \(r.reason)" : "hook \(r.name) in \(dir) is refused at every freeze: \(r.reason)"
             FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped(what))\n".utf8))
         }
+        for hook in hooks {
+            guard let why = Hooks.startProblem(hook) else { continue }
+            FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("hook \(hook.name) in \(dir) cannot start, so every freeze fails: \(why)"))\n".utf8))
+        }
         hooksSummary = "hooks \(hooks.isEmpty ? "none" : hooks.map(\.name).joined(separator: " ")) in \(dir)\(refused.isEmpty ? "" : " (\(refused.count) refused)")"
     }
     if config.freezeStepTimeoutMs > config.maxFreezeMs {

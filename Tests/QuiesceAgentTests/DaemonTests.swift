@@ -711,11 +711,17 @@ struct SystemdAndConfigTests {
             mkdir -m 755 '\(hooksDir)' && printf '#!/bin/sh\\nexit 0\\n' > '\(hooksDir)/10-good' && chmod 755 '\(hooksDir)/10-good'
             cp '\(hooksDir)/10-good' '\(hooksDir)/20-open' && chmod 777 '\(hooksDir)/20-open' && ln -s 10-good '\(hooksDir)/30-link'
             ln -s hooks '\(dir)/hooks-link'
+            printf 'echo no interpreter line\\n' > '\(hooksDir)/40-noshebang' && chmod 755 '\(hooksDir)/40-noshebang'
+            printf '#!/no/such/shell\\nexit 0\\n' > '\(hooksDir)/41-badinterp' && chmod 755 '\(hooksDir)/41-badinterp'
             """)
         let hooked = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --hooks-dir '\(hooksDir)' --check-config 2>&1; echo \"exit=$?\"")
         #expect(hooked.contains("hook 20-open in \(hooksDir) is refused at every freeze: writable by group or others")
                 && hooked.contains("hook 30-link in \(hooksDir) is refused at every freeze: a symbolic link"), "\(hooked)")
-        #expect(hooked.contains("configuration OK") && hooked.contains("hooks 10-good in \(hooksDir) (2 refused)") && hooked.hasSuffix("exit=0\n"), "\(hooked)")
+        #expect(hooked.contains("configuration OK") && hooked.contains("hooks 10-good 40-noshebang 41-badinterp in \(hooksDir) (2 refused)") && hooked.hasSuffix("exit=0\n"), "\(hooked)")
+        // Listed, since a freeze runs them, but they cannot start, which fails every freeze.
+        #expect(hooked.contains("hook 40-noshebang in \(hooksDir) cannot start, so every freeze fails: it has no #! line and is not an ELF executable")
+                && hooked.contains("hook 41-badinterp in \(hooksDir) cannot start, so every freeze fails: its #! interpreter /no/such/shell cannot be run"), "\(hooked)")
+        #expect(!hooked.contains("hook 10-good in \(hooksDir) cannot start"), "\(hooked)")
         let linked = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --hooks-dir '\(dir)/hooks-link' --check-config 2>&1")
         #expect(linked.contains("hooks-dir \(dir)/hooks-link: the hooks directory is a symbolic link (not followed)") && linked.contains("hooks none"), "\(linked)")
         let good = dir + "/good.conf"
