@@ -338,6 +338,19 @@ extension AgentClient {
     /// `undo` is asked first; when it says no (a second signal: stop at once), the error is
     /// thrown as it came, except to qemu-ga, which has no deadline and does not thaw when the
     /// connection drops: its thaw is still written, without waiting for an answer.
+    /// How long a freeze of unknown outcome may hold, in words: qemu-ga has no deadline, so
+    /// its freeze lasts until something thaws it; quiesced on qemu-ga's port ends it at its
+    /// max-freeze (qemu-ga's protocol carries no timeout); on our protocol, at the request's.
+    private func frozenUntil(_ request: FreezeRequest) -> String {
+        if isQGA {
+            if let h = hello, h.agent == "quiesced", h.maxFreezeMs > 0 {
+                return "for up to \(TimeSpan.human(milliseconds: h.maxFreezeMs)) (quiesced's max-freeze)"
+            }
+            return "until it is thawed (qemu-ga has no deadline)"
+        }
+        return request.timeoutMs.map { "for up to \(TimeSpan.human(milliseconds: $0)) (its deadline)" } ?? "until the agent's --max-freeze deadline"
+    }
+
     public func freezeOrUndo(_ request: FreezeRequest, replyTimeoutMs wait: Int64? = nil,
                              undo: () -> Bool = { true }) throws(AgentError) -> FreezeResult {
         do {
@@ -353,19 +366,12 @@ extension AgentClient {
             } catch {
                 sent = "stopping at once, writing a thaw failed too (\(error.message))"
             }
-            var unsure = AgentError(error.code, "\(error.message). The guest MAY BE FROZEN (qemu-ga has no deadline): \(sent); check with `\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`, thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
+            var unsure = AgentError(error.code, "\(error.message). The guest MAY BE FROZEN \(frozenUntil(request)): \(sent); check with `\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`, thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             unsure.mayBeFrozen = true
             throw unsure
         } catch where error.code != .refused && error.code != .unreachable && undo() {
             let original = error
-            // qemu-ga has no deadline: a freeze of it lasts until something thaws it. quiesced on
-            // qemu-ga's port ends it at its max-freeze (qemu-ga's protocol carries no timeout).
-            let until = if isQGA {
-                hello?.agent == "quiesced" && (hello?.maxFreezeMs ?? 0) > 0
-                    ? "for up to \(TimeSpan.human(milliseconds: hello!.maxFreezeMs)) (quiesced's max-freeze)" : "until it is thawed (qemu-ga has no deadline)"
-            } else {
-                request.timeoutMs.map { "for up to \(TimeSpan.human(milliseconds: $0)) (its deadline)" } ?? "until the agent's --max-freeze deadline"
-            }
+            let until = frozenUntil(request)
             guard let op = request.opID else {
                 throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             }
