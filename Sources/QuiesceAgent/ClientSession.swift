@@ -52,6 +52,8 @@ final class ClientSession: Sendable {
     /// When the peer last sent a frame or was last sent one (monotonic ns): how long it has
     /// been idle, for making room past max-connections (`Server.idleToClose`).
     private let lastActivity = Atomic<UInt64>(monotonicNanos())
+    /// False once a stream session has closed `fd` (`closeDescriptor`).
+    private let descriptorOpen = Mutex<Bool>(true)
 
     init(id: ConnectionID, fd: Int32, peer: Peer, server: Server, isStream: Bool, dialect: Dialect = .quiesce) {
         self.id = id
@@ -114,7 +116,8 @@ final class ClientSession: Sendable {
         server.logger.notice("closed a connection idle for \(TimeSpan.human(milliseconds: Int64(idleNs / 1_000_000))) to make room: \(maxConnections) connections (max-connections) were open",
                              metadata: ["peer": "\(peer)", "connection": "\(id)"])
         send(dialect.errorFrame(ProtocolError(.busy, "closing this connection, idle for \(idleNs / 1_000_000_000) s, to make room for a new one: max-connections (\(maxConnections)) are open"), id: nil))
-        Socket.shutdownRead(fd)
+        // The session may have ended meanwhile, and its descriptor's number been reused.
+        descriptorOpen.withLock { open in if open { Socket.shutdownRead(fd) } }
     }
 
     /// Rate-limited requests are logged once per session (the peer hears each one).
@@ -187,8 +190,7 @@ final class ClientSession: Sendable {
             let why = wake == nil ? "no descriptor" : "no thread"
             FD.writeOnce(fd, dialect.errorFrame(ProtocolError(.internal, "the agent has \(why) left for this connection"), id: nil))
             finish()
-            Socket.shutdown(fd)
-            FD.close(fd)
+            closeDescriptor()
             return
         }
         startWorker()
@@ -254,8 +256,18 @@ final class ClientSession: Sendable {
         }
         finish()
         stopWriter(writer)
-        Socket.shutdown(fd)
-        FD.close(fd)
+        closeDescriptor()
+    }
+
+    /// Shuts down and closes a stream session's socket, once: after this `fd` may name another
+    /// file, so another thread (`closeToMakeRoom`) acts on it only under the same lock.
+    private func closeDescriptor() {
+        descriptorOpen.withLock { open in
+            guard open else { return }
+            open = false
+            Socket.shutdown(fd)
+            FD.close(fd)
+        }
     }
 
     /// Serves one host session on a serial port. Returns true when the device itself failed.
