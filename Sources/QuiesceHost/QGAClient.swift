@@ -134,10 +134,14 @@ extension AgentClient {
         mountPoints.map { FilesystemReport(mountPoint: $0, type: "", device: "", source: "") }
     }
 
-    /// Writes 0xFF, guest-sync-delimited and the command, and waits for nothing: for a thaw
-    /// that must reach qemu-ga even when nobody can wait for its answer.
-    func qgaSend(_ command: QGA.Command) throws(AgentError) {
-        try send([0xFF] + QGA.Command.sync(id: Int64.random(in: 1...Int64(Int32.max)), delimited: true).line + command.line)
+    /// Writes 0xFF, guest-sync-delimited with a fresh id, and the command; returns the sync's
+    /// id. Waits for nothing: alone, for a thaw that must reach qemu-ga even when nobody can
+    /// wait for its answer.
+    @discardableResult
+    func qgaSend(_ command: QGA.Command) throws(AgentError) -> Int64 {
+        let syncID = Int64.random(in: 1...Int64(Int32.max))
+        try send([0xFF] + QGA.Command.sync(id: syncID, delimited: true).line + command.line)
+        return syncID
     }
 
     /// Sends 0xFF and guest-sync-delimited with a fresh id, then the command, and returns the
@@ -147,8 +151,7 @@ extension AgentClient {
     func qgaExecute(_ command: QGA.Command, timeoutMs: Int64,
                     unanswered: (AgentError) -> AgentError = { $0 }) throws(AgentError) -> JSON {
         let name = command.name.rawValue
-        let syncID = Int64.random(in: 1...Int64(Int32.max))
-        try send([0xFF] + QGA.Command.sync(id: syncID, delimited: true).line + command.line)
+        let syncID = try qgaSend(command)
         let end = deadline(timeoutMs)
         var synced = false
         while true {
