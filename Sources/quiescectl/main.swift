@@ -529,7 +529,7 @@ enum RawArguments {
         for (i, arg) in all.enumerated().dropFirst() {
             if arg == Array("--".utf8) { return }
             if String(validating: arg, as: UTF8.self) == nil {
-                let shown = arg.map { $0 < 0x80 && $0 >= 0x20 ? String(UnicodeScalar($0)) : "\\x" + String($0, radix: 16) }.joined()
+                let shown = arg.map { $0 < 0x80 && $0 >= 0x20 ? String(UnicodeScalar($0)) : "\\x" + ($0 < 0x10 ? "0" : "") + String($0, radix: 16) }.joined()
                 Output.err("Error: argument \(i) (\(shown)) is not UTF-8: options and mountpoints are sent as UTF-8 text (COMMAND's arguments after -- are passed on byte for byte)")
                 CurrentProcess.exit(ExitCodes.usage)
             }
