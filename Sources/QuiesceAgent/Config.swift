@@ -124,7 +124,7 @@ public struct AgentConfig: Sendable {
         ("allow-vsock-cid", "CID", "vsock peers allowed to connect (repeatable; default 2, the host)"),
         ("allow-uid", "UID", "Unix socket peers allowed to connect, by uid (repeatable; default 0)"),
         ("on-frozen-elsewhere", "fail|skip", "what to do when a filesystem is already frozen by someone else (default fail)"),
-        ("max-connections", "N", "concurrent connections (default 32)"),
+        ("max-connections", "N", "concurrent connections (default 32); past it, a new one closes the connection idle longest (30 s, holding no bound freeze), else is refused"),
         ("qga-forward", "unix:PATH", "pass the qemu-ga commands quiesced does not implement to a qemu-ga listening on PATH"),
         ("qga-forward-timeout", "DURATION", "longest a forwarded qemu-ga command may take (default 5m; 5s while frozen)"),
     ]
