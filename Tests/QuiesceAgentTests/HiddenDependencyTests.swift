@@ -133,10 +133,11 @@ struct HiddenDependencyTests {
             let freezer = try TestClient(path: agent.socketPath)
             let freezeStart = Date()
             try freezer.sendRaw(Array(#"{"id":1,"op":"freeze","mode":"detached","timeout_ms":60000}"#.utf8) + [0x0A])
-            // Ask until the freeze is seen in progress (it is blocked for the 2 s step timeout).
+            // Ask until the freeze is seen in progress (it is blocked for the 2 s step timeout,
+            // after a presync that a loaded machine can make take seconds through FUSE).
             var sawFreezing = false
             var slowest = 0.0
-            for _ in 0..<100 where !sawFreezing {
+            while !sawFreezing && Date().timeIntervalSince(freezeStart) < 25 {
                 let t0 = Date()
                 let during = try watcher.result(["op": "status"], timeoutMs: 2000)
                 slowest = max(slowest, Date().timeIntervalSince(t0))
@@ -157,7 +158,9 @@ struct HiddenDependencyTests {
             #expect(err.details?["errno"] == "ETIMEDOUT")
             let rolledBack = Set(err.details?["rolled_back"]?.arrayValue?.compactMap(\.stringValue) ?? [])
             #expect(rolledBack.contains(backing) && rolledBack.isDisjoint(with: stuck), "what froze was thawed again: \(err)")
-            #expect(seconds < 10, "abandoned at the 2 s step timeout, not at the 60 s deadline (took \(seconds) s)")
+            // The presync before it is not bounded by the step timeout, and took up to 18 s in a
+            // CI run on a loaded machine: the bound tells the step timeout from the deadline.
+            #expect(seconds < 30, "abandoned at the 2 s step timeout, not at the 60 s deadline (took \(seconds) s)")
 
             // Thawing `backing` released the blocked FIFREEZE; its thread thawed `hidden` at once.
             var status = try watcher.result(["op": "status"])
