@@ -337,22 +337,28 @@ final class ClientSession: Sendable {
             return !isStream
         case .frame(let bytes):
             lastActivity.store(monotonicNanos(), ordering: .relaxed)
-            guard limiter.allow(now: monotonicNanos()) else {
-                if !loggedRateLimit.exchange(true, ordering: .relaxed) {
-                    server.logger.warning("peer rate-limited: more than \(server.config.rateLimit) requests per second (logged once per connection)",
-                                          metadata: ["peer": "\(peer)", "connection": "\(id)"])
-                }
-                let refusal = dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"),
-                                                 id: readableID(of: bytes))
-                // qemu-ga's dialect answers in order, refusals too (a reply may carry no id).
-                if dialect == .qga { _ = enqueueInOrder(.answer(refusal)) } else { send(refusal) }
-                return true
-            }
+            // A thaw is never rate-limited: refusing one would leave the guest frozen until the
+            // deadline because a peer sent too much before it (trial F). Decoded once, here.
             if dialect == .qga {
-                dispatchQGA(bytes)
+                let decoded = QGA.decode(frame: bytes)
+                let thaw = if case .success(let d) = decoded, d.command == .fsfreezeThaw { true } else { false }
+                guard thaw || limiter.allow(now: monotonicNanos()) else {
+                    let id = switch decoded { case .success(let d): d.id; case .failure(let r): r.id }
+                    // qemu-ga's dialect answers in order, refusals too (a reply may carry no id).
+                    _ = enqueueInOrder(.answer(rateLimited(id: id)))
+                    return true
+                }
+                dispatchQGA(bytes, decoded)
                 return true
             }
-            switch Request.decode(frame: bytes) {
+            let decoded = Request.decode(frame: bytes)
+            let thaw = if case .success(let r) = decoded, case .thaw = r.operation { true } else { false }
+            guard thaw || limiter.allow(now: monotonicNanos()) else {
+                let id = switch decoded { case .success(let r): r.id; case .failure(let e): e.id }
+                send(rateLimited(id: id))
+                return true
+            }
+            switch decoded {
             case .failure(let e):
                 send(Reply(id: e.id, error: e.error).frame)
             case .success(let request):
@@ -362,19 +368,14 @@ final class ClientSession: Sendable {
         }
     }
 
-    /// The id of a frame that will not be executed, when it can be read (PROTOCOL.md section
-    /// 3.2: the reply echoes it; null only for a frame that cannot be read).
-    private func readableID(of bytes: [UInt8]) -> JSON? {
-        if dialect == .qga {
-            switch QGA.decode(frame: bytes) {
-            case .success(let decoded): return decoded.id
-            case .failure(let refusal): return refusal.id
-            }
+    /// The refusal of a request over the rate limit (logged once per connection), with the
+    /// request's id when it could be read (PROTOCOL.md section 3.2).
+    private func rateLimited(id requestID: JSON?) -> [UInt8] {
+        if !loggedRateLimit.exchange(true, ordering: .relaxed) {
+            server.logger.warning("peer rate-limited: more than \(server.config.rateLimit) requests per second (logged once per connection)",
+                                  metadata: ["peer": "\(peer)", "connection": "\(id)"])
         }
-        switch Request.decode(frame: bytes) {
-        case .success(let request): return request.id
-        case .failure(let e): return e.id
-        }
+        return dialect.errorFrame(ProtocolError(.rateLimited, "more than \(server.config.rateLimit) requests per second"), id: requestID)
     }
 
     private func dispatch(_ request: Request) {
@@ -458,7 +459,7 @@ final class ClientSession: Sendable {
 extension ClientSession {
     /// qemu-ga answers strictly in order, one command at a time, and so do we: refusals too
     /// wait their turn. The queue per connection is bounded like our own freeze/thaw queue.
-    fileprivate func dispatchQGA(_ bytes: [UInt8]) {
+    fileprivate func dispatchQGA(_ bytes: [UInt8], _ decoded: Result<QGA.Decoded, QGA.Refusal>) {
         // A command over 64 KiB (up to maxQGAFrameBytes) is taken only with nothing ahead of it, so
         // a connection holds at most one such frame queued besides the one being read.
         guard let held = holdCompleteCommand(bytes.count) else {
@@ -473,7 +474,7 @@ extension ClientSession {
             return
         }
         let work: Work
-        switch QGA.decode(frame: bytes) {
+        switch decoded {
         case .failure(let refusal) where refusal.unknownCommand != nil && server.qgaForwarder != nil:
             work = .forward(name: refusal.unknownCommand!, frame: bytes, id: refusal.id)
         case .failure(let refusal):

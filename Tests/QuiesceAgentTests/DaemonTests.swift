@@ -513,6 +513,40 @@ struct HostilePeerTests {
         }
     }
 
+    /// Before: a thaw behind a flood was refused rate-limited like the flood, and the guest
+    /// stayed frozen until the deadline (trial F).
+    @Test("a thaw is never rate-limited: sent behind 300 pings, in either dialect, it thaws")
+    func thawIsNeverRateLimited() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)"])
+            defer { agent.stop() }
+            let c = try TestClient(path: agent.socketPath)
+            _ = try c.result(["op": "freeze", "mode": "detached", "timeout_ms": 120_000])
+            var flood: [UInt8] = []
+            for i in 0..<300 { flood += Array("{\"id\":\(i),\"op\":\"ping\"}\n".utf8) }
+            try c.sendRaw(flood + Array(#"{"id":"the-thaw","op":"thaw"}"#.utf8) + [0x0A])
+            var thawReply: Reply?
+            while thawReply == nil {
+                guard case .reply(let r) = try c.readMessage(timeoutMs: 5000) else { continue }
+                if r.id == "the-thaw" { thawReply = r }
+            }
+            if case .failure(let e) = thawReply!.outcome { Issue.record("the thaw was refused: \(e.code): \(e.message)") }
+            #expect(try !isFrozen(a))
+            // qemu-ga's dialect: freeze, 300 pings and the thaw in one write, no ids.
+            for _ in 0..<300 where !FileManager.default.fileExists(atPath: qga) { usleep(10_000) }
+            let q = try QGAClient(path: qga)
+            var lines = [#"{"execute":"guest-fsfreeze-freeze"}"#] + Array(repeating: #"{"execute":"guest-ping"}"#, count: 300)
+            lines.append(#"{"execute":"guest-fsfreeze-thaw"}"#)
+            try FD.writeAll(q.fd, Array(lines.joined(separator: "\n").utf8) + [0x0A], timeoutMs: 5000)
+            #expect(try q.reply() == ["return": 1])
+            for _ in 0..<300 { _ = try q.reply() }
+            #expect(try q.reply() == ["return": 1], "the thaw's answer: the one filesystem it thawed")
+            #expect(try !isFrozen(a))
+        }
+    }
+
     @Test("connections beyond --max-connections are refused with busy; the others are served")
     func connectionCap() async throws {
         try await LoopLab.with { lab in
