@@ -16,6 +16,8 @@ struct SessionEnd: Sendable {
     var endedEarly: String? = nil
     var reconnected: Bool
     var keepalives: Int
+    /// The thaw's answer could not be read, and status confirmed it (`thawConfirmed`): how.
+    var confirmation: String? = nil
 }
 
 /// One agent's thread: connect, hello, freeze, keep alive, thaw.
@@ -204,9 +206,15 @@ final class AgentSession: Sendable {
             let giveUp = monotonicNanos() + UInt64(plan.replyTimeoutMs) * 1_000_000
             while true {
                 do {
-                    let r = try c.thaw(opID: plan.opID)
-                    outcome.result = r
-                    outcome.alreadyThawed = !r.wasFrozen
+                    // An answer that cannot be read is checked with status (before: 72 for a
+                    // thaw that had happened, trial F).
+                    let t = try c.thawConfirmed(opID: plan.opID)
+                    if let r = t.result {
+                        outcome.result = r
+                        outcome.alreadyThawed = !r.wasFrozen
+                    } else {
+                        outcome.confirmation = t.confirmation
+                    }
                     return nil
                 } catch {
                     if let remote = error.remote, remote.code == .notFrozen {

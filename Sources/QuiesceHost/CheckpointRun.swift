@@ -340,7 +340,8 @@ final class CheckpointRun {
                 note(at, i, "thawed", "already thawed by the agent\(outcome.reconnected ? " (checked after reconnecting)" : "")")
             } else {
                 let frozenFor = outcome.result?.frozenUs ?? report.agents[i].frozenNs.map { Int64((at - start - $0) / 1000) }
-                note(at, i, "thawed", Describe.thawed(outcome.result, frozenUs: frozenFor, reconnected: outcome.reconnected))
+                note(at, i, "thawed", Describe.thawed(outcome.result, frozenUs: frozenFor, reconnected: outcome.reconnected)
+                     + (outcome.confirmation.map { ": \($0)" } ?? ""))
             }
 
         case .childExited(let at):

@@ -194,6 +194,10 @@ struct HostileGuestTests {
             let r = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", "3s", "thaw"], in: dir, timeoutMs: 30_000)
             #expect(r.status == 0 && r.stdout.contains("status confirms"), "\(r.stdout)\(r.stderr)")
             #expect(!qga.frozen)
+            // The same in a checkpoint's own thaw (before: 72 for a thaw that had happened).
+            let ck = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", "3s", "checkpoint", "--", "true"], in: dir, timeoutMs: 30_000)
+            #expect(ck.status == 0 && ck.stderr.contains("status confirms"), "\(ck.stderr)")
+            #expect(!qga.frozen)
         }
         // In a group, with a fast guest beside it and the policy that lets COMMAND run.
         for (freezeMs, reply, expected) in [(3000, "10s", ExitCodes.success), (6000, "2s", ExitCodes.thawFailed)] {
