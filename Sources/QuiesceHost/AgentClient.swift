@@ -338,6 +338,19 @@ extension AgentClient {
     /// `undo` is asked first; when it says no (a second signal: stop at once), the error is
     /// thrown as it came, except to qemu-ga, which has no deadline and does not thaw when the
     /// connection drops: its thaw is still written, without waiting for an answer.
+    /// Writes qemu-ga a thaw on a fresh connection and waits for nothing (stopping at once),
+    /// and says so: it is carried out when the freeze qemu-ga may still be inside returns.
+    private func thawWithoutWaiting() -> String {
+        do {
+            let again = try AgentClient.connect(address, connectTimeoutMs: min(replyTimeoutMs, 1000), replyTimeoutMs: replyTimeoutMs, qgaHandshake: false)
+            defer { again.close() }
+            try again.qgaSend(.fsfreezeThaw)
+            return "a thaw was written without waiting (stopping at once), which qemu-ga carries out when its freeze returns"
+        } catch {
+            return "stopping at once, writing a thaw failed too (\(error.message))"
+        }
+    }
+
     /// How long a freeze of unknown outcome may hold, in words: qemu-ga has no deadline, so
     /// its freeze lasts until something thaws it; quiesced on qemu-ga's port ends it at its
     /// max-freeze (qemu-ga's protocol carries no timeout); on our protocol, at the request's.
@@ -351,25 +364,21 @@ extension AgentClient {
         return request.timeoutMs.map { "for up to \(TimeSpan.human(milliseconds: $0)) (its deadline)" } ?? "until the agent's --max-freeze deadline"
     }
 
+    ///
+    /// `onConnection` gets the undo's connection, so that another thread can interrupt it
+    /// (`Connection.shutdown`) on a second signal: `undo` then says no, and the undo stops
+    /// waiting (to qemu-ga, after writing its thaw without waiting).
     public func freezeOrUndo(_ request: FreezeRequest, replyTimeoutMs wait: Int64? = nil,
-                             undo: () -> Bool = { true }) throws(AgentError) -> FreezeResult {
+                             undo mayUndo: () -> Bool = { true },
+                             onConnection: ((Connection) -> Void)? = nil) throws(AgentError) -> FreezeResult {
         do {
             return try freeze(request, replyTimeoutMs: wait)
-        } catch where error.code != .refused && error.code != .unreachable && !undo() && isQGA {
+        } catch where error.code != .refused && error.code != .unreachable && !mayUndo() && isQGA {
             close()
-            let sent: String
-            do {
-                let again = try AgentClient.connect(address, connectTimeoutMs: min(replyTimeoutMs, 1000), replyTimeoutMs: replyTimeoutMs, qgaHandshake: false)
-                defer { again.close() }
-                try again.qgaSend(.fsfreezeThaw)
-                sent = "a thaw was written without waiting (stopping at once), which qemu-ga carries out when its freeze returns"
-            } catch {
-                sent = "stopping at once, writing a thaw failed too (\(error.message))"
-            }
-            var unsure = AgentError(error.code, "\(error.message). The guest MAY BE FROZEN \(frozenUntil(request)): \(sent); check with `\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`, thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
+            var unsure = AgentError(error.code, "\(error.message). The guest MAY BE FROZEN \(frozenUntil(request)): \(thawWithoutWaiting()); check with `\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`, thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             unsure.mayBeFrozen = true
             throw unsure
-        } catch where error.code != .refused && error.code != .unreachable && undo() {
+        } catch where error.code != .refused && error.code != .unreachable && mayUndo() {
             let original = error
             let until = frozenUntil(request)
             guard let op = request.opID else {
@@ -383,12 +392,20 @@ extension AgentClient {
             var queued = false
             while true {
                 do {
-                    let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs, qgaHandshake: false)
+                    let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs,
+                                                        onConnection: onConnection, qgaHandshake: false)
                     defer { again.close() }
                     let t = try again.thawConfirmed(opID: op)
                     undo = .success(t.result.map { $0.wasFrozen ? "thawed \($0.filesystemCount) filesystem\($0.filesystemCount == 1 ? "" : "s")" : "nothing was frozen" }
                                     ?? (t.confirmation ?? "thawed"))
                 } catch {
+                    if !mayUndo() {
+                        // A second signal while the undo waited: stop at once. quiesced thaws a
+                        // bound freeze when its connection closes; qemu-ga gets its thaw written.
+                        queued = isQGA
+                        undo = .failure(AgentError(error.code, "stopped waiting on a second signal\(isQGA ? "; \(thawWithoutWaiting())" : "")"))
+                        break
+                    }
                     if error.remote?.code == .notFrozen {
                         undo = .success("the agent says the operation holds no freeze (not-frozen)")
                     } else if (error.remote?.code == .busy || error.remote?.details?["agent_code"] == .string(ErrorCode.busy.rawValue))

@@ -67,6 +67,13 @@ final class AgentSession: Sendable {
         if mode.load(ordering: .acquiring).dropsConnection { c.shutdown() }
     }
 
+    /// The undo's connection, so that a second signal (`force`) interrupts its wait too. Unlike
+    /// `attach`, an abandoned session's undo keeps it: abandoning dropped the freeze's.
+    func attachUndo(_ c: Connection) {
+        connection.withLock { $0 = c }
+        if mode.load(ordering: .acquiring) == .forced { c.shutdown() }
+    }
+
     func force() {
         mode.store(.forced, ordering: .releasing)
         connection.withLock { $0?.shutdown() }
@@ -115,7 +122,8 @@ final class AgentSession: Sendable {
             // connection closes, but qemu-ga's do not, and the undo confirms it either way. Not
             // after a second signal, which asks to stop at once.
             result = try client.freezeOrUndo(request, replyTimeoutMs: max(plan.replyTimeoutMs, plan.timeoutMs),
-                                             undo: { self.mode.load(ordering: .acquiring) != .forced })
+                                             undo: { self.mode.load(ordering: .acquiring) != .forced },
+                                             onConnection: { self.attachUndo($0) })
         } catch {
             events.post(.failed(i, .freeze, error, monotonicNanos()))
             return

@@ -265,6 +265,28 @@ struct HostileGuestTests {
         #expect(eventually(withinMs: 10_000) { qga.thawedAfterFreeze && !qga.frozen }, "the written thaw was carried out after the freeze returned")
     }
 
+    /// Before: after the second signal the undo still waited out its reply timeout (trial F).
+    @Test("a second signal while the undo of a late qemu-ga freeze waits for its answer stops quiescectl at once; the thaw is written, exit 72")
+    func secondSignalDuringUndo() throws {
+        let dir = TempDir()
+        let sock = dir.file("q.sock")
+        let qga = try SlowQGA(sock, freezeMs: 12_000)
+        defer { qga.peer.stop() }
+        // The freeze's answer is waited for 5 s, then the undo's for 5 s more.
+        let ctl = try Ctl(["--agent", "qga:unix:\(sock)", "--reply-timeout", "5s", "checkpoint", "--timeout", "2s", "--", "true"], in: dir)
+        let start = monotonicNanos()
+        usleep(6_500_000)
+        ctl.signal(SIGTERM)
+        usleep(300_000)
+        ctl.signal(SIGTERM)
+        let r = try #require(ctl.wait(timeoutMs: 20_000))
+        let seconds = Double(monotonicNanos() - start) / 1e9
+        #expect(seconds < 9, "stopped at once after the second signal, not at the undo's 10 s (took \(seconds) s)")
+        #expect(r.status == ExitCodes.thawFailed, "\(r.stderr)")
+        #expect(r.stderr.contains("stopped waiting on a second signal") && r.stderr.contains("MAY BE FROZEN"), "\(r.stderr)")
+        #expect(eventually(withinMs: 15_000) { qga.thawedAfterFreeze && !qga.frozen }, "thawed when its freeze returned")
+    }
+
     @Test("one mountpoint named three ways (again, with a trailing slash, with a doubled slash) is asked for once: qemu-ga's count of 1 is the whole freeze, not a short one")
     func repeatedMountIsAskedForOnce() throws {
         let dir = TempDir()
