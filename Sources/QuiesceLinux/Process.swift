@@ -219,6 +219,11 @@ public enum Subprocess {
     /// EACCES when found but not an executable file. Lets a caller refuse a COMMAND before it
     /// freezes anything; `spawn` still reports what happens at the real start.
     public static func cannotRun(_ program: String, searchPath: String? = getenv("PATH").map { String(cString: $0) }) -> Errno? {
+        cannotRun(Array(program.utf8), searchPath: searchPath.map { Array($0.utf8) })
+    }
+
+    /// `cannotRun` for a program named by bytes, UTF-8 or not, searched in PATH's bytes.
+    public static func cannotRun(_ program: [UInt8], searchPath: [UInt8]? = rawPATH()) -> Errno? {
         if case .failure(let e) = locate(program, searchPath: searchPath) { return e }
         return nil
     }
@@ -228,23 +233,38 @@ public enum Subprocess {
     /// directory; no PATH: /usr/local/bin:/usr/bin:/bin), as execvp(3) searches. Errors as
     /// `cannotRun`.
     public static func locate(_ program: String, searchPath: String? = getenv("PATH").map { String(cString: $0) }) -> Result<String, Errno> {
-        func check(_ candidate: String) -> Errno? {
-            var st = stat()
-            guard stat(candidate, &st) == 0 else { return Errno(errno) }
-            guard (st.st_mode & S_IFMT) == S_IFREG, access(candidate, X_OK) == 0 else { return .EACCES }
-            return nil
+        locate(Array(program.utf8), searchPath: searchPath.map { Array($0.utf8) }).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// `locate` by bytes: a file name or PATH entry that is not UTF-8 is found as it is.
+    public static func locate(_ program: [UInt8], searchPath: [UInt8]? = rawPATH()) -> Result<[UInt8], Errno> {
+        func check(_ candidate: [UInt8]) -> Errno? {
+            (candidate + [0]).withUnsafeBufferPointer { b -> Errno? in
+                let path = UnsafeRawPointer(b.baseAddress!).assumingMemoryBound(to: CChar.self)
+                var st = stat()
+                guard stat(path, &st) == 0 else { return Errno(errno) }
+                guard (st.st_mode & S_IFMT) == S_IFREG, access(path, X_OK) == 0 else { return .EACCES }
+                return nil
+            }
         }
-        guard !program.isEmpty else { return .failure(.ENOENT) }
-        if program.contains("/") { return check(program).map { .failure($0) } ?? .success(program) }
+        let slash = UInt8(ascii: "/")
+        guard !program.isEmpty, !program.contains(0) else { return .failure(.ENOENT) }
+        if program.contains(slash) { return check(program).map { .failure($0) } ?? .success(program) }
         var found: Errno = .ENOENT
-        let dirs = (searchPath ?? "/usr/local/bin:/usr/bin:/bin").split(separator: ":", omittingEmptySubsequences: false)
+        let dirs = (searchPath ?? Array("/usr/local/bin:/usr/bin:/bin".utf8)).split(separator: UInt8(ascii: ":"), omittingEmptySubsequences: false)
         for dir in dirs {
-            let candidate = (dir.isEmpty ? "." : String(dir)) + "/" + program
+            let candidate = (dir.isEmpty ? [UInt8(ascii: ".")] : Array(dir)) + [slash] + program
             let e = check(candidate)
             if e == nil { return .success(candidate) }
             if e == .EACCES { found = .EACCES }
         }
         return .failure(found)
+    }
+
+    /// PATH's bytes, nil when it is not set.
+    public static func rawPATH() -> [UInt8]? {
+        guard let p = getenv("PATH") else { return nil }
+        return Array(UnsafeBufferPointer(start: UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self), count: strlen(p)))
     }
 
     /// Starts `arguments[0]` (searched in PATH when it has no slash) with `arguments` and
@@ -275,14 +295,17 @@ public enum Subprocess {
         if let parentDeathSignal {
             // Searched here rather than with execvpe(3), which would run a script without a #!
             // line through /bin/sh, where posix_spawnp(3) and execve(2) fail with ENOEXEC.
-            let path: String
-            switch locate(program) {
+            let path: [UInt8]
+            switch locate(first) {
             case .success(let found): path = found
             case .failure(let e): throw SystemError("spawn", program, e)
             }
             var pid: pid_t = 0
             let rc = withCArrays(arguments, environment) { argv, envp in
-                qs_spawn_tied(path, argv, envp, newProcessGroup ? 1 : 0, stdoutToStderr ? 1 : 0, parentDeathSignal, &pid)
+                (path + [0]).withUnsafeBufferPointer { p in
+                    qs_spawn_tied(UnsafeRawPointer(p.baseAddress!).assumingMemoryBound(to: CChar.self), argv, envp,
+                                  newProcessGroup ? 1 : 0, stdoutToStderr ? 1 : 0, parentDeathSignal, &pid)
+                }
             }
             guard rc == 0 else { throw SystemError("spawn", program, Errno(rc)) }
             return pid
@@ -304,10 +327,11 @@ public enum Subprocess {
         if stdoutToStderr { posix_spawn_file_actions_adddup2(&actions, 2, 1) }
 
         var pid: pid_t = 0
+        // argv[0] is the program's name as given, byte for byte.
         let rc = withCArrays(arguments, environment) { argv, envp in
-            program.contains("/")
-                ? posix_spawn(&pid, program, &actions, &attr, argv, envp)
-                : posix_spawnp(&pid, program, &actions, &attr, argv, envp)
+            first.contains(UInt8(ascii: "/"))
+                ? posix_spawn(&pid, argv[0]!, &actions, &attr, argv, envp)
+                : posix_spawnp(&pid, argv[0]!, &actions, &attr, argv, envp)
         }
         guard rc == 0 else { throw SystemError("spawn", program, Errno(rc)) }
         return pid

@@ -458,7 +458,8 @@ struct Checkpoint: ParsableCommand {
         try checkMounts(mounts)
         if let w = freezeWait, w.milliseconds == 0 { throw ValidationError("--freeze-wait must be longer than 0") }
         // Refuse a COMMAND that cannot run before any guest is frozen for it.
-        if let e = Subprocess.cannotRun(command[0]) {
+        // By its bytes, as it will be started: a name or PATH entry that is not UTF-8 counts.
+        if let e = Subprocess.cannotRun(RawArguments.command(as: command)[0]) {
             throw ValidationError(e == .ENOENT
                 ? "COMMAND not found: \(command[0]) (nothing was frozen)"
                 : "COMMAND \(command[0]) is not an executable file (\(e.name)); nothing was frozen")

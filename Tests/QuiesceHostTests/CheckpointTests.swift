@@ -389,9 +389,16 @@ struct EnvironmentTests {
             echo "checkpoint=$?"
             '\(Ctl.path)' --agent '\(agent.address)' checkpoint --mount $'/srv/caf\\xe9' -- true 2>&1
             echo "mount=$?"
+            # A program whose name is not UTF-8, by path and through a PATH entry that is not.
+            mkdir $'\(dir.path)/bin\\xe9' && cp /bin/true $'\(dir.path)/bin\\xe9/pr\\xe9g'
+            '\(Ctl.path)' --agent '\(agent.address)' checkpoint -- $'\(dir.path)/bin\\xe9/pr\\xe9g' >/dev/null 2>&1
+            echo "by-path=$?"
+            PATH=$'\(dir.path)/bin\\xe9':$PATH '\(Ctl.path)' --agent '\(agent.address)' checkpoint -- $'pr\\xe9g' >/dev/null 2>&1
+            echo "by-PATH=$?"
             """.write(toFile: script, atomically: true, encoding: .utf8)
         let out = try sh("bash '\(script)'")
         #expect(out.contains("checkpoint=0") && out.contains("mount=64"), "\(out)")
+        #expect(out.contains("by-path=0") && out.contains("by-PATH=0"), "a program named by bytes that are not UTF-8 runs: \(out)")
         #expect(out.contains("argument 5 (/srv/caf\\xe9) is not UTF-8"), "\(out)")
         let got = try #require(FileManager.default.contents(atPath: dir.file("got")))
         #expect(Array(got) == Array("caf".utf8) + [0xE9, UInt8(ascii: "|"), UInt8(ascii: "z"), 0xE9], "\(Array(got))")
