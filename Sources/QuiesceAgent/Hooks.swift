@@ -141,22 +141,50 @@ public struct Hooks: Sendable {
     }
 
     /// Why execve(2) would refuse to start this hook, or nil when it looks startable: it needs
-    /// an ELF header or a `#!` line naming an interpreter that exists and is executable
-    /// (execve(2), "Interpreter scripts"). A hook that cannot start fails every freeze.
+    /// an ELF executable for this machine, or a `#!` line naming an interpreter that exists
+    /// and is executable; `#!/usr/bin/env NAME` also needs NAME in PATH. The kernel ends the
+    /// interpreter's name at a space or tab only (execve(2), "Interpreter scripts"; Linux's
+    /// binfmt_script), so a CR of Windows line ends is part of it. A hook that cannot start
+    /// fails every freeze.
     public static func startProblem(_ spec: HookSpec) -> String? {
         let head = readHead(spec.path)
-        if head.starts(with: [0x7F, 0x45, 0x4C, 0x46]) { return nil }  // \x7fELF
+        if head.starts(with: [0x7F, 0x45, 0x4C, 0x46]) { return elfProblem(head) }  // \x7fELF
         guard head.starts(with: Array("#!".utf8)) else {
             return "it has no #! line and is not an ELF executable: execve fails with ENOEXEC"
         }
         let line = head.dropFirst(2).prefix { $0 != 0x0A }
-        let words = line.split(whereSeparator: { $0 == 0x20 || $0 == 0x09 || $0 == 0x0D })
-        guard let first = words.first else { return "its #! line names no interpreter" }
-        let interpreter = String(decoding: first, as: UTF8.self)
+        let words = line.split(whereSeparator: { $0 == 0x20 || $0 == 0x09 }).map { String(decoding: $0, as: UTF8.self) }
+        let crlf = line.last == 0x0D ? " (the file has Windows line ends: the interpreter's name ends in a CR)" : ""
+        guard let interpreter = words.first else { return "its #! line names no interpreter" }
         guard interpreter.hasPrefix("/") else { return "its #! interpreter \(interpreter) is not an absolute path" }
         if case .failure(let e) = Subprocess.locate(interpreter) {
-            return "its #! interpreter \(interpreter) cannot be run (\(e)): execve fails with \(e == .EACCES ? "EACCES" : "ENOENT")"
+            return "its #! interpreter \(interpreter) cannot be run (\(e.name))\(crlf)"
         }
+        // `#!/usr/bin/env NAME`: env looks NAME up in PATH when the hook starts.
+        if interpreter.hasSuffix("/env"), words.count > 1, !words[1].hasPrefix("-"),
+           case .failure(let e) = Subprocess.locate(words[1]) {
+            return "its #! line runs \(words[1]) through env, which finds none in PATH (\(e.name))\(crlf)"
+        }
+        return nil
+    }
+
+    /// What makes an ELF header unrunnable here (elf(5)): a class, byte order or version that
+    /// is not ELF's, a type that is not an executable or a shared object, or another machine.
+    static func elfProblem(_ head: [UInt8]) -> String? {
+        guard head.count >= 20, (1...2).contains(head[4]), (1...2).contains(head[5]), head[6] == 1 else {
+            return "it starts like an ELF file but its header is not one: execve fails with ENOEXEC"
+        }
+        let little = head[5] == 1
+        func u16(_ at: Int) -> UInt16 { little ? UInt16(head[at]) | UInt16(head[at + 1]) << 8 : UInt16(head[at]) << 8 | UInt16(head[at + 1]) }
+        guard [2, 3].contains(u16(16)) else { return "it is an ELF file but not an executable (e_type \(u16(16))): execve fails with ENOEXEC" }
+        #if arch(x86_64)
+        let machine: UInt16 = 62  // EM_X86_64
+        #elseif arch(arm64)
+        let machine: UInt16 = 183  // EM_AARCH64
+        #else
+        let machine = u16(18)
+        #endif
+        guard u16(18) == machine else { return "it is an ELF executable for another machine (e_machine \(u16(18))): execve fails with ENOEXEC" }
         return nil
     }
 

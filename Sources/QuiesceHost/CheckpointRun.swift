@@ -237,8 +237,9 @@ final class CheckpointRun {
             report.agents[i].connectedNs = at - start
             let dialect = if case .qga = plan.agents[i] { "qemu-ga's protocol" } else { "protocol \(hello.version)" }
             note(at, i, "connected", "connected: \(hello.agent.isEmpty ? "agent" : hello.agent) \(hello.agentVersion), \(dialect)")
-            if case .qga = plan.agents[i], hello.agent == "qemu-ga" {
-                note(at, i, "no-deadline", "qemu-ga has no deadline and does not thaw when the connection drops: "
+            // qemu-ga, or an agent on its port that announces no deadline.
+            if case .qga = plan.agents[i], hello.maxFreezeMs == 0 {
+                note(at, i, "no-deadline", "\(hello.agent) has no deadline and does not thaw when the connection drops: "
                      + "quiescectl thaws it on every path it controls, but if quiescectl is killed, this guest stays frozen until thawed")
             }
 

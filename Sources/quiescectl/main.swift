@@ -151,7 +151,7 @@ func mountList(_ mounts: [String]) -> [String]? {
 
 /// --mount values: mountpoints as the guest's /proc/self/mountinfo shows them, so absolute,
 /// with no `.` or `..` component (mountinfo has none, and `..` cannot be resolved here, on the
-/// host), and at most PATH_MAX (4096) bytes, the most the protocol carries.
+/// host), and at most 4095 bytes (PATH_MAX, 4096 in linux/limits.h, counts the NUL).
 func checkMounts(_ mounts: [String]) throws {
     for m in mounts where m.isEmpty || !m.hasPrefix("/") || m.utf8.contains(0) {
         throw ValidationError("--mount \"\(m)\" is not a mountpoint: give the absolute path the guest mounts it at, e.g. --mount /var/lib/mysql")
@@ -159,8 +159,8 @@ func checkMounts(_ mounts: [String]) throws {
     for m in mounts where m.split(separator: "/").contains(where: { $0 == "." || $0 == ".." }) {
         throw ValidationError("--mount \"\(m)\" has a . or .. component: give the mountpoint as the guest's mountinfo spells it, e.g. --mount /var/lib/mysql")
     }
-    for m in mounts where m.utf8.count > 4096 {
-        throw ValidationError("--mount is \(m.utf8.count) bytes long: a mountpoint is at most 4096 (PATH_MAX)")
+    for m in mounts where m.utf8.count > 4095 {
+        throw ValidationError("--mount is \(m.utf8.count) bytes long: a mountpoint is at most 4095 (PATH_MAX, 4096, counts the NUL)")
     }
 }
 

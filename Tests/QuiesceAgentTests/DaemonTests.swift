@@ -747,11 +747,19 @@ struct SystemdAndConfigTests {
             ln -s hooks '\(dir)/hooks-link'
             printf 'echo no interpreter line\\n' > '\(hooksDir)/40-noshebang' && chmod 755 '\(hooksDir)/40-noshebang'
             printf '#!/no/such/shell\\nexit 0\\n' > '\(hooksDir)/41-badinterp' && chmod 755 '\(hooksDir)/41-badinterp'
+            printf '#!/bin/sh\\r\\nexit 0\\r\\n' > '\(hooksDir)/42-crlf' && chmod 755 '\(hooksDir)/42-crlf'
+            printf '#!/usr/bin/env no-such-interpreter\\n' > '\(hooksDir)/43-env' && chmod 755 '\(hooksDir)/43-env'
+            printf '\\177ELF garbage' > '\(hooksDir)/44-fake-elf' && chmod 755 '\(hooksDir)/44-fake-elf'
+            cp /bin/true '\(hooksDir)/45-elf' && printf '#!/usr/bin/env sh\\nexit 0\\n' > '\(hooksDir)/46-env-sh' && chmod 755 '\(hooksDir)/46-env-sh'
             """)
         let hooked = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --hooks-dir '\(hooksDir)' --check-config 2>&1; echo \"exit=$?\"")
         #expect(hooked.contains("hook 20-open in \(hooksDir) is refused at every freeze: writable by group or others")
                 && hooked.contains("hook 30-link in \(hooksDir) is refused at every freeze: a symbolic link"), "\(hooked)")
-        #expect(hooked.contains("configuration OK") && hooked.contains("hooks 10-good 40-noshebang 41-badinterp in \(hooksDir) (2 refused)") && hooked.hasSuffix("exit=0\n"), "\(hooked)")
+        #expect(hooked.contains("configuration OK") && hooked.contains("hooks 10-good 40-noshebang 41-badinterp 42-crlf 43-env 44-fake-elf 45-elf 46-env-sh in \(hooksDir) (2 refused)") && hooked.hasSuffix("exit=0\n"), "\(hooked)")
+        #expect(hooked.contains("hook 42-crlf in \(hooksDir) cannot start, so every freeze fails: its #! interpreter /bin/sh\\r cannot be run (ENOENT) (the file has Windows line ends")
+                && hooked.contains("hook 43-env in \(hooksDir) cannot start, so every freeze fails: its #! line runs no-such-interpreter through env, which finds none in PATH")
+                && hooked.contains("hook 44-fake-elf in \(hooksDir) cannot start, so every freeze fails: it starts like an ELF file but its header is not one"), "\(hooked)")
+        #expect(!hooked.contains("45-elf in \(hooksDir) cannot start") && !hooked.contains("46-env-sh in \(hooksDir) cannot start"), "\(hooked)")
         // Listed, since a freeze runs them, but they cannot start, which fails every freeze.
         #expect(hooked.contains("hook 40-noshebang in \(hooksDir) cannot start, so every freeze fails: it has no #! line and is not an ELF executable")
                 && hooked.contains("hook 41-badinterp in \(hooksDir) cannot start, so every freeze fails: its #! interpreter /no/such/shell cannot be run"), "\(hooked)")
