@@ -151,7 +151,10 @@ struct HiddenDependencyTests {
                     seen.append(String(format: "%.2f", Date().timeIntervalSince(freezeStart)) + " s " + state)
                 }
                 sawFreezing = state == "freezing"
-                if !sawFreezing { try await Task.sleep(nanoseconds: 50_000_000) }
+                // Blocking, not Task.sleep: with the suite's other tests holding the cooperative
+                // pool's threads (2 on this machine), a Task.sleep of 50 ms resumed after the
+                // freeze had already failed (a run saw "thawed" at 0 s, then the reply at 2.96 s).
+                if !sawFreezing { usleep(50_000) }
             }
             #expect(sawFreezing, "status showed the freeze in progress; seen: \(seen), the reply after \(Date().timeIntervalSince(freezeStart)) s")
             #expect(slowest < 1, "status is answered while a FIFREEZE is blocked (slowest \(slowest) s)")
