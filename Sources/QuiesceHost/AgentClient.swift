@@ -323,7 +323,10 @@ extension AgentClient {
             } catch {
                 throw AgentError(.protocolViolation, "\(unreadable.message); and status could not confirm the thaw: \(error.message)")
             }
-            if status.state == .thawed || (opID != nil && status.opID != opID) {
+            // Thawed, or frozen by another operation (our protocol names it). qemu-ga's status
+            // names none, so there only "thawed" confirms (before, any state did: trial G).
+            let othersFreeze = !isQGA && opID != nil && status.opID != nil && status.opID != opID
+            if status.state == .thawed || othersFreeze {
                 return ConfirmedThaw(result: nil, confirmation: "the thaw reply could not be read (\(error.message)); status confirms \(opID.map { "operation \($0) no longer holds a freeze" } ?? "nothing is frozen")")
             }
             throw AgentError(.protocolViolation, "\(error.message); status says the guest is still \(status.state.rawValue) by \(status.opID ?? "?")")

@@ -101,7 +101,8 @@ struct HostileGuestTests {
         var thawedAfterFreeze: Bool { state.withLock { $0.thawedAfterFreeze } }
 
         /// `thawAnswer`: what the thaw's `return` is, as JSON text (default: the count).
-        init(_ path: String, freezeMs: Int, thawAnswer: String? = nil) throws {
+        /// `thawThaws: false`: a thaw answers but leaves it frozen (a lying guest).
+        init(_ path: String, freezeMs: Int, thawAnswer: String? = nil, thawThaws: Bool = true) throws {
             let state = self.state
             peer = try ScriptedPeer(path: path, serial: true) { c in
                 while let line = c.readLine(timeoutMs: 30_000) {
@@ -121,8 +122,8 @@ struct HostileGuestTests {
                         c.send("{\"return\": 1}\n")
                     case "guest-fsfreeze-thaw":
                         let n = state.withLock { s in
-                            defer { s.frozen = false }
-                            if s.frozen { s.thawedAfterFreeze = true }
+                            defer { if thawThaws { s.frozen = false } }
+                            if s.frozen && thawThaws { s.thawedAfterFreeze = true }
                             return s.frozen ? 1 : 0
                         }
                         c.send("{\"return\": \(thawAnswer ?? "\(n)")}\n")
@@ -198,6 +199,19 @@ struct HostileGuestTests {
             let ck = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", "3s", "checkpoint", "--", "true"], in: dir, timeoutMs: 30_000)
             #expect(ck.status == 0 && ck.stderr.contains("status confirms"), "\(ck.stderr)")
             #expect(!qga.frozen)
+        }
+        // A garbled answer from a guest still frozen: qemu-ga's status names no operation, so
+        // only "thawed" confirms (before: any state did, with --op-id and in a checkpoint: exit
+        // 0 with the guest frozen, trial G).
+        do {
+            let sock = dir.file("stays.sock")
+            let qga = try SlowQGA(sock, freezeMs: 0, thawAnswer: "\"lots\"", thawThaws: false)
+            defer { qga.peer.stop() }
+            let ck = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", "3s", "checkpoint", "--", "true"], in: dir, timeoutMs: 30_000)
+            #expect(ck.status == ExitCodes.thawFailed && ck.stderr.contains("status says the guest is still frozen"), "\(ck.stderr)")
+            let byOp = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", "3s", "thaw", "--op-id", "some-op"], in: dir, timeoutMs: 30_000)
+            #expect(byOp.status == ExitCodes.thawFailed, "\(byOp.stdout)\(byOp.stderr)")
+            #expect(qga.frozen)
         }
         // In a group, with a fast guest beside it and the policy that lets COMMAND run.
         for (freezeMs, reply, expected) in [(3000, "10s", ExitCodes.success), (6000, "2s", ExitCodes.thawFailed)] {
