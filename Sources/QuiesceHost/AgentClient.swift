@@ -343,14 +343,14 @@ extension AgentClient {
     /// connection drops: its thaw is still written, without waiting for an answer.
     /// Writes qemu-ga a thaw on a fresh connection and waits for nothing (stopping at once),
     /// and says so: it is carried out when the freeze qemu-ga may still be inside returns.
-    private func thawWithoutWaiting() -> String {
+    private func thawWithoutWaiting() -> (said: String, sent: Bool) {
         do {
             let again = try AgentClient.connect(address, connectTimeoutMs: min(replyTimeoutMs, 1000), replyTimeoutMs: replyTimeoutMs, qgaHandshake: false)
             defer { again.close() }
             try again.qgaSend(.fsfreezeThaw)
-            return "a thaw was written without waiting (stopping at once), which qemu-ga carries out when its freeze returns"
+            return ("a thaw was written without waiting (stopping at once), which qemu-ga carries out when its freeze returns", true)
         } catch {
-            return "stopping at once, writing a thaw failed too (\(error.message))"
+            return ("stopping at once, writing a thaw failed too (\(error.message))", false)
         }
     }
 
@@ -378,7 +378,7 @@ extension AgentClient {
             return try freeze(request, replyTimeoutMs: wait)
         } catch where error.code != .refused && error.code != .unreachable && !mayUndo() && isQGA {
             close()
-            var unsure = AgentError(error.code, "\(error.message). The guest MAY BE FROZEN \(frozenUntil(request)): \(thawWithoutWaiting()); check with `\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`, thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
+            var unsure = AgentError(error.code, "\(error.message). The guest MAY BE FROZEN \(frozenUntil(request)): \(thawWithoutWaiting().said); check with `\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`, thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             unsure.mayBeFrozen = true
             throw unsure
         } catch where error.code != .refused && error.code != .unreachable && mayUndo() {
@@ -405,8 +405,9 @@ extension AgentClient {
                     if !mayUndo() {
                         // A second signal while the undo waited: stop at once. quiesced thaws a
                         // bound freeze when its connection closes; qemu-ga gets its thaw written.
-                        queued = isQGA
-                        undo = .failure(AgentError(error.code, "stopped waiting on a second signal\(isQGA ? "; \(thawWithoutWaiting())" : "")"))
+                        let written = isQGA ? thawWithoutWaiting() : nil
+                        queued = written?.sent ?? false
+                        undo = .failure(AgentError(error.code, "stopped waiting on a second signal\(written.map { "; \($0.said)" } ?? "")"))
                         break
                     }
                     if error.remote?.code == .notFrozen {
