@@ -152,18 +152,48 @@ public struct Hooks: Sendable {
         guard head.starts(with: Array("#!".utf8)) else {
             return "it has no #! line and is not an ELF executable: execve fails with ENOEXEC"
         }
-        let line = head.dropFirst(2).prefix { $0 != 0x0A }
-        let words = line.split(whereSeparator: { $0 == 0x20 || $0 == 0x09 }).map { String(decoding: $0, as: UTF8.self) }
+        // As binfmt_script reads it: the first 256 bytes (BINPRM_BUF_SIZE); the interpreter's
+        // name, ended by a space or tab; then the rest of the line as one argument, if any.
+        let buffer = head.prefix(256)
+        let line = buffer.dropFirst(2).prefix { $0 != 0x0A }
+        let isBlank: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x09 }
+        let afterBlanks = line.drop(while: isBlank)
+        let name = afterBlanks.prefix { !isBlank($0) }
+        guard !name.isEmpty else { return "its #! line names no interpreter" }
+        if name.endIndex == buffer.endIndex && head.count > 256 {
+            return "its #! interpreter's name does not end within the 256 bytes the kernel reads: execve fails with ENOEXEC"
+        }
+        let interpreter = String(decoding: name, as: UTF8.self)
+        var argument = String(decoding: afterBlanks.dropFirst(name.count).drop(while: isBlank), as: UTF8.self)
+        while let last = argument.last, last == " " || last == "\t" { argument.removeLast() }
         let crlf = line.last == 0x0D ? " (the file has Windows line ends: the interpreter's name ends in a CR)" : ""
-        guard let interpreter = words.first else { return "its #! line names no interpreter" }
         guard interpreter.hasPrefix("/") else { return "its #! interpreter \(interpreter) is not an absolute path" }
         if case .failure(let e) = Subprocess.locate(interpreter) {
             return "its #! interpreter \(interpreter) cannot be run (\(e.name))\(crlf)"
         }
-        // `#!/usr/bin/env NAME`: env looks NAME up in PATH when the hook starts.
-        if interpreter.hasSuffix("/env"), words.count > 1, !words[1].hasPrefix("-"),
-           case .failure(let e) = Subprocess.locate(words[1]) {
-            return "its #! line runs \(words[1]) through env, which finds none in PATH (\(e.name))\(crlf)"
+        if interpreter.hasSuffix("/env") { return envProblem(argument, crlf: crlf) }
+        return nil
+    }
+
+    /// What stops `#!/usr/bin/env ARGUMENT` from starting a program: env gets the rest of the
+    /// line as one argument, so without `-S` an option or a second word is not split; and with
+    /// no program named, env runs the hook itself again, for ever (env(1)).
+    static func envProblem(_ argument: String, crlf: String) -> String? {
+        let loops = "env names no program, so it runs the hook itself again, for ever"
+        var words: [String]
+        if argument.hasPrefix("-S") || argument.hasPrefix("--split-string") {
+            let rest = argument.hasPrefix("-S") ? argument.dropFirst(2) : argument.drop(while: { $0 != "=" && $0 != " " }).dropFirst()
+            words = rest.split(whereSeparator: { $0 == " " || $0 == "\t" }).map(String.init)
+        } else if argument.hasPrefix("-") {
+            return "env gets \"\(argument)\" as one argument (the kernel passes the rest of the #! line whole) and fails: use env -S"
+        } else {
+            words = argument.isEmpty ? [] : [argument]
+        }
+        // Options and NAME=value assignments come before the program.
+        words = Array(words.drop(while: { $0.hasPrefix("-") || $0.contains("=") }))
+        guard let program = words.first else { return loops }
+        if case .failure(let e) = Subprocess.locate(program) {
+            return "its #! line runs \(program) through env, which finds none in PATH (\(e.name))\(crlf)"
         }
         return nil
     }
@@ -185,6 +215,17 @@ public struct Hooks: Sendable {
         let machine = u16(18)
         #endif
         guard u16(18) == machine else { return "it is an ELF executable for another machine (e_machine \(u16(18))): execve fails with ENOEXEC" }
+        // Its program headers must be in the file: a cut copy is not (`head` is the first 4 KiB,
+        // so a file shorter than that is all there).
+        func u32(_ at: Int) -> UInt64 { (0..<4).reduce(0) { $0 | UInt64(head[at + (little ? $1 : 3 - $1)]) << (8 * $1) } }
+        func u64(_ at: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(head[at + (little ? $1 : 7 - $1)]) << (8 * $1) } }
+        let is64 = head[4] == 2
+        guard head.count >= (is64 ? 64 : 52) else { return "it is cut short inside its ELF header: execve fails with ENOEXEC" }
+        let phoff = is64 ? u64(32) : u32(28)
+        let phEnd = phoff &+ UInt64(u16(is64 ? 54 : 42)) * UInt64(u16(is64 ? 56 : 44))
+        if head.count < 4096 && phEnd > UInt64(head.count) {
+            return "it is cut short: its program headers end at byte \(phEnd), past the file's end (\(head.count)): execve fails"
+        }
         return nil
     }
 

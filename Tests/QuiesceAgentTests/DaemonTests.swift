@@ -751,11 +751,24 @@ struct SystemdAndConfigTests {
             printf '#!/usr/bin/env no-such-interpreter\\n' > '\(hooksDir)/43-env' && chmod 755 '\(hooksDir)/43-env'
             printf '\\177ELF garbage' > '\(hooksDir)/44-fake-elf' && chmod 755 '\(hooksDir)/44-fake-elf'
             cp /bin/true '\(hooksDir)/45-elf' && printf '#!/usr/bin/env sh\\nexit 0\\n' > '\(hooksDir)/46-env-sh' && chmod 755 '\(hooksDir)/46-env-sh'
+            printf '#!/usr/bin/env\\n' > '\(hooksDir)/47-env-alone'; printf '#!/usr/bin/env -i sh\\n' > '\(hooksDir)/48-env-opt'
+            printf '#!/usr/bin/env -S nosuch -e\\n' > '\(hooksDir)/49-env-S-missing'; printf '#!/usr/bin/env -S sh -e\\n' > '\(hooksDir)/50-env-S-sh'
+            head -c 64 /bin/true > '\(hooksDir)/51-cut-elf'; printf "#!%0300d/bin/sh\\n" 0 | tr 0 / > '\(hooksDir)/52-long'
+            chmod 755 '\(hooksDir)'/4[7-9]-* '\(hooksDir)'/5[0-2]-*
             """)
         let hooked = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --hooks-dir '\(hooksDir)' --check-config 2>&1; echo \"exit=$?\"")
         #expect(hooked.contains("hook 20-open in \(hooksDir) is refused at every freeze: writable by group or others")
                 && hooked.contains("hook 30-link in \(hooksDir) is refused at every freeze: a symbolic link"), "\(hooked)")
-        #expect(hooked.contains("configuration OK") && hooked.contains("hooks 10-good 40-noshebang 41-badinterp 42-crlf 43-env 44-fake-elf 45-elf 46-env-sh in \(hooksDir) (2 refused)") && hooked.hasSuffix("exit=0\n"), "\(hooked)")
+        #expect(hooked.contains("configuration OK") && hooked.contains("hooks 10-good 40-noshebang 41-badinterp 42-crlf 43-env 44-fake-elf 45-elf 46-env-sh 47-env-alone 48-env-opt 49-env-S-missing 50-env-S-sh 51-cut-elf 52-long in \(hooksDir) (2 refused)") && hooked.hasSuffix("exit=0\n"), "\(hooked)")
+        // env as the kernel starts it: the rest of the #! line is one argument (trial G).
+        for (hook, why) in [("47-env-alone", "env names no program, so it runs the hook itself again, for ever"),
+                            ("48-env-opt", "env gets \"-i sh\" as one argument"),
+                            ("49-env-S-missing", "runs nosuch through env, which finds none in PATH"),
+                            ("51-cut-elf", "it is cut short"),
+                            ("52-long", "does not end within the 256 bytes the kernel reads")] {
+            #expect(hooked.contains("hook \(hook) in \(hooksDir) cannot start, so every freeze fails: ") && hooked.contains(why), "\(hook): \(hooked)")
+        }
+        #expect(!hooked.contains("50-env-S-sh in \(hooksDir) cannot start"), "\(hooked)")
         #expect(hooked.contains("hook 42-crlf in \(hooksDir) cannot start, so every freeze fails: its #! interpreter /bin/sh\\r cannot be run (ENOENT) (the file has Windows line ends")
                 && hooked.contains("hook 43-env in \(hooksDir) cannot start, so every freeze fails: its #! line runs no-such-interpreter through env, which finds none in PATH")
                 && hooked.contains("hook 44-fake-elf in \(hooksDir) cannot start, so every freeze fails: it starts like an ELF file but its header is not one"), "\(hooked)")
