@@ -191,7 +191,6 @@ public enum Signals {
 
 /// Starting and reaping child processes with posix_spawn.
 public enum Subprocess {
-    /// This process's environment as "NAME=value" strings.
     /// The process's environment as its bytes ("NAME=value" each, without the NUL): a value
     /// that is not UTF-8 stays as it is, where `currentEnvironment` would replace its bytes.
     public static func currentEnvironmentBytes() -> [[UInt8]] {
@@ -204,6 +203,7 @@ public enum Subprocess {
         return out
     }
 
+    /// This process's environment as "NAME=value" strings (read as UTF-8).
     public static func currentEnvironment() -> [String] {
         var out: [String] = []
         var p = environ
@@ -283,8 +283,8 @@ public enum Subprocess {
     }
 
     /// `spawn` with the arguments and environment as bytes, passed to the child exactly (a
-    /// file name that is not UTF-8, say). The program itself, `argumentBytes[0]`, is looked
-    /// for by its name read as UTF-8.
+    /// file name that is not UTF-8, say); the program, `argumentBytes[0]`, is looked for by
+    /// its bytes too, in PATH's bytes.
     public static func spawn(argumentBytes: [[UInt8]], environmentBytes: [[UInt8]], newProcessGroup: Bool = true,
                              stdoutToStderr: Bool = false, parentDeathSignal: Int32? = nil) throws(SystemError) -> pid_t {
         let arguments = argumentBytes, environment = environmentBytes
