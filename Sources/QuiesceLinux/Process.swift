@@ -197,7 +197,7 @@ public enum Subprocess {
         var out: [[UInt8]] = []
         var p = environ
         while let entry = p.pointee {
-            out.append(Array(UnsafeBufferPointer(start: UnsafeRawPointer(entry).assumingMemoryBound(to: UInt8.self), count: strlen(entry))))
+            out.append(cStringBytes(entry))
             p += 1
         }
         return out
@@ -264,7 +264,13 @@ public enum Subprocess {
     /// PATH's bytes, nil when it is not set.
     public static func rawPATH() -> [UInt8]? {
         guard let p = getenv("PATH") else { return nil }
-        return Array(UnsafeBufferPointer(start: UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self), count: strlen(p)))
+        return cStringBytes(p)
+    }
+
+    /// The bytes of a NUL-terminated C string, without the NUL, whatever their encoding (argv,
+    /// environ and PATH hold bytes, not necessarily UTF-8).
+    public static func cStringBytes(_ p: UnsafePointer<CChar>) -> [UInt8] {
+        Array(UnsafeBufferPointer(start: UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self), count: strlen(p)))
     }
 
     /// Starts `arguments[0]` (searched in PATH when it has no slash) with `arguments` and

@@ -505,11 +505,7 @@ struct Checkpoint: ParsableCommand {
 /// ArgumentParser see each argument decoded as UTF-8, a byte that is not UTF-8 made U+FFFD.
 enum RawArguments {
     static let all: [[UInt8]] = (0..<Int(CommandLine.argc)).map { i in
-        guard let p = CommandLine.unsafeArgv[i] else { return [] }
-        var bytes: [UInt8] = []
-        var q = UnsafeRawPointer(p).assumingMemoryBound(to: UInt8.self)
-        while q.pointee != 0 { bytes.append(q.pointee); q += 1 }
-        return bytes
+        CommandLine.unsafeArgv[i].map { Subprocess.cStringBytes($0) } ?? []
     }
 
     /// COMMAND's arguments as given: the end of argv after a `--`, when it reads as `command`
