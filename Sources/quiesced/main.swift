@@ -72,6 +72,11 @@ func fail(_ message: String, code: Int32 = 2) -> Never {
     CurrentProcess.exit(code)
 }
 
+/// A warning before logging starts (--check-config, --recover's salvage), escaped like `fail`'s.
+func warn(_ message: String) {
+    FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped(message))\n".utf8))
+}
+
 // MARK: - Flags and config
 
 var flags: [(key: String, value: String)] = []
@@ -153,7 +158,7 @@ do {
     for (k, v) in flags where AgentConfig.recoveryKeys.contains(k) {
         do throws(ConfigError) { try config.apply(key: k, value: v, replacing: &replacing) } catch { skipped.append("--\(k): \(error.message)") }
     }
-    FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("the configuration is not valid (\(error)); recovering anyway with state-dir \(config.stateDir)\(skipped.isEmpty ? "" : "; also skipped: " + skipped.joined(separator: "; "))"))\n".utf8))
+    warn("the configuration is not valid (\(error)); recovering anyway with state-dir \(config.stateDir)\(skipped.isEmpty ? "" : "; also skipped: " + skipped.joined(separator: "; "))")
 }
 if checkOnly {
     if let st = try? Stat.of(path: config.stateDir), st.kind != .directory {
@@ -172,20 +177,20 @@ if checkOnly {
         // by others, a symlink, a bad header) is refused at every freeze until it is fixed.
         let (hooks, refused) = Hooks(directory: dir, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs).list()
         if !Paths.exists(dir) && refused.isEmpty {
-            FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("hooks-dir \(dir) does not exist: freezes run no hooks until it does"))\n".utf8))
+            warn("hooks-dir \(dir) does not exist: freezes run no hooks until it does")
         }
         for r in refused {
             let what = r.name == dir ? "hooks-dir \(dir): \(r.reason)" : "hook \(r.name) in \(dir) is refused at every freeze: \(r.reason)"
-            FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped(what))\n".utf8))
+            warn(what)
         }
         for hook in hooks {
             guard let why = Hooks.startProblem(hook) else { continue }
-            FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped("hook \(hook.name) in \(dir) cannot start, so every freeze fails: \(why)"))\n".utf8))
+            warn("hook \(hook.name) in \(dir) cannot start, so every freeze fails: \(why)")
         }
         hooksSummary = "hooks \(hooks.isEmpty ? "none" : hooks.map(\.name).joined(separator: " ")) in \(dir)\(refused.isEmpty ? "" : " (\(refused.count) refused)")"
     }
     if config.freezeStepTimeoutMs > config.maxFreezeMs {
-        FD.writeOnce(FD.standardError, Array("quiesced: warning: freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)) is longer than max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)): a freeze wave that long would outlast the freeze it makes\n".utf8))
+        warn("freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)) is longer than max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)): a freeze wave that long would outlast the freeze it makes")
     }
     print(OneLine.escaped("configuration OK: listen \(listen); scope: \(scope); max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)); freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)); presync \(config.presync ? "yes" : "no"); \(hooksSummary)"))
     CurrentProcess.exit(0)
