@@ -14,8 +14,9 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
     /// The host end of a virtio-serial port: the Unix socket of a QEMU chardev. There is no
     /// connection boundary, so the client resynchronises before use.
     case serial(path: String)
-    /// qemu-guest-agent (qemu-ga), not quiesced, behind the Unix socket of a QEMU chardev:
-    /// spoken to in qemu-ga's own protocol, with what that protocol can do (no deadline).
+    /// qemu-guest-agent's port behind the Unix socket of a QEMU chardev: spoken to in qemu-ga's
+    /// own protocol, with what that protocol can do (no deadline). qemu-ga itself, or quiesced
+    /// on qemu-ga's port, which says so in guest-info.
     case qga(path: String)
 
     /// The forms accepted, for help texts and error messages.
@@ -42,6 +43,10 @@ public enum AgentAddress: Sendable, Hashable, CustomStringConvertible {
     }
 
     /// The canonical text form, which parses back to the same address.
+    /// The agent is spoken to in qemu-ga's protocol (`qga:`): qemu-ga itself, or quiesced on
+    /// qemu-ga's port.
+    public var speaksQGA: Bool { if case .qga = self { true } else { false } }
+
     public var description: String {
         switch self {
         case .unix(let path): "unix:\(path)"

@@ -32,7 +32,7 @@ public final class AgentClient {
     private var counter = 0
     private var isSerial: Bool { if case .serial = address { return true }; return false }
     /// The agent is qemu-ga, spoken to in its own protocol (QGAClient.swift).
-    var isQGA: Bool { if case .qga = address { return true }; return false }
+    var isQGA: Bool { address.speaksQGA }
 
     init(connection: Connection, replyTimeoutMs: Int64) {
         self.connection = connection

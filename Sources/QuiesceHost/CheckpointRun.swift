@@ -197,7 +197,7 @@ final class CheckpointRun {
         for i in late.sorted() {
             abandoned.insert(i)
             undoPending.insert(i)
-            let qga = if case .qga = plan.agents[i] { true } else { false }
+            let qga = plan.agents[i].speaksQGA
             let error = AgentError(.timeout, "did not freeze within \(TimeSpan(milliseconds: plan.freezeWaitMs).human) of the first guest "
                                    + "(--freeze-wait): dropped its connection so the other guests do not wait for it"
                                    + (qga ? "; a late qemu-ga freeze is undone by a thaw on a new connection" : " (a late bound freeze thaws on disconnect)"))
@@ -235,10 +235,10 @@ final class CheckpointRun {
         case .connected(let i, let hello, let at):
             report.agents[i].hello = hello
             report.agents[i].connectedNs = at - start
-            let dialect = if case .qga = plan.agents[i] { "qemu-ga's protocol" } else { "protocol \(hello.version)" }
+            let dialect = plan.agents[i].speaksQGA ? "qemu-ga's protocol" : "protocol \(hello.version)"
             note(at, i, "connected", "connected: \(hello.agent.isEmpty ? "agent" : hello.agent) \(hello.agentVersion), \(dialect)")
             // qemu-ga, or an agent on its port that announces no deadline.
-            if case .qga = plan.agents[i], hello.maxFreezeMs == 0 {
+            if plan.agents[i].speaksQGA, hello.maxFreezeMs == 0 {
                 note(at, i, "no-deadline", "\(hello.agent) has no deadline and does not thaw when the connection drops: "
                      + "quiescectl thaws it on every path it controls, but if quiescectl is killed, this guest stays frozen until thawed")
             }
@@ -311,7 +311,7 @@ final class CheckpointRun {
             }
             // qemu-ga names no filesystem: it counts those its thaw thawed, which leaves out any
             // that something else thawed first. Fewer than it froze: the freeze did not hold.
-            if case .qga = plan.agents[i], let froze = report.agents[i].freeze?.filesystemCount,
+            if plan.agents[i].speaksQGA, let froze = report.agents[i].freeze?.filesystemCount,
                let thawed = outcome.result, thawed.wasFrozen, thawed.filesystemCount < froze, report.agents[i].freezeLost == nil {
                 report.agents[i].freezeLost = "qemu-ga's thaw thawed \(thawed.filesystemCount) of the \(froze) filesystems it froze: "
                     + "the others had been thawed by something else before the thaw"
@@ -319,7 +319,7 @@ final class CheckpointRun {
             // More than it froze: its thaw takes no list and thaws every frozen filesystem it
             // sees, so it also ended freezes that were not this checkpoint's. Ours held; the
             // other freezer's did not, and it is told here, as nothing else will tell it.
-            if case .qga = plan.agents[i], let froze = report.agents[i].freeze?.filesystemCount,
+            if plan.agents[i].speaksQGA, let froze = report.agents[i].freeze?.filesystemCount,
                let thawed = outcome.result, thawed.filesystemCount > froze {
                 note(at, i, "thawed-others", "WARNING: qemu-ga's thaw thawed \(thawed.filesystemCount) filesystems, \(thawed.filesystemCount - froze) more "
                      + "than the \(froze) this checkpoint froze: its thaw ends every freeze in the guest, so a freeze by something else was ended too")

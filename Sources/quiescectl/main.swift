@@ -256,7 +256,7 @@ struct Info: ParsableCommand {
         let g = root.global
         let calls = try g.callAgents { c throws(AgentError) in c.hello! }
         try Output.finish("info", calls, json: g.json, result: { .object($0.json) }) { c, h in
-            Describe.info(h, qga: { if case .qga = c.address { true } else { false } }())
+            Describe.info(h, qga: c.address.speaksQGA)
         }
     }
 }
@@ -310,7 +310,7 @@ struct Freeze: ParsableCommand {
 
     func validate() throws {
         if let t = timeout, t.milliseconds == 0 { throw ValidationError("--timeout must be longer than 0") }
-        if timeout != nil, let qga = root.global.agents.first(where: { if case .qga = $0 { true } else { false } }) {
+        if timeout != nil, let qga = root.global.agents.first(where: \.speaksQGA) {
             // qemu-ga's protocol carries no deadline: the timeout could not be honoured.
             throw ValidationError("--timeout cannot be kept by \(qga): qemu-ga's protocol has no deadline, so its freeze holds until a thaw (quiesced on qemu-ga's port ends it at its own max-freeze); use checkpoint, which always thaws")
         }
