@@ -391,7 +391,8 @@ struct EnvironmentTests {
             '\(Ctl.path)' --agent '\(agent.address)' checkpoint --mount $'/srv/caf\\xe9' -- true 2>&1
             echo "mount=$?"
             # A program whose name is not UTF-8, by path and through a PATH entry that is not.
-            mkdir $'\(dir.path)/bin\\xe9' && cp /bin/true $'\(dir.path)/bin\\xe9/pr\\xe9g'
+            # (chmod: an in-test peer's Socket.listenUnix narrows the process's umask around its bind, and cp may run then.)
+            mkdir $'\(dir.path)/bin\\xe9' && cp /bin/true $'\(dir.path)/bin\\xe9/pr\\xe9g' && chmod 755 $'\(dir.path)/bin\\xe9' $'\(dir.path)/bin\\xe9/pr\\xe9g'
             '\(Ctl.path)' --agent '\(agent.address)' checkpoint -- $'\(dir.path)/bin\\xe9/pr\\xe9g' >/dev/null 2>&1
             echo "by-path=$?"
             PATH=$'\(dir.path)/bin\\xe9':$PATH '\(Ctl.path)' --agent '\(agent.address)' checkpoint -- $'pr\\xe9g' >/dev/null 2>&1
