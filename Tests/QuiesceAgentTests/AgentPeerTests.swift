@@ -85,7 +85,7 @@ struct AgentPeerTests {
             let qga = "\(lab.root)/qga.sock"
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--max-connections", "4", "--listen", "qga+unix:\(qga)"])
             defer { agent.stop() }
-            for _ in 0..<300 where !FileManager.default.fileExists(atPath: qga) { usleep(10_000) }
+            try waitForSocket(qga)
             // Each peer is known to hold a slot (it was answered) before it starts its frame:
             // the agent's start-up probe may still hold one for a moment.
             func admitted(_ path: String, ping: String, answer: String) throws -> TestClient {
@@ -110,7 +110,7 @@ struct AgentPeerTests {
             let start = monotonicNanos()
             // The four slots are taken: a fifth peer is refused.
             let refused = try TestClient(path: agent.socketPath)
-            if case .failure(let e) = try refused.call(["op": "ping"]).outcome { #expect(e.code == .busy) } else { Issue.record("a fifth peer was admitted") }
+            #expect(try refused.call(["op": "ping"]).outcome.failureCode == .busy, "a fifth peer was refused")
             // Each slow peer gets its answer and then the end of the connection.
             let answer = String(decoding: try slow.readAll(timeoutMs: 45_000), as: UTF8.self)
             let waited = (monotonicNanos() - start) / 1_000_000
@@ -142,7 +142,7 @@ struct AgentPeerTests {
             _ = try idle.result(["op": "ping"])
             // Full, and nobody idle long enough yet: refused.
             let early = try TestClient(path: agent.socketPath)
-            if case .failure(let e) = try early.call(["op": "ping"]).outcome { #expect(e.code == .busy) } else { Issue.record("admitted past max-connections") }
+            #expect(try early.call(["op": "ping"]).outcome.failureCode == .busy, "refused past max-connections")
             usleep(31_000_000)
             // Now the idle one makes room; the holder, idle as long, keeps its freeze.
             let late = try TestClient(path: agent.socketPath)

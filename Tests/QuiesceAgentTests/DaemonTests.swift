@@ -535,7 +535,7 @@ struct HostilePeerTests {
             if case .failure(let e) = thawReply!.outcome { Issue.record("the thaw was refused: \(e.code): \(e.message)") }
             #expect(try !isFrozen(a))
             // qemu-ga's dialect: freeze, 300 pings and the thaw in one write, no ids.
-            for _ in 0..<300 where !FileManager.default.fileExists(atPath: qga) { usleep(10_000) }
+            try waitForSocket(qga)
             let q = try QGAClient(path: qga)
             var lines = [#"{"execute":"guest-fsfreeze-freeze"}"#] + Array(repeating: #"{"execute":"guest-ping"}"#, count: 300)
             lines.append(#"{"execute":"guest-fsfreeze-thaw"}"#)
@@ -930,19 +930,6 @@ final class BackgroundCall<T>: @unchecked Sendable {
         }
         return try result.get()
     }
-}
-
-/// Writes root-owned 0755 hook scripts into lab/hooks.d and returns its path.
-func makeHooks(in root: String, _ scripts: [String: String]) throws -> String {
-    let dir = "\(root)/hooks.d"
-    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-    try sh("chmod 755 '\(dir)'")
-    for (name, body) in scripts {
-        let path = "\(dir)/\(name)"
-        try "#!/bin/sh\n\(body)\n".write(toFile: path, atomically: true, encoding: .utf8)
-        try sh("chmod 755 '\(path)'")
-    }
-    return dir
 }
 
 /// Polls `condition` until it holds or the time is up (then records an issue).

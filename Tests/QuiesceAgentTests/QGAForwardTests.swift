@@ -60,13 +60,6 @@ private final class PrivateQemuGA {
     deinit { stop() }
 }
 
-/// The agent creates its listeners one after another: its qga socket may come a moment after the
-/// socket AgentProcess waits for.
-private func waitForSocket(_ path: String) throws {
-    for _ in 0..<300 where !FileManager.default.fileExists(atPath: path) { usleep(10_000) }
-    guard FileManager.default.fileExists(atPath: path) else { throw LabError("no socket at \(path) within 3 s") }
-}
-
 private func names(_ info: JSON) -> [String] {
     info["return"]?["supported_commands"]?.arrayValue?.compactMap { $0["name"]?.stringValue } ?? []
 }

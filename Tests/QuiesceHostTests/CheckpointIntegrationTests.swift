@@ -225,10 +225,7 @@ struct CheckpointIntegrationTests {
     func lateQGAFreezeIsUndone() async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
-            let hooks = "\(lab.root)/hooks"
-            try FileManager.default.createDirectory(atPath: hooks, withIntermediateDirectories: true)
-            try "#!/bin/sh\n[ \"$1\" = freeze ] && sleep 3\nexit 0\n".write(toFile: "\(hooks)/10-slow", atomically: true, encoding: .utf8)
-            _ = try sh("chmod 755 '\(hooks)/10-slow'; chmod 755 '\(hooks)'")
+            let hooks = try makeHooks(in: lab.root, ["10-slow": "[ \"$1\" = freeze ] && sleep 3; exit 0"])
             let qga = "\(lab.root)/qga.sock"
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--hooks-dir", hooks])
             defer { agent.stop() }

@@ -57,28 +57,40 @@ struct HostileGuestTests {
         var happened: Bool { flag.withLock { $0 } }
     }
 
+    /// Serves qemu-ga's commands on `c` until it closes, one at a time as qemu-ga does: answers
+    /// guest-sync(-delimited) and guest-info (qemu-ga 7.2 with the freeze commands) itself, and
+    /// every other command with the `return` value `answer` gives, as JSON text. (The client's
+    /// 0xFF resync byte leads its first line, read as U+FFFD.)
+    static func serveQGA(_ c: PeerConnection, timeoutMs: Int32, _ answer: (String) -> String) {
+        while let line = c.readLine(timeoutMs: timeoutMs) {
+            let text = String(line.drop(while: { $0 == "\u{FFFD}" }))
+            guard let json = try? JSON.parse(text), let cmd = json["execute"]?.stringValue else { continue }
+            switch cmd {
+            case "guest-sync-delimited", "guest-sync":
+                c.send([0xFF])
+                c.send("{\"return\": \(json["arguments"]?["id"]?.text ?? "0")}\n")
+            case "guest-info":
+                let names = ["guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+                let list = names.map { "{\"name\": \"\($0)\", \"enabled\": true}" }.joined(separator: ", ")
+                c.send("{\"return\": {\"version\": \"7.2.0\", \"supported_commands\": [\(list)]}}\n")
+            default:
+                c.send("{\"return\": \(answer(cmd))}\n")
+            }
+        }
+    }
+
     /// A qemu-ga on a Unix socket that answers freeze with `freezeAnswer` and thaw with
     /// `thawAnswer` (JSON text), and records that a thaw came.
     static func scriptedQGA(_ path: String, freezeAnswer: String, thawAnswer: String = "0", status: String = "thawed", thawed: Seen) throws -> ScriptedPeer {
         try ScriptedPeer(path: path) { c in
-            while let line = c.readLine(timeoutMs: 10_000) {
-                // The client's 0xFF resync byte leads its first line (read as U+FFFD).
-                let text = String(line.drop(while: { $0 == "\u{FFFD}" }))
-                guard let json = try? JSON.parse(text), let cmd = json["execute"]?.stringValue else { continue }
+            serveQGA(c, timeoutMs: 10_000) { cmd in
                 switch cmd {
-                case "guest-sync-delimited", "guest-sync":
-                    c.send([0xFF])
-                    c.send("{\"return\": \(json["arguments"]?["id"]?.text ?? "0")}\n")
-                case "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list": c.send("{\"return\": \(freezeAnswer)}\n")
+                case "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list": return freezeAnswer
                 case "guest-fsfreeze-thaw":
                     thawed.saw()
-                    c.send("{\"return\": \(thawAnswer)}\n")
-                case "guest-fsfreeze-status": c.send("{\"return\": \"\(status)\"}\n")
-                case "guest-info":
-                    let names = ["guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
-                    let list = names.map { "{\"name\": \"\($0)\", \"enabled\": true}" }.joined(separator: ", ")
-                    c.send("{\"return\": {\"version\": \"7.2.0\", \"supported_commands\": [\(list)]}}\n")
-                default: c.send("{\"return\": {}}\n")
+                    return thawAnswer
+                case "guest-fsfreeze-status": return "\"\(status)\""
+                default: return "{}"
                 }
             }
         }
@@ -92,11 +104,12 @@ struct HostileGuestTests {
     /// run-qga-e2e drives it inside the guest.)
     final class SlowQGA: Sendable {
         private final class State: Sendable {
-            let lock = Mutex<(frozen: Bool, thawedAfterFreeze: Bool)>((false, false))
-            func withLock<T>(_ body: (inout (frozen: Bool, thawedAfterFreeze: Bool)) -> T) -> T { lock.withLock { body(&$0) } }
+            let lock = Mutex<(begun: Bool, frozen: Bool, thawedAfterFreeze: Bool)>((false, false, false))
+            func withLock<T>(_ body: (inout (begun: Bool, frozen: Bool, thawedAfterFreeze: Bool)) -> T) -> T { lock.withLock { body(&$0) } }
         }
         private let state = State()
         let peer: ScriptedPeer
+        let path: String
         var frozen: Bool { state.withLock { $0.frozen } }
         var thawedAfterFreeze: Bool { state.withLock { $0.thawedAfterFreeze } }
 
@@ -104,35 +117,37 @@ struct HostileGuestTests {
         /// `thawThaws: false`: a thaw answers but leaves it frozen (a lying guest).
         init(_ path: String, freezeMs: Int, thawAnswer: String? = nil, thawThaws: Bool = true) throws {
             let state = self.state
+            self.path = path
             peer = try ScriptedPeer(path: path, serial: true) { c in
-                while let line = c.readLine(timeoutMs: 30_000) {
-                    let text = String(line.drop(while: { $0 == "\u{FFFD}" }))
-                    guard let json = try? JSON.parse(text), let cmd = json["execute"]?.stringValue else { continue }
+                HostileGuestTests.serveQGA(c, timeoutMs: 30_000) { cmd in
                     switch cmd {
-                    case "guest-sync-delimited":
-                        c.send([0xFF])
-                        c.send("{\"return\": \(json["arguments"]?["id"]?.text ?? "0")}\n")
-                    case "guest-info":
-                        let names = ["guest-sync-delimited", "guest-fsfreeze-status", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
-                        let list = names.map { "{\"name\": \"\($0)\", \"enabled\": true}" }.joined(separator: ", ")
-                        c.send("{\"return\": {\"version\": \"7.2.0\", \"supported_commands\": [\(list)]}}\n")
                     case "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list":
+                        state.withLock { $0.begun = true }
                         usleep(useconds_t(freezeMs * 1000))
                         state.withLock { $0.frozen = true }
-                        c.send("{\"return\": 1}\n")
+                        return "1"
                     case "guest-fsfreeze-thaw":
                         let n = state.withLock { s in
                             defer { if thawThaws { s.frozen = false } }
                             if s.frozen && thawThaws { s.thawedAfterFreeze = true }
                             return s.frozen ? 1 : 0
                         }
-                        c.send("{\"return\": \(thawAnswer ?? "\(n)")}\n")
+                        return thawAnswer ?? "\(n)"
                     case "guest-fsfreeze-status":
-                        c.send("{\"return\": \"\(state.withLock { $0.frozen } ? "frozen" : "thawed")\"}\n")
-                    default: c.send("{\"return\": {}}\n")
+                        return state.withLock { $0.frozen } ? "\"frozen\"" : "\"thawed\""
+                    default: return "{}"
                     }
                 }
             }
+        }
+
+        /// Another client asks for a freeze and leaves once it is being taken: what follows
+        /// waits behind it, as behind a freeze qemu-ga is still inside.
+        func freezeForAnotherClient() throws {
+            let other = try Socket.connectUnix(path: path, timeoutMs: 1000)
+            defer { FD.close(other) }
+            try FD.writeAll(other, Array(#"{"execute":"guest-fsfreeze-freeze"}"#.utf8) + [0x0A], timeoutMs: 1000)
+            for _ in 0..<500 where !state.withLock({ $0.begun }) { usleep(10_000) }
         }
     }
 
@@ -169,10 +184,7 @@ struct HostileGuestTests {
             let sock = dir.file("t-\(reply).sock")
             let qga = try SlowQGA(sock, freezeMs: 3000)
             defer { qga.peer.stop() }
-            let other = try Socket.connectUnix(path: sock, timeoutMs: 1000)
-            try FD.writeAll(other, Array(#"{"execute":"guest-fsfreeze-freeze"}"#.utf8) + [0x0A], timeoutMs: 1000)
-            usleep(200_000)
-            FD.close(other)
+            try qga.freezeForAnotherClient()
             let r = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", reply, "thaw"], in: dir, timeoutMs: 30_000)
             #expect(r.status == expected, "reply timeout \(reply): \(r.stderr)")
             if expected == ExitCodes.success {
@@ -188,10 +200,8 @@ struct HostileGuestTests {
             let sock = dir.file("garbled.sock")
             let qga = try SlowQGA(sock, freezeMs: 0, thawAnswer: "\"lots\"")
             defer { qga.peer.stop() }
-            let other = try Socket.connectUnix(path: sock, timeoutMs: 1000)
-            try FD.writeAll(other, Array(#"{"execute":"guest-fsfreeze-freeze"}"#.utf8) + [0x0A], timeoutMs: 1000)
+            try qga.freezeForAnotherClient()
             #expect(eventually(withinMs: 5000) { qga.frozen })
-            FD.close(other)
             let r = try Ctl.run(["--agent", "qga:unix:\(sock)", "--reply-timeout", "3s", "thaw"], in: dir, timeoutMs: 30_000)
             #expect(r.status == 0 && r.stdout.contains("status confirms"), "\(r.stdout)\(r.stderr)")
             #expect(!qga.frozen)

@@ -80,6 +80,14 @@ public final class AgentProcess: @unchecked Sendable {
     deinit { stop() }
 }
 
+/// Waits up to 3 s for a socket file, or throws. The agent creates its listeners one after
+/// another: a second listener's socket (qga+unix:) may come a moment after the one
+/// AgentProcess waits for.
+public func waitForSocket(_ path: String) throws {
+    for _ in 0..<300 where !FileManager.default.fileExists(atPath: path) { usleep(10_000) }
+    guard FileManager.default.fileExists(atPath: path) else { throw LabError("no socket at \(path) within 3 s") }
+}
+
 /// Writes to a peer that has gone (the agent, or a client under test) fail with EPIPE instead
 /// of killing the test process.
 public let ignoreSIGPIPE: Void = { signal(SIGPIPE, SIG_IGN) }()

@@ -218,3 +218,17 @@ public func plugSerialPort(_ port: String, chardev: String) throws -> Process {
     }
     return p
 }
+
+/// Writes root-owned 0755 hook scripts (`#!/bin/sh`, then each body) into root/hooks.d and
+/// returns its path.
+public func makeHooks(in root: String, _ scripts: [String: String]) throws -> String {
+    let dir = "\(root)/hooks.d"
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    try sh("chmod 755 '\(dir)'")
+    for (name, body) in scripts {
+        let path = "\(dir)/\(name)"
+        try "#!/bin/sh\n\(body)\n".write(toFile: path, atomically: true, encoding: .utf8)
+        try sh("chmod 755 '\(path)'")
+    }
+    return dir
+}
