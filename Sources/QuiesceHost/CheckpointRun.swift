@@ -247,7 +247,7 @@ final class CheckpointRun {
             report.agents[i].freeze = r
             report.agents[i].frozenNs = at - start
             report.agents[i].consistency = Consistency.of(r)
-            note(at, i, "frozen", Describe.frozen(r))
+            note(at, i, "frozen", Describe.frozen(r, qga: plan.agents[i].speaksQGA))
             let notHeld = Consistency.notHeld(r)
             if !notHeld.isEmpty {
                 note(at, i, "hooks-not-held", "only filesystem-consistent for: \(notHeld.joined(separator: "; "))")

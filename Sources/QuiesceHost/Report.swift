@@ -297,15 +297,23 @@ func ms(_ ns: UInt64) -> JSON { .double((Double(ns) / 100_000).rounded() / 10) }
 
 /// Human descriptions of protocol results, shared by the checkpoint timeline and the subcommands.
 public enum Describe {
-    public static func frozen(_ r: FreezeResult) -> String {
+    /// `qga`: the result came through qemu-ga's protocol, which reports a count and nothing
+    /// else: the time is the request's round trip, and whether hooks ran (qemu-ga's
+    /// fsfreeze-hook, or quiesced's hooks behind its qemu-ga port) is not known.
+    public static func frozen(_ r: FreezeResult, qga: Bool = false) -> String {
         let mounts = r.filesystems.map(\.mountPoint)
         let count = Int(r.filesystemCount)
         var s = "frozen \(count) filesystem\(count == 1 ? "" : "s")"
         if !mounts.isEmpty { s += " (\(list(mounts, total: count)))" }
         let mountpoints = r.mountCount
         if mountpoints > Int64(mounts.count) { s += ", \(mountpoints)\(r.filesystemsTotal != nil ? "+" : "") mountpoints with bind mounts" }
-        s += " in \(TimeSpan.human(microseconds: r.totalUs)), writers stalled \(TimeSpan.human(microseconds: r.stallUs))"
-        s += ", " + hooks(r.hooks.filter(\.isFreezePhase))
+        if qga && r.hooks.isEmpty {
+            s += " in \(TimeSpan.human(microseconds: r.totalUs)) (the request's round trip: qemu-ga's protocol reports no timings)"
+            s += ", hooks unknown (qemu-ga's protocol does not report them)"
+        } else {
+            s += " in \(TimeSpan.human(microseconds: r.totalUs)), writers stalled \(TimeSpan.human(microseconds: r.stallUs))"
+            s += ", " + hooks(r.hooks.filter(\.isFreezePhase))
+        }
         if !r.hooksRefused.isEmpty { s += ", hooks refused: " + r.hooksRefused.map { "\($0.name) (\($0.reason))" }.joined(separator: ", ") }
         let skipped = r.skippedTotal ?? Int64(r.skipped.count)
         if skipped > 0 { s += ", \(skipped) skipped" }
@@ -409,7 +417,7 @@ public enum Describe {
 
     /// `agent`: where the freeze was taken, for the thaw command printed with it.
     public static func freeze(_ r: FreezeResult, agent: AgentAddress, nowWallMs: Int64) -> [String] {
-        var lines = ["\(frozen(r))", "op: \(r.opID) (\(r.mode.rawValue))\(r.replayed ? ", replayed" : "")"]
+        var lines = ["\(frozen(r, qga: agent.speaksQGA))", "op: \(r.opID) (\(r.mode.rawValue))\(r.replayed ? ", replayed" : "")"]
         let thaw = shellQuoted(["quiescectl", "--agent", agent.description, "thaw", "--op-id", r.opID])
         if r.deadlineMs > 0 { lines.append("auto-thaw in \(TimeSpan.human(milliseconds: max(0, r.deadlineMs - nowWallMs))) unless thawed: \(thaw)") }
         let width = r.filesystems.map(\.mountPoint.count).max() ?? 0
