@@ -123,7 +123,7 @@ final class CheckpointRun {
             pid = child
             report.command?.pid = child
             report.command?.startedNs = monotonicNanos() - start
-            note(monotonicNanos(), nil, "command-started", "\(report.consistency!.adjective): running \(shellQuoted(plan.command)) (pid \(child))")
+            note(monotonicNanos(), nil, "command-started", "\(report.consistency!.adjective): running \(shellQuoted(bytes: plan.commandArguments)) (pid \(child))")
             let events = self.events
             Threads.detach {
                 try? Subprocess.waitUntilExited(child)

@@ -2,11 +2,39 @@
 
 /// Quotes arguments for display the way a shell would need them.
 func shellQuoted(_ argv: [String]) -> String {
+    shellQuoted(bytes: argv.map { Array($0.utf8) })
+}
+
+/// Quotes arguments, given as the bytes the kernel passes (execve(2)), so that a shell reading
+/// the line passes the same bytes: plain words as they are, other UTF-8 text in single quotes,
+/// and an argument with a control character or a byte that is not UTF-8 in bash's ANSI-C
+/// quoting (`$'…'`, with `\xNN` for such bytes; bash(1) "QUOTING"), which dash does not read.
+func shellQuoted(bytes argv: [[UInt8]]) -> String {
     argv.map { arg in
-        let safe = !arg.isEmpty && arg.unicodeScalars.allSatisfy { c in
-            (c >= "a" && c <= "z") || (c >= "A" && c <= "Z") || (c >= "0" && c <= "9") || "-_./=:,+@%".unicodeScalars.contains(c)
+        let text = String(validating: arg, as: UTF8.self)
+        if let text, !arg.contains(where: { $0 < 0x20 || $0 == 0x7f }) {
+            let safe = !arg.isEmpty && arg.allSatisfy { c in
+                (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a) || (c >= 0x30 && c <= 0x39) || "-_./=:,+@%".utf8.contains(c)
+            }
+            return safe ? text : "'" + text.replacingOccurrences(of: "'", with: "'\\''") + "'"
         }
-        return safe ? arg : "'" + arg.replacingOccurrences(of: "'", with: "'\\''") + "'"
+        // Text stays text (control characters escaped); an argument that is not UTF-8 keeps
+        // its printable ASCII and shows every other byte in hexadecimal.
+        let units: [UInt32] = text.map { $0.unicodeScalars.map(\.value) } ?? arg.map(UInt32.init)
+        var out = "$'"
+        for c in units {
+            switch c {
+            case 0x5c: out += "\\\\"
+            case 0x27: out += "\\'"
+            case 0x0a: out += "\\n"
+            case 0x09: out += "\\t"
+            case 0x20..<0x7f: out.unicodeScalars.append(UnicodeScalar(UInt8(c)))
+            case 0xa0... where text != nil: out.unicodeScalars.append(UnicodeScalar(c)!)
+            case 0x80..<0xa0 where text != nil: out += "\\u00" + String(c, radix: 16)  // a C1 control as its character
+            default: out += "\\x" + (c < 0x10 ? "0" : "") + String(c, radix: 16)
+            }
+        }
+        return out + "'"
     }.joined(separator: " ")
 }
 

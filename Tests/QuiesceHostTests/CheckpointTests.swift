@@ -386,8 +386,11 @@ struct EnvironmentTests {
         try """
             #!/bin/bash
             export LATIN=$'z\\xe9'
-            '\(Ctl.path)' --agent '\(agent.address)' checkpoint -- sh -c 'printf "%s|%s" "$1" "$LATIN" > "$2"' x $'caf\\xe9' '\(dir.file("got"))'
+            '\(Ctl.path)' --agent '\(agent.address)' checkpoint -- sh -c 'printf "%s|%s" "$1" "$LATIN" > "$2"' x $'caf\\xe9' '\(dir.file("got"))' 2> '\(dir.file("timeline"))'
             echo "checkpoint=$?"
+            # The timeline prints COMMAND so that bash, reading it, passes the same bytes.
+            line=$(sed -n 's/.*running \\(.*\\) (pid [0-9]*)$/\\1/p' '\(dir.file("timeline"))')
+            eval "set -- $line" && printf '%s' "$5" > '\(dir.file("reread"))'
             '\(Ctl.path)' --agent '\(agent.address)' checkpoint --mount $'/srv/caf\\xe9' -- true 2>&1
             echo "mount=$?"
             # A program whose name is not UTF-8, by path and through a PATH entry that is not.
@@ -404,6 +407,10 @@ struct EnvironmentTests {
         #expect(out.contains("argument 5 (/srv/caf\\xe9) is not UTF-8"), "\(out)")
         let got = try #require(FileManager.default.contents(atPath: dir.file("got")))
         #expect(Array(got) == Array("caf".utf8) + [0xE9, UInt8(ascii: "|"), UInt8(ascii: "z"), 0xE9], "\(Array(got))")
+        let timeline = try String(contentsOfFile: dir.file("timeline"), encoding: .utf8)
+        #expect(timeline.contains(" x $'caf\\xe9' "), "\(timeline)")
+        let reread = try #require(FileManager.default.contents(atPath: dir.file("reread")))
+        #expect(Array(reread) == Array("caf".utf8) + [0xE9], "the timeline's COMMAND, read by bash, gives back the argument: \(Array(reread))")
     }
 }
 
