@@ -49,9 +49,12 @@ public final class AgentClient {
     /// fsfreeze hook) it answers nothing, and a thaw sent only after guest-info's answer would
     /// never be sent. Written at once instead, it waits in the channel and is carried out as
     /// soon as the freeze returns. Other agents always get `hello`.
+    ///
+    /// `interrupted` ends a wait for room in a full backlog early (`Connection.open`).
     public static func connect(_ address: AgentAddress, connectTimeoutMs: Int64, replyTimeoutMs: Int64,
-                               onConnection: ((Connection) -> Void)? = nil, qgaHandshake: Bool = true) throws(AgentError) -> AgentClient {
-        let connection = try Connection.open(address, timeoutMs: connectTimeoutMs)
+                               onConnection: ((Connection) -> Void)? = nil, qgaHandshake: Bool = true,
+                               interrupted: () -> Bool = { false }) throws(AgentError) -> AgentClient {
+        let connection = try Connection.open(address, timeoutMs: connectTimeoutMs, interrupted: interrupted)
         onConnection?(connection)
         let client = AgentClient(connection: connection, replyTimeoutMs: replyTimeoutMs)
         if !qgaHandshake && client.isQGA { return client }
@@ -370,7 +373,8 @@ extension AgentClient {
     ///
     /// `onConnection` gets the undo's connection, so that another thread can interrupt it
     /// (`Connection.shutdown`) on a second signal: `undo` then says no, and the undo stops
-    /// waiting (to qemu-ga, after writing its thaw without waiting).
+    /// waiting (to qemu-ga, after writing its thaw without waiting). A connect still waiting
+    /// for room in the listener's backlog looks at `undo` too.
     public func freezeOrUndo(_ request: FreezeRequest, replyTimeoutMs wait: Int64? = nil,
                              undo mayUndo: () -> Bool = { true },
                              onConnection: ((Connection) -> Void)? = nil) throws(AgentError) -> FreezeResult {
@@ -396,7 +400,7 @@ extension AgentClient {
             while true {
                 do {
                     let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs,
-                                                        onConnection: onConnection, qgaHandshake: false)
+                                                        onConnection: onConnection, qgaHandshake: false, interrupted: { !mayUndo() })
                     defer { again.close() }
                     let t = try again.thawConfirmed(opID: op)
                     undo = .success(t.result.map { $0.wasFrozen ? "thawed \($0.filesystemCount) filesystem\($0.filesystemCount == 1 ? "" : "s")" : "nothing was frozen" }

@@ -23,12 +23,14 @@ public final class Connection: Sendable {
 
     /// Connects to `address` within `timeoutMs`, including the hybrid vsock handshake.
     /// The serial resynchronisation needs the protocol and happens in `AgentClient.connect`.
-    public static func open(_ address: AgentAddress, timeoutMs: Int64) throws(AgentError) -> Connection {
+    /// `interrupted` ends a wait for room in a Unix listener's full backlog (qemu-ga's is 1)
+    /// early, as `unreachable`.
+    public static func open(_ address: AgentAddress, timeoutMs: Int64, interrupted: () -> Bool = { false }) throws(AgentError) -> Connection {
         let start = monotonicNanos()
         let wait = Int32(clamping: timeoutMs)
         switch address {
         case .unix(let path), .serial(let path), .qga(let path):
-            let fd = try connectUnix(path, address: address, timeoutMs: wait)
+            let fd = try connectUnix(path, address: address, timeoutMs: wait, interrupted: interrupted)
             return Connection(address: address, fd: fd)
         case .vsock(let cid, let port):
             if let refusal = vsockRefusal(cid: cid) { throw AgentError(.unreachable, refusal) }
@@ -39,7 +41,7 @@ public final class Connection: Sendable {
                 throw vsockError(error, cid: cid, port: port, timeoutMs: timeoutMs)
             }
         case .hybridVsock(let path, let port):
-            let fd = try connectUnix(path, address: address, timeoutMs: wait)
+            let fd = try connectUnix(path, address: address, timeoutMs: wait, interrupted: interrupted)
             do throws(AgentError) {
                 let leftover = try hybridHandshake(fd: fd, path: path, port: port,
                                                    deadline: start + UInt64(max(0, timeoutMs)) * 1_000_000,
@@ -52,9 +54,9 @@ public final class Connection: Sendable {
         }
     }
 
-    private static func connectUnix(_ path: String, address: AgentAddress, timeoutMs: Int32) throws(AgentError) -> Int32 {
+    private static func connectUnix(_ path: String, address: AgentAddress, timeoutMs: Int32, interrupted: () -> Bool) throws(AgentError) -> Int32 {
         do {
-            return try Socket.connectUnix(path: path, timeoutMs: timeoutMs)
+            return try Socket.connectUnix(path: path, timeoutMs: timeoutMs, interrupted: interrupted)
         } catch {
             let e = error.errno
             switch e {
@@ -67,6 +69,8 @@ public final class Connection: Sendable {
                 throw AgentError(.unreachable, "no agent listening on \(address.spoken) (connection refused)", errno: e)
             case .EACCES, .EPERM:
                 throw AgentError(.unreachable, "permission denied: \(path)", errno: e)
+            case .ECANCELED:
+                throw AgentError(.unreachable, "stopped connecting to \(address.spoken), whose backlog was full (it had not taken the connection)", errno: e)
             case .ETIMEDOUT:
                 throw AgentError(.timeout, "\(address.spoken) did not accept the connection within \(TimeSpan(milliseconds: Int64(timeoutMs)).human)", errno: e)
             default:

@@ -249,12 +249,13 @@ public enum Socket {
         }
     }
 
-    /// Connects to a Unix socket, giving up after `timeoutMs`.
-    public static func connectUnix(path: String, timeoutMs: Int32) throws(SystemError) -> Int32 {
+    /// Connects to a Unix socket, giving up after `timeoutMs`, or with ECANCELED as soon as
+    /// `interrupted` says so while the listener's backlog is full.
+    public static func connectUnix(path: String, timeoutMs: Int32, interrupted: () -> Bool = { false }) throws(SystemError) -> Int32 {
         var addr = sockaddr_un()
         let len = path.withCString { qs_sockaddr_un_make(&addr, $0, strlen($0)) }
         guard len > 0 else { throw SystemError("connect", "unix \(path) (path too long)", .EINVAL) }
-        return try connect(family: AF_UNIX, subject: "unix \(path)", timeoutMs: timeoutMs) { fd in
+        return try connect(family: AF_UNIX, subject: "unix \(path)", timeoutMs: timeoutMs, interrupted: interrupted) { fd in
             withUnsafePointer(to: &addr) { p in
                 p.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, len) }
             }
@@ -272,7 +273,8 @@ public enum Socket {
         }
     }
 
-    private static func connect(family: Int32, subject: String, timeoutMs: Int32, _ call: (Int32) -> Int32) throws(SystemError) -> Int32 {
+    private static func connect(family: Int32, subject: String, timeoutMs: Int32, interrupted: () -> Bool = { false },
+                                _ call: (Int32) -> Int32) throws(SystemError) -> Int32 {
         let fd = try retryingEINTR("socket", subject) {
             Glibc.socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
         }
@@ -284,6 +286,7 @@ public enum Socket {
             var rc = call(fd)
             while rc != 0 && family == AF_UNIX && Errno.current == .EAGAIN {
                 guard monotonicNanos() < deadline else { throw SystemError("connect", subject + " (backlog full)", .ETIMEDOUT) }
+                if interrupted() { throw SystemError("connect", subject + " (backlog full)", .ECANCELED) }
                 usleep(10_000)
                 rc = call(fd)
             }

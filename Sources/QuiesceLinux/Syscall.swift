@@ -27,6 +27,7 @@ public struct Errno: Error, Hashable, Sendable, CustomStringConvertible {
     public static let EOPNOTSUPP = Errno(Glibc.EOPNOTSUPP)
     public static let ENOTTY = Errno(Glibc.ENOTTY)
     public static let ETIMEDOUT = Errno(Glibc.ETIMEDOUT)
+    public static let ECANCELED = Errno(Glibc.ECANCELED)
     public static let ECONNREFUSED = Errno(Glibc.ECONNREFUSED)
     public static let ENODEV = Errno(Glibc.ENODEV)
 

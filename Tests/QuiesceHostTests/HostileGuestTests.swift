@@ -110,15 +110,16 @@ struct HostileGuestTests {
         private let state = State()
         let peer: ScriptedPeer
         let path: String
+        var begun: Bool { state.withLock { $0.begun } }
         var frozen: Bool { state.withLock { $0.frozen } }
         var thawedAfterFreeze: Bool { state.withLock { $0.thawedAfterFreeze } }
 
         /// `thawAnswer`: what the thaw's `return` is, as JSON text (default: the count).
         /// `thawThaws: false`: a thaw answers but leaves it frozen (a lying guest).
-        init(_ path: String, freezeMs: Int, thawAnswer: String? = nil, thawThaws: Bool = true) throws {
+        init(_ path: String, freezeMs: Int, thawAnswer: String? = nil, thawThaws: Bool = true, backlog: Int32 = 64) throws {
             let state = self.state
             self.path = path
-            peer = try ScriptedPeer(path: path, serial: true) { c in
+            peer = try ScriptedPeer(path: path, serial: true, backlog: backlog) { c in
                 HostileGuestTests.serveQGA(c, timeoutMs: 30_000) { cmd in
                     switch cmd {
                     case "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list":
@@ -309,6 +310,37 @@ struct HostileGuestTests {
         #expect(r.status == ExitCodes.thawFailed, "\(r.stderr)")
         #expect(r.stderr.contains("stopped waiting on a second signal") && r.stderr.contains("MAY BE FROZEN"), "\(r.stderr)")
         #expect(eventually(withinMs: 15_000) { qga.thawedAfterFreeze && !qga.frozen }, "thawed when its freeze returned")
+    }
+
+    /// Before: a second signal while the undo's connect waited for room in a full backlog
+    /// (qemu-ga listens with a backlog of 1) waited out that connect, up to the reply timeout (trial G).
+    @Test("a second signal while the undo's connect waits for room in qemu-ga's full backlog stops quiescectl at once, exit 72")
+    func secondSignalDuringUndoConnect() throws {
+        let dir = TempDir()
+        let sock = dir.file("q.sock")
+        // Backlog 0: one waiting connection fills it.
+        let qga = try SlowQGA(sock, freezeMs: 12_000, backlog: 0)
+        defer { qga.peer.stop() }
+        let ctl = try Ctl(["--agent", "qga:unix:\(sock)", "--reply-timeout", "5s", "checkpoint", "--timeout", "2s", "--", "true"], in: dir)
+        let start = monotonicNanos()
+        #expect(eventually(withinMs: 5_000) { qga.begun }, "the freeze was asked for")
+        // Another client waits to be served behind the freeze and fills the backlog.
+        let other = try Socket.connectUnix(path: sock, timeoutMs: 1000)
+        defer { FD.close(other) }
+        let probe = try? Socket.connectUnix(path: sock, timeoutMs: 100)
+        if let probe { FD.close(probe) }
+        let full = probe == nil
+        #expect(full, "the backlog is full")
+        // The freeze's reply is waited for 5 s; then the undo's connect waits up to 5 s for room.
+        usleep(6_500_000)
+        ctl.signal(SIGTERM)
+        usleep(300_000)
+        ctl.signal(SIGTERM)
+        let r = try #require(ctl.wait(timeoutMs: 20_000))
+        let seconds = Double(monotonicNanos() - start) / 1e9
+        #expect(seconds < 9, "stopped at once after the second signal, not at the undo's connect timeout (took \(seconds) s)")
+        #expect(r.status == ExitCodes.thawFailed, "\(r.stderr)")
+        #expect(r.stderr.contains("stopped waiting on a second signal") && r.stderr.contains("MAY BE FROZEN"), "\(r.stderr)")
     }
 
     @Test("one mountpoint named three ways (again, with a trailing slash, with a doubled slash) is asked for once: qemu-ga's count of 1 is the whole freeze, not a short one")

@@ -81,11 +81,12 @@ final class ScriptedPeer: @unchecked Sendable {
     private let listener: Int32
 
     /// `serial`: one client at a time, as qemu-ga serves them (qga/main.c): the next connection
-    /// is accepted only when the script is done with the last one.
-    init(path: String, serial: Bool = false, _ script: @escaping @Sendable (PeerConnection) -> Void) throws {
+    /// is accepted only when the script is done with the last one. `backlog`: listen(2)'s; a
+    /// Unix listener holds one connection more than it before connect(2) fails with EAGAIN.
+    init(path: String, serial: Bool = false, backlog: Int32 = 64, _ script: @escaping @Sendable (PeerConnection) -> Void) throws {
         _ = ignoreSIGPIPE  // a script may write on after the client under test has hung up
         self.path = path
-        listener = try Socket.listenUnix(path: path, mode: 0o600, backlog: 64)
+        listener = try Socket.listenUnix(path: path, mode: 0o600, backlog: backlog)
         let fd = listener
         Threads.detach {
             while let (conn, _) = try? Socket.accept(fd) {
