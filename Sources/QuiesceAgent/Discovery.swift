@@ -117,7 +117,9 @@ public struct Discovery: Sendable {
             // stat() of a btrfs mount gives a per-subvolume anonymous device that mountinfo does
             // not show: accept both as this superblock's identity.
             var identity = fs.mountDevices
-            for mp in [fs.mountPoint] + fs.otherMountPoints {
+            // Only paths in scope: `otherMountPoints` names the superblock's mounts outside it
+            // too, whose paths may lie below a filesystem the scope keeps the agent out of.
+            for mp in [fs.mountPoint] + fs.otherMountPoints where mp == fs.mountPoint || scope.isIncluded(mountPoint: mp, fsType: fs.fsType) {
                 if let d = statDevice(mp) { identity.insert(d) }
             }
             return FreezeTarget(report: report, devices: identity, wave: fs.wave)

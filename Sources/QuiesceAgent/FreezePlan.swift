@@ -61,8 +61,10 @@ public struct FreezeScope: Sendable, Equatable {
 public struct PlannedFilesystem: Sendable, Equatable {
     /// The mount opened to issue FIFREEZE/FITHAW.
     public var mountPoint: String
-    /// Other mounts of the same superblock (bind mounts, other btrfs subvolumes) that are in
-    /// scope (in explicit mode: that were asked for), in mountinfo order. Frozen with it.
+    /// Every other mountpoint of the same superblock (bind mounts, other btrfs subvolumes), in
+    /// mountinfo order, in scope or not: a freeze is of the superblock, so all of them freeze
+    /// with it. Mounts covered by a later mount at the same path are left out (no path reaches
+    /// them), unless asked for by name.
     public var otherMountPoints: [String]
     /// Filesystem type of the opened mount.
     public var fsType: String
@@ -492,6 +494,16 @@ private struct MountTable {
 
     // MARK: Ordering
 
+    /// The mountpoints other than `opened` at which a superblock is reachable (its mounts not
+    /// covered by a later mount), and the `asked` ones, once each, in mountinfo order.
+    private func otherMountPoints(of sb: Superblock, opened: Int, asked: [Int]) -> [String] {
+        let openedPath = mounts[opened].mountPoint
+        var seen: Set<String> = [openedPath]
+        return sb.mounts.filter { i in i != opened && (coveredBy[i] == nil || asked.contains(i)) }
+            .map { mounts[$0].mountPoint }
+            .filter { seen.insert($0).inserted }
+    }
+
     /// The superblock keys that the superblock `start` rests on: walk from its device through
     /// `lower`, its external log or journal devices, and loop backing filesystems (found by the
     /// backing file's mount ID, else by its st_dev among mountinfo devices), through any mounted
@@ -592,7 +604,7 @@ private struct MountTable {
             let sb = superblocks[p.key]!
             waves[waveOf[p.key]!].append(PlannedFilesystem(
                 mountPoint: m.mountPoint,
-                otherMountPoints: p.others.map { mounts[$0].mountPoint },
+                otherMountPoints: otherMountPoints(of: sb, opened: p.opened, asked: p.others),
                 fsType: m.fsType,
                 source: m.source,
                 device: sb.device ?? m.device,

@@ -249,7 +249,19 @@ struct FreezePlanTests {
             mounts: mounts(MountInfoFixtures.btrfsRoot), topology: BlockTopology(), scope: FreezeScope(),
             explicitMounts: ["/home", "/var/log"], resolveDevice: resolving(["/dev/vda2": dev(254, 2)]))
         #expect(btrfs.mountPointsByWave == [["/home"]])
-        #expect(btrfs.planned("/home")?.otherMountPoints == ["/var/log"])
+        // Freezing /home freezes the whole btrfs filesystem: / and /.snapshots too, and the
+        // reply says so, though only /home and /var/log were asked for.
+        #expect(btrfs.planned("/home")?.otherMountPoints == ["/", "/.snapshots", "/var/log"])
+    }
+
+    /// Before: only the in-scope mounts were listed, so the host could not see that a freeze
+    /// through a bind inside the scope froze a mountpoint outside it (trial A).
+    @Test("a filesystem's other mountpoints are listed in scope or not: all of them freeze with it")
+    func otherMountPointsOutsideTheScope() throws {
+        let plan = try FreezePlan.make(
+            mounts: mounts(MountInfoFixtures.dockerHost), topology: BlockTopology(), scope: FreezeScope(include: ["/var/lib/docker"]))
+        #expect(plan.mountPointsByWave == [["/var/lib/docker"]])
+        #expect(plan.planned("/var/lib/docker")?.otherMountPoints == ["/srv"])
     }
 
     @Test("an explicit path that is not a mount point is an unknown-mount error")
