@@ -572,6 +572,25 @@ public actor AgentState {
         // Frozen until the last FITHAW returned; the thaw hooks below run with writers free.
         let frozenUs = micros(since: f.frozenAt)
         LogGate.shared.release()
+        // From here on the deadline guard and the freeze record (a crashed agent's --recover)
+        // may FITHAW only what this freeze still holds: the thaw hooks can take minutes, and
+        // another party (fsfreeze, qemu-ga, a backup tool) may freeze a thawed filesystem
+        // meanwhile, which a late FITHAW of ours would end behind its back.
+        let retryDeadline = min(f.deadline, monotonicNanos() + 1_000_000_000)
+        if outcome.remaining.isEmpty {
+            guardian.disarm()
+        } else {
+            guardian.arm(opID: f.opID, held: outcome.remaining, deadline: retryDeadline)
+        }
+        let owed = hooks == nil ? [] : f.hooksOwed.map(\.spec.name)
+        if outcome.remaining.isEmpty && owed.isEmpty {
+            record.remove()
+        } else {
+            // A crash during the thaw hooks: recovery ends them (thaw, or freeze-failed when
+            // abandoned) and thaws only what is still held.
+            try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target), hooksOwed: owed,
+                              filesystemsFreezing: !abandoned)
+        }
         var log = logger
         log[metadataKey: "op_id"] = "\(f.opID)"
         var hookReports: [HookReport] = []
@@ -587,8 +606,9 @@ public actor AgentState {
             var still = f
             still.hooksOwed = []
             still.held = outcome.remaining
-            still.deadline = min(still.deadline, monotonicNanos() + 1_000_000_000)
+            still.deadline = retryDeadline
             phase = .frozen(still)
+            try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target))
             deadlineTasks.append(Task { await self.enforceDeadline(opID: f.opID) })
             log.error("thaw failed", metadata: ["errors": "\(outcome.errors.joined(separator: "; "))"])
             reportStatus(statusLine())

@@ -240,7 +240,7 @@ public struct FreezeRecord: Sendable {
 
     /// Thaws everything one record names (FITHAW on each; EINVAL means it was not frozen).
     /// Returns one line per filesystem for the log, then removes the record; nil when the
-    /// record is gone already.
+    /// record is gone already or names no filesystem.
     static func recover(path: String) -> (opID: String, lines: [String], identity: String)? {
         let entries: [Entry]
         let opID: String
@@ -249,6 +249,12 @@ public struct FreezeRecord: Sendable {
         case .success(nil): return nil
         case .success(let r?): opID = r.opID; entries = r.entries; identity = r.identity
         case .failure(let e): Paths.remove(path); return ("unknown", ["\(e)"], "")
+        }
+        // A record that names no filesystem was left during a thaw's hooks, after every FITHAW
+        // had succeeded: nothing to thaw, and no freeze that ended early (only hooks owed).
+        if entries.isEmpty {
+            Paths.remove(path)
+            return nil
         }
         var lines: [String] = []
         // Thaw in reverse freeze order: what rests on others thaws last.

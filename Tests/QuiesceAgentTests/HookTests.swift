@@ -67,6 +67,49 @@ struct HookPhaseTests {
         }
     }
 
+    /// Before: the deadline guard stayed armed, and the freeze record stayed, until the thaw
+    /// hooks were done; a thaw hook slower than the deadline plus the guard's 5 s grace had the
+    /// guard FITHAW the filesystems again, ending a freeze another party had taken since, and
+    /// a crash during the hooks had recovery do the same (trial H).
+    @Test("while a slow thaw hook runs, neither the deadline guard nor a crash's recovery thaws again what another party froze after the thaw")
+    func slowThawHookLeavesOthersFreezeAlone() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, ["10-slow-thaw": journaling("10-slow-thaw", log, then: "[ \"$1\" = thaw ] && [ -z \"$QUIESCE_RECOVERY\" ] && sleep 8; exit 0")])
+            let state = "\(lab.root)/shared-state"
+            let args = ["--include", "\(lab.root)/*", "--hooks-dir", hooks]
+            let agent = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            defer { agent.stop() }
+            let c = try TestClient(path: agent.socketPath)
+            _ = try c.result(["op": "freeze", "mode": "detached", "timeout_ms": 1000])
+            try c.sendRaw(Array("{\"id\":\"t\",\"op\":\"thaw\"}\n".utf8))
+            usleep(600_000)  // FITHAW is done; the hook sleeps 8 s, past the deadline (1 s) plus the guard's grace (5 s)
+            _ = try sh("fsfreeze -f '\(a)'")  // another party's freeze
+            defer { _ = try? sh("fsfreeze -u '\(a)' 2>/dev/null", allowFailure: true) }
+            guard case .reply(let r) = try c.readMessage(timeoutMs: 20_000), case .success = r.outcome else {
+                Issue.record("no thaw reply"); return
+            }
+            #expect(try isFrozen(a), "the other party's freeze still holds after the thaw hook")
+            #expect(!agent.log.contains("deadline guard"), "\(agent.log)")
+            _ = try sh("fsfreeze -u '\(a)'")
+
+            // The same, with the agent killed while its thaw hook runs: recovery ends the hook
+            // (thaw) and thaws nothing.
+            _ = try c.result(["op": "freeze", "mode": "detached"])
+            try c.sendRaw(Array("{\"id\":\"t2\",\"op\":\"thaw\"}\n".utf8))
+            usleep(600_000)
+            _ = try sh("fsfreeze -f '\(a)'")
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let out = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(state)' 2>&1; echo \"exit=$?\"")
+            #expect(out.contains("exit=0") && out.contains("ended the hooks op"), "\(out)")
+            #expect(!out.contains("thawed:"), "recovery thawed nothing: \(out)")
+            #expect(try isFrozen(a), "the other party's freeze still holds after recovery")
+            #expect(lines(log).suffix(2) == ["10-slow-thaw thaw", "10-slow-thaw thaw"], "\(lines(log))")
+        }
+    }
+
     @Test("a FIFREEZE that fails (filesystem frozen by someone else) ends the hooks with freeze-failed")
     func fifreezeFails() async throws {
         try await LoopLab.with { lab in
