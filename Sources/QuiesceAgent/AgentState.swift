@@ -38,6 +38,8 @@ public actor AgentState {
         var deadline: UInt64  // monotonic ns
         /// What the request asked for, to tell a retry from a different request reusing the id.
         var request: FreezeRequest
+        /// While thawing: when the last FITHAW returned (wall clock, ms), before the thaw hooks.
+        var thawedAtMs: Int64? = nil
     }
 
     struct Pending: Sendable {
@@ -247,7 +249,8 @@ public actor AgentState {
             return StatusResult(state: isThawing ? .thawing : .frozen, opID: f.opID, mode: f.mode,
                                 filesystems: f.held.mountPoints, sinceMs: f.sinceMs, deadlineMs: isThawing ? nil : f.result.deadlineMs,
                                 remainingMs: remainingMs, requestedBy: f.requestedBy, lastAutoThaw: lastAutoThaw,
-                                hooks: liveHookReports(f), hooksRefused: hooksRefused, stuck: engine.stuck.current)
+                                hooks: liveHookReports(f), hooksRefused: hooksRefused, stuck: engine.stuck.current,
+                                thawedAtMs: isThawing ? f.thawedAtMs : nil)
         }
     }
 
@@ -579,6 +582,9 @@ public actor AgentState {
         let retryDeadline = min(f.deadline, monotonicNanos() + 1_000_000_000)
         if outcome.remaining.isEmpty {
             guardian.disarm()
+            // Status says so while the thaw hooks run: a host that stopped waiting for this
+            // thaw's reply learns that the filesystems were thawed.
+            if case .thawing(var t) = phase { t.thawedAtMs = wallClockMillis(); phase = .thawing(t) }
         } else {
             guardian.arm(opID: f.opID, held: outcome.remaining, deadline: retryDeadline)
         }

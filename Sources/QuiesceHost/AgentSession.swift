@@ -16,7 +16,8 @@ struct SessionEnd: Sendable {
     var endedEarly: String? = nil
     var reconnected: Bool
     var keepalives: Int
-    /// The thaw's answer could not be read, and status confirmed it (`thawConfirmed`): how.
+    /// The thaw's answer could not be read, or came too late, and the agent confirmed the
+    /// thaw otherwise (status, or a retry by op id): how.
     var confirmation: String? = nil
 }
 
@@ -210,14 +211,22 @@ final class AgentSession: Sendable {
     private func thaw(_ client: AgentClient, plan: CheckpointPlan, keepalives: Int,
                       confirmedByAgent: () -> Bool) -> SessionEnd {
         var outcome = SessionEnd(result: nil, error: nil, alreadyThawed: false, reconnected: false, keepalives: keepalives)
-        func attempt(_ c: AgentClient) -> AgentError? {
+        // `afterTimeout`: the thaw was asked for before and its answer did not come in time (slow
+        // thaw hooks). The agent is carrying it out, so an operation that no longer holds a
+        // freeze (`was_frozen` false: a thaw request ended it, PROTOCOL.md 6.6; a freeze that
+        // ended early is `not-frozen` with a reason instead) was thawed by that request, not
+        // lost; and a thaw still under way whose filesystems are thawed (status `thawing` with
+        // `thawed_at_ms`) is a thaw whose hooks are still running (before: 70, trial H).
+        func attempt(_ c: AgentClient, afterTimeout: Bool = false) -> AgentError? {
             let giveUp = monotonicNanos() + UInt64(plan.replyTimeoutMs) * 1_000_000
             while true {
                 do {
                     // An answer that cannot be read is checked with status (before: 72 for a
                     // thaw that had happened, trial F).
                     let t = try c.thawConfirmed(opID: plan.opID)
-                    if let r = t.result {
+                    if let r = t.result, afterTimeout && !r.wasFrozen {
+                        outcome.confirmation = "the thaw asked for before has been carried out; its answer came after the reply timeout (slow thaw hooks?)"
+                    } else if let r = t.result {
                         outcome.result = r
                         outcome.alreadyThawed = !r.wasFrozen
                     } else {
@@ -234,6 +243,12 @@ final class AgentSession: Sendable {
                     if error.remote?.code == .busy && monotonicNanos() < giveUp {
                         Threads.sleep(milliseconds: 100)
                         continue
+                    }
+                    if afterTimeout, error.remote?.code == .busy, let s = try? c.status(),
+                       s.state == .thawing, s.opID == plan.opID, let at = s.thawedAtMs {
+                        let ago = TimeSpan.human(milliseconds: max(0, wallClockMillis() - at))
+                        outcome.confirmation = "the agent thawed the filesystems \(ago) ago; its thaw hooks were still running when quiescectl stopped waiting (their outcome is in the agent's log)"
+                        return nil
                     }
                     return error
                 }
@@ -254,7 +269,7 @@ final class AgentSession: Sendable {
                                                 replyTimeoutMs: plan.replyTimeoutMs, onConnection: { self.attach($0) })
             defer { again.close() }
             outcome.reconnected = true
-            if let e2 = attempt(again) {
+            if let e2 = attempt(again, afterTimeout: error.code == .timeout) {
                 outcome.error = AgentError(e2.code, "\(error.message); after reconnecting: \(e2.message)", remote: e2.remote)
             }
         } catch {

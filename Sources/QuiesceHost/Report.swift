@@ -383,6 +383,9 @@ public enum Describe {
         if let since = s.sinceMs { lines.append("since: \(TimeSpan.human(milliseconds: max(0, nowWallMs - since))) ago") }
         if let r = s.remainingMs { lines.append("auto-thaw in: \(TimeSpan.human(milliseconds: max(0, r)))") }
         else if let d = s.deadlineMs { lines.append("auto-thaw in: \(TimeSpan.human(milliseconds: max(0, d - nowWallMs)))") }
+        if let at = s.thawedAtMs {
+            lines.append("filesystems thawed: \(TimeSpan.human(milliseconds: max(0, nowWallMs - at))) ago; the thaw hooks are running")
+        }
         if let by = s.requestedBy { lines.append("requested by: \(by)") }
         if !s.hooks.isEmpty { lines.append(hooks(s.hooks)) }
         for r in s.hooksRefused { lines.append("hook refused: \(r.name): \(r.reason)") }

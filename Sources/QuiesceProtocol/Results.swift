@@ -633,12 +633,17 @@ public struct StatusResult: WireObject, Equatable {
     public var hooks: [HookReport]
     /// Hook files the agent refuses to run, as of the last look at the hooks directory.
     public var hooksRefused: [RefusedHook]
+    /// While `thawing`: wall-clock time (ms since the epoch) at which every filesystem was
+    /// thawed (the last FITHAW returned) and the thaw hooks began; nil before that.
+    public var thawedAtMs: Int64?
 
     public init(state: AgentStateName, opID: String? = nil, mode: FreezeMode? = nil, filesystems: [String] = [],
                 sinceMs: Int64? = nil, deadlineMs: Int64? = nil, remainingMs: Int64? = nil,
                 requestedBy: String? = nil, lastAutoThaw: AutoThawReport? = nil,
-                hooks: [HookReport] = [], hooksRefused: [RefusedHook] = [], stuck: [StuckCallReport] = []) {
+                hooks: [HookReport] = [], hooksRefused: [RefusedHook] = [], stuck: [StuckCallReport] = [],
+                thawedAtMs: Int64? = nil) {
         self.state = state
+        self.thawedAtMs = thawedAtMs
         self.hooks = hooks
         self.hooksRefused = hooksRefused
         self.opID = opID
@@ -668,6 +673,7 @@ public struct StatusResult: WireObject, Equatable {
         o.setTruncated(truncated)
         if !hooks.isEmpty { o.set("hooks", hooks) }
         if !hooksRefused.isEmpty { o.set("hooks_refused", hooksRefused) }
+        o.set("thawed_at_ms", thawedAtMs)
         return o
     }
 
@@ -689,5 +695,6 @@ public struct StatusResult: WireObject, Equatable {
         truncated = try f.bool("truncated") ?? false
         hooks = try f.objects("hooks", as: HookReport.self)
         hooksRefused = try f.objects("hooks_refused", as: RefusedHook.self)
+        thawedAtMs = try f.int("thawed_at_ms")
     }
 }

@@ -56,6 +56,7 @@ struct HookPhaseTests {
             #expect(try writeCompletes(a, withinMs: 2000), "thawed while the thaw hook runs")
             let status = try TestClient(path: agent.socketPath).result(["op": "status"])
             #expect(status["state"] == "thawing", "\(status)")
+            #expect(status["thawed_at_ms"]?.intValue != nil, "the filesystems are thawed, the hooks run: \(status)")
             #expect(status["remaining_ms"] == nil && status["deadline_ms"] == nil, "no auto-thaw countdown while thawing: \(status)")
             guard case .reply(let r) = try c.readMessage(timeoutMs: 10_000), case .success(let t) = r.outcome else {
                 Issue.record("no thaw reply"); return

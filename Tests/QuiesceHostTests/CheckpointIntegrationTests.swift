@@ -256,6 +256,41 @@ struct CheckpointIntegrationTests {
         }
     }
 
+    /// Before: a thaw whose hooks outlasted the reply timeout read as a lost freeze (70) once
+    /// the retry found the operation thawed, or as a failed thaw (72) while they still ran,
+    /// although the freeze held through COMMAND and the filesystems were thawed (trial H).
+    @Test("thaw hooks slower than the reply timeout: the checkpoint holds (exit 0), confirmed by the retry's answer or, while they still run, by status")
+    func slowThawHooksAreNoLostFreeze() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let one = try makeHooks(in: lab.root, ["10-slow": "[ \"$1\" = thaw ] && sleep 3; exit 0"], name: "one")
+            let two = try makeHooks(in: lab.root, ["10-slow": "[ \"$1\" = thaw ] && sleep 3; exit 0",
+                                                   "20-slow": "[ \"$1\" = thaw ] && sleep 3; exit 0"], name: "two")
+            let dir = TempDir()
+            // One 3 s hook, 2 s reply timeout: the retry (by op id) waits out the busy thaw and
+            // finds the operation thawed by the request.
+            do {
+                let agent = try AgentProcess(in: lab.root, name: "one", arguments: ["--include", "\(lab.root)/*", "--hooks-dir", one])
+                defer { agent.stop() }
+                let r = try Ctl.run(["--agent", "unix:\(agent.socketPath)", "--reply-timeout", "2s", "checkpoint", "--", "true"], in: dir)
+                #expect(r.status == 0, "\(r.stderr)")
+                #expect(r.stderr.contains("the thaw asked for before has been carried out"), "\(r.stderr)")
+                #expect(r.stderr.contains("checkpoint succeeded: application-consistent"), "\(r.stderr)")
+                #expect(try !isFrozen(a))
+            }
+            // Two 3 s hooks: still running when the retry gives up; status says the filesystems
+            // were thawed.
+            do {
+                let agent = try AgentProcess(in: lab.root, name: "two", arguments: ["--include", "\(lab.root)/*", "--hooks-dir", two])
+                defer { agent.stop() }
+                let r = try Ctl.run(["--agent", "unix:\(agent.socketPath)", "--reply-timeout", "2s", "checkpoint", "--", "true"], in: dir)
+                #expect(r.status == 0, "\(r.stderr)")
+                #expect(r.stderr.contains("its thaw hooks were still running when quiescectl stopped waiting"), "\(r.stderr)")
+                #expect(try !isFrozen(a))
+            }
+        }
+    }
+
     @Test("an unreachable agent with --on-agent-failure fail: COMMAND does not run and the reachable guest is thawed")
     func unreachableFail() async throws {
         try await LoopLab.with { lab in

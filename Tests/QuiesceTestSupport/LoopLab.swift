@@ -219,10 +219,10 @@ public func plugSerialPort(_ port: String, chardev: String) throws -> Process {
     return p
 }
 
-/// Writes root-owned 0755 hook scripts (`#!/bin/sh`, then each body) into root/hooks.d and
+/// Writes root-owned 0755 hook scripts (`#!/bin/sh`, then each body) into root/`name` and
 /// returns its path.
-public func makeHooks(in root: String, _ scripts: [String: String]) throws -> String {
-    let dir = "\(root)/hooks.d"
+public func makeHooks(in root: String, _ scripts: [String: String], name: String = "hooks.d") throws -> String {
+    let dir = "\(root)/\(name)"
     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     try sh("chmod 755 '\(dir)'")
     for (name, body) in scripts {
