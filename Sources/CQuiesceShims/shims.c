@@ -11,10 +11,13 @@
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
+#include <sched.h>
 #include "quiesce_shims.h"
 
 int qs_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
 int qs_syncfs(int fd) { return syncfs(fd); }
+/// unshare(CLONE_FS): this thread gets its own umask, cwd and root (unshare(2)).
+int qs_unshare_fs(void) { return unshare(CLONE_FS); }
 
 int qs_async_to_this_thread(int fd) {
     struct f_owner_ex owner = { .type = F_OWNER_TID, .pid = gettid() };

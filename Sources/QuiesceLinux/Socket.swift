@@ -3,6 +3,7 @@
 import Glibc
 #endif
 import CQuiesceShims
+import Synchronization
 
 /// Who is on the other end of a connection.
 public enum Peer: Sendable, Equatable, CustomStringConvertible {
@@ -177,17 +178,20 @@ public enum Socket {
         }
         let fd = try retryingEINTR("socket", "unix") { Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
         do throws(SystemError) {
-            // Create with the right mode from the start: no window in which others may connect.
-            let old = umask(~mode & 0o777)
-            defer { umask(old) }
             var addr = sockaddr_un()
             let len = path.withCString { qs_sockaddr_un_make(&addr, $0, strlen($0)) }
             guard len > 0 else { throw SystemError("listen", "\(path) (path too long)", .EINVAL) }
-            _ = try withUnsafePointer(to: &addr) { (p) throws(SystemError) -> Int32 in
-                try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { (sp) throws(SystemError) -> Int32 in
-                    try retryingEINTR("bind", path) { Glibc.bind(fd, sp, len) }
+            // Create with the right mode from the start (no window in which others may
+            // connect): bind under a umask that leaves only `mode`.
+            let bound = withThreadUmask(~mode & 0o777) { [addr] in
+                var a = addr
+                return withUnsafePointer(to: &a) { p in
+                    p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sp in
+                        Result { () throws(SystemError) -> Int32 in try retryingEINTR("bind", path) { Glibc.bind(fd, sp, len) } }
+                    }
                 }
             }
+            _ = try bound.get()
             _ = chmod(path, mode)
             _ = try retryingEINTR("listen", path) { Glibc.listen(fd, backlog) }
             return fd
@@ -195,6 +199,29 @@ public enum Socket {
             FD.close(fd)
             throw error
         }
+    }
+
+    /// Runs `body` under the umask `mask` without changing the umask the process's other
+    /// threads create files with: the umask belongs to the filesystem context that threads
+    /// share (CLONE_FS), so `body` runs on a thread of its own that unshares it first
+    /// (unshare(2)); setting it for the whole process would narrow the mode of files other
+    /// threads create meanwhile (a hook copied by a test lost its x bit). Where unshare is
+    /// refused (a seccomp filter), or no thread can be made, the umask is set for the process
+    /// around `body`, as before.
+    static func withThreadUmask<T: Sendable>(_ mask: mode_t, _ body: @escaping @Sendable () -> T) -> T {
+        let out = Mutex<T?>(nil)
+        if let t = Threads.trySpawn(name: "umask", {
+            guard qs_unshare_fs() == 0 else { return }
+            umask(mask)
+            let r = body()
+            out.withLock { $0 = r }
+        }) {
+            Threads.join(t)
+            if let r = out.withLock({ $0 }) { return r }
+        }
+        let old = umask(mask)
+        defer { umask(old) }
+        return body()
     }
 
     /// Listens on vsock `cid:port` (cid VMADDR_CID_ANY for any).

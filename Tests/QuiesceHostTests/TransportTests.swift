@@ -1,7 +1,7 @@
 // Connecting and talking to agents over each transport, against in-test peers on real sockets.
 import Foundation
 @testable import QuiesceHost
-import QuiesceLinux
+@testable import QuiesceLinux
 import QuiesceProtocol
 import QuiesceTestSupport
 import Testing
@@ -317,4 +317,32 @@ final class LockedBox<T: Sendable>: @unchecked Sendable {
     init(_ v: T) { value = v }
     func get() -> T { lock.withLock { value } }
     func set(_ v: T) { lock.withLock { value = v } }
+}
+
+/// The `Umask:` line of a thread's /proc status ("0022"), for `/proc/thread-self` or "PID/task/TID".
+private func umaskOf(_ thread: String) -> String? {
+    let status = (try? String(contentsOfFile: "/proc/\(thread)/status", encoding: .utf8)) ?? ""
+    return status.split(separator: "\n").first { $0.hasPrefix("Umask:") }.map { $0.dropFirst(6).trimmingCharacters(in: .whitespaces) }
+}
+
+@Suite("Unix listeners and the umask")
+struct UnixListenerUmaskTests {
+    /// Before: listenUnix narrowed the umask of the whole process around its bind, so a file
+    /// another thread created meanwhile lost permission bits (a test's copied hook lost its x
+    /// bit, and --check-config called it not executable).
+    @Test("a Unix listener is created with its mode while the umask the process's other threads see stays as it was")
+    func bindDoesNotNarrowOtherThreadsUmask() throws {
+        let caller = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/thread-self")
+        let before = try #require(umaskOf(caller))
+        let seen = Socket.withThreadUmask(0o077) { (inside: umaskOf("thread-self"), caller: umaskOf(caller)) }
+        #expect(seen.inside == "0077", "the bind's own thread has the narrow umask: \(seen)")
+        #expect(seen.caller == before, "the other threads keep theirs: \(seen), before \(before)")
+        #expect(umaskOf(caller) == before)
+
+        let dir = TempDir()
+        let fd = try Socket.listenUnix(path: dir.file("l.sock"), mode: 0o600)
+        defer { FD.close(fd) }
+        let st = try Stat.of(path: dir.file("l.sock"))
+        #expect(st.permissions & 0o777 == 0o600, "mode \(String(st.permissions & 0o777, radix: 8))")
+    }
 }

@@ -74,6 +74,7 @@ int qs_async_to_this_thread(int fd);
 
 /// syncfs(2), declared only under _GNU_SOURCE.
 int qs_syncfs(int fd);
+int qs_unshare_fs(void);
 
 /// ioctl with an int argument (variadic ioctl cannot be called from Swift).
 static inline int qs_ioctl_int(int fd, unsigned long request, int arg) { return ioctl(fd, request, arg); }
