@@ -402,7 +402,15 @@ public actor AgentState {
         switch outcome {
         case .failure(let failure):
             LogGate.shared.release()
-            if let hooks { hookReports += await hooks.end(hooksOwed, phase: .freezeFailed, context: hookContext) }
+            if let hooks, !hooksOwed.isEmpty {
+                // While the freeze-failed hooks run, the record names only what the failed freeze
+                // may still hold: a crash's --recover must not FITHAW a filesystem that another
+                // party froze (the EBUSY that failed this freeze) or froze after the rollback.
+                let mayHold = Set(failure.mayHold)
+                try? record.write(opID: opID, targets: plan.targets.filter { mayHold.contains($0.mountPoint) },
+                                  hooksOwed: hooksOwed.map(\.spec.name))
+                hookReports += await hooks.end(hooksOwed, phase: .freezeFailed, context: hookContext)
+            }
             record.remove()
             var error = failure.error
             if !hookReports.isEmpty || !refused.isEmpty {

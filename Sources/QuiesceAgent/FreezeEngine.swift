@@ -104,6 +104,10 @@ public struct PresyncConvergence: Sendable {
 public struct FreezeFailure: Error, Sendable {
     public var error: ProtocolError
     public var filesystems: [FilesystemReport]
+    /// Mountpoints this freeze may still hold after its rollback: a FIFREEZE that did not
+    /// return (it may still complete) and filesystems the rollback could not thaw. Every other
+    /// target is thawed again or was never frozen by it (another party's freeze, EBUSY).
+    public var mayHold: [String] = []
 }
 
 /// A thaw: per-filesystem reports, and whatever could not be thawed (kept for a retry).
@@ -462,12 +466,13 @@ private struct FreezeRun: Sendable {
                 // thawBlocking closed the fds it thawed; one it could not thaw stays open, as before.
                 closeAll(except: Set(frozen))
                 let rolledBack = rollback.filesystems.filter { $0.error == nil }.map(\.mountPoint)
-                if !results.unfinished.isEmpty {
-                    return .failure(timedOut(results.unfinished, call: "FIFREEZE", rolledBack: rolledBack,
-                                             couldNotThaw: rollback.errors, reports: &reports))
-                }
-                return .failure(refused(failure!.index, failure!.errno, rolledBack: rolledBack,
-                                        couldNotThaw: rollback.errors, reports: reports))
+                let mayHold = results.unfinished.map { targets[$0].mountPoint }
+                    + rollback.filesystems.filter { $0.error != nil }.map(\.mountPoint)
+                var failed = !results.unfinished.isEmpty
+                    ? timedOut(results.unfinished, call: "FIFREEZE", rolledBack: rolledBack, couldNotThaw: rollback.errors, reports: &reports)
+                    : refused(failure!.index, failure!.errno, rolledBack: rolledBack, couldNotThaw: rollback.errors, reports: reports)
+                failed.mayHold = mayHold
+                return .failure(failed)
             }
         }
         let freezeUs = micros(since: freezeStart)

@@ -128,6 +128,33 @@ struct HookPhaseTests {
         }
     }
 
+    /// Before: the record kept naming every target while the freeze-failed hooks ran, so a
+    /// crash then had --recover FITHAW the filesystem whose FIFREEZE had failed with EBUSY,
+    /// ending the other party's freeze (the same kind as trial H's slow thaw hook).
+    @Test("the agent killed while a failed freeze's freeze-failed hook runs: recovery ends the hook and leaves the other party's freeze alone")
+    func crashInFreezeFailedHooksLeavesOthersFreeze() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            _ = try lab.filesystem("b")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, ["10-db": journaling("10-db", log, then: "[ \"$1\" = freeze-failed ] && [ -z \"$QUIESCE_RECOVERY\" ] && sleep 30; exit 0")])
+            let state = "\(lab.root)/shared-state"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks], stateDir: state)
+            defer { agent.stop() }
+            _ = try sh("fsfreeze -f '\(a)'")  // another party's freeze, of our own lab mount
+            defer { _ = try? sh("fsfreeze -u '\(a)' 2>/dev/null", allowFailure: true) }
+            let c = try TestClient(path: agent.socketPath)
+            try c.sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"detached\"}\n".utf8))
+            #expect(eventually(withinMs: 10_000) { lines(log) == ["10-db freeze", "10-db freeze-failed"] }, "\(lines(log))")
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let out = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(state)' 2>&1; echo \"exit=$?\"")
+            #expect(out.contains("exit=0") && out.contains("ended the hooks op"), "\(out)")
+            #expect(try isFrozen(a), "the other party's freeze holds after recovery: \(out)")
+            #expect(lines(log).last == "10-db freeze-failed", "\(lines(log))")
+        }
+    }
+
     @Test("the requester leaving mid-freeze: the freeze is given up after the running hook, hooks get freeze-failed, nothing stays frozen")
     func requesterLeaves() async throws {
         try await LoopLab.with { lab in

@@ -72,16 +72,6 @@ final class Ctl: @unchecked Sendable {
     }
 }
 
-/// Waits until `condition` holds, polling; false on timeout.
-func eventually(withinMs ms: Int, _ condition: () throws -> Bool) rethrows -> Bool {
-    let deadline = Date().addingTimeInterval(Double(ms) / 1000)
-    repeat {
-        if try condition() { return true }
-        usleep(20_000)
-    } while Date() < deadline
-    return try condition()
-}
-
 /// Reads a file if it exists.
 func contents(_ path: String) -> String? { try? String(contentsOfFile: path, encoding: .utf8) }
 

@@ -232,3 +232,14 @@ public func makeHooks(in root: String, _ scripts: [String: String], name: String
     }
     return dir
 }
+
+/// Waits until `condition` holds, polling every 20 ms with a blocking sleep (not `Task.sleep`,
+/// which a busy suite can starve); false on timeout.
+public func eventually(withinMs ms: Int, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = monotonicNanos() + UInt64(ms) * 1_000_000
+    repeat {
+        if try condition() { return true }
+        usleep(20_000)
+    } while monotonicNanos() < deadline
+    return try condition()
+}
