@@ -316,9 +316,10 @@ extension AgentClient {
         } catch where error.code == .protocolViolation {
             let unreadable = error
             let status: StatusResult
-            // qemu-ga serves one client at a time: this connection goes first, and the status
-            // is asked without the guest-info handshake, as the thaw was.
-            if isQGA { close() }
+            // qemu-ga serves one client at a time, QEMU's chardev one connection: this
+            // connection goes first; to qemu-ga the status is asked without the guest-info
+            // handshake, as the thaw was.
+            if isQGA || isSerial { close() }
             do {
                 let again = try AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs, qgaHandshake: false)
                 defer { again.close() }
@@ -392,9 +393,11 @@ extension AgentClient {
                 throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             }
             let giveUp = monotonicNanos() + UInt64(max(replyTimeoutMs, 1000)) * 1_000_000
-            // qemu-ga serves one client at a time (and QEMU's chardev one connection): this
-            // connection goes first, or the undo's would wait behind it.
-            if isQGA { close() }
+            // qemu-ga serves one client at a time, and QEMU's chardev (serial:, qga:) one
+            // connection: this connection goes first, or the undo's would wait behind it
+            // (before, over serial: the undo's hello was never answered: trial H). A bound
+            // freeze on the port ends with it too; the undo confirms that.
+            if isQGA || isSerial { close() }
             var undo: Result<String, AgentError>
             var queued = false
             while true {

@@ -152,6 +152,93 @@ struct HostileGuestTests {
         }
     }
 
+    /// quiesced behind QEMU's chardev, as `serial:` reaches it: the chardev serves one
+    /// connection at a time, while the agent itself goes on answering during a freeze it is
+    /// still taking (a slow freeze hook), `busy` to a thaw until it is done. A bound freeze
+    /// ends when its connection does (the port's host side closes), as the agent's does.
+    final class SlowSerialAgent: Sendable {
+        struct State: Sendable { var freezing = false, frozenBy: String? = nil, ownerGone = false, endedByDisconnect: String? = nil, thaws = 0 }
+        let state = LockedBox(State())
+        let peer: ScriptedPeer
+
+        init(_ path: String, freezeMs: Int) throws {
+            let state = self.state
+            peer = try ScriptedPeer(path: path, serial: true) { c in
+                let open = LockedBox(true)  // sends from the freeze's thread only while the connection stands
+                var mine: String? = nil
+                let hello = HelloResult(version: 1, agent: "quiesced", agentVersion: "0.1.0", capabilities: ["keepalive"],
+                                        maxFrame: 65536, maxFreezeMs: 600_000)
+                while let r = c.readRequest(timeoutMs: 30_000) {
+                    switch r.operation {
+                    case .hello: c.send(Reply(id: r.id, result: hello.json))
+                    case .freeze(let f):
+                        let op = f.opID ?? "op"
+                        mine = op
+                        state.withLock { $0.freezing = true; $0.ownerGone = false }
+                        let id = r.id
+                        Threads.detach {
+                            usleep(useconds_t(freezeMs * 1000))
+                            let gone = state.withLock { s -> Bool in
+                                s.freezing = false
+                                if s.ownerGone { s.endedByDisconnect = op } else { s.frozenBy = op }
+                                return s.ownerGone
+                            }
+                            guard !gone else { return }
+                            let result = FreezeResult(opID: op, mode: f.mode,
+                                                      filesystems: [FilesystemReport(mountPoint: "/data", type: "ext4", device: "254:16", source: "/dev/vdb")],
+                                                      skipped: [], hooks: [], presyncUs: 0, freezeUs: 1, stallUs: 1, totalUs: 1,
+                                                      timeoutMs: f.timeoutMs ?? 600_000, deadlineMs: wallClockMillis() + (f.timeoutMs ?? 600_000))
+                            open.withLock { if $0 { c.send(Reply(id: id, result: result.json)) } }
+                        }
+                    case .thaw(let op):
+                        let reply = state.withLock { s -> Reply in
+                            if s.freezing { return Reply(id: r.id, error: ProtocolError(.busy, "a freeze or thaw is in progress; try again")) }
+                            if let by = s.frozenBy, op == nil || op == by {
+                                s.frozenBy = nil
+                                s.thaws += 1
+                                return Reply(id: r.id, result: ThawResult(opID: by, wasFrozen: true, filesystems: [], totalUs: 100, frozenUs: 1000).json)
+                            }
+                            if let op, s.endedByDisconnect == op {
+                                return Reply(id: r.id, error: ProtocolError(.notFrozen, "operation \(op) was thawed by the agent (disconnect)",
+                                                                            details: ["op_id": .string(op), "thawed_reason": "disconnect"]))
+                            }
+                            return Reply(id: r.id, result: ThawResult(opID: op, wasFrozen: false, filesystems: [], totalUs: 0, frozenUs: nil).json)
+                        }
+                        c.send(reply)
+                    case .status:
+                        let st = state.withLock { $0.frozenBy.map { StatusResult(state: .frozen, opID: $0) } ?? StatusResult(state: .thawed) }
+                        c.send(Reply(id: r.id, result: st.json))
+                    default: c.send(Reply(id: r.id, error: ProtocolError(.unknownOp, "not in this model")))
+                    }
+                }
+                open.withLock { $0 = false }
+                state.withLock { s in
+                    guard let mine else { return }
+                    if s.freezing { s.ownerGone = true }
+                    if s.frozenBy == mine { s.frozenBy = nil; s.endedByDisconnect = mine }
+                }
+            }
+        }
+        var frozen: Bool { state.withLock { $0.frozenBy != nil || $0.freezing } }
+    }
+
+    /// Before: the undo opened its connection while the freeze's was still open; QEMU's
+    /// chardev serves one, so the undo's hello was never answered, and the run said MAY BE
+    /// FROZEN and exited 72 although the agent had thawed (trial H, F3).
+    @Test("a serial: agent whose freeze reply is late: the undo closes the freeze's connection first (the chardev serves one), reaches the agent, and the run exits 70, not 72")
+    func lateSerialFreezeIsUndone() throws {
+        let dir = TempDir()
+        let sock = dir.file("chardev.sock")
+        let agent = try SlowSerialAgent(sock, freezeMs: 3000)
+        defer { agent.peer.stop() }
+        let marker = dir.file("ran")
+        let r = try Ctl.run(["--agent", "serial:\(sock)", "--reply-timeout", "2s", "checkpoint", "--timeout", "2s", "--", "touch", marker], in: dir, timeoutMs: 30_000)
+        #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+        #expect(r.stderr.contains("was undone") && !r.stderr.contains("MAY BE FROZEN"), "\(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: marker))
+        #expect(eventually(withinMs: 5_000) { !agent.frozen })
+    }
+
     /// Before: the undo asked guest-info first, on a second connection, while the first still
     /// held qemu-ga; qemu-ga answered neither, the thaw was never sent, and the guest stayed
     /// frozen with no deadline (trial: a group run even exited 0 under crash-consistent).

@@ -317,6 +317,7 @@ final class LockedBox<T: Sendable>: @unchecked Sendable {
     init(_ v: T) { value = v }
     func get() -> T { lock.withLock { value } }
     func set(_ v: T) { lock.withLock { value = v } }
+    func withLock<R>(_ body: (inout T) -> R) -> R { lock.withLock { body(&value) } }
 }
 
 /// The `Umask:` line of a thread's /proc status ("0022"), for `/proc/thread-self` or "PID/task/TID".
