@@ -51,6 +51,8 @@ public actor AgentState {
         var mountPoints: [String]
         var sinceMs: Int64
         var ownerGone = false
+        /// Stops the freeze hook running when the freeze is no longer wanted.
+        var hookStop = HookStop()
         var hookReports: [HookReport] = []
         var waiters: [CheckedContinuation<Reply, Never>] = []
     }
@@ -374,8 +376,10 @@ public actor AgentState {
             for r in refused { log.warning("hook \(r.name) refused: \(r.reason)") }
             let record = self.record
             let targets = plan.targets
+            let stop: HookStop? = if case .freezing(let p) = phase { p.hookStop } else { nil }
             let outcome = await hooks.runFreeze(listing.hooks, context: hookContext,
                                                 abandon: { await self.abandonReason(opID: opID) },
+                                                stop: stop,
                                                 onOwed: { owed in try? record.write(opID: opID, targets: targets, hooksOwed: owed.map(\.spec.name)) },
                                                 onReport: { reports in await self.noteHookReports(reports, opID: opID) })
             hookReports = outcome.reports
@@ -539,6 +543,8 @@ public actor AgentState {
         case .freezing(var p) where p.owner == connection && p.mode == .bound:
             p.ownerGone = true
             phase = .freezing(p)
+            // An earlier hold-style hook keeps its application locked until this ends.
+            p.hookStop.stop("the requester went away during the freeze")
         case .frozen(let f) where f.owner == connection && f.mode == .bound:
             _ = await thaw(opID: f.opID, reason: .disconnect)
         default:
@@ -756,6 +762,7 @@ public actor AgentState {
     /// exiting in the middle of one could leave filesystems frozen with nobody to thaw them.
     public func shutdown() async {
         shuttingDown = true
+        if case .freezing(let p) = phase { p.hookStop.stop("the agent is stopping") }
         while true {
             switch phase {
             case .thawed: return

@@ -262,23 +262,33 @@ public struct Hooks: Sendable {
     }
 
     /// Runs `freeze` for every hook in order. Stops at the first failing non-optional hook, or
-    /// when `abandon` says the freeze is no longer wanted (checked between hooks); the caller then
-    /// ends `owed` with `freeze-failed`. `onOwed` is told each time the owed list grows (for the
+    /// when `abandon` says the freeze is no longer wanted (checked between hooks), or when
+    /// `stop` is told to (the running hook's process group is killed then, and that hook is
+    /// owed an ending too); the caller then ends `owed` with `freeze-failed`. `onOwed` is told each time the owed list grows (for the
     /// crash record).
     public func runFreeze(_ specs: [HookSpec], context: HookContext,
                           abandon: @Sendable () async -> String? = { nil },
+                          stop: HookStop? = nil,
                           onOwed: @Sendable ([ActiveHook]) async -> Void = { _ in },
                           onReport: @Sendable ([HookReport]) async -> Void = { _ in }) async -> FreezeOutcome {
         var out = FreezeOutcome(reports: [], owed: [], failure: nil)
         for spec in specs {
-            if let why = await abandon() {
+            if let why = await abandon() ?? stop?.reason {
                 out.failure = why
                 return out
             }
-            let (report, holder) = await WorkPools.hooks.run { Hooks.runFreezeBlocking(spec, context: context) }
+            let (report, holder) = await WorkPools.hooks.run { Hooks.runFreezeBlocking(spec, context: context, stop: stop) }
             log(report)
             out.reports.append(report)
             await onReport(out.reports)
+            // Stopped while it ran: it may have done part of its work, so it is owed an
+            // ending like the hooks before it (freeze-failed), and the freeze goes no further.
+            if !report.succeeded, let why = stop?.reason {
+                out.owed.append(ActiveHook(spec: spec, holder: nil))
+                await onOwed(out.owed)
+                out.failure = why
+                return out
+            }
             if report.succeeded {
                 out.owed.append(ActiveHook(spec: spec, holder: holder))
                 await onOwed(out.owed)
@@ -288,7 +298,7 @@ public struct Hooks: Sendable {
                 return out
             }
         }
-        if let why = await abandon() { out.failure = why }
+        if let why = await abandon() ?? stop?.reason { out.failure = why }
         return out
     }
 
@@ -328,8 +338,9 @@ public struct Hooks: Sendable {
         return env
     }
 
-    /// `freeze` for one hook. A holding hook is returned still running, with its run.
-    static func runFreezeBlocking(_ spec: HookSpec, context: HookContext) -> (HookReport, HookRun?) {
+    /// `freeze` for one hook. A holding hook is returned still running, with its run. `stop`
+    /// kills its process group while it runs, when the freeze is no longer wanted.
+    static func runFreezeBlocking(_ spec: HookSpec, context: HookContext, stop: HookStop? = nil) -> (HookReport, HookRun?) {
         let start = monotonicNanos()
         let env = environment(spec, phase: .freeze, context: context, deadlineWallMs: wallClockMillis() + spec.timeoutMs)
         let run: HookRun
@@ -339,11 +350,17 @@ public struct Hooks: Sendable {
             return (report(spec, .freeze, start, .failed, error: Hooks.couldNotStart(error)), nil)
         }
         if !spec.hold { run.child.closeStdin() }  // only a holding hook is told anything there
+        stop?.running(run)
+        defer { stop?.running(nil) }
         let deadline = start + UInt64(spec.timeoutMs) * 1_000_000
         switch run.waitReadyOrExit(deadline: deadline) {
         case .ready:
             return (report(spec, .freeze, start, .holding, output: run.outputTail()), run)
         case .exited(let status):
+            if let why = stop?.reason, !status.succeeded {
+                return (report(spec, .freeze, start, .failed, error: "stopped (\(status)): \(why), so its process group was killed",
+                               output: run.outputTail()), nil)
+            }
             return (finished(spec, .freeze, start, status, run: run), nil)
         case .timedOut:
             return (report(spec, .freeze, start, .timedOut, error: "timed out after \(TimeSpan(milliseconds: spec.timeoutMs)); its process group was killed",
@@ -451,6 +468,37 @@ public struct HookContext: Sendable {
         self.mounts = mounts
         self.freezeTimeoutMs = freezeTimeoutMs
         self.recovery = recovery
+    }
+}
+
+/// Tells a freeze's hooks that the freeze is no longer wanted (its requester went away, the
+/// agent stops): the freeze hook running then is killed with its process group at once, as at
+/// its timeout, instead of being waited for while earlier hooks hold their applications' locks.
+/// Any thread; `stop` is idempotent.
+public final class HookStop: Sendable {
+    private let state = Mutex<(reason: String?, run: HookRun?)>((nil, nil))
+
+    public init() {}
+
+    /// Why the freeze is no longer wanted, once `stop` was called.
+    public var reason: String? { state.withLock { $0.reason } }
+
+    public func stop(_ why: String) {
+        let run = state.withLock { s -> HookRun? in
+            guard s.reason == nil else { return nil }
+            s.reason = why
+            return s.run
+        }
+        run?.child.killGroup()
+    }
+
+    /// The hook now running (nil: none); one started after `stop` is killed at once.
+    func running(_ run: HookRun?) {
+        let kill = state.withLock { s -> Bool in
+            s.run = run
+            return run != nil && s.reason != nil
+        }
+        if kill { run?.child.killGroup() }
     }
 }
 

@@ -177,6 +177,31 @@ struct HookPhaseTests {
         }
     }
 
+    /// Before: the running freeze hook was waited for (up to its timeout) while an earlier
+    /// hold-style hook kept its application locked for a requester that had gone (trial H, F4).
+    @Test("the requester leaving while a slow freeze hook runs: that hook is killed at once and gets freeze-failed, and an earlier holding hook is released at once, not after it")
+    func requesterLeavingStopsTheRunningHook() async throws {
+        try await LoopLab.with { lab in
+            _ = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, [
+                "10-hold": "# quiesce: hold\necho \"10-hold $1\" >> '\(log)'\necho ready\nread how\necho \"10-hold $how\" >> '\(log)'",
+                "20-slow": journaling("20-slow", log, then: "[ \"$1\" = freeze ] && sleep 20; exit 0"),
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            defer { agent.stop() }
+            let c = try TestClient(path: agent.socketPath)
+            try c.sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"bound\"}\n".utf8))
+            #expect(eventually(withinMs: 5000) { lines(log).contains("20-slow freeze") }, "\(lines(log))")
+            let left = monotonicNanos()
+            c.close()
+            #expect(eventually(withinMs: 10_000) { lines(log).contains("10-hold freeze-failed") }, "\(lines(log))")
+            let released = Double(monotonicNanos() - left) / 1e9
+            #expect(released < 3, "the holding hook was released \(released) s after the requester left, not after 20-slow's 20 s")
+            #expect(lines(log) == ["10-hold freeze", "20-slow freeze", "20-slow freeze-failed", "10-hold freeze-failed"], "\(lines(log))")
+        }
+    }
+
     @Test("SIGTERM while the hooks run: the freeze is given up, the hooks get freeze-failed, the agent exits")
     func stoppingDuringHooks() async throws {
         try await LoopLab.with { lab in
