@@ -402,9 +402,22 @@ public actor AgentState {
         let budget = FreezeBudget(stepNanos: UInt64(min(config.freezeStepTimeoutMs, timeoutMs)) * 1_000_000,
                                   deadline: start + UInt64(timeoutMs) * 1_000_000,
                                   setByRequest: timeoutMs < config.freezeStepTimeoutMs)
-        let outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget)
+        // The freeze's timeout counts from the request, so slow freeze hooks take their share
+        // of it; a step cut short then names them, not the storage (trial H).
+        let hooksTook = hookReports.isEmpty ? nil : TimeSpan.human(microseconds: hookReports.reduce(0) { $0 + $1.durationUs })
+        let outcome: Result<FreezeOutcome, FreezeFailure>
+        if let hooksTook, monotonicNanos() >= budget.deadline {
+            outcome = .failure(FreezeFailure(error: ProtocolError(.freezeFailed,
+                "the freeze hooks took \(hooksTook), the whole of the freeze's timeout (\(TimeSpan.human(milliseconds: timeoutMs))): nothing was frozen; ask for a longer timeout_ms"),
+                filesystems: []))
+        } else {
+            outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget)
+        }
         switch outcome {
-        case .failure(let failure):
+        case .failure(var failure):
+            if let hooksTook, failure.error.details?["stuck"] != nil {
+                failure.error.message += " (the freeze hooks had taken \(hooksTook) of the freeze's timeout, \(TimeSpan.human(milliseconds: timeoutMs)), counted from the request)"
+            }
             LogGate.shared.release()
             if let hooks, !hooksOwed.isEmpty {
                 // While the freeze-failed hooks run, the record names only what the failed freeze

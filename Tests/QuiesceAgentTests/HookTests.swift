@@ -177,6 +177,24 @@ struct HookPhaseTests {
         }
     }
 
+    /// Before: the freeze then failed blaming syncfs ("did not return within 0 ms ... too short
+    /// for this flush") although the hooks had used up the request's timeout (trial H).
+    @Test("freeze hooks slower than the request's whole timeout: the freeze fails naming the hooks, nothing is frozen, the hooks get freeze-failed")
+    func hooksUsingTheWholeTimeoutAreNamed() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, ["10-slow": journaling("10-slow", log, then: "[ \"$1\" = freeze ] && sleep 2; exit 0")])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            defer { agent.stop() }
+            let reply = try TestClient(path: agent.socketPath).call(["op": "freeze", "mode": "detached", "timeout_ms": 1000], timeoutMs: 10_000)
+            guard case .failure(let e) = reply.outcome else { Issue.record("the freeze succeeded: \(reply)"); return }
+            #expect(e.code == .freezeFailed && e.message.contains("the freeze hooks took 2") && e.message.contains("the whole of the freeze's timeout (1 s)"), "\(e)")
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["10-slow freeze", "10-slow freeze-failed"], "\(lines(log))")
+        }
+    }
+
     /// Before: the running freeze hook was waited for (up to its timeout) while an earlier
     /// hold-style hook kept its application locked for a requester that had gone (trial H, F4).
     @Test("the requester leaving while a slow freeze hook runs: that hook is killed at once and gets freeze-failed, and an earlier holding hook is released at once, not after it")
