@@ -440,9 +440,16 @@ public actor AgentState {
             return finishFailedFreeze(error, id: id, log: log)
         case .success(let done):
             let deadline = monotonicNanos() + UInt64(timeoutMs) * 1_000_000
+            // A holding hook that has ended already (it said ready, then exited before or while
+            // the filesystems froze) is `lost` in the reply, as status shows it: its lock did
+            // not cover the freeze (before: `holding`, and COMMAND was told application; trial H).
+            let liveReports = hookReports.map { report in
+                guard report.outcome == .holding, let owed = hooksOwed.first(where: { $0.spec.name == report.name }) else { return report }
+                return owed.liveReport(report)
+            }
             let result = FreezeResult(
                 opID: opID, mode: r.mode, filesystems: done.filesystems, skipped: plan.skipped + done.skipped,
-                hooks: hookReports, presyncUs: done.presyncUs, freezeUs: done.freezeUs, stallUs: done.stallUs,
+                hooks: liveReports, presyncUs: done.presyncUs, freezeUs: done.freezeUs, stallUs: done.stallUs,
                 totalUs: micros(since: start), timeoutMs: timeoutMs, deadlineMs: wallClockMillis() + timeoutMs,
                 hooksRefused: refused)
             guard case .freezing(let pending) = phase else { preconditionFailure("phase changed during freeze") }

@@ -177,6 +177,26 @@ struct HookPhaseTests {
         }
     }
 
+    /// Before: the freeze reply said `holding` and a checkpoint told COMMAND
+    /// QUIESCE_CONSISTENCY=application, while status already said `lost` (trial H, F5).
+    @Test("a hold-style hook that says ready and exits before the filesystems freeze is lost in the freeze reply")
+    func holdHookGoneBeforeTheFreezeIsLost() async throws {
+        try await LoopLab.with { lab in
+            _ = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, [
+                "10-hold": "# quiesce: hold\n[ \"$1\" = freeze ] && echo ready; exit 0",
+                "20-wait": "[ \"$1\" = freeze ] && sleep 0.3; exit 0",
+            ])
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
+            defer { agent.stop() }
+            let c = try TestClient(path: agent.socketPath)
+            let r = try c.result(["op": "freeze", "mode": "detached"])
+            let hold = r["hooks"]?.arrayValue?.first { $0["name"] == "10-hold" }
+            #expect(hold?["outcome"] == "lost", "\(r)")
+            _ = try c.result(["op": "thaw"])
+        }
+    }
+
     /// Before: the freeze then failed blaming syncfs ("did not return within 0 ms ... too short
     /// for this flush") although the hooks had used up the request's timeout (trial H).
     @Test("freeze hooks slower than the request's whole timeout: the freeze fails naming the hooks, nothing is frozen, the hooks get freeze-failed")
