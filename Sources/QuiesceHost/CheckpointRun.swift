@@ -354,6 +354,14 @@ final class CheckpointRun {
             let ran = TimeSpan.human(nanoseconds: at - start - (report.command?.startedNs ?? 0))
             note(at, nil, status?.succeeded == true ? "command-done" : "command-failed",
                  "COMMAND \(status.map { $0.succeeded ? "succeeded (exit code 0)" : "failed: \($0)" } ?? "ended") after \(ran)")
+            // COMMAND leads its own process group: members left after it exited are processes
+            // it started and did not wait for (`cp ... &`). The thaw does not wait for them.
+            // (One that left the group, setsid or a double fork to another group, is not seen.)
+            if (try? Signals.send(0, to: pid, group: true)) != nil {
+                report.command?.leftRunning = true
+                note(at, nil, "command-left-running", "WARNING: COMMAND exited but left processes running in its process group \(pid) "
+                     + "(started in the background and not waited for): they run on after the thaw, so whatever they still copy or write is not quiesced; make COMMAND wait for them")
+            }
             startThaw()
 
         case .signal(let sig, let at):

@@ -141,6 +141,9 @@ public struct CommandReport: Sendable {
     public var stoppedBy: String?
     /// It did not exit even after SIGKILL.
     public var abandoned = false
+    /// When it exited, processes it started were still running in its process group (in the
+    /// background, not waited for): they ran on after the thaw.
+    public var leftRunning = false
 
     public init(argv: [String], environment: [(String, String)]) {
         self.argv = argv
@@ -161,6 +164,7 @@ public struct CommandReport: Sendable {
         if let spawnError { o["error"] = .string(spawnError) }
         if let stoppedBy { o["stopped_by"] = .string(stoppedBy) }
         if abandoned { o["abandoned"] = .bool(true) }
+        if leftRunning { o["left_running"] = .bool(true) }
         var env = JSONObject()
         for (k, v) in environment { env[k] = .string(v) }
         o["environment"] = .object(env)

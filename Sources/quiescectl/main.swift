@@ -399,6 +399,8 @@ struct Checkpoint: ParsableCommand {
         a guest frozen longer than the lease.
 
         ENVIRONMENT
+        The thaw follows COMMAND's exit, so COMMAND must wait for what it starts (a
+        warning names processes left running in its process group).
         COMMAND runs in its own process group with quiescectl's environment plus:
         \(environmentTable)
 

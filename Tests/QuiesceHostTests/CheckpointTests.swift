@@ -376,6 +376,21 @@ struct EnvironmentTests {
         #expect(merged == ["PATH=/bin", "HOME=/root", "QUIESCE_OP_ID=op-1"])
     }
 
+    /// Before: a COMMAND that started its copy in the background and exited was followed by
+    /// the thaw and "checkpoint succeeded", with the copy still running (trial H, F9).
+    @Test("a COMMAND that exits leaving processes running in its process group: the run warns that they run on after the thaw")
+    func commandLeavingProcessesIsWarned() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir)
+        let r = try Ctl.run(["--agent", agent.address.description, "checkpoint", "--", "sh", "-c", "sleep 1 >/dev/null 2>&1 & exit 0"], in: dir)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr.contains("WARNING: COMMAND exited but left processes running in its process group"), "\(r.stderr)")
+        let j = try Ctl.run(["--agent", agent.address.description, "--json", "checkpoint", "--", "sh", "-c", "sleep 1 >/dev/null 2>&1 & exit 0"], in: dir)
+        #expect(j.json?["command"]?["left_running"] == true, "\(j.stdout)")
+        let waited = try Ctl.run(["--agent", agent.address.description, "checkpoint", "--", "sh", "-c", "sleep 0.2 & wait"], in: dir)
+        #expect(waited.status == 0 && !waited.stderr.contains("left processes running"), "\(waited.stderr)")
+    }
+
     /// Before: Swift reads argv and environ as UTF-8, so a byte that is not (a Latin-1 file
     /// name) reached COMMAND as U+FFFD: `cp $'caf\xe9'` copied another file's name (trial E).
     @Test("COMMAND gets its arguments and environment byte for byte, UTF-8 or not; an option that is not UTF-8 (--mount) is a usage error, not a different mountpoint")
