@@ -21,6 +21,9 @@ public enum ExitCodes {
     public static let thawFailed: Int32 = 72
     /// quiescectl was interrupted by SIGINT or SIGTERM (after forwarding it to COMMAND and thawing).
     public static let interrupted: Int32 = 73
+    /// Everything else worked, but the output could not be written (standard output or error
+    /// full or closed): the report, or the --json document, is lost. (sysexits.h EX_IOERR.)
+    public static let outputLost: Int32 = 74
 
     /// The table for --help and the README.
     public static let table: [(code: Int32, meaning: String)] = [
@@ -31,6 +34,7 @@ public enum ExitCodes {
         (commandFailed, "COMMAND failed, could not start, or was stopped at the deadline (its own code is reported)"),
         (thawFailed, "a thaw failed or could not be confirmed: a guest may still be frozen"),
         (interrupted, "interrupted by SIGINT/SIGTERM (forwarded to COMMAND, guests thawed)"),
+        (outputLost, "everything else succeeded, but the output (the report, or --json's document) could not be written"),
     ]
 }
 

@@ -220,6 +220,16 @@ public enum CurrentProcess {
     public static func unsetEnvironment(_ name: String) { _ = unsetenv(name) }
     /// exit(3): runs atexit handlers and flushes stdio.
     public static func exit(_ code: Int32) -> Never { Glibc.exit(code) }
+    /// Opens /dev/null on each of descriptors 0, 1 and 2 that is closed (`prog 2>&-`), so that
+    /// no socket or file opened later takes that number and gets the log or the report written
+    /// into it (a timeline line sent to an agent as a frame). Call first thing in main.
+    public static func openClosedStandardDescriptors() {
+        for fd: Int32 in 0...2 where fcntl(fd, F_GETFD) == -1 && errno == EBADF {
+            // open(2) returns the lowest free descriptor: this one, as those below are open.
+            let got = open("/dev/null", O_RDWR)
+            if got >= 0 && got != fd { _ = close(got) }
+        }
+    }
     /// Caps glibc's malloc arenas (M_ARENA_MAX): fewer arenas, less idle RSS in a many-threaded
     /// daemon. Returns false if glibc refused.
     @discardableResult

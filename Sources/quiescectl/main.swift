@@ -3,6 +3,7 @@ import ArgumentParser
 import QuiesceHost
 import QuiesceLinux
 import QuiesceProtocol
+import Synchronization
 
 struct Quiescectl: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -178,9 +179,20 @@ enum Output {
     /// Unbuffered, so lines keep their order with COMMAND's output on the same descriptors.
     /// One line each: what a guest sent (mountpoints, messages, hook output) cannot move the
     /// cursor, set the title or forge a line of ours (`Output.terminalSafe`).
-    static func out(_ s: String) { try? FD.writeAll(1, Array((terminalSafe(s) + "\n").utf8)) }
+    static func out(_ s: String) { write(1, s) }
 
-    static func err(_ s: String) { try? FD.writeAll(2, Array((terminalSafe(s) + "\n").utf8)) }
+    static func err(_ s: String) { write(2, s) }
+
+    /// Some output could not be written (a full disk, a closed pipe): the report the run
+    /// printed is lost, so a run that otherwise succeeded exits `ExitCodes.outputLost`.
+    static let lost = Atomic<Bool>(false)
+
+    private static func write(_ fd: Int32, _ s: String) {
+        do { try FD.writeAll(fd, Array((terminalSafe(s) + "\n").utf8)) } catch { lost.store(true, ordering: .relaxed) }
+    }
+
+    /// `code`, or `ExitCodes.outputLost` when it is 0 and some output was lost.
+    static func exitCode(_ code: Int32) -> Int32 { code == 0 && lost.load(ordering: .relaxed) ? ExitCodes.outputLost : code }
 
     /// `s` with the characters a terminal acts on written as `\uXXXX`: C0 controls but tab (ESC,
     /// CR, LF, BEL), DEL, C1 controls (U+0080-U+009F, CSI among them), the bidirectional
@@ -229,7 +241,8 @@ enum Output {
                 }
             }
         }
-        if code != 0 { throw ExitCode(code) }
+        let final = exitCode(code)
+        if final != 0 { throw ExitCode(final) }
     }
 }
 
@@ -499,7 +512,8 @@ struct Checkpoint: ParsableCommand {
         }
         let report = checkpoint.run()
         if json { Output.out(report.json.text) }
-        if report.exitCode != 0 { throw ExitCode(report.exitCode) }
+        let code = Output.exitCode(report.exitCode)
+        if code != 0 { throw ExitCode(code) }
     }
 }
 
@@ -536,5 +550,6 @@ enum RawArguments {
     }
 }
 
+CurrentProcess.openClosedStandardDescriptors()
 RawArguments.refuseNonUTF8Options()
 Quiescectl.main()

@@ -5,6 +5,9 @@ import QuiesceAgent
 import QuiesceLinux
 import QuiesceProtocol
 
+// Descriptors 0-2 open before anything else opens one: a listener on a closed fd 2 would get
+// the log written into it.
+CurrentProcess.openClosedStandardDescriptors()
 // Every asynchronous signal is blocked before any thread exists, so that every thread inherits
 // that mask: a SIGTERM (or SIGINT, SIGQUIT, SIGUSR1, ...) can then only be taken by the main
 // thread's sigwait below, which thaws first, and never kills the agent through another thread

@@ -376,6 +376,27 @@ struct EnvironmentTests {
         #expect(merged == ["PATH=/bin", "HOME=/root", "QUIESCE_OP_ID=op-1"])
     }
 
+    /// Before: the run exited 0 with its report lost (trial H, F8).
+    @Test("output that cannot be written (standard output or error on /dev/full) turns a success into 74; a failure keeps its code; a closed standard error is /dev/null")
+    func lostOutputIsNotSuccess() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir)
+        let ctl = "'\(Ctl.path)' --agent '\(agent.address)'"
+        let out = try sh("""
+            \(ctl) --json checkpoint -- true > /dev/full; echo "json=$?"
+            \(ctl) checkpoint -- true 2>/dev/full; echo "timeline=$?"
+            \(ctl) checkpoint -- true 2>&-; echo "closed=$?"
+            \(ctl) status > /dev/full; echo "status=$?"
+            \(ctl) checkpoint -- false 2>/dev/full; echo "failed=$?"
+            \(ctl) --json checkpoint -- true > /dev/null; echo "fine=$?"
+            """)
+        #expect(out.contains("json=74") && out.contains("timeline=74") && out.contains("status=74"), "\(out)")
+        // Closed on purpose: /dev/null takes its place, so the agent's socket cannot become
+        // descriptor 2 and get the timeline as frames; the run succeeds.
+        #expect(out.contains("closed=0"), "\(out)")
+        #expect(out.contains("failed=71") && out.contains("fine=0"), "\(out)")
+    }
+
     /// Before: a COMMAND that started its copy in the background and exited was followed by
     /// the thaw and "checkpoint succeeded", with the copy still running (trial H, F9).
     @Test("a COMMAND that exits leaving processes running in its process group: the run warns that they run on after the thaw")
