@@ -380,7 +380,7 @@ public actor AgentState {
             let outcome = await hooks.runFreeze(listing.hooks, context: hookContext,
                                                 abandon: { await self.abandonReason(opID: opID) },
                                                 stop: stop,
-                                                onOwed: { owed in try? record.write(opID: opID, targets: targets, hooksOwed: owed.map(\.spec.name)) },
+                                                onOwed: { owed in try? record.write(opID: opID, targets: targets, hooksOwed: owed.map(\.spec.name), hookContext: hookContext) },
                                                 onReport: { reports in await self.noteHookReports(reports, opID: opID) })
             hookReports = outcome.reports
             hooksOwed = outcome.owed
@@ -391,7 +391,8 @@ public actor AgentState {
                                           id: id, log: log)
             }
             if !hooksOwed.isEmpty {
-                try? record.write(opID: opID, targets: plan.targets, hooksOwed: hooksOwed.map(\.spec.name), filesystemsFreezing: true)
+                try? record.write(opID: opID, targets: plan.targets, hooksOwed: hooksOwed.map(\.spec.name), filesystemsFreezing: true,
+                                  hookContext: hookContext)
             }
         }
 
@@ -425,7 +426,7 @@ public actor AgentState {
                 // party froze (the EBUSY that failed this freeze) or froze after the rollback.
                 let mayHold = Set(failure.mayHold)
                 try? record.write(opID: opID, targets: plan.targets.filter { mayHold.contains($0.mountPoint) },
-                                  hooksOwed: hooksOwed.map(\.spec.name))
+                                  hooksOwed: hooksOwed.map(\.spec.name), hookContext: hookContext)
                 hookReports += await hooks.end(hooksOwed, phase: .freezeFailed, context: hookContext)
             }
             record.remove()
@@ -629,7 +630,7 @@ public actor AgentState {
             // A crash during the thaw hooks: recovery ends them (thaw, or freeze-failed when
             // abandoned) and thaws only what is still held.
             try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target), hooksOwed: owed,
-                              filesystemsFreezing: !abandoned)
+                              filesystemsFreezing: !abandoned, hookContext: f.hookContext)
         }
         var log = logger
         log[metadataKey: "op_id"] = "\(f.opID)"

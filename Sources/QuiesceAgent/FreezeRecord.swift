@@ -126,9 +126,13 @@ public struct FreezeRecord: Sendable {
     /// Writes the record. `hooksOwed` names the hooks whose `freeze` succeeded (owed a `thaw` or
     /// `freeze-failed`), in order; `filesystemsFreezing` is true from just before the first
     /// FIFREEZE: recovery then ends the hooks with `thaw`, else with `freeze-failed`.
-    public func write(opID: String, targets: [FreezeTarget], hooksOwed: [String] = [], filesystemsFreezing: Bool = false) throws(SystemError) {
+    /// `hookContext`: what the owed hooks were told at their freeze (mountpoints, the freeze's
+    /// timeout), so that recovery tells their ending the same; the record's filesystems may be
+    /// fewer by then (only what is still held).
+    public func write(opID: String, targets: [FreezeTarget], hooksOwed: [String] = [], filesystemsFreezing: Bool = false,
+                      hookContext: HookContext? = nil) throws(SystemError) {
         try? Paths.makeDirectory(stateDir, mode: 0o700)
-        let body: JSON = [
+        var body: JSON = [
             "op_id": .string(opID),
             "hooks_dir": hooksDir.map(JSON.string) ?? nil,
             "identity": .string(identity),
@@ -141,6 +145,11 @@ public struct FreezeRecord: Sendable {
                  "devices": .array(t.devices.sorted().map { .string($0.description) })]
             }),
         ]
+        if let hookContext, case .object(var o) = body {
+            o["hook_mounts"] = .array(hookContext.mounts.map(JSON.string))
+            o["freeze_timeout_ms"] = .int(hookContext.freezeTimeoutMs)
+            body = .object(o)
+        }
         let bytes = body.encodedLine()
         let tmp = path + ".tmp"
         let fd = try FD.open(tmp, [.writeOnly, .create, .truncate], mode: 0o600)
@@ -166,7 +175,20 @@ public struct FreezeRecord: Sendable {
     }
 
     /// Reads the record at `path`, if there is one. A damaged record gives its error.
-    static func read(path: String) -> Result<(opID: String, entries: [Entry], hooksOwed: [String], filesystemsFreezing: Bool, hooksDir: String?, identity: String)?, ProtocolError> {
+    /// A record as read back: `hookMounts` and `freezeTimeoutMs` are what the owed hooks were
+    /// told at their freeze (records of earlier versions: the filesystems' mountpoints, 0).
+    struct Read {
+        var opID: String
+        var entries: [Entry]
+        var hooksOwed: [String]
+        var filesystemsFreezing: Bool
+        var hooksDir: String?
+        var identity: String
+        var hookMounts: [String]
+        var freezeTimeoutMs: Int64
+    }
+
+    static func read(path: String) -> Result<Read?, ProtocolError> {
         guard let bytes = try? FD.readWholeFile(atPath: path) else { return .success(nil) }
         let text = String(decoding: bytes, as: UTF8.self)
         do {
@@ -179,8 +201,10 @@ public struct FreezeRecord: Sendable {
                 entries.append(Entry(mountPoint: mp, devices: Set(devs)))
             }
             let owed = (json["hooks_owed"]?.arrayValue ?? []).compactMap(\.stringValue)
-            return .success((opID, entries, owed, json["stage"]?.stringValue != "hooks", json["hooks_dir"]?.stringValue,
-                             json["identity"]?.stringValue ?? ""))
+            return .success(Read(opID: opID, entries: entries, hooksOwed: owed, filesystemsFreezing: json["stage"]?.stringValue != "hooks",
+                                 hooksDir: json["hooks_dir"]?.stringValue, identity: json["identity"]?.stringValue ?? "",
+                                 hookMounts: json["hook_mounts"]?.arrayValue?.compactMap(\.stringValue) ?? entries.map(\.mountPoint),
+                                 freezeTimeoutMs: json["freeze_timeout_ms"]?.intValue ?? 0))
         } catch {
             return .failure(ProtocolError(.internal, "damaged freeze record \(path): \(error)"))
         }
@@ -193,7 +217,7 @@ public struct FreezeRecord: Sendable {
         /// Hooks those agents owed an ending, per operation, with the phase to end them with:
         /// `thaw` when the filesystems had begun to freeze, else `freeze-failed`; and the hooks
         /// directory they ran from (nil in records of earlier versions).
-        public var hooksOwed: [(opID: String, phase: HookPhase, names: [String], hooksDir: String?)] = []
+        public var hooksOwed: [(opID: String, phase: HookPhase, names: [String], hooksDir: String?, mounts: [String], freezeTimeoutMs: Int64)] = []
         /// Pids of running agents whose records were left alone.
         public var liveOwners: [Int32] = []
     }
@@ -219,7 +243,8 @@ public struct FreezeRecord: Sendable {
                 continue
             }
             if case .success(let r?) = read(path: path), !r.hooksOwed.isEmpty {
-                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? .thaw : .freezeFailed, r.hooksOwed, r.hooksDir))
+                recovery.hooksOwed.append((r.opID, r.filesystemsFreezing ? .thaw : .freezeFailed, r.hooksOwed, r.hooksDir,
+                                           r.hookMounts, r.freezeTimeoutMs))
             }
             if let r = recover(path: path) { recovery.recovered.append(r) }
         }

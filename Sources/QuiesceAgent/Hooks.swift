@@ -407,9 +407,9 @@ public struct Hooks: Sendable {
 
     /// Runs `phase` for each named hook in reverse order, as one-shot runs: crash recovery's
     /// ending for hooks a dead agent owed one. Blocking.
-    public func recover(names: [String], phase: HookPhase, opID: String) -> [HookReport] {
+    public func recover(names: [String], phase: HookPhase, opID: String, mounts: [String] = [], freezeTimeoutMs: Int64 = 0) -> [HookReport] {
         let (specs, refused) = list()
-        let context = HookContext(opID: opID, mounts: [], freezeTimeoutMs: 0, recovery: true)
+        let context = HookContext(opID: opID, mounts: mounts, freezeTimeoutMs: freezeTimeoutMs, recovery: true)
         var reports: [HookReport] = []
         for name in names.reversed() {
             guard let spec = specs.first(where: { $0.name == name }) else {

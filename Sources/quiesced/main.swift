@@ -261,7 +261,7 @@ for owed in recovery.hooksOwed {
         continue
     }
     let hooks = Hooks(directory: dir, timeoutMs: config.hookTimeoutMs, maxTimeoutMs: config.maxFreezeMs, logger: logger)
-    let reports = hooks.recover(names: owed.names, phase: owed.phase, opID: owed.opID)
+    let reports = hooks.recover(names: owed.names, phase: owed.phase, opID: owed.opID, mounts: owed.mounts, freezeTimeoutMs: owed.freezeTimeoutMs)
     logger.warning("ended the hooks op \(owed.opID) owed: \(reports.map { "\($0.name) \($0.phase) \($0.effectiveOutcome.rawValue)\($0.succeeded ? "" : $0.error.map { " (\($0))" } ?? "")" }.joined(separator: ", "))",
                    metadata: ["op_id": "\(owed.opID)"])
 }

@@ -459,6 +459,27 @@ struct HookPhaseTests {
         }
     }
 
+    /// Before: recovery told the hooks QUIESCE_MOUNTS="" and QUIESCE_FREEZE_TIMEOUT_MS=0 (trial H, F6).
+    @Test("the hooks crash recovery ends are told the mountpoints and timeout of their freeze")
+    func recoveryTellsHooksTheirFreeze() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            _ = try lab.filesystem("b")
+            let log = "\(lab.root)/phases"
+            let hooks = try makeHooks(in: lab.root, ["10-db": "echo \"$1 recovery=$QUIESCE_RECOVERY mounts=$QUIESCE_MOUNTS timeout=$QUIESCE_FREEZE_TIMEOUT_MS\" >> '\(log)'"])
+            let state = "\(lab.root)/shared-state"
+            let args = ["--include", "\(lab.root)/*", "--hooks-dir", hooks]
+            let agent = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            _ = try TestClient(path: agent.socketPath).result(["op": "freeze", "mode": "detached", "mounts": [.string(a)], "timeout_ms": 30000])
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let again = try AgentProcess(in: lab.root, name: "agent2", arguments: args, stateDir: state)
+            defer { again.stop() }
+            #expect(try !isFrozen(a))
+            #expect(lines(log) == ["freeze recovery= mounts=\(a) timeout=30000", "thaw recovery=1 mounts=\(a) timeout=30000"], "\(lines(log))")
+        }
+    }
+
     @Test("quiesced --recover without the agent's --hooks-dir still ends the owed hooks: the record names their directory")
     func recoverByHandEndsHooksFromTheRecord() async throws {
         try await LoopLab.with { lab in
