@@ -103,13 +103,17 @@ struct Fields {
         return s
     }
 
-    /// `op_id`: absent, or 1 to 128 bytes (PROTOCOL.md section 6.5); an empty name would let
-    /// a freeze be held under no name at all.
+    /// `op_id`: absent, or 1 to 128 bytes with no control character (PROTOCOL.md section 6.5);
+    /// an empty name would let a freeze be held under no name at all, and the name reaches
+    /// hooks (QUIESCE_OP_ID), logs and the host's terminal.
     func opID() throws(ProtocolError) -> String? {
         guard let s = try string("op_id", maxLength: .max) else { return nil }
         guard ProtocolLimits.opIDBytes.contains(s.utf8.count) else {
             let r = ProtocolLimits.opIDBytes
             throw ProtocolError(.badRequest, "\"op_id\" must be \(r.lowerBound) to \(r.upperBound) bytes (it is \(s.utf8.count))")
+        }
+        if let c = OpID.controlCharacter(in: s) {
+            throw ProtocolError(.badRequest, "\"op_id\" must not contain control characters (it has U+\(c))")
         }
         return s
     }
@@ -378,5 +382,16 @@ public enum AgentMessage: Sendable, Equatable {
         }
         guard let error = o["error"] else { throw ProtocolError(.badRequest, "agent reply has no \"error\"") }
         return .reply(Reply(id: id, error: try ProtocolError(json: error)))
+    }
+}
+
+/// Operation names (`op_id`), chosen by the host.
+public enum OpID {
+    /// The first control character (C0, DEL or C1; Unicode category Cc) in `s`, as four hex
+    /// digits ("000A"), or nil: an op id has none (PROTOCOL.md section 6.5).
+    public static func controlCharacter(in s: String) -> String? {
+        guard let c = s.unicodeScalars.first(where: { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) }) else { return nil }
+        let hex = String(c.value, radix: 16, uppercase: true)
+        return String(repeating: "0", count: 4 - hex.count) + hex
     }
 }

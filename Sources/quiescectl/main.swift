@@ -169,6 +169,7 @@ func checkMounts(_ mounts: [String]) throws {
 func checkOpID(_ id: String?) throws {
     let r = ProtocolLimits.opIDBytes
     if let id, !r.contains(id.utf8.count) { throw ValidationError("--op-id must be \(r.lowerBound) to \(r.upperBound) bytes") }
+    if let id, let c = OpID.controlCharacter(in: id) { throw ValidationError("--op-id must not contain control characters (it has U+\(c))") }
 }
 
 extension AgentFailurePolicy: ExpressibleByArgument {}

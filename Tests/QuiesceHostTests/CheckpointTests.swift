@@ -376,6 +376,15 @@ struct EnvironmentTests {
         #expect(merged == ["PATH=/bin", "HOME=/root", "QUIESCE_OP_ID=op-1"])
     }
 
+    @Test("--op-id with a control character is a usage error: the agent would refuse it, and it reaches the guest's hooks")
+    func opIDWithControlCharacterIsRefused() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir)
+        let r = try Ctl.run(["--agent", agent.address.description, "checkpoint", "--op-id", "snap\u{1b}[2J", "--", "true"], in: dir)
+        #expect(r.status == ExitCodes.usage && r.stderr.contains("--op-id must not contain control characters (it has U+001B)"), "\(r.stderr)")
+        #expect(agent.thawReasons.isEmpty && !agent.frozen)
+    }
+
     /// Before: the run exited 0 with its report lost (trial H, F8).
     @Test("output that cannot be written (standard output or error on /dev/full) turns a success into 74; a failure keeps its code; a closed standard error is /dev/null")
     func lostOutputIsNotSuccess() throws {
