@@ -140,7 +140,12 @@ public struct AgentConfig: Sendable {
             return span.milliseconds
         }
         func number(_ v: String) throws(ConfigError) -> UInt32 {
-            guard let n = UInt32(v) else { throw ConfigError("\(key): \"\(v)\" is not a non-negative integer") }
+            guard let n = UInt32(v) else {
+                if !v.isEmpty, v.utf8.allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) {
+                    throw ConfigError("\(key): \(v) is out of range (at most \(UInt32.max))")
+                }
+                throw ConfigError("\(key): \"\(v)\" is not a non-negative integer")
+            }
             return n
         }
         func yesNo(_ v: String) throws(ConfigError) -> Bool {
@@ -282,9 +287,12 @@ public struct AgentConfig: Sendable {
     /// their comment and surrounding blanks. Lines end in LF or CRLF ("\r\n" is one Character in
     /// Swift, so it is named too). A comment starts at a `#` that begins the line or follows a
     /// space or tab, as in the shell: a `#` inside a value (unix:/run/a#b.sock) is part of it.
+    /// A UTF-8 byte order mark at the start (some Windows editors write one) is skipped, as
+    /// systemd's config parser does: it would otherwise be part of the first key, unseen.
     static func settingLines(_ text: String) -> [(number: Int, text: String)] {
         var out: [(number: Int, text: String)] = []
         var lineNumber = 0
+        let text = text.hasPrefix("\u{FEFF}") ? String(text.dropFirst()) : text
         for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" }) {
             lineNumber += 1
             var line = Substring(rawLine)

@@ -192,6 +192,20 @@ if checkOnly {
         }
         hooksSummary = "hooks \(hooks.isEmpty ? "none" : hooks.map(\.name).joined(separator: " ")) in \(dir)\(refused.isEmpty ? "" : " (\(refused.count) refused)")"
     }
+    // What the scope selects on this system now: a scope that selects nothing (include and
+    // exclude that cancel out, a type that is not mounted) freezes nothing at every freeze.
+    // On a thread, waited for 5 s: the postinst runs this, and a stat of a mountpoint below a
+    // hung network filesystem must not hang dpkg.
+    let planned = Mailbox<Result<(targets: [FreezeTarget], skipped: [SkippedReport]), ProtocolError>>()
+    let scopeToPlan = config.scope
+    Threads.detach { planned.post(Result { () throws(ProtocolError) in try Discovery(scope: scopeToPlan).plan() }) }
+    if case .success(let plan)? = planned.receive(timeoutMs: 5000) {
+        if plan.targets.isEmpty {
+            warn("the scope selects no filesystem on this system now: a freeze would freeze nothing\(plan.skipped.isEmpty ? "" : " (\(plan.skipped.count) mounts skipped, e.g. \(plan.skipped[0].mountPoint): \(plan.skipped[0].reason.rawValue))")")
+        } else {
+            scope += " (selects \(plan.targets.count) filesystem\(plan.targets.count == 1 ? "" : "s") now: \(plan.targets.prefix(8).map(\.mountPoint).joined(separator: " "))\(plan.targets.count > 8 ? " ..." : ""))"
+        }
+    }
     if config.freezeStepTimeoutMs > config.maxFreezeMs {
         warn("freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)) is longer than max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)): a freeze wave that long would outlast the freeze it makes")
     }
