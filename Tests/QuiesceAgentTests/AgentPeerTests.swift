@@ -1,5 +1,6 @@
 // What a peer of a real quiesced sees: thawed events, op_id rules, a half-closed peer's cost, stderr logs.
 import Foundation
+import QuiesceAgent
 import QuiesceLinux
 import QuiesceProtocol
 import QuiesceTestSupport
@@ -186,24 +187,31 @@ struct AgentPeerTests {
         }
     }
 
-    @Test("a peer's op_id with a newline and control bytes cannot forge or split stderr log lines")
+    @Test("a peer's op_id with a newline and control bytes is refused and cannot forge or split stderr log lines; logged text is escaped")
     func logLinesCannotBeForged() async throws {
         try await LoopLab.with { lab in
-            _ = try lab.filesystem("a")
+            let a = try lab.filesystem("a")
             var environment = ProcessInfo.processInfo.environment
             environment["JOURNAL_STREAM"] = nil
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"], environment: environment)
             let c = try TestClient(path: agent.socketPath)
             let forged = "x\nquiesced: info: thawed FAKE\r\u{1b}[2J\t\u{7f}"
-            _ = try c.result(["op": "freeze", "mode": "detached", "op_id": .string(forged)])
-            _ = try c.result(["op": "thaw", "op_id": .string(forged)])
+            // An op_id reaches hooks and logs: one with control characters is refused (trial H).
+            let refused = try c.call(["op": "freeze", "mode": "detached", "op_id": .string(forged)])
+            #expect(refused.outcome.failureCode == .badRequest, "\(refused)")
+            #expect(try !isFrozen(a))
+
+            _ = try c.result(["op": "freeze", "mode": "detached", "op_id": "fine"])
+            _ = try c.result(["op": "thaw", "op_id": "fine"])
             agent.stop()
             let log = agent.log
             let lines = log.split(separator: "\n", omittingEmptySubsequences: false)
             #expect(!lines.contains { $0.hasPrefix("quiesced: info: thawed FAKE") }, "a forged line: \(log)")
             #expect(!log.contains("\u{1b}") && !log.contains("\r") && !log.contains("\u{7f}"), "raw control bytes: \(log)")
-            #expect(log.contains("op_id=x\\nquiesced: info: thawed FAKE\\r\\x1b[2J\\t\\x7f"), "the op_id, escaped: \(log)")
-            #expect(lines.contains { $0.hasPrefix("quiesced: info: thawed") && $0.contains("op_id=x\\n") }, "the real thawed line: \(log)")
+            #expect(lines.contains { $0.hasPrefix("quiesced: info: thawed") && $0.contains("op_id=fine") }, "the real thawed line: \(log)")
+            // What else reaches a log line (hook output, mountpoints from mountinfo) is written
+            // through the same escaping.
+            #expect(OneLine.escaped(forged) == "x\\nquiesced: info: thawed FAKE\\r\\x1b[2J\\t\\x7f")
         }
     }
 }
