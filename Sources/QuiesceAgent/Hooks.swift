@@ -264,8 +264,8 @@ public struct Hooks: Sendable {
     /// Runs `freeze` for every hook in order. Stops at the first failing non-optional hook, or
     /// when `abandon` says the freeze is no longer wanted (checked between hooks), or when
     /// `stop` is told to (the running hook's process group is killed then, and that hook is
-    /// owed an ending too); the caller then ends `owed` with `freeze-failed`. `onOwed` is told each time the owed list grows (for the
-    /// crash record).
+    /// owed an ending too); the caller then ends `owed` with `freeze-failed`. `onOwed` is told
+    /// each time the owed list grows (for the crash record).
     public func runFreeze(_ specs: [HookSpec], context: HookContext,
                           abandon: @Sendable () async -> String? = { nil },
                           stop: HookStop? = nil,
