@@ -23,6 +23,8 @@ final class FakeKernel: FilesystemKernel {
         var thawFailures: [String: [Errno]] = [:]
         var freezeCalls: [String] = []
         var hangs: [String: Mailbox<Void>] = [:]
+        var syncCalls: [String] = []
+        var syncHangs: [String: Mailbox<Void>] = [:]
     }
     private let state = Mutex(State())
 
@@ -85,7 +87,24 @@ final class FakeKernel: FilesystemKernel {
         }
     }
 
-    func syncfs(_ fd: Int32) -> Errno? { nil }
+    func syncfs(_ fd: Int32) -> Errno? {
+        let hang = state.withLock { s -> Mailbox<Void>? in
+            let m = s.mountOf[fd] ?? "?"
+            s.syncCalls.append(m)
+            return s.syncHangs[m]
+        }
+        _ = hang?.receive()
+        return nil
+    }
+
+    /// Makes syncfs of `mountPoint` block until `releaseSync(mountPoint)` (a presync that takes long).
+    func hangSync(_ mountPoint: String) { state.withLock { $0.syncHangs[mountPoint] = Mailbox() } }
+
+    func releaseSync(_ mountPoint: String) {
+        state.withLock { $0.syncHangs.removeValue(forKey: mountPoint) }?.post(())
+    }
+
+    var syncCalls: [String] { state.withLock { $0.syncCalls } }
 
     func duplicate(_ fd: Int32) -> Int32? {
         state.withLock { s in
@@ -176,14 +195,20 @@ final class Harness: Sendable {
         }
     }
 
-    /// Polls `condition` every 20 ms for up to `timeoutMs`. Generous by default: with every
-    /// suite running in parallel on two cores, the tests that block their threads can hold the
-    /// concurrency pool (and so this actor) for tens of seconds.
-    func eventually(timeoutMs: Int = 120_000, _ condition: () async -> Bool) async -> Bool {
-        let deadline = monotonicNanos() + UInt64(timeoutMs) * 1_000_000
-        while monotonicNanos() < deadline {
+    /// Polls `condition` every 20 ms for up to `timeoutMs` of time this task could run. With
+    /// every suite running in parallel on two cores, tests that block their threads can hold
+    /// the concurrency pool (and so this actor and the task it waits for) for minutes (CI: 128 s,
+    /// after which a wall-clock budget was spent before the awaited task had run at all). A poll
+    /// that comes back late counts 100 ms at most: time the pool was held elsewhere is not
+    /// charged to the condition.
+    func eventually(timeoutMs: Int = 60_000, _ condition: () async -> Bool) async -> Bool {
+        let budget = UInt64(timeoutMs) * 1_000_000
+        var charged: UInt64 = 0
+        while charged < budget {
             if await condition() { return true }
+            let before = monotonicNanos()
             await AsyncSleep.nanoseconds(20_000_000)
+            charged += min(monotonicNanos() - before, 100_000_000)
         }
         return await condition()
     }
@@ -260,6 +285,39 @@ struct AgentStateTests {
         #expect(h.kernel.frozen.isEmpty, "nothing may stay frozen for a requester that left")
         let thawedEvents = h.events.all.filter { $0.name == "thawed" }
         #expect(thawedEvents.map { $0.fields["reason"] } == [.string("disconnect")])
+    }
+
+    /// Before: the record named every planned filesystem from the request on, so a crash during
+    /// the hooks or the presync had recovery FITHAW filesystems this freeze never froze, ending
+    /// a freeze another party held on them (trial I).
+    @Test("the freeze record names a filesystem only from just before its FIFREEZE: none during the presync, the first wave while it freezes, then what is held")
+    func recordNamesOnlyWhatMayBeFrozen() async throws {
+        let h = try Harness()
+        defer { h.cleanUp() }
+        let path = FreezeRecord.path(stateDir: h.stateDir, pid: CurrentProcess.id)
+        func recorded() -> (mounts: [String], freezing: Bool)? {
+            guard case .success(let r?) = FreezeRecord.read(path: path) else { return nil }
+            return (r.entries.map(\.mountPoint), r.filesystemsFreezing)
+        }
+        h.kernel.hangSync("/fake/a")
+        h.kernel.answer("/fake/a", .hang)
+        h.kernel.answer("/fake/b", .fail(.EOPNOTSUPP))  // not freezable: skipped in scope mode
+        let freezing = Task { await h.freeze("op-rec", mode: .detached) }
+        guard await h.eventually({ h.kernel.syncCalls.contains("/fake/a") }) else { throw TimedOut(what: "the presync of /fake/a") }
+        let duringPresync = recorded()
+        #expect(duringPresync?.mounts == [], "nothing is frozen during the presync: \(String(describing: duringPresync))")
+        #expect(duringPresync?.freezing == false)
+        h.kernel.releaseSync("/fake/a")
+        try await h.waitForFreezeCall("/fake/a")
+        let duringWave = recorded()
+        #expect(duringWave?.mounts == ["/fake/a", "/fake/b"], "the first wave, not /fake/c: \(String(describing: duringWave))")
+        #expect(duringWave?.freezing == true)
+        h.kernel.release("/fake/a")
+        let result = try await freezing.value.get()
+        #expect(result.filesystems.map(\.mountPoint) == ["/fake/a", "/fake/c"])
+        #expect(recorded()?.mounts == ["/fake/a", "/fake/c"], "the skipped /fake/b is not this freeze's to thaw")
+        _ = try await h.thaw("op-rec").get()
+        #expect(recorded() == nil)
     }
 
     @Test("SIGTERM while freezing: shutdown waits for the freeze, thaws it, and refuses new freezes")
