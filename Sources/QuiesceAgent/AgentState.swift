@@ -356,9 +356,13 @@ public actor AgentState {
         log.info("freeze requested", metadata: ["peer": "\(context.peer)", "filesystems": "\(mountPoints.joined(separator: ","))",
                                                 "timeout_ms": "\(timeoutMs)", "mode": "\(r.mode.rawValue)"])
 
-        // Crash safety: what is about to be frozen is on record before anything freezes.
+        // Crash safety: the record exists before anything is done, and names filesystems only
+        // from just before their FIFREEZE (the engine's `beforeWave`): until then a crash's
+        // recovery ends the owed hooks and FITHAWs nothing, so a filesystem that another party
+        // froze while the hooks or the presync ran keeps its freeze (before: every planned
+        // filesystem was named from the start, trial I).
         do {
-            try record.write(opID: opID, targets: plan.targets)
+            try record.write(opID: opID, targets: [])
         } catch {
             return finishFailedFreeze(ProtocolError(.internal, "cannot write the freeze record: \(error)"), id: id, log: log)
         }
@@ -375,12 +379,11 @@ public actor AgentState {
             hooksRefused = refused
             for r in refused { log.warning("hook \(r.name) refused: \(r.reason)") }
             let record = self.record
-            let targets = plan.targets
             let stop: HookStop? = if case .freezing(let p) = phase { p.hookStop } else { nil }
             let outcome = await hooks.runFreeze(listing.hooks, context: hookContext,
                                                 abandon: { await self.abandonReason(opID: opID) },
                                                 stop: stop,
-                                                onOwed: { owed in try? record.write(opID: opID, targets: targets, hooksOwed: owed.map(\.spec.name), hookContext: hookContext) },
+                                                onOwed: { owed in try? record.write(opID: opID, targets: [], hooksOwed: owed.map(\.spec.name), hookContext: hookContext) },
                                                 onReport: { reports in await self.noteHookReports(reports, opID: opID) })
             hookReports = outcome.reports
             hooksOwed = outcome.owed
@@ -389,10 +392,6 @@ public actor AgentState {
                 record.remove()
                 return finishFailedFreeze(ProtocolError(.hookFailed, failure, details: hookDetails(hookReports, refused)),
                                           id: id, log: log)
-            }
-            if !hooksOwed.isEmpty {
-                try? record.write(opID: opID, targets: plan.targets, hooksOwed: hooksOwed.map(\.spec.name), filesystemsFreezing: true,
-                                  hookContext: hookContext)
             }
         }
 
@@ -412,7 +411,12 @@ public actor AgentState {
                 "the freeze hooks took \(hooksTook), the whole of the freeze's timeout (\(TimeSpan.human(milliseconds: timeoutMs))): nothing was frozen; ask for a longer timeout_ms"),
                 filesystems: []))
         } else {
-            outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget)
+            let record = self.record
+            let owedNames = hooksOwed.map(\.spec.name)
+            outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget,
+                                          beforeWave: { mayFreeze in
+                try? record.write(opID: opID, targets: mayFreeze, hooksOwed: owedNames, filesystemsFreezing: true, hookContext: hookContext)
+            })
         }
         switch outcome {
         case .failure(var failure):
@@ -458,6 +462,10 @@ public actor AgentState {
                                 held: done.held, result: result, hooksOwed: hooksOwed, hookContext: hookContext, sinceMs: sinceMs,
                                 frozenAt: monotonicNanos(), timeoutMs: timeoutMs, deadline: deadline, request: r)
             phase = .frozen(freeze)
+            // What is held now: not the filesystems skipped at their FIFREEZE (frozen by another
+            // party under on-frozen-elsewhere = skip, or not freezable).
+            try? record.write(opID: opID, targets: done.held.entries.map(\.target), hooksOwed: hooksOwed.map(\.spec.name),
+                              filesystemsFreezing: true, hookContext: hookContext)
             dropEndedNote(nil)  // a new freeze: the host has moved on from those that ended early
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",

@@ -223,10 +223,17 @@ public struct FreezeEngine: Sendable {
     /// abandoned: everything already frozen is thawed (which also releases a FIFREEZE blocked
     /// behind it), the failure names the filesystems whose call did not return, and such a
     /// call, when it does return, thaws what it froze on its own thread. Nothing stays frozen.
+    ///
+    /// `beforeWave` runs on the freeze's thread just before each wave's FIFREEZEs, with every
+    /// target this operation may hold frozen once they are issued (those frozen in earlier
+    /// waves, then this wave's), in freeze order: the freeze record is written there, so that
+    /// a crash's recovery FITHAWs only filesystems this freeze began to freeze, never one that
+    /// another party froze while the hooks or the presync ran.
     public func freeze(_ targets: [FreezeTarget], explicit: Bool, opID: String = "",
-                       budget: FreezeBudget = .unbounded) async -> Result<FreezeOutcome, FreezeFailure> {
+                       budget: FreezeBudget = .unbounded,
+                       beforeWave: @escaping @Sendable ([FreezeTarget]) -> Void = { _ in }) async -> Result<FreezeOutcome, FreezeFailure> {
         let run = FreezeRun(targets: targets, explicit: explicit, policy: onFrozenElsewhere, presync: presync, opID: opID,
-                            budget: budget, stuck: stuck, kernel: kernel)
+                            budget: budget, stuck: stuck, kernel: kernel, beforeWave: beforeWave)
         return await Threads.run { run.execute() }
     }
 
@@ -319,6 +326,7 @@ private struct FreezeRun: Sendable {
     let budget: FreezeBudget
     let stuck: StuckCalls
     let kernel: any FilesystemKernel
+    let beforeWave: @Sendable ([FreezeTarget]) -> Void
 
     /// What one FIFREEZE did.
     struct Call: Sendable {
@@ -424,6 +432,7 @@ private struct FreezeRun: Sendable {
         let waves = Dictionary(grouping: targets.indices.filter { fds[$0] != nil }, by: { targets[$0].wave })
         for wave in waves.keys.sorted() {
             let members = waves[wave]!
+            beforeWave((frozen + members).map { targets[$0] })
             let results = bounded(members, call: "FIFREEZE") { i -> Call in
                 let s = monotonicNanos()
                 let e = kernel.freeze(opened[i]!)

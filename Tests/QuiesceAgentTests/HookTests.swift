@@ -155,6 +155,45 @@ struct HookPhaseTests {
         }
     }
 
+    /// Before: from the request on, the record named every planned filesystem, so an agent
+    /// killed while a freeze hook ran, or while the freeze-failed hooks of a failed hook ran,
+    /// had --recover FITHAW a filesystem this freeze never froze, ending another party's
+    /// freeze of it (trial I, S3).
+    @Test("the agent killed before any FIFREEZE (in a freeze hook, or in freeze-failed after a hook failed): recovery ends the owed hooks and leaves another party's freeze alone",
+          arguments: ["freeze-hook", "freeze-failed-after-hook-failure"])
+    func crashBeforeFreezingLeavesOthersFreeze(stage: String) async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            _ = try lab.filesystem("b")
+            let log = "\(lab.root)/phases"
+            let slow = "[ -z \"$QUIESCE_RECOVERY\" ] && sleep 30; exit 0"
+            let hooks = try makeHooks(in: lab.root, stage == "freeze-hook"
+                ? ["10-db": journaling("10-db", log, then: "[ \"$1\" = freeze ] && \(slow)")]
+                : ["10-db": journaling("10-db", log, then: "[ \"$1\" = freeze-failed ] && \(slow)"),
+                   "20-bad": journaling("20-bad", log, then: "exit 3")])
+            let state = "\(lab.root)/shared-state"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks], stateDir: state)
+            defer { agent.stop() }
+            _ = try sh("fsfreeze -f '\(a)'")  // another party's freeze, of our own lab mount
+            defer { _ = try? sh("fsfreeze -u '\(a)' 2>/dev/null", allowFailure: true) }
+            let c = try TestClient(path: agent.socketPath)
+            try c.sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"detached\"}\n".utf8))
+            let reached = stage == "freeze-hook" ? ["10-db freeze"] : ["10-db freeze", "20-bad freeze", "10-db freeze-failed"]
+            #expect(eventually(withinMs: 10_000) { lines(log) == reached }, "\(lines(log))")
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            let out = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(state)' 2>&1; echo \"exit=$?\"")
+            #expect(out.contains("exit=0"), "\(out)")
+            #expect(!out.contains("\(a): thawed"), "\(out)")
+            #expect(try isFrozen(a), "the other party's freeze holds after recovery: \(out)")
+            if stage == "freeze-hook" {
+                #expect(lines(log) == ["10-db freeze"], "a hook whose freeze never finished is owed nothing: \(lines(log))")
+            } else {
+                #expect(lines(log).last == "10-db freeze-failed", "\(lines(log))")
+            }
+        }
+    }
+
     @Test("the requester leaving mid-freeze: the freeze is given up after the running hook, hooks get freeze-failed, nothing stays frozen")
     func requesterLeaves() async throws {
         try await LoopLab.with { lab in
