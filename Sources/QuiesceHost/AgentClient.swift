@@ -154,9 +154,66 @@ public final class AgentClient {
         try decode(FreezeResult.self, try request(.freeze(r), timeoutMs: replyTimeoutMs), "freeze")
     }
 
+    /// Thaws (the freeze `opID`, or any) and returns the agent's `ThawResult`.
+    ///
+    /// The agent replies only after the thaw hooks, which may run longer than the reply timeout
+    /// (a database's thaw hook). When the reply timeout passes, the client asks `status` on the
+    /// same connection (answered at once in every state, PROTOCOL.md section 5) and goes on
+    /// waiting, one reply timeout at a time, for as long as status says this thaw is under way
+    /// (`thawing`, by `opID`), up to `thawHooksWaitLimitMs` in all. So the reply, the only
+    /// account of whether the freeze held until the thaw (a filesystem something else thawed
+    /// first, a holding hook that ended), is read rather than guessed. Throws `.timeout` when
+    /// status goes unanswered, the agent is not carrying out this thaw, or the limit passes.
+    /// To qemu-ga, which answers nothing while it carries out a command, a plain request.
     public func thaw(opID: String?) throws(AgentError) -> ThawResult {
-        try decode(ThawResult.self, try request(.thaw(opID: opID)), "thaw")
+        if isQGA { return try decode(ThawResult.self, try request(.thaw(opID: opID)), "thaw") }
+        let thawID = nextID()
+        try send(Request(id: .string(thawID), .thaw(opID: opID)).json)
+        let limit = deadline(AgentClient.thawHooksWaitLimitMs)
+        var statusID: String?
+        var thawSeenDone = false
+        while true {
+            let ids: Set<String> = statusID.map { [thawID, $0] } ?? [thawID]
+            guard let (id, outcome) = try awaitIdentifiedReply(ids: ids, deadline: deadline(replyTimeoutMs)) else {
+                let waited = TimeSpan.human(milliseconds: replyTimeoutMs)
+                if statusID != nil {
+                    throw AgentError(.timeout, "guest did not answer thaw within \(waited), nor status after it (\(address.spoken))")
+                }
+                if thawSeenDone {
+                    throw AgentError(.timeout, "guest did not answer thaw within \(waited) after status said it was done (\(address.spoken))")
+                }
+                if monotonicNanos() >= limit {
+                    throw AgentError(.timeout, "guest did not answer thaw within \(TimeSpan.human(milliseconds: AgentClient.thawHooksWaitLimitMs)): its thaw hooks were still running (\(address.spoken))")
+                }
+                let sid = nextID()
+                try send(Request(id: .string(sid), .status).json)
+                statusID = sid
+                continue
+            }
+            if id == thawID {
+                switch outcome {
+                case .success(let object): return try decode(ThawResult.self, object, "thaw")
+                case .failure(let e): throw AgentError(.refused, "thaw refused: \(e.code): \(e.message)", remote: e)
+                }
+            }
+            statusID = nil
+            guard case .success(let object) = outcome, let status = try? StatusResult(json: object) else {
+                throw AgentError(.timeout, "guest did not answer thaw within \(TimeSpan.human(milliseconds: replyTimeoutMs)), and its status could not be read (\(address.spoken))")
+            }
+            if status.state == .thawing && (opID == nil || status.opID == opID) { continue }  // hooks still running
+            if status.state == .thawed || (opID != nil && status.opID != opID) {
+                // Done by now: the reply is on its way. One more reply timeout for it.
+                thawSeenDone = true
+                continue
+            }
+            throw AgentError(.timeout, "guest did not answer thaw within \(TimeSpan.human(milliseconds: replyTimeoutMs)) and is not carrying it out (status: \(status.state.rawValue)\(status.opID.map { " by \($0)" } ?? "")) (\(address.spoken))")
+        }
     }
+
+    /// How long `thaw` goes on waiting for a reply while the agent says its thaw hooks are
+    /// still running: 10 minutes, well past the agent's hook timeouts (30 s per hook phase by
+    /// default), so only an agent that misreports its state reaches it.
+    public static let thawHooksWaitLimitMs: Int64 = 600_000
 
     public func sync(mounts: [String]?, replyTimeoutMs: Int64? = nil) throws(AgentError) -> SyncResult {
         try decode(SyncResult.self, try request(.sync(mounts: mounts), timeoutMs: replyTimeoutMs), "sync")
@@ -217,6 +274,13 @@ public final class AgentClient {
 
     /// Reads frames until a reply to one of `ids` arrives; nil when `deadline` passes first.
     private func awaitReplyOrTimeout(ids: Set<String>, what: String, deadline: UInt64) throws(AgentError) -> Result<JSONObject, ProtocolError>? {
+        try awaitIdentifiedReply(ids: ids, what: what, deadline: deadline)?.outcome
+    }
+
+    /// As `awaitReplyOrTimeout`, with the id the reply answers (nil: an error without an id).
+    private func awaitIdentifiedReply(ids: Set<String>, what: String = "thaw", deadline: UInt64) throws(AgentError)
+        -> (id: String?, outcome: Result<JSONObject, ProtocolError>)?
+    {
         while true {
             while let event = decoder.next() {
                 if let reply = try handle(event, ids: ids) { return reply }
@@ -230,7 +294,7 @@ public final class AgentClient {
         }
     }
 
-    private func handle(_ event: FrameEvent, ids: Set<String>) throws(AgentError) -> Result<JSONObject, ProtocolError>? {
+    private func handle(_ event: FrameEvent, ids: Set<String>) throws(AgentError) -> (id: String?, outcome: Result<JSONObject, ProtocolError>)? {
         switch event {
         case .reset:
             return nil
@@ -261,10 +325,10 @@ public final class AgentClient {
                 onEvent?(e)
                 return nil
             case .reply(let r):
-                if let id = r.id?.stringValue, ids.contains(id) { return r.outcome }
+                if let id = r.id?.stringValue, ids.contains(id) { return (id, r.outcome) }
                 // On a stream with one request in flight, an error without an id (the agent could
                 // not read ours) is the answer to it. On serial it may be anybody's.
-                if r.id == nil, !isSerial, case .failure = r.outcome { return r.outcome }
+                if r.id == nil, !isSerial, case .failure = r.outcome { return (nil, r.outcome) }
                 discardedFrames += 1
                 return nil
             }

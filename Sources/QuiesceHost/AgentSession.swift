@@ -16,8 +16,9 @@ struct SessionEnd: Sendable {
     var endedEarly: String? = nil
     var reconnected: Bool
     var keepalives: Int
-    /// The thaw's answer could not be read, or came too late, and the agent confirmed the
-    /// thaw otherwise (status, or a retry by op id): how.
+    /// The thaw's answer could not be read, or did not come, and the agent confirmed the thaw
+    /// otherwise (status, or a retry by op id): how. Without the answer nothing says whether
+    /// the freeze held until the thaw, and the checkpoint does not vouch for it.
     var confirmation: String? = nil
 }
 
@@ -211,12 +212,13 @@ final class AgentSession: Sendable {
     private func thaw(_ client: AgentClient, plan: CheckpointPlan, keepalives: Int,
                       confirmedByAgent: () -> Bool) -> SessionEnd {
         var outcome = SessionEnd(result: nil, error: nil, alreadyThawed: false, reconnected: false, keepalives: keepalives)
-        // `afterTimeout`: the thaw was asked for before and its answer did not come in time (slow
-        // thaw hooks). The agent is carrying it out, so an operation that no longer holds a
-        // freeze (`was_frozen` false: a thaw request ended it, PROTOCOL.md 6.6; a freeze that
-        // ended early is `not-frozen` with a reason instead) was thawed by that request, not
-        // lost; and a thaw still under way whose filesystems are thawed (status `thawing` with
-        // `thawed_at_ms`) is a thaw whose hooks are still running (before: 70, trial H).
+        // `afterTimeout`: the thaw was asked for before and its answer never came (the agent
+        // stopped answering even status; slow thaw hooks alone are waited for, see
+        // `AgentClient.thaw`). An operation that no longer holds a freeze (`was_frozen` false:
+        // a thaw request ended it, PROTOCOL.md 6.6; a freeze that ended early is `not-frozen`
+        // with a reason instead) was thawed by that request, not lost; and a thaw still under
+        // way whose filesystems are thawed (status `thawing` with `thawed_at_ms`) is a thaw whose
+        // hooks are still running. Either is a thaw confirmed without its report (trial H, I).
         func attempt(_ c: AgentClient, afterTimeout: Bool = false) -> AgentError? {
             let giveUp = monotonicNanos() + UInt64(plan.replyTimeoutMs) * 1_000_000
             while true {

@@ -331,6 +331,14 @@ final class CheckpointRun {
                 report.agents[i].freezeLost = "\(elsewhere.joined(separator: ", ")) \(elsewhere.count == 1 ? "was" : "were") thawed by something else "
                     + "(fsfreeze -u, qemu-ga's thaw) before the thaw: the agent found \(elsewhere.count == 1 ? "it" : "them") no longer frozen"
             }
+            if outcome.result == nil && outcome.error == nil && !outcome.alreadyThawed, let how = outcome.confirmation,
+               report.agents[i].freezeLost == nil {
+                // Thawed, but the thaw's own report (the only account of a filesystem that
+                // something else thawed first, or of a holding hook that ended) was not read:
+                // nothing vouches for the freeze having held (before: "consistent", trial I).
+                report.agents[i].freezeLost = "not shown to have held until the thaw: the thaw's report was not read (\(how)), so whether "
+                    + "something else thawed a filesystem or a holding hook ended while COMMAND ran is unknown"
+            }
             if outcome.alreadyThawed && report.agents[i].freezeLost == nil {
                 report.agents[i].freezeLost = outcome.endedEarly.map { "the agent says: \($0)" }
                     ?? "the agent had already thawed when asked to (deadline or lost connection)"

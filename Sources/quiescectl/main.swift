@@ -97,7 +97,7 @@ struct GlobalOptions: ParsableArguments {
             transform: { try duration($0, flag: "--connect-timeout") })
     var connectTimeout = TimeSpan.seconds(5)
 
-    @Option(help: ArgumentHelp("How long to wait for an agent's reply (default: 30s; a freeze may take up to checkpoint --timeout).", valueName: "D"),
+    @Option(help: ArgumentHelp("How long to wait for an agent's reply (default: 30s; a freeze may take up to checkpoint --timeout; a thaw is waited for past it while the agent's status says its thaw hooks are still running, up to 10 min).", valueName: "D"),
             transform: { try duration($0, flag: "--reply-timeout") })
     var replyTimeout = TimeSpan.seconds(30)
 

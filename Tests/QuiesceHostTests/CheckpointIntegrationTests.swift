@@ -258,36 +258,67 @@ struct CheckpointIntegrationTests {
 
     /// Before: a thaw whose hooks outlasted the reply timeout read as a lost freeze (70) once
     /// the retry found the operation thawed, or as a failed thaw (72) while they still ran,
-    /// although the freeze held through COMMAND and the filesystems were thawed (trial H).
-    @Test("thaw hooks slower than the reply timeout: the checkpoint holds (exit 0), confirmed by the retry's answer or, while they still run, by status")
-    func slowThawHooksAreNoLostFreeze() async throws {
+    /// although the freeze held (trial H). Then that was confirmed by status or the retry, which
+    /// do not carry the thaw's report: a filesystem something else thawed during COMMAND, or a
+    /// holding hook killed during COMMAND, was hidden and the checkpoint said
+    /// application-consistent (trial I). quiescectl now waits for the thaw's own reply while
+    /// status says the thaw is under way.
+    @Test("thaw hooks slower than the reply timeout: the thaw's own report is waited for; the freeze held (0), or did not (70: thawed by something else, a holding hook lost)",
+          arguments: ["one-slow-hook", "two-slow-hooks", "thawed-elsewhere", "hold-lost"])
+    func slowThawHooksAreWaitedFor(scenario: String) async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
-            let one = try makeHooks(in: lab.root, ["10-slow": "[ \"$1\" = thaw ] && sleep 3; exit 0"], name: "one")
-            let two = try makeHooks(in: lab.root, ["10-slow": "[ \"$1\" = thaw ] && sleep 3; exit 0",
-                                                   "20-slow": "[ \"$1\" = thaw ] && sleep 3; exit 0"], name: "two")
+            let pidFile = "\(lab.root)/hold.pid"
+            var hooks = ["50-slow": "[ \"$1\" = thaw ] && sleep 3; exit 0"]
+            if scenario == "two-slow-hooks" { hooks["60-slow"] = hooks["50-slow"] }
+            if scenario == "hold-lost" {
+                hooks["10-hold"] = "# quiesce: hold\nif [ \"$1\" = freeze ]; then echo $$ > '\(pidFile)'; echo ready; read x; fi; exit 0"
+            }
             let dir = TempDir()
-            // One 3 s hook, 2 s reply timeout: the retry (by op id) waits out the busy thaw and
-            // finds the operation thawed by the request.
-            do {
-                let agent = try AgentProcess(in: lab.root, name: "one", arguments: ["--include", "\(lab.root)/*", "--hooks-dir", one])
-                defer { agent.stop() }
-                let r = try Ctl.run(["--agent", "unix:\(agent.socketPath)", "--reply-timeout", "2s", "checkpoint", "--", "true"], in: dir)
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir",
+                                                                   try makeHooks(in: lab.root, hooks)])
+            defer { agent.stop() }
+            let command = switch scenario {
+            case "thawed-elsewhere": "fsfreeze -u '\(a)'"  // our own lab mount
+            case "hold-lost": "kill -9 $(cat '\(pidFile)')"
+            default: "true"
+            }
+            let r = try Ctl.run(["--agent", "unix:\(agent.socketPath)", "--reply-timeout", "1s", "checkpoint", "--", "sh", "-c", command], in: dir)
+            #expect(!r.stderr.contains("not shown to have held") && !r.stderr.contains("confirm"), "the thaw's reply was read: \(r.stderr)")
+            switch scenario {
+            case "thawed-elsewhere":
+                #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+                #expect(r.stderr.contains("was thawed by something else"), "\(r.stderr)")
+            case "hold-lost":
+                #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+                #expect(r.stderr.contains("10-hold ended while holding"), "\(r.stderr)")
+            default:
                 #expect(r.status == 0, "\(r.stderr)")
-                #expect(r.stderr.contains("the thaw asked for before has been carried out"), "\(r.stderr)")
                 #expect(r.stderr.contains("checkpoint succeeded: application-consistent"), "\(r.stderr)")
-                #expect(try !isFrozen(a))
             }
-            // Two 3 s hooks: still running when the retry gives up; status says the filesystems
-            // were thawed.
-            do {
-                let agent = try AgentProcess(in: lab.root, name: "two", arguments: ["--include", "\(lab.root)/*", "--hooks-dir", two])
-                defer { agent.stop() }
-                let r = try Ctl.run(["--agent", "unix:\(agent.socketPath)", "--reply-timeout", "2s", "checkpoint", "--", "true"], in: dir)
-                #expect(r.status == 0, "\(r.stderr)")
-                #expect(r.stderr.contains("its thaw hooks were still running when quiescectl stopped waiting"), "\(r.stderr)")
-                #expect(try !isFrozen(a))
-            }
+            #expect(try !isFrozen(a))
+        }
+    }
+
+    /// Before: `quiescectl thaw` with thaw hooks slower than the reply timeout exited 72
+    /// ("a guest may still be frozen") although the thaw was carried out (trial I, M2).
+    @Test("quiescectl thaw --op-id with thaw hooks slower than the reply timeout waits for the thaw's reply and exits 0 with it")
+    func thawSubcommandWaitsForSlowHooks() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir",
+                                                                   try makeHooks(in: lab.root, ["50-slow": "[ \"$1\" = thaw ] && sleep 2.5; exit 0"])])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let ctl = ["--agent", "unix:\(agent.socketPath)", "--reply-timeout", "1s"]
+            let frozen = try Ctl.run(ctl + ["freeze", "--op-id", "slow-thaw"], in: dir)
+            #expect(frozen.status == 0, "\(frozen.stderr)")
+            let r = try Ctl.run(ctl + ["--json", "thaw", "--op-id", "slow-thaw"], in: dir)
+            #expect(r.status == 0, "\(r.stderr)")
+            let result = r.json?["agents"]?.arrayValue?.first?["result"]
+            #expect(result?["was_frozen"] == true, "\(r.stdout)")
+            #expect(result?["hooks"]?.arrayValue?.first?["name"] == "50-slow", "\(r.stdout)")
+            #expect(try !isFrozen(a))
         }
     }
 

@@ -554,6 +554,21 @@ struct HostileGuestTests {
         #expect(!agent.frozen)
     }
 
+    /// Before: a checkpoint whose thaw reply could not be read, confirmed thawed by status,
+    /// said "consistent" without the thaw's report, which alone tells of a filesystem that
+    /// something else thawed while COMMAND ran (trial I).
+    @Test("a checkpoint whose thaw reply cannot be read: thawed (confirmed by status), but not vouched for (70, crash-consistent)")
+    func unreadableThawReplyIsNotVouchedFor() throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir, .init(thawAbuse: .oversized(2 << 20)))
+        let r = try Ctl.run(["--agent", "unix:\(dir.file("fake.sock"))", "--json", "checkpoint", "--", "true"], in: dir)
+        #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+        let lost = r.json?["agents"]?.arrayValue?.first?["freeze_lost"]?.stringValue ?? ""
+        #expect(lost.contains("not shown to have held until the thaw") && lost.contains("status confirms"), "\(r.stdout.prefix(1500))")
+        #expect(r.json?["consistency"] == "crash", "\(r.stdout.prefix(600))")
+        #expect(!agent.frozen)
+    }
+
     // MARK: Thousands of bind mounts on a real agent
 
     /// 2500 bind mounts of one ext4 filesystem at ~1100-byte paths and 1200 tmpfs mounts, made
