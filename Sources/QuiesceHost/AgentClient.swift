@@ -160,7 +160,8 @@ public final class AgentClient {
     /// (a database's thaw hook). When the reply timeout passes, the client asks `status` on the
     /// same connection (answered at once in every state, PROTOCOL.md section 5) and goes on
     /// waiting, one reply timeout at a time, for as long as status says this thaw is under way
-    /// (`thawing`, by `opID`), up to `thawHooksWaitLimitMs` in all. So the reply, the only
+    /// (`thawing`, by `opID`; or `freezing` by `opID`, a freeze this thaw is queued behind),
+    /// up to `thawHooksWaitLimitMs` in all. So the reply, the only
     /// account of whether the freeze held until the thaw (a filesystem something else thawed
     /// first, a holding hook that ended), is read rather than guessed. Throws `.timeout` when
     /// status goes unanswered, the agent is not carrying out this thaw, or the limit passes.
@@ -200,7 +201,10 @@ public final class AgentClient {
             guard case .success(let object) = outcome, let status = try? StatusResult(json: object) else {
                 throw AgentError(.timeout, "guest did not answer thaw within \(TimeSpan.human(milliseconds: replyTimeoutMs)), and its status could not be read (\(address.spoken))")
             }
-            if status.state == .thawing && (opID == nil || status.opID == opID) { continue }  // hooks still running
+            // Hooks still running: the thaw's, or (over serial, where this thaw waits behind it)
+            // those of this operation's freeze, which an undo is waiting to end.
+            if status.state == .thawing && (opID == nil || status.opID == opID) { continue }
+            if status.state == .freezing && opID != nil && status.opID == opID { continue }
             if status.state == .thawed || (opID != nil && status.opID != opID) {
                 // Done by now: the reply is on its way. One more reply timeout for it.
                 thawSeenDone = true
@@ -409,6 +413,17 @@ extension AgentClient {
     /// `undo` is asked first; when it says no (a second signal: stop at once), the error is
     /// thrown as it came, except to qemu-ga, which has no deadline and does not thaw when the
     /// connection drops: its thaw is still written, without waiting for an answer.
+    /// Whether the agent's status says operation `op` is still being frozen or thawed (its
+    /// hooks run), asked on a fresh connection. Not to qemu-ga, whose status names no operation.
+    private func stillTaking(_ op: String) -> Bool {
+        guard !isQGA, let c = try? AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs) else {
+            return false
+        }
+        defer { c.close() }
+        guard let s = try? c.status() else { return false }
+        return (s.state == .freezing || s.state == .thawing) && s.opID == op
+    }
+
     /// Writes qemu-ga a thaw on a fresh connection and waits for nothing (stopping at once),
     /// and says so: it is carried out when the freeze qemu-ga may still be inside returns.
     private func thawWithoutWaiting() -> (said: String, sent: Bool) {
@@ -457,6 +472,7 @@ extension AgentClient {
                 throw AgentError(original.code, "\(original.message). The guest may be frozen \(until): thaw it with `\(shellQuoted(["quiescectl", "--agent", address.description, "thaw"]))`")
             }
             let giveUp = monotonicNanos() + UInt64(max(replyTimeoutMs, 1000)) * 1_000_000
+            let limit = deadline(AgentClient.thawHooksWaitLimitMs)
             // qemu-ga serves one client at a time, and QEMU's chardev (serial:, qga:) one
             // connection: this connection goes first, or the undo's would wait behind it
             // (before, over serial: the undo's hello was never answered: trial H). A bound
@@ -484,9 +500,12 @@ extension AgentClient {
                     if error.remote?.code == .notFrozen {
                         undo = .success("the agent says the operation holds no freeze (not-frozen)")
                     } else if (error.remote?.code == .busy || error.remote?.details?["agent_code"] == .string(ErrorCode.busy.rawValue))
-                                && monotonicNanos() < giveUp {
+                                && (monotonicNanos() < giveUp || (monotonicNanos() < limit && stillTaking(op))) {
                         // (Through qemu-ga's dialect the agent's code is in the details.)
-                        // The freeze is still being taken: ask again once it is done.
+                        // The freeze is still being taken: ask again once it is done. Past the
+                        // reply timeout, for as long as status says this operation is still
+                        // being frozen (its freeze hooks run) or thawed (before: 72 "MAY BE
+                        // FROZEN" while a slow freeze hook ran and nothing had frozen, trial I).
                         Threads.sleep(milliseconds: 200)
                         continue
                     } else {

@@ -300,6 +300,26 @@ struct CheckpointIntegrationTests {
         }
     }
 
+    /// Before: the undo of a freeze whose reply did not come in time gave up while the late
+    /// freeze was still in its freeze hook (busy past the reply timeout): exit 72, "THAW
+    /// FAILED ... MAY BE FROZEN", although nothing had frozen (trial I, M3).
+    @Test("a freeze still in a slow freeze hook when its reply is given up on: the undo waits while status says it is being taken, and nothing is frozen (70, undone)")
+    func undoWaitsForASlowFreezeHook() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir",
+                                                                   try makeHooks(in: lab.root, ["20-slow": "[ \"$1\" = freeze ] && sleep 4; exit 0"])])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let r = try Ctl.run(["--agent", "unix:\(agent.socketPath)", "--reply-timeout", "1s", "checkpoint", "--timeout", "1s", "--", "true"], in: dir)
+            #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+            #expect(r.stderr.contains("was undone") && !r.stderr.contains("MAY BE FROZEN"), "\(r.stderr)")
+            let status = try Ctl.run(["--agent", "unix:\(agent.socketPath)", "--json", "status"], in: dir)
+            #expect(status.json?["agents"]?.arrayValue?.first?["result"]?["state"] == "thawed", "\(status.stdout)")
+            #expect(try !isFrozen(a))
+        }
+    }
+
     /// Before: `quiescectl thaw` with thaw hooks slower than the reply timeout exited 72
     /// ("a guest may still be frozen") although the thaw was carried out (trial I, M2).
     @Test("quiescectl thaw --op-id with thaw hooks slower than the reply timeout waits for the thaw's reply and exits 0 with it")
