@@ -40,8 +40,11 @@ enum QGAService {
             return QGA.returnFrame(["version": .string(QuiesceRelease.version), "supported_commands": commands,
                                     "quiesce": .object(marker)], id: id)
         case .fsfreezeStatus:
+            // "thawed" once the filesystems are, while the thaw hooks still run: qemu-ga too
+            // marks itself thawed before it runs its fsfreeze-hook's thaw (qga/commands-posix.c).
             let status = await state.status()
-            return QGA.returnFrame(QGA.freezeStatus(frozen: status.state != .thawed), id: id)
+            let thawedNow = status.state == .thawed || (status.state == .thawing && status.thawedAtMs != nil)
+            return QGA.returnFrame(QGA.freezeStatus(frozen: !thawedNow), id: id)
         case .fsfreezeFreeze(let mountpoints):
             return countOrError(await state.qgaFreeze(mounts: mountpoints, context: context), id: id)
         case .fsfreezeThaw:

@@ -310,9 +310,11 @@ final class CheckpointRun {
                      + "filesystem-consistent for \(lost.count == 1 ? "that application" : "those applications") (COMMAND was told otherwise)")
             }
             // qemu-ga names no filesystem: it counts those its thaw thawed, which leaves out any
-            // that something else thawed first. Fewer than it froze: the freeze did not hold.
+            // that something else thawed first. Fewer than it froze (none included: qemu-ga has
+            // no deadline, and quiesced on its port refuses the thaw of a freeze it ended): the
+            // freeze did not hold.
             if plan.agents[i].speaksQGA, let froze = report.agents[i].freeze?.filesystemCount,
-               let thawed = outcome.result, thawed.wasFrozen, thawed.filesystemCount < froze, report.agents[i].freezeLost == nil {
+               let thawed = outcome.result, thawed.filesystemCount < froze, report.agents[i].freezeLost == nil {
                 report.agents[i].freezeLost = "qemu-ga's thaw thawed \(thawed.filesystemCount) of the \(froze) filesystems it froze: "
                     + "the others had been thawed by something else before the thaw"
             }
@@ -346,7 +348,10 @@ final class CheckpointRun {
             if let error = outcome.error {
                 note(at, i, "thaw-failed", "THAW FAILED: \(error.message)")
             } else if outcome.alreadyThawed {
-                note(at, i, "thawed", "already thawed by the agent\(outcome.reconnected ? " (checked after reconnecting)" : "")")
+                // qemu-ga's thaw counting 0 says only that nothing was left frozen, not by whom.
+                let what = plan.agents[i].speaksQGA && outcome.result != nil
+                    ? "nothing left to thaw (qemu-ga's thaw thawed 0 filesystems)" : "already thawed by the agent"
+                note(at, i, "thawed", "\(what)\(outcome.reconnected ? " (checked after reconnecting)" : "")")
             } else {
                 let frozenFor = outcome.result?.frozenUs ?? report.agents[i].frozenNs.map { Int64((at - start - $0) / 1000) }
                 note(at, i, "thawed", Describe.thawed(outcome.result, frozenUs: frozenFor, reconnected: outcome.reconnected)

@@ -85,7 +85,13 @@ extension AgentClient {
             let start = monotonicNanos()
             let count: JSON
             do {
-                count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs, unanswered: { late in
+                // quiesced on qemu-ga's port answers only after its thaw hooks; while its
+                // guest-fsfreeze-status on another connection answers, the thaw is waited for.
+                let patient = hello?.agent == "quiesced"
+                let limit = deadline(AgentClient.thawHooksWaitLimitMs)
+                count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs, keepWaiting: {
+                    patient && monotonicNanos() < limit && self.qgaAnswersElsewhere()
+                }, unanswered: { late in
                     // Written whole, so it waits in the channel for its turn.
                     var queued = AgentError(.timeout, "\(late.message); the thaw was sent and waits in qemu-ga's channel (qemu-ga does one command at a time, and may still be inside a freeze, such as a slow fsfreeze hook), where it is carried out in its turn, but it is not confirmed")
                     queued.thawQueued = true
@@ -148,17 +154,23 @@ extension AgentClient {
     /// command's `return` value. Whatever precedes the sync reply (an earlier client's replies
     /// left in the chardev) is skipped. An `error` reply throws `.refused`. When the command
     /// was sent but not answered in time, `unanswered` may say more than the timeout does.
-    func qgaExecute(_ command: QGA.Command, timeoutMs: Int64,
+    /// `keepWaiting`, asked each time `timeoutMs` passes without the answer, may extend the
+    /// wait by another `timeoutMs`.
+    func qgaExecute(_ command: QGA.Command, timeoutMs: Int64, keepWaiting: () -> Bool = { false },
                     unanswered: (AgentError) -> AgentError = { $0 }) throws(AgentError) -> JSON {
         let name = command.name.rawValue
         let syncID = try qgaSend(command)
-        let end = deadline(timeoutMs)
+        var end = deadline(timeoutMs)
         var synced = false
         while true {
             let frame: [UInt8]
             do {
                 frame = try qgaNextFrame(deadline: end, what: name, timeoutMs: timeoutMs)
             } catch where error.code == .timeout {
+                if keepWaiting() {
+                    end = deadline(timeoutMs)
+                    continue
+                }
                 throw unanswered(error)
             }
             guard case .object(let o)? = try? JSON.parse(frame, maxDepth: ProtocolLimits.maxDepth) else {
@@ -188,6 +200,17 @@ extension AgentClient {
             }
             throw AgentError(.protocolViolation, "\(address.spoken) answered \(name) with neither return nor error")
         }
+    }
+
+    /// Whether the agent answers guest-fsfreeze-status on a second connection: quiesced's
+    /// qemu-ga listener serves connections side by side while one of them waits for a thaw's
+    /// hooks (it says "thawed" once the filesystems are, as qemu-ga does before its thaw
+    /// hook). qemu-ga, and a QEMU chardev, serve one connection at a time: no answer.
+    func qgaAnswersElsewhere() -> Bool {
+        guard let c = try? AgentClient.connect(address, connectTimeoutMs: replyTimeoutMs, replyTimeoutMs: replyTimeoutMs,
+                                               qgaHandshake: false) else { return false }
+        defer { c.close() }
+        return (try? c.qgaExecute(.fsfreezeStatus, timeoutMs: replyTimeoutMs)) != nil
     }
 
     /// The next complete line from qemu-ga (0xFF delimiters are dropped by the decoder).

@@ -195,15 +195,10 @@ enum Output {
     /// `code`, or `ExitCodes.outputLost` when it is 0 and some output was lost.
     static func exitCode(_ code: Int32) -> Int32 { code == 0 && lost.load(ordering: .relaxed) ? ExitCodes.outputLost : code }
 
-    /// `s` with the characters a terminal acts on written as `\uXXXX`: C0 controls but tab (ESC,
-    /// CR, LF, BEL), DEL, C1 controls (U+0080-U+009F, CSI among them), the bidirectional
-    /// overrides and isolates (U+202A-U+202E, U+2066-U+2069) and the line and paragraph
-    /// separators. The same spelling is a valid JSON escape, so a JSON document stays valid.
+    /// `s` with the characters a terminal acts on (`terminalActsOn`) written as `\uXXXX`. The
+    /// same spelling is a valid JSON escape, so a JSON document stays valid.
     static func terminalSafe(_ s: String) -> String {
-        func acted(_ v: UInt32) -> Bool {
-            (v < 0x20 && v != 0x09) || (0x7F...0x9F).contains(v) || (0x202A...0x202E).contains(v)
-                || (0x2066...0x2069).contains(v) || v == 0x2028 || v == 0x2029
-        }
+        let acted = terminalActsOn
         guard s.unicodeScalars.contains(where: { acted($0.value) }) else { return s }
         var out = String.UnicodeScalarView()
         for u in s.unicodeScalars {

@@ -256,6 +256,33 @@ struct CheckpointIntegrationTests {
         }
     }
 
+    /// Before: through qemu-ga's dialect, thaw hooks slower than the reply timeout made the
+    /// checkpoint exit 72 "THAW FAILED" although the guest was thawed (trial I, M1). quiesced's
+    /// qemu-ga listener answers guest-fsfreeze-status on another connection meanwhile ("thawed"
+    /// once the filesystems are), so the thaw's count is waited for.
+    @Test("through qemu-ga's dialect, thaw hooks slower than the reply timeout: quiesced's count is waited for; the freeze held (0) or something else thawed (70)",
+          arguments: [false, true])
+    func slowThawHooksThroughQGA(thawedElsewhere: Bool) async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let hooks = try makeHooks(in: lab.root, ["50-slow": "[ \"$1\" = thaw ] && sleep 2.5; exit 0"])
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--hooks-dir", hooks])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let command = thawedElsewhere ? "fsfreeze -u '\(a)'" : "true"  // our own lab mount
+            let r = try Ctl.run(["--agent", "qga:unix:\(qga)", "--reply-timeout", "1s", "checkpoint", "--", "sh", "-c", command], in: dir)
+            if thawedElsewhere {
+                #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+                #expect(r.stderr.contains("thawed by something else"), "\(r.stderr)")
+            } else {
+                #expect(r.status == 0, "\(r.stderr)")
+                #expect(r.stderr.contains("checkpoint succeeded"), "\(r.stderr)")
+            }
+            #expect(try !isFrozen(a))
+        }
+    }
+
     /// Before: a thaw whose hooks outlasted the reply timeout read as a lost freeze (70) once
     /// the retry found the operation thawed, or as a failed thaw (72) while they still ran,
     /// although the freeze held (trial H). Then that was confirmed by status or the retry, which

@@ -459,6 +459,28 @@ struct EnvironmentTests {
     }
 }
 
+extension CheckpointTests {
+    /// Before: an argument with a character the terminal output escapes (U+202E, U+0085) was
+    /// printed inside single quotes as the text `\u202e`, which bash reads back as six other
+    /// characters (trial I, L2).
+    @Test("the timeline's COMMAND, read back by bash, is the same arguments also with bidirectional controls, C1 controls and separators",
+          arguments: ["\u{202E}RLO", "next\u{0085}line", "para\u{2029}graph", "caf\u{E9} 'q'", "\u{2066}iso\u{2069}"])
+    func timelineQuotesWhatTheTerminalActsOn(arg: String) throws {
+        let dir = TempDir()
+        let agent = try FakeAgent(in: dir)
+        let r = try Ctl.run(["--agent", agent.address.description, "checkpoint", "--", "true", arg], in: dir)
+        #expect(r.status == 0, "\(r.stderr)")
+        let line = try #require(r.stderr.split(separator: "\n").first { $0.contains(" running ") }.map(String.init), "\(r.stderr)")
+        #expect(!line.unicodeScalars.contains { terminalActsOn($0.value) }, "\(line)")
+        let quoted = try #require(line.firstRange(of: " running ").map { String(line[$0.upperBound...]) })
+        let command = String(quoted[..<(quoted.range(of: " (pid ", options: .backwards)?.lowerBound ?? quoted.endIndex)])
+        try command.write(toFile: dir.file("command"), atomically: true, encoding: .utf8)
+        _ = try sh("bash -c 'out=\"$1\"; eval \"set -- $(cat \"$0\")\"; printf %s \"$2\" > \"$out\"' '\(dir.file("command"))' '\(dir.file("reread"))'")
+        let reread = try #require(FileManager.default.contents(atPath: dir.file("reread")))
+        #expect(Array(reread) == Array(arg.utf8), "\(command) read back as \(Array(reread))")
+    }
+}
+
 @Suite("Checkpoint: a late agent in a group")
 struct FreezeWaitTests {
     @Test("an agent that never answers its freeze holds the group only --freeze-wait; it is then undone by op id")
