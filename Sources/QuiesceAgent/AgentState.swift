@@ -414,8 +414,15 @@ public actor AgentState {
             let record = self.record
             let owedNames = hooksOwed.map(\.spec.name)
             outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget,
-                                          beforeWave: { mayFreeze in
-                try? record.write(opID: opID, targets: mayFreeze, hooksOwed: owedNames, filesystemsFreezing: true, hookContext: hookContext)
+                                          beforeWave: { frozen, wave, later in
+                // The record names what this wave may leave frozen. A state dir on a filesystem
+                // this freeze freezes (state-dir set to a disk) cannot be written once it is
+                // frozen: before its wave the record names everything still to come instead.
+                switch record.stateDirFrozen(by: frozen, wave) {
+                case .no: try? record.write(opID: opID, targets: frozen + wave, hooksOwed: owedNames, filesystemsFreezing: true, hookContext: hookContext)
+                case .inThisWave: try? record.write(opID: opID, targets: frozen + wave + later, hooksOwed: owedNames, filesystemsFreezing: true, hookContext: hookContext)
+                case .already: break
+                }
             })
         }
         switch outcome {
@@ -463,9 +470,11 @@ public actor AgentState {
                                 frozenAt: monotonicNanos(), timeoutMs: timeoutMs, deadline: deadline, request: r)
             phase = .frozen(freeze)
             // What is held now: not the filesystems skipped at their FIFREEZE (frozen by another
-            // party under on-frozen-elsewhere = skip, or not freezable).
-            try? record.write(opID: opID, targets: done.held.entries.map(\.target), hooksOwed: hooksOwed.map(\.spec.name),
-                              filesystemsFreezing: true, hookContext: hookContext)
+            // party under on-frozen-elsewhere = skip, or not freezable). Not on a frozen state dir.
+            let held = done.held.entries.map(\.target)
+            if record.stateDirFrozen(by: held, []) == .no {
+                try? record.write(opID: opID, targets: held, hooksOwed: hooksOwed.map(\.spec.name), filesystemsFreezing: true, hookContext: hookContext)
+            }
             dropEndedNote(nil)  // a new freeze: the host has moved on from those that ended early
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
@@ -634,7 +643,7 @@ public actor AgentState {
         let owed = hooks == nil ? [] : f.hooksOwed.map(\.spec.name)
         if outcome.remaining.isEmpty && owed.isEmpty {
             record.remove()
-        } else {
+        } else if record.stateDirFrozen(by: outcome.remaining.entries.map(\.target), []) == .no {
             // A crash during the thaw hooks: recovery ends them (thaw, or freeze-failed when
             // abandoned) and thaws only what is still held.
             try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target), hooksOwed: owed,
@@ -657,7 +666,9 @@ public actor AgentState {
             still.held = outcome.remaining
             still.deadline = retryDeadline
             phase = .frozen(still)
-            try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target))
+            if record.stateDirFrozen(by: outcome.remaining.entries.map(\.target), []) == .no {
+                try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target))
+            }
             deadlineTasks.append(Task { await self.enforceDeadline(opID: f.opID) })
             log.error("thaw failed", metadata: ["errors": "\(outcome.errors.joined(separator: "; "))"])
             reportStatus(statusLine())

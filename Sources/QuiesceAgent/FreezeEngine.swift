@@ -224,14 +224,15 @@ public struct FreezeEngine: Sendable {
     /// behind it), the failure names the filesystems whose call did not return, and such a
     /// call, when it does return, thaws what it froze on its own thread. Nothing stays frozen.
     ///
-    /// `beforeWave` runs on the freeze's thread just before each wave's FIFREEZEs, with every
-    /// target this operation may hold frozen once they are issued (those frozen in earlier
-    /// waves, then this wave's), in freeze order: the freeze record is written there, so that
-    /// a crash's recovery FITHAWs only filesystems this freeze began to freeze, never one that
-    /// another party froze while the hooks or the presync ran.
+    /// `beforeWave` runs on the freeze's thread just before each wave's FIFREEZEs, with the
+    /// targets frozen in earlier waves, this wave's, and those of the waves after it, each in
+    /// freeze order: the freeze record is written there, so that a crash's recovery FITHAWs
+    /// only filesystems this freeze began to freeze, never one that another party froze while
+    /// the hooks or the presync ran.
     public func freeze(_ targets: [FreezeTarget], explicit: Bool, opID: String = "",
                        budget: FreezeBudget = .unbounded,
-                       beforeWave: @escaping @Sendable ([FreezeTarget]) -> Void = { _ in }) async -> Result<FreezeOutcome, FreezeFailure> {
+                       beforeWave: @escaping @Sendable (_ frozen: [FreezeTarget], _ wave: [FreezeTarget], _ later: [FreezeTarget]) -> Void
+                           = { _, _, _ in }) async -> Result<FreezeOutcome, FreezeFailure> {
         let run = FreezeRun(targets: targets, explicit: explicit, policy: onFrozenElsewhere, presync: presync, opID: opID,
                             budget: budget, stuck: stuck, kernel: kernel, beforeWave: beforeWave)
         return await Threads.run { run.execute() }
@@ -326,7 +327,7 @@ private struct FreezeRun: Sendable {
     let budget: FreezeBudget
     let stuck: StuckCalls
     let kernel: any FilesystemKernel
-    let beforeWave: @Sendable ([FreezeTarget]) -> Void
+    let beforeWave: @Sendable ([FreezeTarget], [FreezeTarget], [FreezeTarget]) -> Void
 
     /// What one FIFREEZE did.
     struct Call: Sendable {
@@ -430,9 +431,11 @@ private struct FreezeRun: Sendable {
         var firstStart: UInt64 = .max
         var lastEnd: UInt64 = 0
         let waves = Dictionary(grouping: targets.indices.filter { fds[$0] != nil }, by: { targets[$0].wave })
-        for wave in waves.keys.sorted() {
+        let order = waves.keys.sorted()
+        for (k, wave) in order.enumerated() {
             let members = waves[wave]!
-            beforeWave((frozen + members).map { targets[$0] })
+            beforeWave(frozen.map { targets[$0] }, members.map { targets[$0] },
+                       order[(k + 1)...].flatMap { waves[$0]! }.map { targets[$0] })
             let results = bounded(members, call: "FIFREEZE") { i -> Call in
                 let s = monotonicNanos()
                 let e = kernel.freeze(opened[i]!)

@@ -168,6 +168,20 @@ public struct FreezeRecord: Sendable {
 
     public func remove() { Paths.remove(path) }
 
+    /// Where the state dir's filesystem stands in a freeze: not frozen by it, frozen by one of
+    /// `frozen`, or about to be by one of `wave`. A write to a frozen filesystem blocks until it
+    /// thaws (sb_start_write, fs/super.c), so the record is not written there while frozen.
+    /// Compared by st_dev; a state dir that cannot be stat'ed counts as not frozen (the write
+    /// creates it). The default, /run/quiesce, is a tmpfs, which cannot be frozen.
+    public enum StateDirFreeze: Sendable { case no, inThisWave, already }
+
+    public func stateDirFrozen(by frozen: [FreezeTarget], _ wave: [FreezeTarget]) -> StateDirFreeze {
+        guard let device = try? Stat.of(path: stateDir).device else { return .no }
+        if frozen.contains(where: { $0.devices.contains(device) }) { return .already }
+        if wave.contains(where: { $0.devices.contains(device) }) { return .inThisWave }
+        return .no
+    }
+
     /// What a record names: mountpoints with the st_dev values that identify them.
     public struct Entry: Sendable, Equatable {
         public var mountPoint: String

@@ -229,16 +229,6 @@ Signals.ignore(Signals.pipe)
 // Crash recovery: thaw what the records of agents that are gone name. Records of agents still
 // running (sharing this state dir) are theirs to thaw: a second agent, or --recover by hand,
 // must never thaw a live agent's freeze under a running checkpoint.
-// The state dir must take the freeze records: an agent that cannot write one refuses every
-// freeze, so it must not start and tell systemd it is ready. Probed by writing a file there.
-do throws(SystemError) {
-    try Paths.makeDirectory(config.stateDir, mode: 0o700)
-    let probe = "\(config.stateDir)/.probe-\(CurrentProcess.id)"
-    FD.close(try FD.open(probe, [.writeOnly, .create, .truncate], mode: 0o600))
-    Paths.remove(probe)
-} catch {
-    fail("state-dir \(config.stateDir): cannot keep freeze records there: \(error)", code: 1)
-}
 /// The mountpoints of recovery's lines ("/data: thawed").
 func mountPoints(_ lines: [String]) -> [String] {
     lines.compactMap { $0.split(separator: ":", maxSplits: 1).first.map(String.init) }
@@ -295,6 +285,18 @@ if recoverOnly {
                                     stateDir: config.stateDir)
     }
     CurrentProcess.exit(0)
+}
+// The state dir must take the freeze records: an agent that cannot write one refuses every
+// freeze, so it must not start and tell systemd it is ready. Probed by writing a file there,
+// after recovery: a state dir on a filesystem the dead agent left frozen takes no write (it
+// would block in the kernel until a thaw) until recovery has thawed it.
+do throws(SystemError) {
+    try Paths.makeDirectory(config.stateDir, mode: 0o700)
+    let probe = "\(config.stateDir)/.probe-\(CurrentProcess.id)"
+    FD.close(try FD.open(probe, [.writeOnly, .create, .truncate], mode: 0o600))
+    Paths.remove(probe)
+} catch {
+    fail("state-dir \(config.stateDir): cannot keep freeze records there: \(error)", code: 1)
 }
 if CurrentProcess.effectiveUID != 0 { logger.warning("not running as root: freezing needs CAP_SYS_ADMIN") }
 if let dir = config.hooksDir, !Paths.exists(dir) {

@@ -121,6 +121,33 @@ struct NeverLeftFrozenTests {
         }
     }
 
+    /// A write to a frozen filesystem blocks until it thaws: a record rewritten after the
+    /// freeze, or before a later wave, on a state dir inside the freeze would hang the freeze
+    /// (seen while narrowing the record to what is held, this session).
+    @Test("a state dir on a filesystem the freeze freezes: freeze and thaw are answered, and a kill -9 while frozen is recovered from it")
+    func stateDirInsideTheFreeze() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b")
+            let state = "\(a)/state"
+            let args = ["--include", "\(lab.root)/*"]
+            let agent = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            let client = try TestClient(path: agent.socketPath)
+            _ = try client.result(["op": "freeze", "mode": "detached", "op_id": "sd-1"])
+            #expect(try isFrozen(a) && isFrozen(b))
+            #expect(try client.result(["op": "thaw", "op_id": "sd-1"])["was_frozen"] == true)
+            _ = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 600_000, "op_id": "sd-2"])
+            agent.signal(SIGKILL)
+            _ = agent.waitForExit()
+            #expect(try isFrozen(a) && isFrozen(b))
+            // Bounded: before, recovery first wrote a probe file into the frozen state dir and
+            // blocked there for good.
+            let out = try sh("timeout 20 '\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(state)' 2>&1; echo \"exit=$?\"")
+            #expect(out.contains("exit=0"), "\(out)")
+            #expect(try !isFrozen(a) && !isFrozen(b), "\(out)")
+        }
+    }
+
     @Test("quiesced --recover thaws what a killed agent left frozen (systemd ExecStopPost)")
     func recoverCommandThaws() async throws {
         try await LoopLab.with { lab in
