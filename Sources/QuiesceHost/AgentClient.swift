@@ -405,14 +405,6 @@ extension AgentClient {
         }
     }
 
-    /// Freezes; when the outcome is unknown (the reply could not be read, did not come in
-    /// time, or the connection dropped) the guest may be frozen, so the freeze is undone by its
-    /// op id on a fresh connection. The error then says what became of it: undone, or (when it
-    /// cannot be undone) that the guest may stay frozen until its deadline, with the command
-    /// that thaws it. Without an op id nothing can be undone safely: the error says so.
-    /// `undo` is asked first; when it says no (a second signal: stop at once), the error is
-    /// thrown as it came, except to qemu-ga, which has no deadline and does not thaw when the
-    /// connection drops: its thaw is still written, without waiting for an answer.
     /// Whether the agent's status says operation `op` is still being frozen or thawed (its
     /// hooks run), asked on a fresh connection. Not to qemu-ga, whose status names no operation.
     private func stillTaking(_ op: String) -> Bool {
@@ -450,6 +442,14 @@ extension AgentClient {
         return request.timeoutMs.map { "for up to \(TimeSpan.human(milliseconds: $0)) (its deadline)" } ?? "until the agent's --max-freeze deadline"
     }
 
+    /// Freezes; when the outcome is unknown (the reply could not be read, did not come in
+    /// time, or the connection dropped) the guest may be frozen, so the freeze is undone by its
+    /// op id on a fresh connection. The error then says what became of it: undone, or (when it
+    /// cannot be undone) that the guest may stay frozen until its deadline, with the command
+    /// that thaws it. Without an op id nothing can be undone safely: the error says so.
+    /// `undo` is asked first; when it says no (a second signal: stop at once), the error is
+    /// thrown as it came, except to qemu-ga, which has no deadline and does not thaw when the
+    /// connection drops: its thaw is still written, without waiting for an answer.
     ///
     /// `onConnection` gets the undo's connection, so that another thread can interrupt it
     /// (`Connection.shutdown`) on a second signal: `undo` then says no, and the undo stops
