@@ -548,4 +548,19 @@ enum RawArguments {
 
 CurrentProcess.openClosedStandardDescriptors()
 RawArguments.refuseNonUTF8Options()
-Quiescectl.main()
+do {
+    var command = try Quiescectl.parseAsRoot()
+    try command.run()
+} catch {
+    // --help and --version: their text is the output, and one that cannot be written (a full
+    // disk, a closed pipe) is an error, as in GNU's tools (before: exit 0 with nothing written).
+    if Quiescectl.exitCode(for: error) == .success {
+        let text = Quiescectl.fullMessage(for: error)
+        do { try FD.writeAll(1, Array((text.hasSuffix("\n") ? text : text + "\n").utf8)) } catch {
+            Output.err("quiescectl: cannot write to standard output: \(error)")
+            CurrentProcess.exit(ExitCodes.outputLost)
+        }
+        CurrentProcess.exit(0)
+    }
+    Quiescectl.exit(withError: error)
+}

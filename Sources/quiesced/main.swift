@@ -75,6 +75,16 @@ func fail(_ message: String, code: Int32 = 2) -> Never {
     CurrentProcess.exit(code)
 }
 
+/// Writes `text` and a newline to standard output and exits 0, or 74 (sysexits.h EX_IOERR) when
+/// it cannot be written (a full disk, a closed pipe): --help and --version, whose text is the
+/// whole point, as in GNU's tools.
+func printOrFail(_ text: String) -> Never {
+    do { try FD.writeAll(1, Array((text + "\n").utf8)) } catch {
+        fail("cannot write to standard output: \(error)", code: 74)
+    }
+    CurrentProcess.exit(0)
+}
+
 /// A warning before logging starts (--check-config, --recover's salvage), escaped like `fail`'s.
 func warn(_ message: String) {
     FD.writeOnce(FD.standardError, Array("quiesced: warning: \(OneLine.escaped(message))\n".utf8))
@@ -91,8 +101,8 @@ let valued = Set(AgentConfig.keys.map(\.key))
 var args = CommandLine.arguments.dropFirst()
 while let arg = args.popFirst() {
     switch arg {
-    case "-h", "--help": print(usage); CurrentProcess.exit(0)
-    case "--version": print("quiesced \(QuiesceRelease.version) (protocol \(ProtocolVersion.current))"); CurrentProcess.exit(0)
+    case "-h", "--help": printOrFail(usage)
+    case "--version": printOrFail("quiesced \(QuiesceRelease.version) (protocol \(ProtocolVersion.current))")
     case "--recover": recoverOnly = true
     case "--check-config": checkOnly = true
     default:

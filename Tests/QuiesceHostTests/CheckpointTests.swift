@@ -398,8 +398,14 @@ struct EnvironmentTests {
             \(ctl) status > /dev/full; echo "status=$?"
             \(ctl) checkpoint -- false 2>/dev/full; echo "failed=$?"
             \(ctl) --json checkpoint -- true > /dev/null; echo "fine=$?"
+            for p in '\(Ctl.path)' '\(buildProductsDir)/quiesced'; do for f in --help --version; do
+                "$p" $f > /dev/full 2>/dev/null; echo "${p##*/}$f=$?"; done; done
             """)
         #expect(out.contains("json=74") && out.contains("timeline=74") && out.contains("status=74"), "\(out)")
+        // --help and --version are all output: lost, they fail too (before: 0; trial I, L5).
+        for line in ["quiescectl--help=74", "quiescectl--version=74", "quiesced--help=74", "quiesced--version=74"] {
+            #expect(out.contains(line), "\(out)")
+        }
         // Closed on purpose: /dev/null takes its place, so the agent's socket cannot become
         // descriptor 2 and get the timeline as frames; the run succeeds.
         #expect(out.contains("closed=0"), "\(out)")
