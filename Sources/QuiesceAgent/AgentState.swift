@@ -357,7 +357,7 @@ public actor AgentState {
                                                 "timeout_ms": "\(timeoutMs)", "mode": "\(r.mode.rawValue)"])
 
         // Crash safety: the record exists before anything is done, and names filesystems only
-        // from just before their FIFREEZE (the engine's `beforeWave`): until then a crash's
+        // from just before their FIFREEZE (`WaveRecorder`): until then a crash's
         // recovery ends the owed hooks and FITHAWs nothing, so a filesystem that another party
         // froze while the hooks or the presync ran keeps its freeze (before: every planned
         // filesystem was named from the start, trial I).
@@ -411,19 +411,9 @@ public actor AgentState {
                 "the freeze hooks took \(hooksTook), the whole of the freeze's timeout (\(TimeSpan.human(milliseconds: timeoutMs))): nothing was frozen; ask for a longer timeout_ms"),
                 filesystems: []))
         } else {
-            let record = self.record
-            let owedNames = hooksOwed.map(\.spec.name)
-            outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget,
-                                          beforeWave: { frozen, wave, later in
-                // The record names what this wave may leave frozen. A state dir on a filesystem
-                // this freeze freezes (state-dir set to a disk) cannot be written once it is
-                // frozen: before its wave the record names everything still to come instead.
-                switch record.stateDirFrozen(by: frozen, wave) {
-                case .no: try? record.write(opID: opID, targets: frozen + wave, hooksOwed: owedNames, filesystemsFreezing: true, hookContext: hookContext)
-                case .inThisWave: try? record.write(opID: opID, targets: frozen + wave + later, hooksOwed: owedNames, filesystemsFreezing: true, hookContext: hookContext)
-                case .already: break
-                }
-            })
+            let recorder = WaveRecorder(record: record, opID: opID, hooksOwed: hooksOwed.map(\.spec.name), hookContext: hookContext)
+            outcome = await engine.freeze(plan.targets, explicit: r.mounts != nil, opID: opID, budget: budget, progress: recorder)
+            recorder.close()
         }
         switch outcome {
         case .failure(var failure):

@@ -194,6 +194,16 @@ public final class StuckCalls: Sendable {
     }
 }
 
+/// What a freeze tells as its waves run, on its threads (the freeze record follows it).
+public protocol FreezeProgress: Sendable {
+    /// Just before a wave's FIFREEZEs: the targets frozen in earlier waves, this wave's, and
+    /// those of the waves after it, each in freeze order.
+    func beforeWave(frozen: [FreezeTarget], wave: [FreezeTarget], later: [FreezeTarget])
+    /// A FIFREEZE of `target` returned an error: this freeze does not hold it (EBUSY: another
+    /// party does).
+    func notFrozen(_ target: FreezeTarget)
+}
+
 /// Runs the kernel side of freeze, thaw and sync. Every blocking call runs on dedicated threads,
 /// never on the Swift concurrency pool, so `ping` and `status` stay answerable during a freeze.
 public struct FreezeEngine: Sendable {
@@ -224,17 +234,14 @@ public struct FreezeEngine: Sendable {
     /// behind it), the failure names the filesystems whose call did not return, and such a
     /// call, when it does return, thaws what it froze on its own thread. Nothing stays frozen.
     ///
-    /// `beforeWave` runs on the freeze's thread just before each wave's FIFREEZEs, with the
-    /// targets frozen in earlier waves, this wave's, and those of the waves after it, each in
-    /// freeze order: the freeze record is written there, so that a crash's recovery FITHAWs
-    /// only filesystems this freeze began to freeze, never one that another party froze while
-    /// the hooks or the presync ran.
+    /// `progress` hears, on the freeze's threads, of each wave just before its FIFREEZEs and of
+    /// each FIFREEZE that failed: the freeze record follows it (`WaveRecorder`), so that a
+    /// crash's recovery FITHAWs only filesystems this freeze may hold, never one that another
+    /// party froze while the hooks or the presync ran, or whose FIFREEZE of ours failed.
     public func freeze(_ targets: [FreezeTarget], explicit: Bool, opID: String = "",
-                       budget: FreezeBudget = .unbounded,
-                       beforeWave: @escaping @Sendable (_ frozen: [FreezeTarget], _ wave: [FreezeTarget], _ later: [FreezeTarget]) -> Void
-                           = { _, _, _ in }) async -> Result<FreezeOutcome, FreezeFailure> {
+                       budget: FreezeBudget = .unbounded, progress: (any FreezeProgress)? = nil) async -> Result<FreezeOutcome, FreezeFailure> {
         let run = FreezeRun(targets: targets, explicit: explicit, policy: onFrozenElsewhere, presync: presync, opID: opID,
-                            budget: budget, stuck: stuck, kernel: kernel, beforeWave: beforeWave)
+                            budget: budget, stuck: stuck, kernel: kernel, progress: progress)
         return await Threads.run { run.execute() }
     }
 
@@ -327,7 +334,7 @@ private struct FreezeRun: Sendable {
     let budget: FreezeBudget
     let stuck: StuckCalls
     let kernel: any FilesystemKernel
-    let beforeWave: @Sendable ([FreezeTarget], [FreezeTarget], [FreezeTarget]) -> Void
+    let progress: (any FreezeProgress)?
 
     /// What one FIFREEZE did.
     struct Call: Sendable {
@@ -434,12 +441,15 @@ private struct FreezeRun: Sendable {
         let order = waves.keys.sorted()
         for (k, wave) in order.enumerated() {
             let members = waves[wave]!
-            beforeWave(frozen.map { targets[$0] }, members.map { targets[$0] },
-                       order[(k + 1)...].flatMap { waves[$0]! }.map { targets[$0] })
+            progress?.beforeWave(frozen: frozen.map { targets[$0] }, wave: members.map { targets[$0] },
+                                 later: order[(k + 1)...].flatMap { waves[$0]! }.map { targets[$0] })
+            let progress = self.progress, all = self.targets
             let results = bounded(members, call: "FIFREEZE") { i -> Call in
                 let s = monotonicNanos()
                 let e = kernel.freeze(opened[i]!)
-                return Call(start: s, end: monotonicNanos(), error: e)
+                let call = Call(start: s, end: monotonicNanos(), error: e)
+                if e != nil { progress?.notFrozen(all[i]) }
+                return call
             } late: { i, call in
                 // Abandoned: this freeze was rolled back while the call was blocked. Undo what it did.
                 if call.error == nil { _ = kernel.thaw(opened[i]!) }

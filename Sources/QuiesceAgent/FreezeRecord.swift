@@ -1,6 +1,7 @@
 // Crash safety: what is about to be frozen goes on record first, so a restarted agent can thaw it.
 import QuiesceLinux
 import QuiesceProtocol
+import Synchronization
 
 /// A small JSON file in the state directory (a tmpfs, /run/quiesce, by default) naming the
 /// filesystems of the freeze in progress. Written before the first FIFREEZE, removed after the
@@ -312,5 +313,61 @@ public struct FreezeRecord: Sendable {
         }
         Paths.remove(path)
         return (opID, lines, identity)
+    }
+}
+
+/// Keeps a freeze's record naming what the freeze may hold while its waves run: before a wave,
+/// what earlier waves froze and this wave's targets; a target whose FIFREEZE failed (EBUSY:
+/// another party holds it) is dropped at once. A state dir on a filesystem this freeze freezes
+/// cannot be written once it is frozen: before that wave the record names everything still to
+/// come, and is left so. Writes are serialised (a wave's FIFREEZEs return on threads of their
+/// own), and end at `close()`, when the caller takes over the record.
+public final class WaveRecorder: FreezeProgress {
+    private struct State {
+        var named: [FreezeTarget] = []
+        var open = true
+        var stateDirFrozen = false
+    }
+    private let state = Mutex(State())
+    private let record: FreezeRecord
+    private let opID: String
+    private let hooksOwed: [String]
+    private let hookContext: HookContext?
+
+    public init(record: FreezeRecord, opID: String, hooksOwed: [String], hookContext: HookContext?) {
+        self.record = record
+        self.opID = opID
+        self.hooksOwed = hooksOwed
+        self.hookContext = hookContext
+    }
+
+    public func beforeWave(frozen: [FreezeTarget], wave: [FreezeTarget], later: [FreezeTarget]) {
+        state.withLock { s in
+            guard s.open, !s.stateDirFrozen else { return }
+            switch record.stateDirFrozen(by: frozen, wave) {
+            case .no: s.named = frozen + wave
+            case .inThisWave: s.named = frozen + wave + later; s.stateDirFrozen = true
+            case .already: s.stateDirFrozen = true; return
+            }
+            write(s.named)
+        }
+    }
+
+    public func notFrozen(_ target: FreezeTarget) {
+        state.withLock { s in
+            guard s.open, !s.stateDirFrozen, let i = s.named.firstIndex(where: { $0.mountPoint == target.mountPoint }) else { return }
+            s.named.remove(at: i)
+            // Still not frozen here: this wave's other FIFREEZEs may have frozen the state dir's
+            // filesystem meanwhile (then the record stays as it was).
+            guard record.stateDirFrozen(by: s.named, []) == .no else { s.stateDirFrozen = true; return }
+            write(s.named)
+        }
+    }
+
+    /// Stops writing: a late FIFREEZE's failure no longer changes the record.
+    public func close() { state.withLock { $0.open = false } }
+
+    private func write(_ targets: [FreezeTarget]) {
+        try? record.write(opID: opID, targets: targets, hooksOwed: hooksOwed, filesystemsFreezing: true, hookContext: hookContext)
     }
 }

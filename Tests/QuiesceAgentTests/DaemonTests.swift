@@ -148,6 +148,41 @@ struct NeverLeftFrozenTests {
         }
     }
 
+    /// Trial J: in one wave, another party's freeze of b made our FIFREEZE of b fail with
+    /// EBUSY while our FIFREEZE of c (a loop filesystem on a, which the other party also froze)
+    /// was stuck flushing; the record kept naming b, so --recover after a kill -9 ended the
+    /// other party's freeze of b.
+    @Test("a FIFREEZE that fails with EBUSY beside one that is stuck leaves the record at once: a kill -9 then, and --recover, keep the other party's freeze")
+    func ebusyBesideAStuckFreezeIsNotRecovered() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let b = try lab.filesystem("b")
+            let c = try lab.filesystem("c", sizeMB: 48, imageDir: a)  // its image lives on a
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--presync", "no"])
+            try lab.dirty(c, mb: 8)  // c's FIFREEZE must write into a
+            // The other party, on our own lab mounts. Thawed again on every path: a first, so that
+            // c's stuck FIFREEZE can return.
+            _ = try sh("fsfreeze -f '\(b)' && fsfreeze -f '\(a)'")
+            defer { _ = try? sh("fsfreeze -u '\(a)' 2>/dev/null; sleep 0.5; fsfreeze -u '\(c)' 2>/dev/null; fsfreeze -u '\(b)' 2>/dev/null", allowFailure: true) }
+            let client = try TestClient(path: agent.socketPath)
+            try client.sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"detached\",\"timeout_ms\":60000}\n".utf8))
+            let path = "\(agent.stateDir)/freeze-\(agent.pid).json"
+            func named() -> [String] {
+                let record = (try? String(contentsOfFile: path, encoding: .utf8)).flatMap { try? JSON.parse($0) }
+                return record?["filesystems"]?.arrayValue?.compactMap { $0["mountpoint"]?.stringValue } ?? []
+            }
+            #expect(eventually(withinMs: 10_000) { named() == [c] },
+                    "the record names c, whose FIFREEZE is stuck, and not b, whose FIFREEZE failed: \(named())")
+            agent.signal(SIGKILL)
+            _ = try sh("fsfreeze -u '\(a)'")  // the other party ends its freeze of a only
+            _ = agent.waitForExit()
+            let out = try sh("timeout 20 '\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(agent.stateDir)' 2>&1; echo \"exit=$?\"")
+            #expect(out.contains("exit=0") && !out.contains("\(b): thawed"), "\(out)")
+            #expect(try isFrozen(b), "the other party's freeze of b holds after recovery: \(out)")
+            #expect(try !isFrozen(c), "\(out)")
+        }
+    }
+
     @Test("quiesced --recover thaws what a killed agent left frozen (systemd ExecStopPost)")
     func recoverCommandThaws() async throws {
         try await LoopLab.with { lab in
