@@ -212,22 +212,28 @@ final class AgentSession: Sendable {
     private func thaw(_ client: AgentClient, plan: CheckpointPlan, keepalives: Int,
                       confirmedByAgent: () -> Bool) -> SessionEnd {
         var outcome = SessionEnd(result: nil, error: nil, alreadyThawed: false, reconnected: false, keepalives: keepalives)
-        // `afterTimeout`: the thaw was asked for before and its answer never came (the agent
-        // stopped answering even status; slow thaw hooks alone are waited for, see
-        // `AgentClient.thaw`). An operation that no longer holds a freeze (`was_frozen` false:
-        // a thaw request ended it, PROTOCOL.md 6.6; a freeze that ended early is `not-frozen`
-        // with a reason instead) was thawed by that request, not lost; and a thaw still under
-        // way whose filesystems are thawed (status `thawing` with `thawed_at_ms`) is a thaw whose
-        // hooks are still running. Either is a thaw confirmed without its report (trial H, I).
-        func attempt(_ c: AgentClient, afterTimeout: Bool = false) -> AgentError? {
+        // `retried`: the thaw was asked for before, on a connection that dropped or whose answer
+        // never came (the agent stopped answering even status; slow thaw hooks alone are waited
+        // for, see `AgentClient.thaw`). An operation that no longer holds a freeze (`was_frozen`
+        // false: a thaw request ended it, PROTOCOL.md 6.6; a freeze that ended early is
+        // `not-frozen` with a reason instead) may have been thawed by that request, or by
+        // someone else's; and a thaw still under way whose filesystems are thawed (status
+        // `thawing` with `thawed_at_ms`) is one whose hooks are still running. Either is a thaw
+        // confirmed without its report (trial H, I, J).
+        // `busy` (a thaw or freeze under way: this one's thaw hooks, the agent's own deadline
+        // thaw, someone else's thaw) is asked again for as long as the agent is carrying out
+        // this operation's freeze or thaw, up to `AgentClient.thawHooksWaitLimitMs` (before: 72
+        // "THAW FAILED" after one reply timeout, with the guest thawed, trial J).
+        let limit = monotonicNanos() + UInt64(AgentClient.thawHooksWaitLimitMs) * 1_000_000
+        func attempt(_ c: AgentClient, retried: Bool = false) -> AgentError? {
             let giveUp = monotonicNanos() + UInt64(plan.replyTimeoutMs) * 1_000_000
             while true {
                 do {
                     // An answer that cannot be read is checked with status (before: 72 for a
                     // thaw that had happened, trial F).
                     let t = try c.thawConfirmed(opID: plan.opID)
-                    if let r = t.result, afterTimeout && !r.wasFrozen {
-                        outcome.confirmation = "the thaw asked for before has been carried out; its answer came after the reply timeout (slow thaw hooks?)"
+                    if let r = t.result, retried && !r.wasFrozen {
+                        outcome.confirmation = "the operation was thawed by a thaw request, ours asked for before (its answer was lost) or someone else's"
                     } else if let r = t.result {
                         outcome.result = r
                         outcome.alreadyThawed = !r.wasFrozen
@@ -241,16 +247,25 @@ final class AgentSession: Sendable {
                         if remote.details?["thawed_reason"] != nil { outcome.endedEarly = remote.message }
                         return nil
                     }
-                    // The agent is busy thawing by itself (deadline) or finishing a freeze: ask again.
-                    if error.remote?.code == .busy && monotonicNanos() < giveUp {
+                    // (Through qemu-ga's dialect the agent's code is in the details.)
+                    let busy = error.remote?.code == .busy || error.remote?.details?["agent_code"] == .string(ErrorCode.busy.rawValue)
+                    guard busy else { return error }
+                    if monotonicNanos() < giveUp {
                         Threads.sleep(milliseconds: 100)
                         continue
                     }
-                    if afterTimeout, error.remote?.code == .busy, let s = try? c.status(),
-                       s.state == .thawing, s.opID == plan.opID, let at = s.thawedAtMs {
+                    let status = c.isQGA ? nil : try? c.status()
+                    if retried, let s = status, s.state == .thawing, s.opID == plan.opID, let at = s.thawedAtMs {
                         let ago = TimeSpan.human(milliseconds: max(0, wallClockMillis() - at))
                         outcome.confirmation = "the agent thawed the filesystems \(ago) ago; its thaw hooks were still running when quiescectl stopped waiting (their outcome is in the agent's log)"
                         return nil
+                    }
+                    // Still this operation's (native: status names it; quiesced on qemu-ga's
+                    // port answers busy only while a freeze or thaw is under way).
+                    let ours = status.map { ($0.state == .thawing || $0.state == .freezing) && $0.opID == plan.opID } ?? c.isQGA
+                    if ours && monotonicNanos() < limit {
+                        Threads.sleep(milliseconds: 200)
+                        continue
                     }
                     return error
                 }
@@ -261,7 +276,14 @@ final class AgentSession: Sendable {
             outcome.alreadyThawed = true
             return outcome
         }
-        guard error.code == .disconnected || error.code == .timeout, mode.load(ordering: .acquiring) != .forced else {
+        if mode.load(ordering: .acquiring) == .forced {
+            // quiescectl dropped the connection itself (a second signal), not the agent.
+            outcome.error = AgentError(error.code, "stopped waiting for the thaw's answer on a second signal (the thaw had been asked for, and "
+                                       + "an agent thaws a bound freeze when its connection closes, but neither is confirmed): check with "
+                                       + "`\(shellQuoted(["quiescectl", "--agent", address.description, "status"]))`", remote: error.remote)
+            return outcome
+        }
+        guard error.code == .disconnected || error.code == .timeout else {
             outcome.error = error
             return outcome
         }
@@ -271,7 +293,7 @@ final class AgentSession: Sendable {
                                                 replyTimeoutMs: plan.replyTimeoutMs, onConnection: { self.attach($0) })
             defer { again.close() }
             outcome.reconnected = true
-            if let e2 = attempt(again, afterTimeout: error.code == .timeout) {
+            if let e2 = attempt(again, retried: true) {
                 outcome.error = AgentError(e2.code, "\(error.message); after reconnecting: \(e2.message)", remote: e2.remote)
             }
         } catch {

@@ -343,7 +343,7 @@ final class CheckpointRun {
             }
             if outcome.alreadyThawed && report.agents[i].freezeLost == nil {
                 report.agents[i].freezeLost = outcome.endedEarly.map { "the agent says: \($0)" }
-                    ?? "the agent had already thawed when asked to (deadline or lost connection)"
+                    ?? "the agent had already thawed when asked to (a thaw request from someone else, its deadline, or a lost connection)"
             }
             if let error = outcome.error {
                 note(at, i, "thaw-failed", "THAW FAILED: \(error.message)")

@@ -87,7 +87,10 @@ extension AgentClient {
             do {
                 // quiesced on qemu-ga's port answers only after its thaw hooks; while its
                 // guest-fsfreeze-status on another connection answers, the thaw is waited for.
-                let patient = hello?.agent == "quiesced"
+                // Also when the peer is unknown (a thaw sent without guest-info): qemu-ga behind
+                // QEMU's chardev does not answer a second connection, which costs one more reply
+                // timeout before the thaw is reported unconfirmed.
+                let patient = hello == nil || hello?.agent == "quiesced"
                 let limit = deadline(AgentClient.thawHooksWaitLimitMs)
                 count = try qgaExecute(.fsfreezeThaw, timeoutMs: timeoutMs, keepWaiting: {
                     patient && monotonicNanos() < limit && self.qgaAnswersElsewhere()

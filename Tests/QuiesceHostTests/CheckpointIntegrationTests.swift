@@ -347,6 +347,51 @@ struct CheckpointIntegrationTests {
         }
     }
 
+    /// Before: someone else's thaw during COMMAND, with thaw hooks slower than the reply
+    /// timeout, made the checkpoint's own thaw meet `busy` for one reply timeout and exit 72
+    /// "THAW FAILED" with the guest thawed (trial I L1, trial J M1/M2: the same for a dropped
+    /// connection and for the agent's own deadline thaw). It now waits while the agent is
+    /// thawing its operation, and says the freeze did not hold.
+    @Test("someone else's thaw during COMMAND, with slow thaw hooks: the checkpoint waits out the busy thaw and says the freeze did not hold (70), over our protocol and qemu-ga's",
+          arguments: ["unix", "qga"])
+    func otherThawDuringCommandWithSlowHooks(dialect: String) async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--hooks-dir",
+                                                                   try makeHooks(in: lab.root, ["50-slow": "[ \"$1\" = thaw ] && sleep 3; exit 0"])])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let address = dialect == "qga" ? "qga:unix:\(qga)" : "unix:\(agent.socketPath)"
+            let other = "'\(Ctl.path)' --agent 'unix:\(agent.socketPath)' thaw >/dev/null 2>&1 &"
+            let r = try Ctl.run(["--agent", address, "--reply-timeout", "1s", "checkpoint", "--", "sh", "-c", "\(other) sleep 0.5"], in: dir)
+            #expect(r.status == ExitCodes.freezeFailed, "\(r.stderr)")
+            #expect(r.stderr.contains("did not hold") && !r.stderr.contains("THAW FAILED"), "\(r.stderr)")
+            #expect(try !isFrozen(a))
+        }
+    }
+
+    /// Before: a plain `quiescectl thaw` through qemu-ga's dialect never reads guest-info, so it
+    /// did not know the peer was quiesced and exited 72 after one reply timeout while the thaw
+    /// hooks ran (trial J, M3).
+    @Test("quiescectl thaw through qemu-ga's dialect to quiesced, with thaw hooks slower than the reply timeout: exit 0 with the count")
+    func qgaThawSubcommandWaitsForSlowHooks() async throws {
+        try await LoopLab.with { lab in
+            let a = try lab.filesystem("a")
+            let qga = "\(lab.root)/qga.sock"
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--listen", "qga+unix:\(qga)", "--hooks-dir",
+                                                                   try makeHooks(in: lab.root, ["50-slow": "[ \"$1\" = thaw ] && sleep 2.5; exit 0"])])
+            defer { agent.stop() }
+            let dir = TempDir()
+            let ctl = ["--agent", "qga:unix:\(qga)", "--reply-timeout", "1s"]
+            #expect(try Ctl.run(ctl + ["freeze"], in: dir).status == 0)
+            #expect(try isFrozen(a))
+            let r = try Ctl.run(ctl + ["thaw"], in: dir)
+            #expect(r.status == 0 && r.stdout.contains("thawed 1 filesystem"), "\(r.stdout)\(r.stderr)")
+            #expect(try !isFrozen(a))
+        }
+    }
+
     /// Before: `quiescectl thaw` with thaw hooks slower than the reply timeout exited 72
     /// ("a guest may still be frozen") although the thaw was carried out (trial I, M2).
     @Test("quiescectl thaw --op-id with thaw hooks slower than the reply timeout waits for the thaw's reply and exits 0 with it")
