@@ -7,19 +7,20 @@ func shellQuoted(_ argv: [String]) -> String {
 
 /// Whether a terminal acts on the character `v` (a Unicode scalar value) rather than showing
 /// it: C0 controls but tab (ESC, CR, LF, BEL), DEL, C1 controls (U+0080-U+009F, CSI among them),
-/// the bidirectional overrides and isolates (U+202A-U+202E, U+2066-U+2069) and the line and
-/// paragraph separators. Output spells these `\uXXXX`.
+/// the bidirectional overrides, isolates and marks (U+202A-U+202E, U+2066-U+2069, U+200E,
+/// U+200F, U+061C; Unicode UAX #9) and the line and paragraph separators. Output spells these
+/// `\uXXXX`.
 public func terminalActsOn(_ v: UInt32) -> Bool {
     (v < 0x20 && v != 0x09) || (0x7F...0x9F).contains(v) || (0x202A...0x202E).contains(v)
-        || (0x2066...0x2069).contains(v) || v == 0x2028 || v == 0x2029
+        || (0x2066...0x2069).contains(v) || v == 0x200E || v == 0x200F || v == 0x061C || v == 0x2028 || v == 0x2029
 }
 
 /// Quotes arguments, given as the bytes the kernel passes (execve(2)), so that a shell reading
 /// the line passes the same bytes: plain words as they are, other UTF-8 text in single quotes,
 /// and an argument with a control character, a character a terminal acts on
 /// (`terminalActsOn`, which output would escape inside single quotes, changing the argument)
-/// or a byte that is not UTF-8 in bash's ANSI-C quoting (`$'…'`, with `\uXXXX` for such
-/// characters and `\xNN` for such bytes; bash(1) "QUOTING"), which dash does not read.
+/// or a byte that is not UTF-8 in bash's ANSI-C quoting (`$'…'`, with `\xNN` for such bytes and
+/// for the UTF-8 bytes of such characters; bash(1) "QUOTING"), which dash does not read.
 func shellQuoted(bytes argv: [[UInt8]]) -> String {
     argv.map { arg in
         let text = String(validating: arg, as: UTF8.self)
@@ -42,9 +43,10 @@ func shellQuoted(bytes argv: [[UInt8]]) -> String {
             case 0x09: out += "\\t"
             case 0x20..<0x7f: out.unicodeScalars.append(UnicodeScalar(UInt8(c)))
             case 0x80... where text != nil && terminalActsOn(c):
-                // A C1 control, bidirectional control or separator, as its character.
-                let hex = String(c, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+                // A C1 control, bidirectional control or separator, as its UTF-8 bytes: bash
+                // reads `\u` escapes as the character only in a UTF-8 locale (under LC_ALL=C,
+                // as in cron, they stay text), `\x` escapes in any (trial J).
+                for b in String(UnicodeScalar(c)!).utf8 { out += "\\x" + String(b, radix: 16) }
             case 0xa0... where text != nil: out.unicodeScalars.append(UnicodeScalar(c)!)
             default: out += "\\x" + (c < 0x10 ? "0" : "") + String(c, radix: 16)
             }

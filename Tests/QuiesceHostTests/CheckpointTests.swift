@@ -470,7 +470,7 @@ extension CheckpointTests {
     /// printed inside single quotes as the text `\u202e`, which bash reads back as six other
     /// characters (trial I, L2).
     @Test("the timeline's COMMAND, read back by bash, is the same arguments also with bidirectional controls, C1 controls and separators",
-          arguments: ["\u{202E}RLO", "next\u{0085}line", "para\u{2029}graph", "caf\u{E9} 'q'", "\u{2066}iso\u{2069}"])
+          arguments: ["\u{202E}RLO", "next\u{0085}line", "para\u{2029}graph", "caf\u{E9} 'q'", "\u{2066}iso\u{2069}", "mark\u{200F}\u{061C}"])
     func timelineQuotesWhatTheTerminalActsOn(arg: String) throws {
         let dir = TempDir()
         let agent = try FakeAgent(in: dir)
@@ -481,7 +481,8 @@ extension CheckpointTests {
         let quoted = try #require(line.firstRange(of: " running ").map { String(line[$0.upperBound...]) })
         let command = String(quoted[..<(quoted.range(of: " (pid ", options: .backwards)?.lowerBound ?? quoted.endIndex)])
         try command.write(toFile: dir.file("command"), atomically: true, encoding: .utf8)
-        _ = try sh("bash -c 'out=\"$1\"; eval \"set -- $(cat \"$0\")\"; printf %s \"$2\" > \"$out\"' '\(dir.file("command"))' '\(dir.file("reread"))'")
+        // In the C locale too (cron, ssh without LANG): bash reads `\u` escapes as text there.
+        _ = try sh("LC_ALL=C bash -c 'out=\"$1\"; eval \"set -- $(cat \"$0\")\"; printf %s \"$2\" > \"$out\"' '\(dir.file("command"))' '\(dir.file("reread"))'")
         let reread = try #require(FileManager.default.contents(atPath: dir.file("reread")))
         #expect(Array(reread) == Array(arg.utf8), "\(command) read back as \(Array(reread))")
     }
