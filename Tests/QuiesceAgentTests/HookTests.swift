@@ -200,7 +200,8 @@ struct HookPhaseTests {
             let a = try lab.filesystem("a")
             let log = "\(lab.root)/phases"
             let hooks = try makeHooks(in: lab.root, [
-                "10-slow": journaling("10-slow", log, then: "[ \"$1\" = freeze ] && sleep 1; exit 0"),
+                // Long enough to outlast any load: the agent stops it when the requester leaves.
+                "10-slow": journaling("10-slow", log, then: "[ \"$1\" = freeze ] && sleep 20; exit 0"),
                 "20-next": journaling("20-next", log),
             ])
             let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*", "--hooks-dir", hooks])
@@ -208,6 +209,9 @@ struct HookPhaseTests {
             try c.sendRaw(Array("{\"id\":1,\"op\":\"freeze\",\"mode\":\"bound\"}\n".utf8))
             let probe = try TestClient(path: agent.socketPath)
             try waitUntil(timeoutMs: 1000) { try probe.result(["op": "status"])["state"] == "freezing" }
+            // The hook has begun (CI, under load: the requester left before the hook's first
+            // line, so the hook was stopped before it wrote it, as it should be).
+            #expect(eventually(withinMs: 15_000) { lines(log) == ["10-slow freeze"] }, "\(lines(log))")
             c.close()
             try waitUntil(timeoutMs: 5000) { try probe.result(["op": "status"])["state"] == "thawed" }
             #expect(try !isFrozen(a))
