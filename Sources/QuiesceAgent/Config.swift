@@ -110,7 +110,7 @@ public struct AgentConfig: Sendable {
     /// The settings a key accepts, for `--help` and the sample config.
     public static let keys: [(key: String, value: String, help: String)] = [
         ("listen", "ADDR", "where to listen (repeatable): unix:, vsock:, serial:, qga+unix:, qga+serial:, hv-vss: (see ADDR)"),
-        ("state-dir", "DIR", "where the crash-safety record lives (default /run/quiesce, a tmpfs)"),
+        ("state-dir", "DIR", "where the crash-safety record lives (default /run/quiesce, a tmpfs); a freeze of the filesystem it is on is refused"),
         ("include", "GLOB", "only mountpoints matching a glob are eligible (repeatable)"),
         ("exclude", "GLOB", "mountpoints matching a glob are never frozen, nor their filesystem through another mount (repeatable)"),
         ("include-type", "TYPE", "only these filesystem types are eligible (repeatable)"),

@@ -215,6 +215,9 @@ if checkOnly {
         } else {
             scope += " (selects \(plan.targets.count) filesystem\(plan.targets.count == 1 ? "" : "s") now: \(plan.targets.prefix(8).map(\.mountPoint).joined(separator: " "))\(plan.targets.count > 8 ? " ..." : ""))"
         }
+        if let device = try? Stat.of(path: config.stateDir).device, let inside = plan.targets.first(where: { $0.devices.contains(device) }) {
+            warn("state-dir \(config.stateDir) is on \(inside.mountPoint), which a freeze of this scope would freeze: such freezes are refused (the crash-safety record cannot be written while it is frozen); put state-dir on a tmpfs (the default, /run/quiesce)")
+        }
     }
     if config.freezeStepTimeoutMs > config.maxFreezeMs {
         warn("freeze-step-timeout \(TimeSpan(milliseconds: config.freezeStepTimeoutMs)) is longer than max-freeze \(TimeSpan(milliseconds: config.maxFreezeMs)): a freeze wave that long would outlast the freeze it makes")

@@ -121,30 +121,29 @@ struct NeverLeftFrozenTests {
         }
     }
 
-    /// A write to a frozen filesystem blocks until it thaws: a record rewritten after the
-    /// freeze, or before a later wave, on a state dir inside the freeze would hang the freeze
-    /// (seen while narrowing the record to what is held, this session).
-    @Test("a state dir on a filesystem the freeze freezes: freeze and thaw are answered, and a kill -9 while frozen is recovered from it")
-    func stateDirInsideTheFreeze() async throws {
+    /// A write to a frozen filesystem waits for the thaw: a freeze of the filesystem holding
+    /// the state dir could not keep its crash-safety record (trial K: a hang with the guest
+    /// frozen past its deadline, and a record naming another party's freeze).
+    @Test("a freeze that would freeze the state dir's filesystem is refused, saying why and what to change; nothing is frozen, and --check-config warns")
+    func stateDirInsideTheFreezeIsRefused() async throws {
         try await LoopLab.with { lab in
             let a = try lab.filesystem("a")
             let b = try lab.filesystem("b")
             let state = "\(a)/state"
-            let args = ["--include", "\(lab.root)/*"]
-            let agent = try AgentProcess(in: lab.root, arguments: args, stateDir: state)
+            let agent = try AgentProcess(in: lab.root, arguments: ["--include", "\(lab.root)/*"], stateDir: state)
+            defer { agent.stop() }
             let client = try TestClient(path: agent.socketPath)
-            _ = try client.result(["op": "freeze", "mode": "detached", "op_id": "sd-1"])
-            #expect(try isFrozen(a) && isFrozen(b))
-            #expect(try client.result(["op": "thaw", "op_id": "sd-1"])["was_frozen"] == true)
-            _ = try client.result(["op": "freeze", "mode": "detached", "timeout_ms": 600_000, "op_id": "sd-2"])
-            agent.signal(SIGKILL)
-            _ = agent.waitForExit()
-            #expect(try isFrozen(a) && isFrozen(b))
-            // Bounded: before, recovery first wrote a probe file into the frozen state dir and
-            // blocked there for good.
-            let out = try sh("timeout 20 '\(buildProductsDir)/quiesced' --config /dev/null --recover --state-dir '\(state)' 2>&1; echo \"exit=$?\"")
-            #expect(out.contains("exit=0"), "\(out)")
-            #expect(try !isFrozen(a) && !isFrozen(b), "\(out)")
+            let refused = try client.call(["op": "freeze", "mode": "detached"])
+            guard case .failure(let err) = refused.outcome else { Issue.record("a freeze of the state dir's filesystem was taken"); return }
+            #expect(err.code == .freezeFailed && err.message.contains("state-dir \(state) is on \(a)") && err.message.contains("tmpfs"), "\(err)")
+            #expect(try !isFrozen(a) && !isFrozen(b))
+            #expect(try client.result(["op": "status"])["state"] == "thawed")
+            // A freeze that leaves it out is taken as ever.
+            _ = try client.result(["op": "freeze", "mode": "detached", "mounts": [.string(b)]])
+            #expect(try isFrozen(b) && !isFrozen(a))
+            _ = try client.result(["op": "thaw"])
+            let check = try sh("'\(buildProductsDir)/quiesced' --config /dev/null --check-config --state-dir '\(state)' --include '\(lab.root)/*' 2>&1")
+            #expect(check.contains("state-dir \(state) is on \(a)"), "\(check)")
         }
     }
 
