@@ -470,11 +470,9 @@ public actor AgentState {
                                 frozenAt: monotonicNanos(), timeoutMs: timeoutMs, deadline: deadline, request: r)
             phase = .frozen(freeze)
             // What is held now: not the filesystems skipped at their FIFREEZE (frozen by another
-            // party under on-frozen-elsewhere = skip, or not freezable). Not on a frozen state dir.
-            let held = done.held.entries.map(\.target)
-            if record.stateDirFrozen(by: held, []) == .no {
-                try? record.write(opID: opID, targets: held, hooksOwed: hooksOwed.map(\.spec.name), filesystemsFreezing: true, hookContext: hookContext)
-            }
+            // party under on-frozen-elsewhere = skip, or not freezable).
+            try? record.write(opID: opID, targets: done.held.entries.map(\.target), hooksOwed: hooksOwed.map(\.spec.name),
+                              filesystemsFreezing: true, hookContext: hookContext)
             dropEndedNote(nil)  // a new freeze: the host has moved on from those that ended early
             guardian.arm(opID: opID, held: done.held, deadline: deadline)
             log.info("frozen", metadata: ["filesystems": "\(done.held.entries.count)", "stall_us": "\(done.stallUs)",
@@ -643,7 +641,7 @@ public actor AgentState {
         let owed = hooks == nil ? [] : f.hooksOwed.map(\.spec.name)
         if outcome.remaining.isEmpty && owed.isEmpty {
             record.remove()
-        } else if record.stateDirFrozen(by: outcome.remaining.entries.map(\.target), []) == .no {
+        } else {
             // A crash during the thaw hooks: recovery ends them (thaw, or freeze-failed when
             // abandoned) and thaws only what is still held.
             try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target), hooksOwed: owed,
@@ -666,9 +664,7 @@ public actor AgentState {
             still.held = outcome.remaining
             still.deadline = retryDeadline
             phase = .frozen(still)
-            if record.stateDirFrozen(by: outcome.remaining.entries.map(\.target), []) == .no {
-                try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target))
-            }
+            try? record.write(opID: f.opID, targets: outcome.remaining.entries.map(\.target))
             deadlineTasks.append(Task { await self.enforceDeadline(opID: f.opID) })
             log.error("thaw failed", metadata: ["errors": "\(outcome.errors.joined(separator: "; "))"])
             reportStatus(statusLine())

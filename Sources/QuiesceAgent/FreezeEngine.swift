@@ -196,9 +196,9 @@ public final class StuckCalls: Sendable {
 
 /// What a freeze tells as its waves run, on its threads (the freeze record follows it).
 public protocol FreezeProgress: Sendable {
-    /// Just before a wave's FIFREEZEs: the targets frozen in earlier waves, this wave's, and
-    /// those of the waves after it, each in freeze order.
-    func beforeWave(frozen: [FreezeTarget], wave: [FreezeTarget], later: [FreezeTarget])
+    /// Just before a wave's FIFREEZEs: the targets frozen in earlier waves, and this wave's,
+    /// each in freeze order.
+    func beforeWave(frozen: [FreezeTarget], wave: [FreezeTarget])
     /// A FIFREEZE of `target` returned an error: this freeze does not hold it (EBUSY: another
     /// party does).
     func notFrozen(_ target: FreezeTarget)
@@ -438,11 +438,9 @@ private struct FreezeRun: Sendable {
         var firstStart: UInt64 = .max
         var lastEnd: UInt64 = 0
         let waves = Dictionary(grouping: targets.indices.filter { fds[$0] != nil }, by: { targets[$0].wave })
-        let order = waves.keys.sorted()
-        for (k, wave) in order.enumerated() {
+        for wave in waves.keys.sorted() {
             let members = waves[wave]!
-            progress?.beforeWave(frozen: frozen.map { targets[$0] }, wave: members.map { targets[$0] },
-                                 later: order[(k + 1)...].flatMap { waves[$0]! }.map { targets[$0] })
+            progress?.beforeWave(frozen: frozen.map { targets[$0] }, wave: members.map { targets[$0] })
             let progress = self.progress, all = self.targets
             let results = bounded(members, call: "FIFREEZE") { i -> Call in
                 let s = monotonicNanos()

@@ -169,20 +169,6 @@ public struct FreezeRecord: Sendable {
 
     public func remove() { Paths.remove(path) }
 
-    /// Where the state dir's filesystem stands in a freeze: not frozen by it, frozen by one of
-    /// `frozen`, or about to be by one of `wave`. A write to a frozen filesystem blocks until it
-    /// thaws (sb_start_write, fs/super.c), so the record is not written there while frozen.
-    /// Compared by st_dev; a state dir that cannot be stat'ed counts as not frozen (the write
-    /// creates it). The default, /run/quiesce, is a tmpfs, which cannot be frozen.
-    public enum StateDirFreeze: Sendable { case no, inThisWave, already }
-
-    public func stateDirFrozen(by frozen: [FreezeTarget], _ wave: [FreezeTarget]) -> StateDirFreeze {
-        guard let device = try? Stat.of(path: stateDir).device else { return .no }
-        if frozen.contains(where: { $0.devices.contains(device) }) { return .already }
-        if wave.contains(where: { $0.devices.contains(device) }) { return .inThisWave }
-        return .no
-    }
-
     /// What a record names: mountpoints with the st_dev values that identify them.
     public struct Entry: Sendable, Equatable {
         public var mountPoint: String
@@ -318,15 +304,13 @@ public struct FreezeRecord: Sendable {
 
 /// Keeps a freeze's record naming what the freeze may hold while its waves run: before a wave,
 /// what earlier waves froze and this wave's targets; a target whose FIFREEZE failed (EBUSY:
-/// another party holds it) is dropped at once. A state dir on a filesystem this freeze freezes
-/// cannot be written once it is frozen: before that wave the record names everything still to
-/// come, and is left so. Writes are serialised (a wave's FIFREEZEs return on threads of their
-/// own), and end at `close()`, when the caller takes over the record.
+/// another party holds it) is dropped at once. Writes are serialised (a wave's FIFREEZEs return
+/// on threads of their own), and end at `close()`, when the caller takes over the record. (The
+/// state dir is never on a filesystem the freeze freezes: `AgentState.freeze` refuses that.)
 public final class WaveRecorder: FreezeProgress {
     private struct State {
         var named: [FreezeTarget] = []
         var open = true
-        var stateDirFrozen = false
     }
     private let state = Mutex(State())
     private let record: FreezeRecord
@@ -341,25 +325,18 @@ public final class WaveRecorder: FreezeProgress {
         self.hookContext = hookContext
     }
 
-    public func beforeWave(frozen: [FreezeTarget], wave: [FreezeTarget], later: [FreezeTarget]) {
+    public func beforeWave(frozen: [FreezeTarget], wave: [FreezeTarget]) {
         state.withLock { s in
-            guard s.open, !s.stateDirFrozen else { return }
-            switch record.stateDirFrozen(by: frozen, wave) {
-            case .no: s.named = frozen + wave
-            case .inThisWave: s.named = frozen + wave + later; s.stateDirFrozen = true
-            case .already: s.stateDirFrozen = true; return
-            }
+            guard s.open else { return }
+            s.named = frozen + wave
             write(s.named)
         }
     }
 
     public func notFrozen(_ target: FreezeTarget) {
         state.withLock { s in
-            guard s.open, !s.stateDirFrozen, let i = s.named.firstIndex(where: { $0.mountPoint == target.mountPoint }) else { return }
+            guard s.open, let i = s.named.firstIndex(where: { $0.mountPoint == target.mountPoint }) else { return }
             s.named.remove(at: i)
-            // Still not frozen here: this wave's other FIFREEZEs may have frozen the state dir's
-            // filesystem meanwhile (then the record stays as it was).
-            guard record.stateDirFrozen(by: s.named, []) == .no else { s.stateDirFrozen = true; return }
             write(s.named)
         }
     }
