@@ -342,12 +342,9 @@ public actor AgentState {
         guard !plan.targets.isEmpty else {
             return Reply(id: id, error: ProtocolError(.freezeFailed, "no eligible filesystem in scope (\(plan.skipped.count) skipped)"))
         }
-        // The freeze record is written while the freeze runs and ends; on a frozen filesystem a
-        // write waits for the thaw (sb_start_write, fs/super.c), so a state dir inside the freeze
-        // would hang the agent with the guest frozen, or leave the record naming what it must
-        // not (trial K). Refused, saying what to change.
-        if let device = try? Stat.of(path: config.stateDir).device,
-           let inside = plan.targets.first(where: { $0.devices.contains(device) }) {
+        // A state dir inside the freeze would hang the agent with the guest frozen, or leave the
+        // record naming what it must not (trial K). Refused, saying what to change.
+        if let inside = record.target(holdingStateDirIn: plan.targets) {
             return Reply(id: id, error: ProtocolError(.freezeFailed,
                 "state-dir \(config.stateDir) is on \(inside.mountPoint), which this freeze would freeze: the crash-safety record cannot be written while it is frozen. Put state-dir on a tmpfs (the default, /run/quiesce), or leave \(inside.mountPoint) out of the freeze; nothing was frozen",
                 details: ["mountpoint": .string(inside.mountPoint)]))

@@ -169,6 +169,14 @@ public struct FreezeRecord: Sendable {
 
     public func remove() { Paths.remove(path) }
 
+    /// The target among `targets` whose filesystem holds the state dir (compared by st_dev),
+    /// if any. A freeze of it is refused: the record is written while the freeze runs and ends,
+    /// and on a frozen filesystem a write waits for the thaw (sb_start_write, fs/super.c).
+    public func target(holdingStateDirIn targets: [FreezeTarget]) -> FreezeTarget? {
+        guard let device = try? Stat.of(path: stateDir).device else { return nil }
+        return targets.first { $0.devices.contains(device) }
+    }
+
     /// What a record names: mountpoints with the st_dev values that identify them.
     public struct Entry: Sendable, Equatable {
         public var mountPoint: String

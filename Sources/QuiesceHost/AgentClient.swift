@@ -413,7 +413,7 @@ extension AgentClient {
         }
         defer { c.close() }
         guard let s = try? c.status() else { return false }
-        return (s.state == .freezing || s.state == .thawing) && s.opID == op
+        return s.isTaking(op)
     }
 
     /// Writes qemu-ga a thaw on a fresh connection and waits for nothing (stopping at once),
@@ -527,4 +527,10 @@ extension AgentClient {
             }
         }
     }
+}
+
+extension StatusResult {
+    /// The agent is still freezing or thawing operation `op` (its hooks or FIFREEZE/FITHAW run):
+    /// a `busy` answer to that operation's thaw is worth asking again.
+    func isTaking(_ op: String) -> Bool { (state == .freezing || state == .thawing) && opID == op }
 }

@@ -262,7 +262,7 @@ final class AgentSession: Sendable {
                     }
                     // Still this operation's (native: status names it; quiesced on qemu-ga's
                     // port answers busy only while a freeze or thaw is under way).
-                    let ours = status.map { ($0.state == .thawing || $0.state == .freezing) && $0.opID == plan.opID } ?? c.isQGA
+                    let ours = status.map { $0.isTaking(plan.opID) } ?? c.isQGA
                     if ours && monotonicNanos() < limit {
                         Threads.sleep(milliseconds: 200)
                         continue

@@ -215,7 +215,7 @@ if checkOnly {
         } else {
             scope += " (selects \(plan.targets.count) filesystem\(plan.targets.count == 1 ? "" : "s") now: \(plan.targets.prefix(8).map(\.mountPoint).joined(separator: " "))\(plan.targets.count > 8 ? " ..." : ""))"
         }
-        if let device = try? Stat.of(path: config.stateDir).device, let inside = plan.targets.first(where: { $0.devices.contains(device) }) {
+        if let inside = FreezeRecord(stateDir: config.stateDir).target(holdingStateDirIn: plan.targets) {
             warn("state-dir \(config.stateDir) is on \(inside.mountPoint), which a freeze of this scope would freeze: such freezes are refused (the crash-safety record cannot be written while it is frozen); put state-dir on a tmpfs (the default, /run/quiesce)")
         }
     }
